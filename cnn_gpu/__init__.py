@@ -1,0 +1,22 @@
+"""cnn_gpu: a from-scratch CNN training library with hand-written backprop on NumPy or CuPy."""
+from . import functional, models, nn, optim, textbook
+from .backend import (
+    BackendUnavailableError,
+    asarray,
+    cupy_available,
+    current_backend,
+    get_array_module,
+    set_backend,
+    to_numpy,
+    use_backend,
+)
+from .random import manual_seed
+from .serialization import load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional", "nn", "optim", "models", "textbook",
+    "use_backend", "set_backend", "current_backend", "get_array_module", "to_numpy", "asarray", "cupy_available",
+    "BackendUnavailableError", "manual_seed", "save", "load",
+]

@@ -1,0 +1,7 @@
+"""``python -m cnn_gpu`` is the ``cnn-gpu`` command line."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The array-backend seam: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+Every op is written against an array module ``xp``. Ops take ``xp`` from their
+inputs (:func:`get_array_module`); only code that *creates* arrays (parameter
+initialisation, data loading, ``Module.to``) asks for the current backend,
+which lives in a :class:`contextvars.ContextVar`::
+
+    with cnn_gpu.use_backend("cupy"):
+        model = cnn_gpu.models.lenet5()      # parameters are created on the GPU
+
+The default backend comes from the environment variable ``CNN_GPU_BACKEND``
+("numpy", "cupy" or "auto"), else "numpy".
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from types import ModuleType
+from typing import Any, Iterator
+
+import numpy as np
+
+BACKENDS = ("numpy", "cupy", "auto")
+
+# Holds the *resolved* backend name ("numpy" or "cupy"); None means "not chosen
+# yet in this context": resolve CNN_GPU_BACKEND on first use.
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("cnn_gpu_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (CuPy missing, or no GPU)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_status() -> tuple[ModuleType | None, str]:
+    """(cupy module or None, reason it is unusable or "")."""
+    try:
+        import cupy  # noqa: PLC0415  (optional dependency, imported lazily)
+    except Exception as exc:  # ImportError, or a broken CUDA install
+        return None, f"CuPy is not importable ({type(exc).__name__}: {exc}); install cnn_gpu[cuda12] or cnn_gpu[cuda13]"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return None, f"CuPy is installed but no CUDA device is usable ({type(exc).__name__}: {exc})"
+    if count < 1:
+        return None, "CuPy is installed but no CUDA device was found"
+    return cupy, ""
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees at least one GPU."""
+    return _cupy_status()[0] is not None
+
+
+def _resolve(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected one of {BACKENDS} as a str, got {type(name).__name__} {name!r}")
+    key = name.strip().lower()
+    if key not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    if key == "auto":
+        return "cupy" if cupy_available() else "numpy"
+    if key == "cupy":
+        cp, why = _cupy_status()
+        if cp is None:
+            raise BackendUnavailableError(f"backend 'cupy' was requested but cannot run: {why}")
+    return key
+
+
+def current_backend() -> str:
+    """The resolved name of the current backend: "numpy" or "cupy"."""
+    name = _current.get()
+    if name is None:
+        name = _resolve(os.environ.get("CNN_GPU_BACKEND", "numpy") or "numpy")
+        _current.set(name)
+    return name
+
+
+def current_xp() -> ModuleType:
+    """The array module of the current backend (for array-creating code only)."""
+    return backend_module(current_backend())
+
+
+def backend_module(name: str) -> ModuleType:
+    """The array module for a backend name ("numpy", "cupy" or "auto")."""
+    resolved = _resolve(name)
+    if resolved == "cupy":
+        return _cupy_status()[0]
+    return np
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[ModuleType]:
+    """Context manager: array-creating code inside uses backend ``name``; yields its module."""
+    resolved = _resolve(name)
+    token = _current.set(resolved)
+    try:
+        yield backend_module(resolved)
+    finally:
+        _current.reset(token)
+
+
+def set_backend(name: str) -> None:
+    """Set the backend for the current context (thread / task) from now on."""
+    _current.set(_resolve(name))
+
+
+def is_cupy_array(a: Any) -> bool:
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(*arrays: Any) -> ModuleType:
+    """``cupy`` if any argument is a CuPy array, else ``numpy`` (never imports CuPy itself)."""
+    for a in arrays:
+        if is_cupy_array(a):
+            import cupy  # noqa: PLC0415
+
+            return cupy
+    return np
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """A NumPy copy (or view) of ``a``, which may live on either backend."""
+    if is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def asarray(a: Any, dtype: Any = None) -> Any:
+    """``a`` as an array of the current backend (moving it across devices if needed)."""
+    xp = current_xp()
+    if xp is np:
+        return np.asarray(to_numpy(a), dtype=dtype)
+    return xp.asarray(a, dtype=dtype)
+
+
+def on_same_backend(a: Any, like: Any) -> Any:
+    """``a`` moved to the backend that array ``like`` lives on."""
+    xp = get_array_module(like)
+    if xp is np:
+        return to_numpy(a)
+    return xp.asarray(a)

@@ -1,0 +1,69 @@
+"""Argument checks shared by the functional ops.
+
+Every message names the argument, what was expected and what was given.
+Nothing is silently broadcast, truncated or upcast.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def describe(a: Any) -> str:
+    shape = getattr(a, "shape", None)
+    dtype = getattr(a, "dtype", None)
+    if shape is None:
+        return f"{type(a).__name__} {a!r}"
+    return f"{dtype} array of shape {tuple(shape)}"
+
+
+def check_array(name: str, a: Any, ndim: int | None = None) -> None:
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise TypeError(f"{name}: expected a NumPy or CuPy array, got {type(a).__name__}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got {describe(a)}")
+
+
+def check_float(name: str, a: Any, ndim: int | None = None) -> None:
+    check_array(name, a, ndim)
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float32 or float64 array, got {describe(a)}")
+
+
+def check_same_dtype(name: str, a: Any, ref_name: str, ref: Any) -> None:
+    if a.dtype != ref.dtype:
+        raise TypeError(
+            f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {a.dtype}; "
+            "convert explicitly, nothing is cast silently"
+        )
+
+
+def check_shape(name: str, a: Any, shape: tuple) -> None:
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {describe(a)}")
+
+
+def pair(name: str, v: Any, minimum: int = 0) -> tuple[int, int]:
+    """An int or an (h, w) pair of ints, each >= minimum, as a tuple."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        out = (int(v), int(v))
+    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(
+        isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in v
+    ):
+        out = (int(v[0]), int(v[1]))
+    else:
+        raise TypeError(f"{name}: expected an int or a pair of ints (h, w), got {v!r}")
+    if out[0] < minimum or out[1] < minimum:
+        raise ValueError(f"{name}: expected values >= {minimum}, got {v!r}")
+    return out
+
+
+def same_xp(name: str, a: Any, ref_name: str, ref: Any) -> None:
+    if type(a).__module__.split(".")[0] != type(ref).__module__.split(".")[0]:
+        raise TypeError(
+            f"{name}: expected an array on the same backend as {ref_name} "
+            f"({type(ref).__module__}.{type(ref).__name__}), got {type(a).__module__}.{type(a).__name__}"
+        )

@@ -1,0 +1,28 @@
+"""Layers and containers: thin wrappers over cnn_gpu.functional."""
+from .layers import (
+    AvgPool2d,
+    Conv2d,
+    CrossEntropyLoss,
+    Dropout,
+    Flatten,
+    LeakyReLU,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sigmoid,
+    Tanh,
+    kaiming_normal,
+)
+from .module import Module, Parameter, Sequential
+
+# Every layer type that cnn_gpu.load can rebuild from a saved architecture.
+LAYER_TYPES = {
+    cls.__name__: cls
+    for cls in (Conv2d, Linear, MaxPool2d, AvgPool2d, ReLU, LeakyReLU, Sigmoid, Tanh, Flatten, Dropout, Sequential)
+}
+
+__all__ = [
+    "Module", "Parameter", "Sequential",
+    "Conv2d", "Linear", "MaxPool2d", "AvgPool2d", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Flatten", "Dropout",
+    "CrossEntropyLoss", "kaiming_normal", "LAYER_TYPES",
+]

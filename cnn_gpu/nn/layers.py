@@ -1,0 +1,252 @@
+"""Layers: thin wrappers that keep the functional cache and accumulate Parameter.grad."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .. import functional as F
+from ..backend import current_xp, get_array_module
+from ..functional._checks import FLOAT_DTYPES, pair
+from ..random import resolve_generator
+from .module import Module, Parameter
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}")
+    return dt
+
+
+def _positive_int(name: str, v: Any) -> int:
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    return int(v)
+
+
+def kaiming_normal(shape: tuple, fan_in: int, generator=None, dtype=np.float32) -> Any:
+    """He initialisation for ReLU nets: N(0, 2 / fan_in), drawn on the host, placed on the current backend."""
+    gen = resolve_generator(generator)
+    host = gen.standard_normal(shape) * math.sqrt(2.0 / fan_in)
+    return current_xp().asarray(host.astype(dtype))
+
+
+def _not_run(layer: Module):
+    return RuntimeError(f"{type(layer).__name__}.backward called before forward (no cache)")
+
+
+def _accumulate(p: Parameter, g) -> None:
+    p.grad += g
+
+
+class Conv2d(Module):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
+                 dtype=np.float32, generator=None):
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        self.kernel_size = pair("kernel_size", kernel_size, minimum=1)
+        self.stride = pair("stride", stride, minimum=1)
+        self.padding = pair("padding", padding, minimum=0)
+        self.dilation = pair("dilation", dilation, minimum=1)
+        dt = _check_dtype(dtype)
+        KH, KW = self.kernel_size
+        fan_in = self.in_channels * KH * KW
+        self.weight = Parameter(kaiming_normal((self.out_channels, self.in_channels, KH, KW), fan_in, generator, dt))
+        self.bias = Parameter(current_xp().zeros((self.out_channels,), dtype=dt)) if bias else None
+        self._cache = None
+
+    def forward(self, x):
+        b = self.bias.data if self.bias is not None else None
+        y, self._cache = F.conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self.dilation)
+        return y
+
+    def backward(self, dy):
+        if self._cache is None:
+            raise _not_run(self)
+        dx, dw, db = F.conv2d_backward(dy, self._cache)
+        _accumulate(self.weight, dw)
+        if self.bias is not None:
+            _accumulate(self.bias, db)
+        return dx
+
+    def config(self) -> dict:
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=list(self.kernel_size),
+                    stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
+                    bias=self.bias is not None)
+
+
+class Linear(Module):
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, generator=None):
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        dt = _check_dtype(dtype)
+        self.weight = Parameter(kaiming_normal((self.out_features, self.in_features), self.in_features, generator, dt))
+        self.bias = Parameter(current_xp().zeros((self.out_features,), dtype=dt)) if bias else None
+        self._cache = None
+
+    def forward(self, x):
+        b = self.bias.data if self.bias is not None else None
+        y, self._cache = F.linear_forward(x, self.weight.data, b)
+        return y
+
+    def backward(self, dy):
+        if self._cache is None:
+            raise _not_run(self)
+        dx, dw, db = F.linear_backward(dy, self._cache)
+        _accumulate(self.weight, dw)
+        if self.bias is not None:
+            _accumulate(self.bias, db)
+        return dx
+
+    def config(self) -> dict:
+        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None)
+
+
+class _Pool(Module):
+    _forward = None
+    _backward = None
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = pair("kernel_size", kernel_size, minimum=1)
+        self.stride = pair("stride", self.kernel_size if stride is None else stride, minimum=1)
+        self.padding = pair("padding", padding, minimum=0)
+        self._cache = None
+
+    def forward(self, x):
+        y, self._cache = type(self)._forward(x, self.kernel_size, self.stride, self.padding)
+        return y
+
+    def backward(self, dy):
+        if self._cache is None:
+            raise _not_run(self)
+        return type(self)._backward(dy, self._cache)
+
+    def config(self) -> dict:
+        return dict(kernel_size=list(self.kernel_size), stride=list(self.stride), padding=list(self.padding))
+
+
+class MaxPool2d(_Pool):
+    _forward = staticmethod(F.max_pool2d_forward)
+    _backward = staticmethod(F.max_pool2d_backward)
+
+
+class AvgPool2d(_Pool):
+    _forward = staticmethod(F.avg_pool2d_forward)
+    _backward = staticmethod(F.avg_pool2d_backward)
+
+
+class _Activation(Module):
+    _forward = None
+    _backward = None
+
+    def __init__(self):
+        super().__init__()
+        self._cache = None
+
+    def forward(self, x):
+        y, self._cache = type(self)._forward(x)
+        return y
+
+    def backward(self, dy):
+        if self._cache is None:
+            raise _not_run(self)
+        return type(self)._backward(dy, self._cache)
+
+    def config(self) -> dict:
+        return {}
+
+
+class ReLU(_Activation):
+    _forward = staticmethod(F.relu_forward)
+    _backward = staticmethod(F.relu_backward)
+
+
+class Sigmoid(_Activation):
+    _forward = staticmethod(F.sigmoid_forward)
+    _backward = staticmethod(F.sigmoid_backward)
+
+
+class Tanh(_Activation):
+    _forward = staticmethod(F.tanh_forward)
+    _backward = staticmethod(F.tanh_backward)
+
+
+class Flatten(_Activation):
+    _forward = staticmethod(F.flatten_forward)
+    _backward = staticmethod(F.flatten_backward)
+
+
+class LeakyReLU(_Activation):
+    _backward = staticmethod(F.leaky_relu_backward)
+
+    def __init__(self, negative_slope=0.01):
+        super().__init__()
+        if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
+            raise TypeError(f"negative_slope: expected a float, got {negative_slope!r}")
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x):
+        y, self._cache = F.leaky_relu_forward(x, self.negative_slope)
+        return y
+
+    def config(self) -> dict:
+        return dict(negative_slope=self.negative_slope)
+
+
+class Dropout(Module):
+    """Inverted dropout. The mask of call k comes from a generator seeded with (seed, k),
+    so the sequence of masks is reproducible and resumable from (seed, calls)."""
+
+    def __init__(self, p=0.5, generator=None):
+        super().__init__()
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+            raise ValueError(f"p: expected a probability in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.seed = int(resolve_generator(generator).integers(2**62))
+        self.calls = 0
+        self._cache = None
+
+    def forward(self, x):
+        rng = None
+        if self.training and self.p > 0:
+            xp = get_array_module(x)
+            rng = xp.random.default_rng([self.seed, self.calls]) if xp is np else xp.random.default_rng(
+                (self.seed * 1_000_003 + self.calls) % (2**63))
+            self.calls += 1
+        y, self._cache = F.dropout_forward(x, self.p, self.training, rng)
+        return y
+
+    def backward(self, dy):
+        if self._cache is None:
+            raise _not_run(self)
+        return F.dropout_backward(dy, self._cache)
+
+    def config(self) -> dict:
+        return dict(p=self.p)
+
+
+class CrossEntropyLoss(Module):
+    """Softmax + mean cross-entropy. ``forward(logits, labels) -> loss`` (0-d array, stays on
+    the device); ``backward(dloss=1) -> dlogits``."""
+
+    def __init__(self, validate_range: bool = True):
+        super().__init__()
+        self.validate_range = bool(validate_range)
+        self._dlogits = None
+
+    def forward(self, logits, labels):
+        loss, self._dlogits = F.softmax_cross_entropy(logits, labels, validate_range=self.validate_range)
+        return loss
+
+    def backward(self, dy=None):
+        if self._dlogits is None:
+            raise _not_run(self)
+        return self._dlogits if dy is None else self._dlogits * dy
+
+    def config(self) -> dict:
+        return {}

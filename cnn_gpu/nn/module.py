@@ -1,0 +1,213 @@
+"""Parameter, Module and Sequential.
+
+A Module owns Parameters and child Modules; names are derived from the tree
+("features.0.weight"). Layers are thin wrappers around the functional pairs:
+``forward`` keeps the cache, ``backward`` uses it and *adds* into each
+``Parameter.grad`` (gradients accumulate until ``zero_grad()``).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..backend import backend_module, get_array_module, on_same_backend, to_numpy
+from ..functional._checks import FLOAT_DTYPES
+
+
+class Parameter:
+    """A trainable array ``data`` and its accumulated gradient ``grad`` (same shape, dtype, device).
+
+    ``grad`` always exists and is updated in place, so optimizers may keep
+    ``data`` and ``grad`` as views into one flat buffer.
+    """
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data: Any):
+        if not hasattr(data, "dtype") or data.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"data: expected a float32 or float64 array, got {type(data).__name__}")
+        self.data = data
+        self.grad = get_array_module(data).zeros_like(data)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def zero_grad(self) -> None:
+        self.grad[...] = 0
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, backend={get_array_module(self.data).__name__})"
+
+
+class Module:
+    """Base class: ``forward(x)``, ``backward(dy) -> dx``, parameters, modes and state."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    # --- computation -------------------------------------------------------------
+    def forward(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def backward(self, dy):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.backward")
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    # --- the tree ----------------------------------------------------------------
+    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+        yield from self._modules.items()
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        for name, p in self._parameters.items():
+            yield (f"{prefix}.{name}" if prefix else name), p
+        for name, child in self._modules.items():
+            yield from child.named_parameters(f"{prefix}.{name}" if prefix else name)
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.zero_grad()
+
+    def train(self, mode: bool = True) -> "Module":
+        for _, m in self.named_modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def num_parameters(self) -> int:
+        return int(sum(int(np.prod(p.shape)) for p in self.parameters()))
+
+    # --- state -------------------------------------------------------------------
+    def state_dict(self) -> "OrderedDict[str, Any]":
+        """Parameter name -> array (references, like PyTorch; copy before mutating)."""
+        return OrderedDict((name, p.data) for name, p in self.named_parameters())
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Copy arrays into the parameters in place (shapes and dtypes must match exactly)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected a dict of name -> array, got {type(state).__name__}")
+        own = OrderedDict(self.named_parameters())
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if strict and (missing or unexpected):
+            raise KeyError(f"state: parameter names do not match the model: missing {missing}, unexpected {unexpected}")
+        for name, p in own.items():
+            if name not in state:
+                continue
+            src = state[name]
+            if tuple(src.shape) != p.shape:
+                raise ValueError(f"state[{name!r}]: expected shape {p.shape}, got {tuple(src.shape)}")
+            if np.dtype(src.dtype) != p.dtype:
+                raise TypeError(f"state[{name!r}]: expected dtype {p.dtype}, got {src.dtype}")
+            p.data[...] = on_same_backend(src, p.data)
+
+    def to(self, backend: str | None = None, dtype: Any = None) -> "Module":
+        """Move parameters to ``backend`` ("numpy"/"cupy"/"auto") and/or cast them to ``dtype``.
+
+        Replaces the parameter arrays: create optimizers after calling this.
+        """
+        if dtype is not None and np.dtype(dtype) not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}")
+        xp = backend_module(backend) if backend is not None else None
+        for _, p in self.named_parameters():
+            data = p.data
+            if xp is not None:
+                data = xp.asarray(to_numpy(data)) if xp is np else xp.asarray(data)
+            if dtype is not None:
+                data = data.astype(dtype)
+            p.data = data
+            p.grad = get_array_module(data).zeros_like(data)
+        return self
+
+    # --- description -------------------------------------------------------------
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this module (see cnn_gpu.serialization)."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its architecture")
+
+    def extra_repr(self) -> str:
+        try:
+            return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        except NotImplementedError:
+            return ""
+
+    def __repr__(self) -> str:
+        if not self._modules:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"{type(self).__name__}("]
+        for name, child in self._modules.items():
+            body = repr(child).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {body}")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse.
+
+    ``Sequential(a, b, c)`` names the children "0", "1", "2";
+    ``Sequential(OrderedDict(features=..., classifier=...))`` uses the given names.
+    """
+
+    def __init__(self, *layers: Any):
+        super().__init__()
+        if len(layers) == 1 and isinstance(layers[0], (dict, OrderedDict)):
+            items = list(layers[0].items())
+        else:
+            items = [(str(i), layer) for i, layer in enumerate(layers)]
+        for name, layer in items:
+            if not isinstance(layer, Module):
+                raise TypeError(f"layers[{name!r}]: expected a Module, got {type(layer).__name__}")
+            if not name.isidentifier() and not name.isdigit():
+                raise ValueError(f"layers: expected names that are identifiers or digits, got {name!r}")
+            setattr(self, name, layer)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._modules.values())
+
+    def __getitem__(self, i: int | str) -> Module:
+        if isinstance(i, str):
+            return self._modules[i]
+        return list(self._modules.values())[i]
+
+    def forward(self, x):
+        for layer in self._modules.values():
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self._modules.values()):
+            dy = layer.backward(dy)
+        return dy
+
+    def config(self) -> dict:
+        raise NotImplementedError("Sequential is described by its children")
