@@ -37,12 +37,12 @@ def vgg_small(in_channels=3, num_classes=10, dtype=np.float32, generator=None) -
 def lenet_digits(in_channels=1, num_classes=10, dtype=np.float32, generator=None) -> Sequential:
     """A LeNet-style CNN for the bundled 1x8x8 digits: (conv3x3 32, pad 1, ReLU) x2, pool2,
     conv3x3(64, pad 1) ReLU pool2, dropout 0.3, 256-128, dropout 0.3, 128-classes."""
-    g = dict(dtype=dtype, generator=generator)
+    g = dict(dtype=dtype, generator=resolve_generator(generator))  # one stream for all layers
     return _net(
         [Conv2d(in_channels, 32, 3, padding=1, **g), ReLU(), Conv2d(32, 32, 3, padding=1, **g), ReLU(), MaxPool2d(2),
          Conv2d(32, 64, 3, padding=1, **g), ReLU(), MaxPool2d(2)],
-        [Dropout(0.3, generator=generator), Linear(64 * 2 * 2, 128, **g), ReLU(),
-         Dropout(0.3, generator=generator), Linear(128, num_classes, **g)],
+        [Dropout(0.3, generator=g["generator"]), Linear(64 * 2 * 2, 128, **g), ReLU(),
+         Dropout(0.3, generator=g["generator"]), Linear(128, num_classes, **g)],
     )
 
 

@@ -1,0 +1,166 @@
+"""Time one training step (forward, backward, SGD-momentum update) of lenet5 and vgg_small.
+
+    python benchmarks/step_time.py [--backend numpy|cupy] [--batch 128 ...] [--models lenet5 vgg_small]
+                                   [--repeat 20] [--warmup 3] [--compare torch] [--json]
+
+With ``--compare torch`` (the default when torch imports) the same nets run in torch on the
+same device (CPU, or CUDA with cuDNN for the cupy backend), interleaved with ours, and the
+ratio cnn_gpu / torch of the median step times is printed. Speed is only ever reported as
+such a ratio against a reference measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cnn_gpu  # noqa: E402
+from cnn_gpu import models, nn, optim  # noqa: E402
+
+SHAPES = {"lenet5": (1, 28, 28), "vgg_small": (3, 32, 32)}
+
+
+def _sync(backend: str) -> None:
+    if backend == "cupy":
+        import cupy
+
+        cupy.cuda.Device().synchronize()
+
+
+class OursStep:
+    def __init__(self, name: str, batch: int, backend: str, seed: int = 0):
+        self.backend = backend
+        with cnn_gpu.use_backend(backend) as xp:
+            cnn_gpu.manual_seed(seed)
+            self.model = getattr(models, name)()
+            self.opt = optim.SGD(self.model, 0.01, momentum=0.9)
+            rng = np.random.default_rng(seed)
+            self.x = xp.asarray(rng.standard_normal((batch,) + SHAPES[name]).astype(np.float32))
+            self.y = xp.asarray(rng.integers(0, 10, batch).astype(np.int64))
+        self.loss = nn.CrossEntropyLoss(validate_range=False)
+
+    def __call__(self) -> None:
+        self.opt.zero_grad()
+        out = self.model.forward(self.x)
+        self.loss.forward(out, self.y)
+        self.model.backward(self.loss.backward())
+        self.opt.step()
+        _sync(self.backend)
+
+
+class TorchStep:
+    def __init__(self, name: str, batch: int, device: str, seed: int = 0):
+        import torch
+        from torch import nn as tnn
+
+        torch.manual_seed(seed)
+        if name == "lenet5":
+            net = tnn.Sequential(tnn.Conv2d(1, 6, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(6, 16, 5),
+                                 tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(400, 120), tnn.ReLU(),
+                                 tnn.Linear(120, 84), tnn.ReLU(), tnn.Linear(84, 10))
+        else:
+            net = tnn.Sequential(tnn.Conv2d(3, 32, 3, padding=1), tnn.ReLU(), tnn.Conv2d(32, 32, 3, padding=1), tnn.ReLU(),
+                                 tnn.MaxPool2d(2), tnn.Conv2d(32, 64, 3, padding=1), tnn.ReLU(),
+                                 tnn.Conv2d(64, 64, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
+                                 tnn.Linear(4096, 256), tnn.ReLU(), tnn.Linear(256, 10))
+        self.torch, self.device = torch, device
+        self.net = net.to(device)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9)
+        self.x = torch.randn((batch,) + SHAPES[name], device=device)
+        self.y = torch.randint(0, 10, (batch,), device=device)
+        self.lossf = tnn.CrossEntropyLoss()
+
+    def __call__(self) -> None:
+        self.opt.zero_grad(set_to_none=False)
+        loss = self.lossf(self.net(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench(name: str, batch: int, backend: str, compare: bool, repeat: int, warmup: int) -> dict:
+    ours = OursStep(name, batch, backend)
+    ref = TorchStep(name, batch, "cuda" if backend == "cupy" else "cpu") if compare else None
+    for _ in range(warmup):
+        ours()
+        if ref:
+            ref()
+    t_ours, t_ref = [], []
+    for _ in range(repeat):  # interleaved, so both see the same machine state
+        t_ours.append(_time(ours))
+        if ref:
+            t_ref.append(_time(ref))
+    row = {"model": name, "batch": batch, "backend": backend, "ours_ms": 1e3 * statistics.median(t_ours)}
+    if ref:
+        row["torch_ms"] = 1e3 * statistics.median(t_ref)
+        row["ratio"] = row["ours_ms"] / row["torch_ms"]
+    return row
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, numpy {np.__version__}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["lenet5", "vgg_small"])
+    ap.add_argument("--batch", nargs="+", type=int, default=[128])
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compare", choices=["torch", "none"], default=None, help="default: torch when it imports")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = ap.parse_args(argv)
+    compare = args.compare
+    if compare is None:
+        try:
+            import torch  # noqa: F401
+
+            compare = "torch"
+        except ImportError:
+            compare = "none"
+    if compare == "torch":
+        import torch
+
+        if args.backend == "numpy":
+            torch.set_num_threads(os.cpu_count() or 1)
+    rows = [bench(m, b, args.backend, compare == "torch", args.repeat, args.warmup) for m in args.models for b in args.batch]
+    if args.json:
+        print(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+        return 0
+    print(f"# step time (forward + backward + SGD-momentum), median of {args.repeat} after {args.warmup} warm-up; {machine()}")
+    print("| model | batch | backend | cnn_gpu ms | torch ms | ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        t = f"{r['torch_ms']:.2f}" if "torch_ms" in r else "-"
+        q = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+        print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['ours_ms']:.2f} | {t} | {q} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
