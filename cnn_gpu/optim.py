@@ -296,7 +296,8 @@ class StepLR(LRSchedule):
 
 
 class CosineLR(LRSchedule):
-    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``."""
+    """Linear warm-up over the first ``warmup_steps`` (lr = base_lr * (step + 1) / warmup_steps), then
+    cosine decay from base_lr to ``min_lr`` at ``total_steps``."""
 
     def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0):
         if not isinstance(total_steps, int) or total_steps < 1:

@@ -86,7 +86,8 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+    # NotImplementedError: a corrupted compression method; RuntimeError: a corrupted 'encrypted' flag
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, NotImplementedError, RuntimeError) as exc:
         raise ValueError(f"{path}: not a readable cnn_gpu file (truncated or corrupted?): {type(exc).__name__}: {exc}") from None
     # np.load returns raw bytes for a member whose name does not end in .npy (a corrupted directory entry)
     odd = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))

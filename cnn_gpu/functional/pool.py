@@ -43,12 +43,18 @@ def _pool_geometry(x, kernel_size, stride, padding):
     return (KH, KW), (SH, SW), (PH, PW), (OH, OW)
 
 
+def _check_dtype(dy, dtype) -> None:
+    if dy.dtype != dtype:
+        raise TypeError(f"dy: expected dtype {dtype} (the forward input's), got {dy.dtype}; nothing is cast silently")
+
+
 class MaxPool2dCache(NamedTuple):
     x_shape: tuple
     argmax: Any  # (N, C, OH, OW) int32, flat index h*W + w into the input plane
     kernel_size: tuple
     stride: tuple
     padding: tuple
+    dtype: Any  # of the forward input; dy must match it
 
 
 def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
@@ -57,7 +63,7 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     k = _dispatch.kernels(x)
     if k is not None:
         y, argmax = k.max_pool2d_forward(x, ks, stride, padding)
-        return y, MaxPool2dCache(tuple(x.shape), argmax, ks, stride, padding)
+        return y, MaxPool2dCache(tuple(x.shape), argmax, ks, stride, padding, x.dtype)
     xp = get_array_module(x)
     N, C, H, W = x.shape
     KH, KW = ks
@@ -80,13 +86,14 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     ow = xp.arange(OW, dtype=np.int32) * SW - PW
     base = oh[:, None] * W + ow[None, :]  # (OH, OW)
     argmax = (base + (tap // KW) * W + tap % KW).astype(np.int32)  # (N, C, OH, OW)
-    return best, MaxPool2dCache(tuple(x.shape), argmax, ks, stride, padding)
+    return best, MaxPool2dCache(tuple(x.shape), argmax, ks, stride, padding, x.dtype)
 
 
 def max_pool2d_backward(dy, cache: MaxPool2dCache):
     """dy (N, C, OH, OW) -> dx (N, C, H, W): each output's gradient goes to its argmax."""
-    x_shape, argmax, (KH, KW), (SH, SW), padding = cache
+    x_shape, argmax, (KH, KW), (SH, SW), padding, dtype = cache
     check_float("dy", dy, ndim=4)
+    _check_dtype(dy, dtype)
     check_shape("dy", dy, argmax.shape)
     k = _dispatch.kernels(dy)
     if k is not None:
@@ -112,12 +119,13 @@ class AvgPool2dCache(NamedTuple):
     kernel_size: tuple
     stride: tuple
     padding: tuple
+    dtype: Any  # of the forward input; dy must match it
 
 
 def avg_pool2d_forward(x, kernel_size, stride=None, padding=0):
     """x (N, C, H, W) -> (y (N, C, OH, OW), cache); zero padding counted in the divisor."""
     ks, stride, padding, (OH, OW) = _pool_geometry(x, kernel_size, stride, padding)
-    cache = AvgPool2dCache(tuple(x.shape), ks, stride, padding)
+    cache = AvgPool2dCache(tuple(x.shape), ks, stride, padding, x.dtype)
     k = _dispatch.kernels(x)
     if k is not None:
         return k.avg_pool2d_forward(x, ks, stride, padding), cache
@@ -134,11 +142,12 @@ def avg_pool2d_forward(x, kernel_size, stride=None, padding=0):
 
 def avg_pool2d_backward(dy, cache: AvgPool2dCache):
     """dy (N, C, OH, OW) -> dx (N, C, H, W)."""
-    x_shape, (KH, KW), stride, padding = cache
+    x_shape, (KH, KW), stride, padding, dtype = cache
     N, C, H, W = x_shape
     check_float("dy", dy, ndim=4)
-    if dy.shape[:2] != (N, C):
-        raise ValueError(f"dy: expected shape ({N}, {C}, OH, OW) matching the forward output, got {tuple(dy.shape)}")
+    _check_dtype(dy, dtype)
+    # the full forward output shape: a smaller dy would otherwise be accepted silently
+    check_shape("dy", dy, (N, C, out_size(H, KH, stride[0], padding[0]), out_size(W, KW, stride[1], padding[1])))
     k = _dispatch.kernels(dy)
     if k is not None:
         return k.avg_pool2d_backward(dy, x_shape, (KH, KW), stride, padding)

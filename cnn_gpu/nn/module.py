@@ -118,15 +118,15 @@ class Module:
         unexpected = [k for k in state if k not in own]
         if strict and (missing or unexpected):
             raise KeyError(f"state: parameter names do not match the model: missing {missing}, unexpected {unexpected}")
-        for name, p in own.items():
-            if name not in state:
-                continue
+        present = [(name, p) for name, p in own.items() if name in state]
+        for name, p in present:  # check everything first: a failed load changes nothing
             src = state[name]
             if tuple(src.shape) != p.shape:
                 raise ValueError(f"state[{name!r}]: expected shape {p.shape}, got {tuple(src.shape)}")
             if np.dtype(src.dtype) != p.dtype:
                 raise TypeError(f"state[{name!r}]: expected dtype {p.dtype}, got {src.dtype}")
-            p.data[...] = on_same_backend(src, p.data)
+        for name, p in present:
+            p.data[...] = on_same_backend(state[name], p.data)
 
     def to(self, backend: str | None = None, dtype: Any = None) -> "Module":
         """Move parameters to ``backend`` ("numpy"/"cupy"/"auto") and/or cast them to ``dtype``.

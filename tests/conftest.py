@@ -1,0 +1,42 @@
+"""Shared fixtures. ``xp`` runs a test once on NumPy and once on CuPy (the latter marked
+``gpu`` and skipped unless CuPy imports and sees a GPU): one suite for both backends."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("cnn_gpu") is None:  # not installed: run from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
+
+from cnn_gpu.backend import cupy_available  # noqa: E402
+
+_NO_GPU = not cupy_available()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("numpy", id="numpy"),
+        pytest.param("cupy", id="cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(_NO_GPU, reason="needs CuPy and a GPU")]),
+    ]
+)
+def xp(request):
+    """The array module under test: numpy, or cupy on a machine with a GPU."""
+    if request.param == "numpy":
+        return np
+    import cupy  # noqa: PLC0415
+
+    return cupy
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def pytest_report_header(config):
+    return f"cnn_gpu GPU tests: {'enabled' if not _NO_GPU else 'skipped (no usable CuPy GPU)'}"
