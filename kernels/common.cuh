@@ -1,0 +1,125 @@
+// common.cuh: helpers shared by every kernel file.
+//
+// Compiles in three settings, so it must stay free of host headers:
+//   * NVRTC (through CuPy's RawModule, cnn_gpu/cuda.py inlines this file),
+//   * NVRTC in tests/test_kernels_nvrtc.py (sm_70, sm_80, sm_90, no GPU needed),
+//   * g++ with tests/emulation/cuda_shim.h force-included (CPU emulation tests).
+//
+// Conventions (see kernels/README.md):
+//   * every kernel body is written once as a template over the element type T and
+//     instantiated by CNN_ENTRY_POINTS as extern "C" <name>_f32 / <name>_f64;
+//   * grid-stride loops with 64-bit indices (CNN_GRID_STRIDE_LOOP);
+//   * gathers only, no atomics: results are bitwise reproducible;
+//   * block reductions use a fixed tree order (cnn_block_sum / cnn_block_max).
+#ifndef CNN_GPU_COMMON_CUH
+#define CNN_GPU_COMMON_CUH
+
+// Largest block size the shared-memory reductions support (CUDA's limit too).
+#define CNN_MAX_BLOCK 1024
+
+// IEEE infinities without <cmath> (NVRTC has no INFINITY macro).
+#define CNN_INFINITY_F (__int_as_float(0x7f800000))
+#define CNN_INFINITY_D (__longlong_as_double(0x7ff0000000000000LL))
+
+// for (long long i = global thread id; i < n; i += total threads)
+#define CNN_GRID_STRIDE_LOOP(i, n)                                                   \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n);   \
+         i += (long long)blockDim.x * gridDim.x)
+
+// Two extern "C" entry points, NAME_f32 and NAME_f64, around the template
+// __device__ function NAME_body<T>. PARAMS is a function-like macro giving the
+// parameter list for an element type T; ARGS is the matching argument list.
+//   #define FOO_PARAMS(T) const T* __restrict__ x, T* __restrict__ y, long long n
+//   #define FOO_ARGS x, y, n
+//   template <typename T> __device__ __forceinline__ void foo_body(FOO_PARAMS(T)) {...}
+//   CNN_ENTRY_POINTS(foo, FOO_PARAMS, FOO_ARGS)
+// cnn_gpu.cuda.list_kernels() finds the entry points by reading these lines.
+#define CNN_ENTRY_POINTS(NAME, PARAMS, ARGS)                                          \
+    extern "C" __global__ void NAME##_f32(PARAMS(float)) { NAME##_body<float>(ARGS); } \
+    extern "C" __global__ void NAME##_f64(PARAMS(double)) { NAME##_body<double>(ARGS); }
+
+// ---- per-type math (explicit overloads: no reliance on <cmath> overload sets) ----
+__device__ __forceinline__ float cnn_exp(float x) { return expf(x); }
+__device__ __forceinline__ double cnn_exp(double x) { return exp(x); }
+__device__ __forceinline__ float cnn_log(float x) { return logf(x); }
+__device__ __forceinline__ double cnn_log(double x) { return log(x); }
+__device__ __forceinline__ float cnn_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double cnn_sqrt(double x) { return sqrt(x); }
+
+template <typename T> struct cnn_limits;
+template <> struct cnn_limits<float> {
+    static __device__ __forceinline__ float inf() { return CNN_INFINITY_F; }
+    static __device__ __forceinline__ float nan() { return __int_as_float(0x7fc00000); }
+};
+template <> struct cnn_limits<double> {
+    static __device__ __forceinline__ double inf() { return CNN_INFINITY_D; }
+    static __device__ __forceinline__ double nan() { return __longlong_as_double(0x7ff8000000000000LL); }
+};
+
+template <typename T>
+__device__ __forceinline__ bool cnn_isnan(T v) { return v != v; }
+
+// max that propagates NaN (like numpy.maximum / x.max()); first NaN wins.
+template <typename T>
+__device__ __forceinline__ T cnn_max_nan(T a, T b) {
+    return (b > a || (cnn_isnan(b) && !cnn_isnan(a))) ? b : a;
+}
+
+// ceil(a / b) for b > 0 and any sign of a
+__device__ __forceinline__ int cnn_ceil_div(int a, int b) {
+    return a >= 0 ? (a + b - 1) / b : -((-a) / b);
+}
+// floor(a / b) for b > 0 and any sign of a
+__device__ __forceinline__ int cnn_floor_div(int a, int b) {
+    return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+__device__ __forceinline__ int cnn_gcd(int a, int b) {
+    while (b != 0) {
+        const int t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+// ---- deterministic block reductions ------------------------------------------
+// Every thread of the block must call these (they contain __syncthreads).
+// `sh` is a __shared__ array with at least blockDim.x elements. The tree order
+// depends only on blockDim.x, so the result is bitwise reproducible for a given
+// launch configuration. The total is returned to every thread.
+template <typename T>
+__device__ __forceinline__ T cnn_block_sum(T v, T* sh) {
+    const unsigned tid = threadIdx.x;
+    const unsigned nt = blockDim.x;
+    sh[tid] = v;
+    __syncthreads();
+    unsigned p = 1;
+    while (p < nt) p <<= 1;
+    for (unsigned s = p >> 1; s > 0; s >>= 1) {
+        if (tid < s && tid + s < nt) sh[tid] = sh[tid] + sh[tid + s];
+        __syncthreads();
+    }
+    const T total = sh[0];
+    __syncthreads();  // sh may be reused by the caller right away
+    return total;
+}
+
+template <typename T>
+__device__ __forceinline__ T cnn_block_max(T v, T* sh) {
+    const unsigned tid = threadIdx.x;
+    const unsigned nt = blockDim.x;
+    sh[tid] = v;
+    __syncthreads();
+    unsigned p = 1;
+    while (p < nt) p <<= 1;
+    for (unsigned s = p >> 1; s > 0; s >>= 1) {
+        if (tid < s && tid + s < nt) sh[tid] = cnn_max_nan(sh[tid], sh[tid + s]);
+        __syncthreads();
+    }
+    const T total = sh[0];
+    __syncthreads();
+    return total;
+}
+
+#endif  // CNN_GPU_COMMON_CUH

@@ -1,0 +1,59 @@
+// loss.cu: softmax cross-entropy with integer class labels, forward and backward fused.
+//
+// logits z (N, K), labels (N,) int32 in [0, K):
+//   m = max_k z[n, k]                      (stable: every exp argument is <= 0)
+//   lse = log(sum_k exp(z[n, k] - m))
+//   logp[n, k] = (z[n, k] - m) - lse
+//   loss[n] = -logp[n, label[n]]           per sample
+//   dlogits[n, k] = (exp(logp[n, k]) - [k == label[n]]) * inv_n,   inv_n = 1/N
+// Same operation order as cnn_gpu/functional/loss.py. A label outside [0, K) gives
+// NaN in that sample's loss and dlogits row (never an out-of-bounds read).
+// scaled_sum then reduces the per-sample losses to the batch mean in one block.
+#include "common.cuh"
+
+// ---- one block per row (grid-stride over rows), deterministic block reductions -------
+#define SCE_PARAMS(T)                                                                  \
+    const T* __restrict__ logits, const int* __restrict__ labels, T* __restrict__ loss, \
+    T* __restrict__ dlogits, int N, int K, T inv_n
+#define SCE_ARGS logits, labels, loss, dlogits, N, K, inv_n
+
+template <typename T>
+__device__ __forceinline__ void softmax_cross_entropy_body(SCE_PARAMS(T)) {
+    __shared__ T sh[CNN_MAX_BLOCK];
+    for (int n = blockIdx.x; n < N; n += gridDim.x) {  // uniform across the block
+        const T* z = logits + (long long)n * K;
+        T* d = dlogits + (long long)n * K;
+        T m = -cnn_limits<T>::inf();
+        for (int k = threadIdx.x; k < K; k += blockDim.x) m = cnn_max_nan(m, z[k]);
+        m = cnn_block_max(m, sh);
+        T s = T(0);
+        for (int k = threadIdx.x; k < K; k += blockDim.x) s += cnn_exp(z[k] - m);
+        s = cnn_block_sum(s, sh);
+        const T lse = cnn_log(s);
+        const int label = labels[n];
+        const bool ok = label >= 0 && label < K;
+        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+            const T p = cnn_exp((z[k] - m) - lse);
+            d[k] = ok ? (p - (k == label ? T(1) : T(0))) * inv_n : cnn_limits<T>::nan();
+        }
+        if (threadIdx.x == 0) loss[n] = ok ? -((z[label] - m) - lse) : cnn_limits<T>::nan();
+    }
+}
+CNN_ENTRY_POINTS(softmax_cross_entropy, SCE_PARAMS, SCE_ARGS)
+
+// ---- out[0] = scale * sum(x): single-block deterministic reduction ---------------------
+// Launch with one block (further blocks return at once). Thread t sums x[t],
+// x[t + blockDim], ... in order, then the block tree-reduces.
+#define SCALED_SUM_PARAMS(T) const T* __restrict__ x, T* __restrict__ out, long long n, T scale
+#define SCALED_SUM_ARGS x, out, n, scale
+
+template <typename T>
+__device__ __forceinline__ void scaled_sum_body(SCALED_SUM_PARAMS(T)) {
+    __shared__ T sh[CNN_MAX_BLOCK];
+    if (blockIdx.x != 0) return;  // uniform across the block
+    T part = T(0);
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) part += x[i];
+    const T total = cnn_block_sum(part, sh);
+    if (threadIdx.x == 0) out[0] = total * scale;
+}
+CNN_ENTRY_POINTS(scaled_sum, SCALED_SUM_PARAMS, SCALED_SUM_ARGS)

@@ -1,0 +1,154 @@
+// pool.cu: 2-D max and average pooling, forward and backward (NCHW, floor mode,
+// no dilation).
+//
+// x (N, C, H, W) -> y (N, C, OH, OW) with OH = (H + 2*PH - KH) / SH + 1, OW likewise
+// (computed on the host). Window of output (oh, ow): rows oh*SH - PH + kh, columns
+// ow*SW - PW + kw, taps scanned row-major (kh, then kw).
+// Backward kernels are gathers (one thread per input element): no atomics.
+#include "common.cuh"
+
+// Output rows o (0 <= o < O) whose window [o*S - P, o*S - P + K - 1] contains pos.
+struct cnn_cover {
+    int lo;
+    int hi;  // empty when lo > hi
+};
+__device__ __forceinline__ cnn_cover cnn_covering(int pos, int K, int S, int P, int O) {
+    cnn_cover r;
+    const int lo = cnn_ceil_div(pos + P - K + 1, S);
+    const int hi = cnn_floor_div(pos + P, S);
+    r.lo = lo > 0 ? lo : 0;
+    r.hi = hi < O - 1 ? hi : O - 1;
+    return r;
+}
+
+#define POOL_GEOM int N, int C, int H, int W, int KH, int KW, int SH, int SW, int PH, int PW, int OH, int OW
+#define POOL_GEOM_ARGS N, C, H, W, KH, KW, SH, SW, PH, PW, OH, OW
+
+// ---- max pooling forward -----------------------------------------------------------
+// y = max over the real (non-padding) taps; padding counts as -inf and, since a window
+// always holds at least one real element, never wins. argmax = h*W + w of the first
+// maximum (strict >). A NaN beats every number and the first NaN stays (NaN propagates),
+// like the NumPy path in cnn_gpu/functional/pool.py.
+#define MAX_POOL_FWD_PARAMS(T) const T* __restrict__ x, T* __restrict__ y, int* __restrict__ argmax, POOL_GEOM
+#define MAX_POOL_FWD_ARGS x, y, argmax, POOL_GEOM_ARGS
+
+template <typename T>
+__device__ __forceinline__ void max_pool2d_forward_body(MAX_POOL_FWD_PARAMS(T)) {
+    const long long total = (long long)N * C * OH * OW;
+    CNN_GRID_STRIDE_LOOP(i, total) {
+        const int ow = (int)(i % OW);
+        const int oh = (int)((i / OW) % OH);
+        const long long nc = i / ((long long)OH * OW);
+        const T* plane = x + nc * H * (long long)W;
+        const int h0 = oh * SH - PH;
+        const int w0 = ow * SW - PW;
+        T best = -cnn_limits<T>::inf();
+        int arg = -1;
+        for (int kh = 0; kh < KH; ++kh) {
+            const int h = h0 + kh;
+            if (h < 0 || h >= H) continue;
+            for (int kw = 0; kw < KW; ++kw) {
+                const int w = w0 + kw;
+                if (w < 0 || w >= W) continue;
+                const T v = plane[h * W + w];
+                if (arg < 0 || v > best || (cnn_isnan(v) && !cnn_isnan(best))) {
+                    best = v;
+                    arg = h * W + w;
+                }
+            }
+        }
+        y[i] = best;
+        argmax[i] = arg;
+    }
+}
+CNN_ENTRY_POINTS(max_pool2d_forward, MAX_POOL_FWD_PARAMS, MAX_POOL_FWD_ARGS)
+
+// ---- max pooling backward: one thread per input element ---------------------------
+// dx[n, c, h, w] = sum of dy[n, c, oh, ow] over the outputs whose window covers (h, w)
+// and whose argmax is h*W + w, in ascending (oh, ow) order, accumulated in double and
+// rounded once (matches numpy.bincount in the NumPy path bitwise).
+#define MAX_POOL_BWD_PARAMS(T) const T* __restrict__ dy, const int* __restrict__ argmax, T* __restrict__ dx, POOL_GEOM
+#define MAX_POOL_BWD_ARGS dy, argmax, dx, POOL_GEOM_ARGS
+
+template <typename T>
+__device__ __forceinline__ void max_pool2d_backward_body(MAX_POOL_BWD_PARAMS(T)) {
+    const long long total = (long long)N * C * H * W;
+    CNN_GRID_STRIDE_LOOP(i, total) {
+        const int w = (int)(i % W);
+        const int h = (int)((i / W) % H);
+        const long long nc = i / ((long long)H * W);
+        const int flat = h * W + w;
+        const cnn_cover ch = cnn_covering(h, KH, SH, PH, OH);
+        const cnn_cover cw = cnn_covering(w, KW, SW, PW, OW);
+        const long long obase = nc * OH * (long long)OW;
+        double acc = 0.0;
+        for (int oh = ch.lo; oh <= ch.hi; ++oh) {
+            for (int ow = cw.lo; ow <= cw.hi; ++ow) {
+                const long long o = obase + (long long)oh * OW + ow;
+                if (argmax[o] == flat) acc += (double)dy[o];
+            }
+        }
+        dx[i] = (T)acc;
+    }
+}
+CNN_ENTRY_POINTS(max_pool2d_backward, MAX_POOL_BWD_PARAMS, MAX_POOL_BWD_ARGS)
+
+// ---- average pooling forward ---------------------------------------------------------
+// y = (sum of the real taps, kh then kw) * (1 / (KH*KW)): zero padding is counted in the
+// divisor (count_include_pad=True). Same operation order as the NumPy path.
+#define AVG_POOL_FWD_PARAMS(T) const T* __restrict__ x, T* __restrict__ y, POOL_GEOM
+#define AVG_POOL_FWD_ARGS x, y, POOL_GEOM_ARGS
+
+template <typename T>
+__device__ __forceinline__ void avg_pool2d_forward_body(AVG_POOL_FWD_PARAMS(T)) {
+    const long long total = (long long)N * C * OH * OW;
+    const T inv = (T)(1.0 / (double)(KH * KW));
+    CNN_GRID_STRIDE_LOOP(i, total) {
+        const int ow = (int)(i % OW);
+        const int oh = (int)((i / OW) % OH);
+        const long long nc = i / ((long long)OH * OW);
+        const T* plane = x + nc * H * (long long)W;
+        const int h0 = oh * SH - PH;
+        const int w0 = ow * SW - PW;
+        T acc = T(0);
+        for (int kh = 0; kh < KH; ++kh) {
+            const int h = h0 + kh;
+            if (h < 0 || h >= H) continue;
+            for (int kw = 0; kw < KW; ++kw) {
+                const int w = w0 + kw;
+                if (w < 0 || w >= W) continue;
+                acc += plane[h * W + w];
+            }
+        }
+        y[i] = acc * inv;
+    }
+}
+CNN_ENTRY_POINTS(avg_pool2d_forward, AVG_POOL_FWD_PARAMS, AVG_POOL_FWD_ARGS)
+
+// ---- average pooling backward: one thread per input element -----------------------
+// dx[n, c, h, w] = sum over the windows containing (h, w), taps kh ascending then kw
+// ascending (i.e. oh, ow descending), of dy[n, c, oh, ow] * (1 / (KH*KW)).
+#define AVG_POOL_BWD_PARAMS(T) const T* __restrict__ dy, T* __restrict__ dx, POOL_GEOM
+#define AVG_POOL_BWD_ARGS dy, dx, POOL_GEOM_ARGS
+
+template <typename T>
+__device__ __forceinline__ void avg_pool2d_backward_body(AVG_POOL_BWD_PARAMS(T)) {
+    const long long total = (long long)N * C * H * W;
+    const T inv = (T)(1.0 / (double)(KH * KW));
+    CNN_GRID_STRIDE_LOOP(i, total) {
+        const int w = (int)(i % W);
+        const int h = (int)((i / W) % H);
+        const long long nc = i / ((long long)H * W);
+        const cnn_cover ch = cnn_covering(h, KH, SH, PH, OH);
+        const cnn_cover cw = cnn_covering(w, KW, SW, PW, OW);
+        const T* g = dy + nc * OH * (long long)OW;
+        T acc = T(0);
+        for (int oh = ch.hi; oh >= ch.lo; --oh) {  // kh = h + PH - oh*SH ascending
+            for (int ow = cw.hi; ow >= cw.lo; --ow) {
+                acc += g[oh * OW + ow] * inv;
+            }
+        }
+        dx[i] = acc;
+    }
+}
+CNN_ENTRY_POINTS(avg_pool2d_backward, AVG_POOL_BWD_PARAMS, AVG_POOL_BWD_ARGS)

@@ -1,0 +1,921 @@
+"""The CUDA kernels, run on the CPU (g++ + tests/emulation), against the NumPy path.
+
+Every test here has "emul" in its name (``pytest -k emul``). The kernels are compiled by
+g++ with tests/emulation/cuda_shim.h and driven through the real launch wrappers of
+``cnn_gpu.cuda`` (``use_launcher``), so the wrappers' shapes, argument order and scalar
+types are exercised too; the emulator checks every argument against the kernel's C
+signature, guards every array against out-of-bounds writes, poisons outputs with NaN,
+and runs every launch in forward and reverse block/thread order requiring identical bits.
+
+References: the NumPy path in ``cnn_gpu.functional`` / ``cnn_gpu.optim`` (the kernels
+follow its operation order, so most comparisons are bitwise), plus small naive
+references written here from the definitions (an independent oracle), plus PyTorch
+when it is installed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("cnn_gpu") is None:  # not installed: run from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cnn_gpu.functional as F  # noqa: E402
+from cnn_gpu import cuda  # noqa: E402
+
+if os.name != "posix":  # ucontext fibers
+    pytest.skip("the CUDA emulation needs a POSIX system with g++", allow_module_level=True)
+
+_spec = importlib.util.spec_from_file_location(
+    "cnn_gpu_emulation_harness", Path(__file__).resolve().parent / "emulation" / "harness.py"
+)
+harness = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(harness)
+
+DTYPES = [np.float32, np.float64]
+# (grid, block): None = the wrappers' default; tiny grids make every thread loop (grid-stride)
+LAUNCHES = [None, (1, 32), (3, 32)]
+LAUNCH_IDS = ["default", "g1b32", "g3b32"]
+
+
+@pytest.fixture(scope="module")
+def emul():
+    """Route cnn_gpu.cuda's launches to the CPU emulator for the whole module."""
+    launcher = harness.EmulationLauncher(check_order=True, grid_cap=8)
+    with cuda.use_launcher(launcher):
+        yield launcher
+
+
+def launch_kw(launch):
+    return {} if launch is None else {"grid": launch[0], "block": launch[1]}
+
+
+def rng_for(*key) -> np.random.Generator:
+    """A generator seeded from the test's parameters (stable across runs, unlike hash())."""
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def close(a, b, dtype, what=""):
+    """float64: 1e-12 relative; float32: rtol 1e-5, atol 1e-6 (scaled by the data)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = max(1.0, float(np.max(np.abs(b)))) if b.size else 1.0
+    if np.dtype(dtype) == np.float64:
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * scale, err_msg=what)
+    else:
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale, err_msg=what)
+
+
+def exact(a, b, what=""):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}"
+    np.testing.assert_array_equal(a, b, err_msg=what)
+
+
+# ----------------------------------------------------------------- geometry cases
+# conv: (N, C, H, W, kernel, stride, padding, dilation)
+CONV_CASES = [
+    (2, 3, 7, 6, (3, 2), (2, 1), (1, 0), (1, 2)),
+    (1, 1, 5, 5, 1, 1, 0, 1),
+    (2, 2, 9, 11, 3, 3, 2, 2),
+    (3, 2, 8, 8, (2, 3), (1, 3), (0, 2), (2, 1)),
+    (1, 3, 6, 13, (5, 1), (2, 2), (2, 0), (1, 1)),
+    (2, 1, 10, 7, (3, 3), (3, 2), (1, 1), (2, 2)),
+    (1, 2, 4, 4, 4, 1, 0, 1),
+    (1, 1, 3, 3, 3, 2, 2, 1),
+    (2, 4, 12, 12, 3, 1, 1, 1),
+    (1, 1, 1, 1, 1, 1, 0, 1),
+    (1, 2, 5, 9, (2, 2), (3, 3), (1, 2), (2, 2)),
+    (2, 1, 16, 3, (4, 3), (2, 1), (0, 1), (3, 1)),
+]
+
+
+def _random_conv_cases(n, seed=2024):
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        N, C = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        H, W = int(rng.integers(1, 14)), int(rng.integers(1, 14))
+        k = (int(rng.integers(1, 5)), int(rng.integers(1, 5)))
+        s = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        p = (int(rng.integers(0, 3)), int(rng.integers(0, 3)))
+        d = (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+        if H + 2 * p[0] < d[0] * (k[0] - 1) + 1 or W + 2 * p[1] < d[1] * (k[1] - 1) + 1:
+            continue
+        out.append((N, C, H, W, k, s, p, d))
+    return out
+
+
+CONV_CASES += _random_conv_cases(12)
+
+# pooling: (N, C, H, W, kernel, stride, padding) with 2*padding <= kernel
+POOL_CASES = [
+    (2, 3, 8, 8, 2, 2, 0),
+    (1, 2, 7, 9, 3, 2, 1),
+    (2, 1, 5, 6, (3, 2), (1, 2), (1, 1)),
+    (1, 3, 10, 7, 3, 1, 1),
+    (2, 2, 9, 9, (2, 4), (3, 1), (1, 2)),
+    (1, 1, 4, 4, 4, 4, 2),
+    (1, 1, 1, 1, 1, 1, 0),
+    (3, 2, 6, 5, (1, 3), (1, 3), (0, 1)),
+    (1, 2, 11, 13, 5, 3, 2),
+    (2, 2, 6, 6, 3, 3, 0),
+]
+
+
+def _random_pool_cases(n, seed=77):
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        N, C = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        H, W = int(rng.integers(1, 13)), int(rng.integers(1, 13))
+        k = (int(rng.integers(1, 5)), int(rng.integers(1, 5)))
+        s = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        p = (int(rng.integers(0, k[0] // 2 + 1)), int(rng.integers(0, k[1] // 2 + 1)))
+        if k[0] > H + 2 * p[0] or k[1] > W + 2 * p[1]:
+            continue
+        out.append((N, C, H, W, k, s, p))
+    return out
+
+
+POOL_CASES += _random_pool_cases(10)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv_out(H, W, k, s, p, d):
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = map(_pair, (k, s, p, d))
+    return (H + 2 * PH - DH * (KH - 1) - 1) // SH + 1, (W + 2 * PW - DW * (KW - 1) - 1) // SW + 1
+
+
+def pool_out(H, W, k, s, p):
+    (KH, KW), (SH, SW), (PH, PW) = map(_pair, (k, s, p))
+    return (H + 2 * PH - KH) // SH + 1, (W + 2 * PW - KW) // SW + 1
+
+
+# ----------------------------------------------------------------- naive references
+def naive_im2col(x, k, s, p, d):
+    N, C, H, W = x.shape
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = map(_pair, (k, s, p, d))
+    OH, OW = conv_out(H, W, k, s, p, d)
+    cols = np.zeros((N, C, KH, KW, OH, OW), dtype=x.dtype)
+    for kh in range(KH):
+        for kw in range(KW):
+            for oh in range(OH):
+                h = oh * SH - PH + kh * DH
+                if not 0 <= h < H:
+                    continue
+                for ow in range(OW):
+                    w = ow * SW - PW + kw * DW
+                    if 0 <= w < W:
+                        cols[:, :, kh, kw, oh, ow] = x[:, :, h, w]
+    return cols.reshape(N, C * KH * KW, OH * OW)
+
+
+def naive_col2im(cols, x_shape, k, s, p, d):
+    N, C, H, W = x_shape
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = map(_pair, (k, s, p, d))
+    OH, OW = conv_out(H, W, k, s, p, d)
+    c6 = cols.reshape(N, C, KH, KW, OH, OW)
+    dx = np.zeros(x_shape, dtype=cols.dtype)
+    for kh in range(KH):
+        for kw in range(KW):
+            for oh in range(OH):
+                h = oh * SH - PH + kh * DH
+                if not 0 <= h < H:
+                    continue
+                for ow in range(OW):
+                    w = ow * SW - PW + kw * DW
+                    if 0 <= w < W:
+                        dx[:, :, h, w] += c6[:, :, kh, kw, oh, ow]
+    return dx
+
+
+def naive_max_pool(x, k, s, p):
+    """y and argmax by scanning each window's real taps row-major; NaN wins, first max wins."""
+    N, C, H, W = x.shape
+    (KH, KW), (SH, SW), (PH, PW) = map(_pair, (k, s, p))
+    OH, OW = pool_out(H, W, k, s, p)
+    y = np.empty((N, C, OH, OW), dtype=x.dtype)
+    arg = np.empty((N, C, OH, OW), dtype=np.int32)
+    for n in range(N):
+        for c in range(C):
+            for oh in range(OH):
+                for ow in range(OW):
+                    best, bi = None, None
+                    for kh in range(KH):
+                        for kw in range(KW):
+                            h, w = oh * SH - PH + kh, ow * SW - PW + kw
+                            if 0 <= h < H and 0 <= w < W:
+                                v = x[n, c, h, w]
+                                if best is None or (not math.isnan(best) and (math.isnan(v) or v > best)):
+                                    best, bi = v, h * W + w
+                    y[n, c, oh, ow], arg[n, c, oh, ow] = best, bi
+    return y, arg
+
+
+def naive_avg_pool(x, k, s, p):
+    N, C, H, W = x.shape
+    (KH, KW), (SH, SW), (PH, PW) = map(_pair, (k, s, p))
+    xp = np.zeros((N, C, H + 2 * PH, W + 2 * PW), dtype=np.float64)
+    xp[:, :, PH : PH + H, PW : PW + W] = x
+    OH, OW = pool_out(H, W, k, s, p)
+    y = np.empty((N, C, OH, OW))
+    for oh in range(OH):
+        for ow in range(OW):
+            y[:, :, oh, ow] = xp[:, :, oh * SH : oh * SH + KH, ow * SW : ow * SW + KW].sum(axis=(2, 3)) / (KH * KW)
+    return y
+
+
+# =================================================================== im2col / col2im
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_emul_im2col(emul, case, dtype, launch):
+    N, C, H, W, k, s, p, d = case
+    x = rng_for("im2col", case).standard_normal((N, C, H, W)).astype(dtype)
+    cols = cuda.im2col(x, k, s, p, d, **launch_kw(launch))
+    assert cols.dtype == dtype and cols.flags.c_contiguous
+    exact(cols, F.im2col(x, k, s, p, d), "vs cnn_gpu.functional.im2col")
+    exact(cols, naive_im2col(x, k, s, p, d), "vs naive im2col")
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_emul_col2im(emul, case, dtype, launch):
+    N, C, H, W, k, s, p, d = case
+    KH, KW = _pair(k)
+    OH, OW = conv_out(H, W, k, s, p, d)
+    cols = rng_for("col2im", case).standard_normal((N, C * KH * KW, OH * OW)).astype(dtype)
+    dx = cuda.col2im(cols, (N, C, H, W), k, s, p, d, **launch_kw(launch))
+    assert dx.shape == (N, C, H, W) and dx.dtype == dtype
+    # same summation order (kh, then kw, from zero) as the NumPy scatter: bitwise equal
+    exact(dx, F.col2im(cols, (N, C, H, W), k, s, p, d), "vs cnn_gpu.functional.col2im")
+    close(dx, naive_col2im(cols, (N, C, H, W), k, s, p, d), dtype, "vs naive col2im")
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_emul_col2im_is_adjoint_of_im2col(emul, case):
+    """<im2col(x), c> == <x, col2im(c)> -- an oracle independent of any reference code."""
+    N, C, H, W, k, s, p, d = case
+    rng = rng_for("adjoint", case)
+    x = rng.standard_normal((N, C, H, W))
+    cols = cuda.im2col(x, k, s, p, d)
+    c = rng.standard_normal(cols.shape)
+    lhs = float(np.sum(cols * c))
+    rhs = float(np.sum(x * cuda.col2im(c, x.shape, k, s, p, d)))
+    assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs))
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:12])
+def test_emul_im2col_col2im_torch_oracle(emul, case):
+    torch = pytest.importorskip("torch")
+    N, C, H, W, k, s, p, d = case
+    x = rng_for("torch-unfold", case).standard_normal((N, C, H, W))
+    ref = torch.nn.functional.unfold(torch.from_numpy(x), k, dilation=d, padding=p, stride=s).numpy()
+    exact(cuda.im2col(x, k, s, p, d), ref, "vs torch unfold")
+    cols = rng_for("torch-fold", case).standard_normal(ref.shape)
+    ref_dx = torch.nn.functional.fold(torch.from_numpy(cols), (H, W), k, dilation=d, padding=p, stride=s).numpy()
+    close(cuda.col2im(cols, x.shape, k, s, p, d), ref_dx, np.float64, "vs torch fold")
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_emul_channel_major_im2col_col2im(emul, case, dtype, launch):
+    """im2col_cm / col2im_cm: x (C, N, H, W), cols (C*KH*KW, N*OH*OW) == the NCHW ops transposed."""
+    N, C, H, W, k, s, p, d = case
+    KH, KW = _pair(k)
+    OH, OW = conv_out(H, W, k, s, p, d)
+    R, P = C * KH * KW, OH * OW
+    rng = rng_for("cm", case)
+    x_cm = rng.standard_normal((C, N, H, W)).astype(dtype)
+    cols = cuda.im2col_cm(x_cm, k, s, p, d, **launch_kw(launch))
+    ref = F.im2col(np.ascontiguousarray(x_cm.transpose(1, 0, 2, 3)), k, s, p, d)  # (N, R, P)
+    exact(cols, ref.transpose(1, 0, 2).reshape(R, N * P), "im2col_cm")
+    dcols = rng.standard_normal((R, N * P)).astype(dtype)
+    dx = cuda.col2im_cm(dcols, x_cm.shape, k, s, p, d, **launch_kw(launch))
+    ref_dx = F.col2im(np.ascontiguousarray(dcols.reshape(R, N, P).transpose(1, 0, 2)), (N, C, H, W), k, s, p, d)
+    exact(dx, ref_dx.transpose(1, 0, 2, 3), "col2im_cm")
+    base = rng.standard_normal(x_cm.shape).astype(dtype)
+    out = base.copy()
+    assert cuda.col2im_cm(dcols, x_cm.shape, k, s, p, d, out=out, accumulate=True, **launch_kw(launch)) is out
+    exact(out, base + ref_dx.transpose(1, 0, 2, 3), "col2im_cm accumulate")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_emul_im2col_col2im_out_and_accumulate(emul, dtype):
+    rng = rng_for("out", dtype)
+    x = rng.standard_normal((2, 3, 8, 7)).astype(dtype)
+    out = np.empty((2, 27, 56), dtype)
+    assert cuda.im2col(x, 3, 1, 1, out=out) is out
+    exact(out, F.im2col(x, 3, 1, 1))
+    cols = rng.standard_normal((2, 27, 56)).astype(dtype)
+    base = rng.standard_normal(x.shape).astype(dtype)
+    acc = base.copy()
+    assert cuda.col2im(cols, x.shape, 3, 1, 1, out=acc, accumulate=True) is acc
+    exact(acc, base + F.col2im(cols, x.shape, 3, 1, 1))
+    with pytest.raises(ValueError, match="accumulate: needs out="):
+        cuda.col2im(cols, x.shape, 3, 1, 1, accumulate=True)
+    with pytest.raises(ValueError, match="out: expected shape"):
+        cuda.im2col(x, 3, 1, 1, out=np.empty((2, 27, 55), dtype))
+    with pytest.raises(TypeError, match="out: expected dtype"):
+        cuda.im2col(x, 3, 1, 1, out=np.empty((2, 27, 56), np.float16))
+    with pytest.raises(ValueError, match="out: updated in place"):
+        cuda.col2im(cols, x.shape, 3, 1, 1, out=np.empty((2, 3, 7, 8), dtype).transpose(0, 1, 3, 2))
+
+
+def test_emul_im2col_noncontiguous_input(emul):
+    x = rng_for("nc").standard_normal((5, 3, 9, 8))[:, ::2, :, ::-1]  # a strided view
+    exact(cuda.im2col(x, 3, 2, 1, 1), F.im2col(np.ascontiguousarray(x), 3, 2, 1, 1))
+
+
+# ============================================================================ pooling
+def _pool_input(kind, shape, dtype, rng):
+    if kind == "normal":
+        return rng.standard_normal(shape).astype(dtype)
+    if kind == "ties":  # few distinct values: many tied maxima, first one must win
+        return rng.integers(-2, 2, size=shape).astype(dtype)
+    if kind == "nan":
+        x = rng.integers(-3, 3, size=shape).astype(dtype)
+        x[rng.random(shape) < 0.15] = np.nan
+        return x
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "nan"])
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_emul_max_pool2d_forward(emul, case, dtype, launch, kind):
+    N, C, H, W, k, s, p = case
+    x = _pool_input(kind, (N, C, H, W), dtype, rng_for("maxpool", case, kind))
+    y, arg = cuda.max_pool2d_forward(x, k, s, p, **launch_kw(launch))
+    assert y.dtype == dtype and arg.dtype == np.int32
+    ref_y, cache = F.max_pool2d_forward(x, k, s, p)
+    exact(y, ref_y, "y vs cnn_gpu.functional")  # assert_array_equal treats NaN == NaN
+    exact(arg, cache.argmax, "argmax vs cnn_gpu.functional")
+    ny, narg = naive_max_pool(x, k, s, p)
+    exact(y, ny, "y vs naive")
+    exact(arg, narg, "argmax vs naive")
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_emul_max_pool2d_backward(emul, case, dtype, launch, kind):
+    N, C, H, W, k, s, p = case
+    rng = rng_for("maxpool-bwd", case, kind)
+    x = _pool_input(kind, (N, C, H, W), dtype, rng)
+    ref_y, cache = F.max_pool2d_forward(x, k, s, p)
+    dy = rng.standard_normal(ref_y.shape).astype(dtype)
+    dx = cuda.max_pool2d_backward(dy, cache.argmax, x.shape, k, s, p, **launch_kw(launch))
+    # ascending (oh, ow) accumulation in double, like numpy.bincount: bitwise equal
+    exact(dx, F.max_pool2d_backward(dy, cache), "vs cnn_gpu.functional")
+    naive = np.zeros(N * C * H * W)
+    flat = (np.arange(N * C)[:, None] * H * W + cache.argmax.reshape(N * C, -1)).ravel()
+    np.add.at(naive, flat, dy.astype(np.float64).ravel())
+    close(dx, naive.reshape(x.shape), dtype, "vs naive scatter")
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_emul_avg_pool2d_forward(emul, case, dtype, launch):
+    N, C, H, W, k, s, p = case
+    x = rng_for("avgpool", case).standard_normal((N, C, H, W)).astype(dtype)
+    y = cuda.avg_pool2d_forward(x, k, s, p, **launch_kw(launch))
+    ref, _ = F.avg_pool2d_forward(x, k, s, p)
+    exact(y, ref, "vs cnn_gpu.functional (same operation order)")
+    close(y, naive_avg_pool(x, k, s, p), dtype, "vs naive")
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_emul_avg_pool2d_backward(emul, case, dtype, launch):
+    N, C, H, W, k, s, p = case
+    rng = rng_for("avgpool-bwd", case)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    ref_y, cache = F.avg_pool2d_forward(x, k, s, p)
+    dy = rng.standard_normal(ref_y.shape).astype(dtype)
+    dx = cuda.avg_pool2d_backward(dy, x.shape, k, s, p, **launch_kw(launch))
+    exact(dx, F.avg_pool2d_backward(dy, cache), "vs cnn_gpu.functional (same operation order)")
+    # adjoint of the forward: <avg(x), dy> == <x, avg_backward(dy)>
+    lhs = float(np.sum(naive_avg_pool(x.astype(np.float64), k, s, p) * dy))
+    rhs = float(np.sum(x.astype(np.float64) * dx.astype(np.float64)))
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert abs(lhs - rhs) <= tol * max(1.0, float(np.sum(np.abs(dy))))
+
+
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_emul_pool_torch_oracle(emul, case):
+    torch = pytest.importorskip("torch")
+    N, C, H, W, k, s, p = case
+    x = rng_for("torch-pool", case).standard_normal((N, C, H, W))
+    tx = torch.from_numpy(x)
+    ty, tidx = torch.nn.functional.max_pool2d(tx, k, s, p, return_indices=True)
+    y, arg = cuda.max_pool2d_forward(x, k, s, p)
+    exact(y, ty.numpy(), "max y vs torch")
+    exact(arg, tidx.numpy().astype(np.int32), "argmax vs torch")
+    ta = torch.nn.functional.avg_pool2d(tx, k, s, p, count_include_pad=True)
+    close(cuda.avg_pool2d_forward(x, k, s, p), ta.numpy(), np.float64, "avg vs torch")
+
+
+def test_emul_max_pool_stride_defaults_to_kernel(emul):
+    x = rng_for("stride-default").standard_normal((2, 2, 6, 6))
+    y, arg = cuda.max_pool2d_forward(x, 2)
+    ref, cache = F.max_pool2d_forward(x, 2)
+    exact(y, ref)
+    exact(arg, cache.argmax)
+
+
+# ======================================================================= elementwise
+ACT_SHAPES = [(1, 1), (4, 7), (2, 3, 5, 5), (3, 16, 7, 9), (5, 2, 1, 1), (2, 33, 3), (64, 10)]
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", ACT_SHAPES)
+def test_emul_relu_and_bias_forward(emul, shape, dtype, launch):
+    rng = rng_for("bias-relu", shape)
+    x = rng.standard_normal(shape).astype(dtype)
+    if x.size >= 4:
+        x.flat[::4] = np.nan  # NaN propagates, like np.maximum
+    b = rng.standard_normal(shape[1]).astype(dtype)
+    bshape = (1, shape[1]) + (1,) * (len(shape) - 2)
+    relu_ref, _ = F.relu_forward(x)
+    exact(cuda.relu_forward(x, **launch_kw(launch)), relu_ref, "relu_forward")
+    y = x.copy()
+    assert cuda.bias_add_forward_(y, b, **launch_kw(launch)) is y
+    exact(y, x + b.reshape(bshape), "bias_add_forward_")
+    y = x.copy()
+    cuda.bias_relu_forward_(y, b, **launch_kw(launch))
+    exact(y, np.maximum(x + b.reshape(bshape), 0), "bias_relu_forward_")
+
+
+@pytest.mark.parametrize("launch", LAUNCHES + [(2, 48), (1, 1000)], ids=LAUNCH_IDS + ["g2b48", "g1b1000"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", ACT_SHAPES)
+def test_emul_relu_backward_and_bias_grad(emul, shape, dtype, launch):
+    rng = rng_for("relu-bwd", shape)
+    y, _ = F.relu_forward(rng.standard_normal(shape).astype(dtype))
+    y.flat[:: max(1, y.size // 4)] = 0  # exact zeros: no gradient
+    dy = rng.standard_normal(shape).astype(dtype)
+    ref_dx = F.relu_backward(dy, y)
+    exact(cuda.relu_backward(dy, y, **launch_kw(launch)), ref_dx, "relu_backward")
+    dx, db = cuda.relu_backward_bias_grad(dy, y, **launch_kw(launch))
+    exact(dx, ref_dx, "relu_backward_bias_grad dx")
+    axes = (0,) + tuple(range(2, len(shape)))
+    close(db, ref_dx.astype(np.float64).sum(axis=axes), dtype, "relu_backward_bias_grad db")
+    close(cuda.bias_grad(dy, **launch_kw(launch)), dy.astype(np.float64).sum(axis=axes), dtype, "bias_grad")
+
+
+def test_emul_bias_grad_is_deterministic_per_launch_config(emul):
+    dy = rng_for("det").standard_normal((8, 5, 13, 11)).astype(np.float32)
+    a = cuda.bias_grad(dy)
+    b = cuda.bias_grad(dy)
+    assert a.tobytes() == b.tobytes()
+
+
+# ============================================================================== loss
+SCE_CASES = [(1, 1), (1, 10), (4, 10), (7, 3), (33, 100), (5, 1000), (64, 10), (3, 257)]
+
+
+@pytest.mark.parametrize("launch", LAUNCHES + [(2, 64)], ids=LAUNCH_IDS + ["g2b64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", SCE_CASES)
+def test_emul_softmax_cross_entropy(emul, case, dtype, launch):
+    N, K = case
+    rng = rng_for("sce", case)
+    logits = (3 * rng.standard_normal((N, K))).astype(dtype)
+    labels = rng.integers(0, K, size=N)  # int64: the wrapper converts
+    loss, dlogits = cuda.softmax_cross_entropy(logits, labels, **launch_kw(launch))
+    assert loss.shape == () and loss.dtype == dtype and dlogits.dtype == dtype
+    ref_loss, ref_d = F.softmax_cross_entropy(logits, labels)
+    close(loss, ref_loss, dtype, "loss vs cnn_gpu.functional")
+    close(dlogits, ref_d, dtype, "dlogits vs cnn_gpu.functional")
+    # naive float64 reference from the definition
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    naive_loss = -np.mean(np.log(p[np.arange(N), labels]))
+    onehot = np.eye(K)[labels]
+    close(loss, naive_loss, dtype, "loss vs naive")
+    close(dlogits, (p - onehot) / N, dtype, "dlogits vs naive")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_emul_softmax_cross_entropy_large_logits(emul, dtype):
+    rng = rng_for("sce-large")
+    logits = (1e4 * rng.standard_normal((16, 12))).astype(dtype)
+    logits[0] = 1e4  # all tied
+    labels = rng.integers(0, 12, size=16).astype(np.int32)
+    loss, d = cuda.softmax_cross_entropy(logits, labels)
+    assert np.isfinite(loss) and np.all(np.isfinite(d))
+    ref_loss, ref_d = F.softmax_cross_entropy(logits, labels)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6 if dtype == np.float32 else 1e-12)
+    close(d, ref_d, dtype)
+    np.testing.assert_allclose(d.sum(axis=1), 0, atol=1e-6)
+
+
+def test_emul_softmax_cross_entropy_per_sample_and_bad_label(emul):
+    logits = rng_for("sce-bad").standard_normal((4, 5))
+    labels = np.array([0, 4, 5, -1], dtype=np.int32)  # the last two are out of range
+    loss, d, per = cuda.softmax_cross_entropy(logits, labels, return_per_sample=True)
+    assert np.isnan(loss)
+    assert np.all(np.isfinite(per[:2])) and np.all(np.isnan(per[2:]))
+    assert np.all(np.isfinite(d[:2])) and np.all(np.isnan(d[2:]))
+    ref, _ = F.softmax_cross_entropy(logits[:2], labels[:2])
+    close(per[:2].mean(), ref, np.float64)
+
+
+# ======================================================================== optimizers
+OPT_SIZES = [1, 37, 1000]
+
+
+def _opt_state(n, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n).astype(dtype) for _ in range(3)]
+
+
+def naive_sgd(p, g, buf, lr, mu, wd, nesterov, first, dampening=0.0):
+    t = p.dtype.type
+    d = g + t(wd) * p if wd != 0 else g
+    if mu != 0:
+        buf = d.copy() if first else t(mu) * buf + t(1.0 - dampening) * d
+        d = d + t(mu) * buf if nesterov else buf
+    return p - t(lr) * d, buf
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("n", OPT_SIZES)
+@pytest.mark.parametrize("mu,wd,nesterov", [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 1e-2, True), (0.5, 1e-3, False)])
+def test_emul_sgd_update(emul, n, dtype, launch, mu, wd, nesterov):
+    p, g, _ = _opt_state(n, dtype, n)
+    buf = np.zeros(n, dtype) if mu != 0 else None
+    ref_p, ref_buf = p.copy(), None if buf is None else buf.copy()
+    for step in range(3):
+        g = np.random.default_rng(step).standard_normal(n).astype(dtype)
+        cuda.sgd_update_(p, g, buf, 0.1, mu, wd, nesterov, step == 0, **launch_kw(launch))
+        ref_p, ref_buf = naive_sgd(ref_p, g, ref_buf, 0.1, mu, wd, nesterov, step == 0)
+        exact(p, ref_p, f"p after step {step}")
+        if buf is not None:
+            exact(buf, ref_buf, f"buf after step {step}")
+
+
+def test_emul_sgd_dampening(emul):
+    p, g, buf = _opt_state(50, np.float64, 3)
+    ref_p, ref_buf = naive_sgd(p.copy(), g, buf.copy(), 0.05, 0.9, 0.0, False, False, dampening=0.3)
+    cuda.sgd_update_(p, g, buf, 0.05, 0.9, 0.0, False, False, dampening=0.3)
+    exact(p, ref_p)
+    exact(buf, ref_buf)
+
+
+def naive_adam(p, g, m, v, lr, b1, b2, eps, wd, decoupled, t):
+    """The NumPy path's formula and operation order, with scalars rounded from double."""
+    T = p.dtype.type
+    if wd != 0:
+        if decoupled:
+            p = p * T(1.0 - lr * wd)
+        else:
+            g = g + T(wd) * p
+    m = T(b1) * m + T(1.0 - b1) * g
+    v = T(b2) * v + T(1.0 - b2) * (g * g)
+    bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+    p = p - T(lr / bc1) * m / (np.sqrt(v / T(bc2)) + T(eps))
+    return p, m, v
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("n", OPT_SIZES)
+@pytest.mark.parametrize("wd,decoupled", [(0.0, False), (1e-2, False), (1e-2, True)])
+def test_emul_adam_update(emul, n, dtype, launch, wd, decoupled):
+    p, _, _ = _opt_state(n, dtype, n + 1)
+    m, v = np.zeros(n, dtype), np.zeros(n, dtype)
+    rp, rm, rv = p.copy(), m.copy(), v.copy()
+    b1, b2, eps, lr = 0.9, 0.999, 1e-8, 1e-2
+    for t in range(1, 4):
+        g = np.random.default_rng(t).standard_normal(n).astype(dtype)
+        cuda.adam_update_(p, g, m, v, lr, b1, b2, eps, wd, decoupled, 1 - b1**t, 1 - b2**t, **launch_kw(launch))
+        rp, rm, rv = naive_adam(rp, g, rm, rv, lr, b1, b2, eps, wd, decoupled, t)
+        exact(m, rm, f"m at step {t}")
+        exact(v, rv, f"v at step {t}")
+        exact(p, rp, f"p at step {t}")
+
+
+def _make_params(dtype, seed):
+    from cnn_gpu.nn.module import Parameter
+
+    rng = np.random.default_rng(seed)
+    params = []
+    for i, shape in enumerate([(4, 3, 3, 3), (4,), (10, 36), (10,)]):
+        prm = Parameter(rng.standard_normal(shape).astype(dtype))
+        params.append((f"p{i}", prm))
+    return params
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "opt,kwargs",
+    [
+        ("SGD", dict(lr=0.1)),
+        ("SGD", dict(lr=0.1, momentum=0.9)),
+        ("SGD", dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=1e-3)),
+        ("Adam", dict(lr=1e-2)),
+        ("Adam", dict(lr=1e-2, weight_decay=1e-2)),
+        ("AdamW", dict(lr=1e-2, weight_decay=1e-1)),
+    ],
+)
+def test_emul_fused_update_matches_cnn_gpu_optim(emul, opt, kwargs, dtype):
+    """The fused kernels against cnn_gpu.optim's NumPy update on the same flat buffers."""
+    optim = pytest.importorskip("cnn_gpu.optim")
+    params = _make_params(dtype, 5)
+    o = getattr(optim, opt)(params, **kwargs)
+    (group,) = o.groups
+    p = group.data.copy()
+    state = {}
+    for t in range(1, 4):
+        g = np.random.default_rng(10 + t).standard_normal(p.size).astype(dtype)
+        group.grad[...] = g
+        o.step()  # the NumPy path (these are NumPy arrays)
+        if opt == "SGD":
+            mu = kwargs.get("momentum", 0.0)
+            if mu and "buf" not in state:
+                state["buf"] = np.zeros_like(p)
+            cuda.sgd_update_(p, g, state.get("buf"), kwargs["lr"], mu, kwargs.get("weight_decay", 0.0),
+                             kwargs.get("nesterov", False), t == 1)
+        else:
+            if "m" not in state:
+                state["m"], state["v"] = np.zeros_like(p), np.zeros_like(p)
+            b1, b2 = o.betas
+            cuda.adam_update_(p, g, state["m"], state["v"], o.lr, b1, b2, o.eps, o.weight_decay, opt == "AdamW",
+                              1 - b1**t, 1 - b2**t)
+        # same formulas, operation order and scalar rounding as the NumPy path: bitwise equal
+        exact(p, group.data, f"{opt} params after step {t}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("opt", ["sgd", "sgd_nesterov", "adam", "adamw"])
+def test_emul_fused_update_torch_oracle(emul, opt, dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(99)
+    p = rng.standard_normal(300).astype(dtype)
+    tp = torch.nn.Parameter(torch.from_numpy(p.copy()))
+    if opt.startswith("sgd"):
+        nest = opt == "sgd_nesterov"
+        topt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, nesterov=nest, weight_decay=1e-2)
+        buf = np.zeros_like(p)
+    else:
+        cls = torch.optim.AdamW if opt == "adamw" else torch.optim.Adam
+        topt = cls([tp], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, foreach=False)
+        m, v = np.zeros_like(p), np.zeros_like(p)
+    for t in range(1, 6):
+        g = rng.standard_normal(300).astype(dtype)
+        tp.grad = torch.from_numpy(g.copy())
+        topt.step()
+        if opt.startswith("sgd"):
+            cuda.sgd_update_(p, g, buf, 0.1, 0.9, 1e-2, opt == "sgd_nesterov", t == 1)
+        else:
+            cuda.adam_update_(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 1e-2, opt == "adamw", 1 - 0.9**t, 1 - 0.999**t)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(p, tp.detach().numpy(), **tol)
+
+
+# ===================================================================== wrappers & harness
+def test_emul_grid_stride_loops_are_exercised(emul):
+    """With grid=1, block=32 every kernel family runs with fewer threads than work items."""
+    x = rng_for("gs").standard_normal((2, 3, 9, 9))
+    cols = cuda.im2col(x, 3)
+    emul.log.clear()
+    cuda.im2col(x, 3, 1, 1, 1, grid=1, block=32)
+    cuda.col2im(cols, x.shape, 3, grid=1, block=32)
+    cuda.max_pool2d_forward(x, 2, grid=1, block=32)
+    cuda.relu_forward(x, grid=1, block=32)
+    cuda.relu_backward_bias_grad(x, x, grid=1, block=32)
+    cuda.softmax_cross_entropy(x.reshape(6, -1), np.zeros(6, np.int32), grid=1, block=32)
+    cuda.sgd_update_(x.reshape(-1).copy(), x.reshape(-1), None, 0.1, grid=1, block=32)
+    for kernel, grid, block in emul.log:
+        assert grid == 1 and block == 32, kernel
+    assert len(emul.log) >= 8
+
+
+def test_emul_default_launch_configuration(emul):
+    emul.log.clear()
+    x = np.zeros((4, 8, 32, 32), np.float32)  # 32768 elements
+    cuda.relu_forward(x)
+    cuda.bias_grad(x)
+    (k1, g1, b1), (k2, g2, b2) = emul.log
+    assert (g1, b1) == (min(math.ceil(x.size / 256), emul.max_grid()), 256)
+    assert (g2, b2) == (min(8, emul.max_grid()), 256)  # one block per filter
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int32, np.int64, np.complex64])
+def test_emul_wrappers_reject_other_dtypes(emul, dtype):
+    x = np.zeros((1, 1, 4, 4), dtype)
+    with pytest.raises(TypeError, match="x: expected a float32 or float64"):
+        cuda.im2col(x, 2)
+    with pytest.raises(TypeError, match="x: expected a float32 or float64"):
+        cuda.max_pool2d_forward(x, 2)
+    with pytest.raises(TypeError, match="dy: expected a float32 or float64"):
+        cuda.relu_backward(x, x)
+    with pytest.raises(TypeError, match="logits: expected a float32 or float64"):
+        cuda.softmax_cross_entropy(x.reshape(4, 4), np.zeros(4, np.int32))
+    with pytest.raises(TypeError, match="p: expected a float32 or float64"):
+        cuda.sgd_update_(x.reshape(-1), x.reshape(-1), None, 0.1)
+
+
+def test_emul_wrappers_reject_bad_arguments(emul):
+    y = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(TypeError, match="b: expected dtype float32"):
+        cuda.bias_relu_forward_(y, np.zeros(3, np.float64))
+    with pytest.raises(ValueError, match="b: expected shape"):
+        cuda.bias_relu_forward_(y, np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="y: updated in place"):
+        cuda.bias_relu_forward_(y[:, :, ::2], np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="labels: expected an integer"):
+        cuda.softmax_cross_entropy(np.zeros((2, 3)), np.zeros(2))
+    with pytest.raises(ValueError, match="buf: a momentum buffer"):
+        cuda.sgd_update_(np.zeros(3), np.zeros(3), None, 0.1, 0.9)
+    with pytest.raises(ValueError, match="m: expected 3 elements"):
+        cuda.adam_update_(np.zeros(3), np.zeros(3), np.zeros(2), np.zeros(3), 0.1, 0.9, 0.99, 1e-8, 0, False, 0.1, 0.01)
+    with pytest.raises(ValueError, match="cols: expected shape"):
+        cuda.col2im(np.zeros((1, 4, 5)), (1, 1, 3, 3), 2)
+    with pytest.raises(ValueError, match="block: expected"):
+        cuda.relu_forward(np.zeros(3), block=2048)
+    with pytest.raises(ValueError, match="padding: expected at most half"):
+        cuda.max_pool2d_forward(np.zeros((1, 1, 4, 4)), 2, 1, 2)
+
+
+def test_emul_empty_batch_launches_nothing(emul):
+    emul.log.clear()
+    x = np.zeros((0, 3, 5, 5))
+    assert cuda.im2col(x, 3).shape == (0, 27, 9)
+    assert cuda.max_pool2d_forward(x, 2)[0].shape == (0, 3, 2, 2)
+    assert emul.log == []
+
+
+def test_emul_every_wrapper_kernel_exists():
+    """Every kernel name cuda.py launches is an entry point of that file (f32 and f64)."""
+    src = Path(cuda.__file__).read_text()
+    kernels = cuda.list_kernels()
+    used = re.findall(r'L\.launch\("(\w+)", f"(\w+)_\{sfx\}"', src)
+    used += [("elementwise", k) for k in re.findall(r'_bias_forward\("(\w+)"', src)]
+    used += [("im2col", k) for k in re.findall(r'_(?:im2col|col2im)\("(\w+)"', src)]
+    assert len(used) == 18
+    for fname, stem in used:
+        assert f"{stem}_f32" in kernels[fname] and f"{stem}_f64" in kernels[fname], (fname, stem)
+    for fname, names in kernels.items():
+        assert names, fname
+        for nm in names:
+            base, sfx = nm.rsplit("_", 1)
+            assert sfx in ("f32", "f64") and f"{base}_f32" in names and f"{base}_f64" in names, nm
+
+
+def test_emul_kernel_dir_lookup(tmp_path, monkeypatch):
+    assert (cuda.kernel_dir() / "common.cuh").is_file()
+    monkeypatch.setenv("CNN_GPU_KERNELS_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="CNN_GPU_KERNELS_DIR"):
+        cuda.kernel_dir()
+    (tmp_path / "common.cuh").write_text("// empty\n")
+    (tmp_path / "demo.cu").write_text('#include "common.cuh"\nCNN_ENTRY_POINTS(demo, P, A)\n')
+    assert cuda.kernel_dir() == tmp_path
+    assert cuda.list_kernels() == {"demo": ["demo_f32", "demo_f64"]}
+    src = cuda.expanded_source("demo")
+    assert "// empty" in src and "#include" not in src and '#line 2 "demo.cu"' in src
+
+
+def test_emul_expanded_source_inlines_common_header():
+    src = cuda.expanded_source("im2col")
+    assert "CNN_GPU_COMMON_CUH" in src and '#include "common.cuh"' not in src
+
+
+# -- the emulator catches the bugs it is meant to catch (tests/emulation/selftest.cu) --
+@pytest.fixture(scope="module")
+def selftest():
+    return harness.build("selftest", Path(harness.__file__).parent)
+
+
+def test_emul_harness_block_reduction_good(selftest):
+    launcher = harness.EmulationLauncher()
+    for block in (1, 7, 32, 100, 256):
+        x = np.arange(1, 301, dtype=np.float32)
+        out = np.zeros(1, np.float32)
+        launcher.launch_with(selftest, "good_block_sum", 1, block, (x, out, np.int32(300)))
+        assert out[0] == 45150.0
+
+
+def test_emul_harness_detects_missing_barrier(selftest):
+    x = np.arange(1, 65, dtype=np.float32)
+    with pytest.raises(harness.EmulationError, match="differs between forward and reverse"):
+        harness.EmulationLauncher().launch_with(selftest, "racy_block_sum", 1, 64, (x, np.zeros(1, np.float32), np.int32(64)))
+
+
+def test_emul_harness_detects_divergent_barrier(selftest):
+    with pytest.raises(harness.EmulationError, match="divergent __syncthreads"):
+        harness.EmulationLauncher().launch_with(selftest, "divergent_barrier", 1, 8, (np.zeros(8, np.float32),))
+
+
+def test_emul_harness_detects_out_of_bounds_write(selftest):
+    with pytest.raises(harness.EmulationError, match="out-of-bounds write"):
+        harness.EmulationLauncher().launch_with(selftest, "oob_write", 2, 32, (np.zeros(100, np.float32), np.int64(100)))
+
+
+def test_emul_harness_detects_write_race(selftest):
+    with pytest.raises(harness.EmulationError, match="differs between forward and reverse"):
+        harness.EmulationLauncher().launch_with(selftest, "write_race", 2, 32, (np.zeros(50, np.float32), np.int64(50)))
+
+
+def test_emul_harness_poisons_unwritten_outputs(selftest):
+    launcher = harness.EmulationLauncher()
+    out = launcher.empty((10,), np.float32)
+    launcher.launch_with(selftest, "partial_write", 1, 32, (out, np.int64(10)))
+    assert np.all(out[:9] == 1) and np.isnan(out[9])
+
+
+def test_emul_harness_checks_scalar_types(selftest):
+    launcher = harness.EmulationLauncher()
+    out = np.zeros(10, np.float32)
+    with pytest.raises(harness.EmulationError, match="must be passed as int64"):
+        launcher.launch_with(selftest, "partial_write", 1, 32, (out, 10))  # a Python int
+    with pytest.raises(harness.EmulationError, match="must be passed as int64"):
+        launcher.launch_with(selftest, "partial_write", 1, 32, (out, np.int32(10)))
+    with pytest.raises(harness.EmulationError, match="must be an array of float32"):
+        launcher.launch_with(selftest, "partial_write", 1, 32, (out.astype(np.float64), np.int64(10)))
+    with pytest.raises(harness.EmulationError, match="takes 2 arguments"):
+        launcher.launch_with(selftest, "partial_write", 1, 32, (out,))
+
+
+# ============================================== the emulation against a real GPU (if any)
+def _gpu_available() -> bool:
+    from cnn_gpu.backend import cupy_available  # noqa: PLC0415
+
+    return cupy_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_available(), reason="needs CuPy and a GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_emul_matches_the_gpu(dtype):
+    """The same wrappers on the GPU and in the emulator, with identical launch configurations.
+
+    With --fmad=false the GPU rounds like the CPU, so everything but exp/log is bitwise equal.
+    """
+    import cupy  # noqa: PLC0415
+
+    rng = rng_for("gpu", dtype)
+    x = rng.standard_normal((3, 4, 11, 10)).astype(dtype)
+    dy_pool = rng.standard_normal((3, 4, 5, 5)).astype(dtype)
+    cols = rng.standard_normal((3, 4 * 3 * 2, 6 * 10)).astype(dtype)
+    logits = (5 * rng.standard_normal((37, 10))).astype(dtype)
+    labels = rng.integers(0, 10, 37).astype(np.int32)
+    flat = [rng.standard_normal(999).astype(dtype) for _ in range(4)]
+
+    def run(to):
+        out = {}
+        out["im2col"] = cuda.im2col(to(x), (3, 2), (2, 1), (1, 1), (1, 2))
+        out["col2im"] = cuda.col2im(to(cols), x.shape, (3, 2), (2, 1), (1, 1), (1, 2))
+        x_cm = to(np.ascontiguousarray(x.transpose(1, 0, 2, 3)))
+        out["im2col_cm"] = cuda.im2col_cm(x_cm, (3, 2), (2, 1), (1, 1), (1, 2))
+        out["col2im_cm"] = cuda.col2im_cm(out["im2col_cm"], x_cm.shape, (3, 2), (2, 1), (1, 1), (1, 2),
+                                          out=x_cm.copy(), accumulate=True)
+        out["max"], out["argmax"] = cuda.max_pool2d_forward(to(x), 3, 2, 1)
+        out["max_bwd"] = cuda.max_pool2d_backward(to(dy_pool), out["argmax"], x.shape, 3, 2, 1)
+        out["avg"] = cuda.avg_pool2d_forward(to(x), 3, 2, 1)
+        out["avg_bwd"] = cuda.avg_pool2d_backward(to(dy_pool), x.shape, 3, 2, 1)
+        y = to(x.copy())
+        out["bias_relu"] = cuda.bias_relu_forward_(y, to(flat[0][:4].copy()))
+        out["dx"], out["db"] = cuda.relu_backward_bias_grad(to(x), y)
+        out["bias_grad"] = cuda.bias_grad(to(x))
+        out["loss"], out["dlogits"] = cuda.softmax_cross_entropy(to(logits), to(labels))
+        p, g, m, v = (to(a.copy()) for a in flat)
+        cuda.adam_update_(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 1e-2, True, 0.1, 0.001)
+        out["adam_p"], out["adam_m"], out["adam_v"] = p, m, v
+        p, buf = to(flat[0].copy()), to(flat[1].copy())
+        cuda.sgd_update_(p, g, buf, 0.1, 0.9, 1e-3, True, False)
+        out["sgd_p"], out["sgd_buf"] = p, buf
+        return out
+
+    with cuda.use_launcher(cuda.CupyLauncher()):
+        gpu = {k: cupy.asnumpy(v) for k, v in run(cupy.asarray).items()}
+    # the emulator with the GPU's default grid cap gives the same launch configurations
+    with cuda.use_launcher(harness.EmulationLauncher(grid_cap=cuda.CupyLauncher().max_grid())):
+        cpu = run(np.asarray)
+    for k in gpu:
+        if k in ("loss", "dlogits"):
+            close(gpu[k], cpu[k], dtype, k)
+        else:
+            exact(gpu[k], cpu[k], k)

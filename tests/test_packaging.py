@@ -1,0 +1,49 @@
+"""The built wheel ships the CUDA sources, and the loader finds them in an installed copy."""
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)]
+    try:
+        import setuptools  # noqa: F401
+
+        cmd.insert(4, "--no-build-isolation")  # use the installed setuptools: no download
+    except ImportError:
+        pass
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (path,) = out.glob("cnn_gpu-*.whl")
+    return path
+
+
+def test_wheel_contains_every_kernel_source_and_subpackage(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for src in sorted((ROOT / "kernels").glob("*.cu")) + sorted((ROOT / "kernels").glob("*.cuh")):
+        assert f"cnn_gpu/kernels/{src.name}" in names, f"{src.name} missing from the wheel"
+    # every subpackage of the source tree is in the explicit package list of pyproject.toml
+    for init in (ROOT / "cnn_gpu").rglob("__init__.py"):
+        rel = init.relative_to(ROOT).as_posix()
+        assert rel in names, f"{rel} missing from the wheel: add its package to pyproject.toml"
+
+
+def test_installed_wheel_finds_its_kernels(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CNN_GPU_KERNELS_DIR")}
+    env["PYTHONPATH"] = str(target)
+    code = "from cnn_gpu import cuda; print(cuda.kernel_dir()); print(sorted(cuda.kernel_sources()))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    kdir, names = r.stdout.splitlines()
+    assert Path(kdir).resolve() == (target / "cnn_gpu" / "kernels").resolve()
+    assert set(eval(names)) == {p.stem for p in (ROOT / "kernels").glob("*.cu")}
