@@ -1,4 +1,4 @@
-"""The ``cnn-gpu`` command line: train, evaluate, predict, info."""
+"""The ``cnn-gpu`` command line: train, evaluate, predict, plot, models, info."""
 from __future__ import annotations
 
 import argparse
@@ -13,49 +13,46 @@ import numpy as np
 
 from . import __version__
 from .backend import BackendUnavailableError, use_backend
-
-# Per-dataset defaults: model, epochs, batch size, optimizer, peak learning rate, schedule.
-RECIPES = {
-    "digits": dict(model="lenet_digits", epochs=20, batch_size=32, optimizer="adam", lr=3e-3, schedule="onecycle"),
-    "mnist": dict(model="lenet5", epochs=3, batch_size=128, optimizer="adam", lr=3e-3, schedule="onecycle"),
-    "fashion-mnist": dict(model="lenet5", epochs=10, batch_size=128, optimizer="adam", lr=3e-3, schedule="onecycle"),
-    "cifar10": dict(model="vgg_small", epochs=20, batch_size=128, optimizer="adam", lr=2e-3, schedule="onecycle"),
-}
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    dataset: str = "digits"
-    data_dir: str | None = None
-    model: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    schedule: str | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    backend: str = "numpy"
-    seed: int = 0
-    save: str | None = None
-
-    def resolved(self) -> "TrainConfig":
-        """A copy with every None filled from the dataset's recipe."""
-        recipe = RECIPES[self.dataset]
-        return dataclasses.replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
+from .runs import PROGRESS_MODES, RECIPES, RUN_SETTINGS, RunStopped, TrainConfig
 
 
 def _positive_int(text: str) -> int:
-    v = int(text)
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return v
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return v
+
+
 def _positive_float(text: str) -> float:
-    v = float(text)
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
     return v
 
 
@@ -68,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cnn_gpu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model (default: a LeNet-style CNN on the bundled digits)")
-    t.add_argument("--dataset", choices=DATASET_NAMES, default="digits")
+    # Defaults are None here so that --resume can tell which settings were given; TrainConfig
+    # and the dataset's recipe (RECIPES) fill in the rest.
+    t = sub.add_parser("train", help="train a model (default: a LeNet-style CNN on the bundled digits)",
+                       description="Train a model. Unset options come from the dataset's recipe.")
+    t.add_argument("--dataset", choices=DATASET_NAMES, default=None, help="default: digits (bundled)")
     t.add_argument("--data-dir", default=None, help="folder holding (or caching) the dataset files")
     t.add_argument("--model", choices=sorted(MODELS), default=None, help="default: the dataset's recipe")
     t.add_argument("--epochs", type=_positive_int, default=None)
@@ -77,24 +77,41 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=None, help="(peak) learning rate")
     t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None)
     t.add_argument("--schedule", choices=sorted(SCHEDULES) + ["none"], default=None)
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save", default=None, metavar="PATH", help="write the trained model here (.npz)")
+    t.add_argument("--warmup", type=_fraction, default=None,
+                   help="fraction of the steps spent warming up (one-cycle: rising to the peak lr; cosine: linear warm-up)")
+    t.add_argument("--momentum", type=_fraction, default=None, help="SGD momentum (default 0.9)")
+    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="SGD with Nesterov momentum")
+    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--val-fraction", type=_fraction, default=None,
+                   help="hold out this fraction of the training set (stratified, fixed) for validation; default 0")
+    t.add_argument("--backend", choices=["numpy", "cupy", "auto"], default=None, help="default: numpy")
+    t.add_argument("--seed", type=_non_negative_int, default=None, help="default: 0")
+    t.add_argument("--run-dir", default=None, metavar="DIR", help="the run folder (default: runs/DATASET-MODEL-TIME)")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR exactly where it stopped")
+    t.add_argument("--save", default=None, metavar="PATH", help="also write the final model here (.npz)")
+    t.add_argument("--progress", choices=PROGRESS_MODES, default=None,
+                   help="auto (default): a progress bar on a terminal, one line per epoch otherwise")
+    t.add_argument("--quiet", "-q", action="store_true", default=None, help="print only the final test accuracy")
 
     e = sub.add_parser("evaluate", help="evaluate a saved model on its dataset's test split")
-    e.add_argument("--checkpoint", required=True, metavar="PATH")
+    e.add_argument("--checkpoint", required=True, metavar="PATH", help="a model file, a checkpoint.npz or a run folder (its best.npz)")
     e.add_argument("--dataset", choices=DATASET_NAMES, default=None, help="default: the dataset it was trained on")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy")
     e.add_argument("--batch-size", type=_positive_int, default=512)
 
     p = sub.add_parser("predict", help="classify images (.png/.jpg with Pillow, or .npy arrays)")
-    p.add_argument("--checkpoint", required=True, metavar="PATH")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a model file, a checkpoint.npz or a run folder (its best.npz)")
     p.add_argument("inputs", nargs="+", metavar="FILE")
-    p.add_argument("--top", type=_positive_int, default=3)
+    p.add_argument("--top", type=_positive_int, default=3, help="how many classes to show (default 3)")
     p.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy")
+
+    pl = sub.add_parser("plot", help="(re)draw a run's curves.png from its metrics.jsonl (needs matplotlib)")
+    pl.add_argument("run_dir", metavar="RUN_DIR")
+    pl.add_argument("--out", default=None, metavar="PATH", help="default: RUN_DIR/curves.png")
+
+    m = sub.add_parser("models", help="the model zoo: parameters and per-layer output shapes")
+    m.add_argument("names", nargs="*", metavar="NAME", help="only these models")
 
     sub.add_parser("info", help="backends, versions, GPUs and kernels")
     return parser
@@ -110,60 +127,44 @@ def _prepare_data(ds, mean=None, std=None):
     return xtr, xte, mean, std
 
 
-def cmd_train(cfg: TrainConfig, out=print) -> float:
-    from . import models, optim
-    from .backend import current_xp
-    from .data import DataLoader, get_dataset
-    from .random import manual_seed
-    from .serialization import save
-    from .train import evaluate, fit
+def cmd_train(cfg: TrainConfig, out=print, *, resume: str | None = None, on_step=None) -> float:
+    """Train (or resume) a run; the last line printed is ``test accuracy: NN.NN%``. -> the test accuracy.
 
-    cfg = cfg.resolved()
-    ds = get_dataset(cfg.dataset, cfg.data_dir)
-    with use_backend(cfg.backend):
-        xp = current_xp()
-        manual_seed(cfg.seed)
-        xtr, xte, mean, std = _prepare_data(ds)
-        xtr, xte = xp.asarray(xtr), xp.asarray(xte)  # uploaded once
-        ytr, yte = xp.asarray(ds.y_train), xp.asarray(ds.y_test)
-        model = models.get_model(cfg.model, in_channels=ds.input_shape[0], num_classes=ds.num_classes)
-        if cfg.optimizer == "sgd":
-            opt = optim.SGD(model, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        else:
-            opt = optim.OPTIMIZERS[cfg.optimizer](model, cfg.lr, weight_decay=cfg.weight_decay)
-        loader = DataLoader(xtr, ytr, cfg.batch_size, shuffle=True, seed=cfg.seed)
-        total = cfg.epochs * len(loader)
-        sched = None
-        if cfg.schedule == "onecycle":
-            sched = optim.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 2))
-        elif cfg.schedule == "cosine":
-            sched = optim.CosineLR(opt, total_steps=max(total, 1), warmup_steps=min(len(loader), max(total - 1, 0)))
-        elif cfg.schedule == "step":
-            sched = optim.StepLR(opt, step_size=max(1, total // 3))
-        n_params = model.num_parameters()
-        out(f"cnn_gpu {__version__}: training {cfg.model} ({n_params:,} parameters) on {cfg.dataset} "
-            f"({ds.x_train.shape[0]} train / {ds.x_test.shape[0]} test) with {cfg.optimizer} lr {cfg.lr:g}, "
-            f"{cfg.schedule} schedule, batch {cfg.batch_size}, backend {cfg.backend}")
-        t0 = time.perf_counter()
-        fit(model, opt, loader, cfg.epochs, scheduler=sched, eval_data=None, log=out)
-        test_loss, test_acc = evaluate(model, xte, yte)
-        out(f"trained in {time.perf_counter() - t0:.1f} s; test loss {test_loss:.4f}")
-        if cfg.save:
-            meta = {"dataset": cfg.dataset, "mean": list(map(float, mean)), "std": list(map(float, std)),
-                    "scale": ds.scale, "input_shape": list(ds.input_shape), "model": cfg.model,
-                    "config": dataclasses.asdict(cfg)}
-            save(model, cfg.save, metadata=meta)
-            out(f"saved model to {cfg.save}")
-    out(f"test accuracy: {100 * test_acc:.2f}%")
-    return test_acc
+    Raises RunStopped (after saving a checkpoint where possible) on Ctrl-C or a non-finite loss.
+    """
+    from .runs import train_run
+
+    result = train_run(cfg, out, resume=resume, on_step=on_step)
+    out(f"test accuracy: {100 * result.test_accuracy:.2f}%")
+    return result.test_accuracy
+
+
+def _resolve_model_path(path: str) -> Path:
+    from .runs import BEST_FILE, LAST_FILE
+
+    p = Path(path)
+    if p.is_dir():
+        for name in (BEST_FILE, LAST_FILE):
+            if (p / name).is_file():
+                return p / name
+        raise FileNotFoundError(f"checkpoint: expected a model file or a run folder holding {BEST_FILE}, got {p}")
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint: no such file: {p}")
+    return p
 
 
 def _load_checkpoint(path: str):
-    from .serialization import load, read_npz, decode_header, HEADER_KEY, FORMAT
+    """(model, metadata) from a model file (cnn_gpu.save), a training checkpoint, or a run folder."""
+    from .checkpoint import FORMAT as CKPT_FORMAT, load_checkpoint, read_header
+    from .serialization import load
 
-    model = load(path)
-    meta = decode_header(read_npz(path)[HEADER_KEY], path, FORMAT).get("metadata", {})
-    return model, meta
+    p = _resolve_model_path(path)
+    header = read_header(p)
+    if header.get("format") == CKPT_FORMAT:
+        ckpt = load_checkpoint(p)
+        return ckpt.build_model(), ckpt.metadata
+    model = load(p)  # checks the format, with a clear error for anything else
+    return model, header.get("metadata", {})
 
 
 def cmd_evaluate(args, out=print) -> float:
@@ -174,7 +175,7 @@ def cmd_evaluate(args, out=print) -> float:
     model, meta = _load_checkpoint(args.checkpoint)
     dataset = args.dataset or meta.get("dataset")
     if dataset is None:
-        raise SystemExit(f"{args.checkpoint}: no dataset recorded in the file; pass --dataset")
+        raise ValueError(f"dataset: {args.checkpoint} records no dataset; pass --dataset")
     ds = get_dataset(dataset, args.data_dir)
     with use_backend(args.backend):
         xp = current_xp()
@@ -200,8 +201,17 @@ def _read_input(path: Path, input_shape: tuple) -> np.ndarray:
     try:
         from PIL import Image  # noqa: PLC0415 (optional)
     except ImportError:
-        raise SystemExit(f"{path}: reading images needs Pillow (pip install pillow), or pass a .npy array") from None
-    img = Image.open(path).convert("L" if C == 1 else "RGB").resize((W, H))
+        raise ImportError(f"{path}: reading images needs Pillow, which is not installed: "
+                          "pip install 'cnn_gpu[images]' (or pip install pillow), or pass a .npy array") from None
+    try:
+        with Image.open(path) as opened:
+            img = opened.convert("L" if C == 1 else "RGB")  # grey or RGB, as the model expects
+    except OSError as exc:  # Pillow's UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: not a readable image ({exc})") from None
+    if img.size != (W, H):
+        # area averaging when shrinking, bilinear when enlarging
+        shrink = img.size[0] >= W and img.size[1] >= H
+        img = img.resize((W, H), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
     a = np.asarray(img)
     return (a[None, None] if C == 1 else a.transpose(2, 0, 1)[None]).astype(np.float64)
 
@@ -214,7 +224,7 @@ def cmd_predict(args, out=print) -> list:
     model, meta = _load_checkpoint(args.checkpoint)
     shape = tuple(meta.get("input_shape", ()))
     if len(shape) != 3:
-        raise SystemExit(f"{args.checkpoint}: no input shape recorded in the file")
+        raise ValueError(f"checkpoint: {args.checkpoint} records no input shape (was it saved by cnn-gpu train?)")
     scale = float(meta.get("scale", 255.0))
     results = []
     with use_backend(args.backend):
@@ -232,6 +242,89 @@ def cmd_predict(args, out=print) -> list:
                 out(f"{label}: class {top[0]}  (" + ", ".join(f"{c}: {row[c]:.3f}" for c in top) + ")")
                 results.append(int(top[0]))
     return results
+
+
+def cmd_plot(args, out=print) -> Path:
+    from .runs import plot_run
+
+    path = plot_run(args.run_dir, args.out)
+    out(f"wrote {path}")
+    return path
+
+
+def _describe_layer(m) -> str:
+    """A short description: Conv2d 1->6 5x5 pad 2, Linear 400->120, MaxPool2d 2x2, Dropout p=0.3."""
+    kind = type(m).__name__
+
+    def pair(v):
+        return f"{v[0]}x{v[1]}" if v[0] != v[1] else f"{v[0]}"
+
+    if kind == "Conv2d":
+        text = f"Conv2d {m.in_channels}->{m.out_channels} {m.kernel_size[0]}x{m.kernel_size[1]}"
+        for label, v, default in (("stride", m.stride, (1, 1)), ("pad", m.padding, (0, 0)), ("dilation", m.dilation, (1, 1))):
+            if tuple(v) != default:
+                text += f" {label} {pair(v)}"
+        return text + ("" if m.bias is not None else " no bias")
+    if kind == "Linear":
+        return f"Linear {m.in_features}->{m.out_features}" + ("" if m.bias is not None else " no bias")
+    if kind in ("MaxPool2d", "AvgPool2d"):
+        text = f"{kind} {m.kernel_size[0]}x{m.kernel_size[1]}"
+        if tuple(m.stride) != tuple(m.kernel_size):
+            text += f" stride {pair(m.stride)}"
+        if tuple(m.padding) != (0, 0):
+            text += f" pad {pair(m.padding)}"
+        return text
+    if kind == "Dropout":
+        return f"Dropout p={m.p:g}"
+    extra = m.extra_repr()
+    return kind + (f"({extra})" if extra else "")
+
+
+def summarize(model, input_shape: tuple) -> list[tuple[str, str, tuple, int]]:
+    """(name, layer, output shape without the batch, parameters) for each leaf layer, in order,
+    by running a zero batch of one through the model."""
+    x = np.zeros((1,) + tuple(input_shape), dtype=np.float32)
+    rows = []
+    was_training = model.training
+    model.eval()
+    try:
+        for name, m in model.named_modules():
+            if m._modules:  # a container: its leaves are listed
+                continue
+            x = m.forward(x)
+            n = int(sum(int(np.prod(p.shape)) for p in m.parameters()))
+            rows.append((name, _describe_layer(m), tuple(x.shape[1:]), n))
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def cmd_models(args, out=print) -> None:
+    from .models import MODELS
+    from .random import manual_seed
+
+    names = args.names or list(MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"models: expected names from {sorted(MODELS)}, got {unknown}")
+    recipes = {}
+    for ds, r in RECIPES.items():
+        recipes.setdefault(r["model"], []).append(ds)
+    manual_seed(0)
+    with use_backend("numpy"):
+        for i, name in enumerate(names):
+            factory, shape = MODELS[name]
+            model = factory(in_channels=shape[0], num_classes=10)
+            used = f"; the default for {', '.join(recipes[name])}" if name in recipes else ""
+            if i:
+                out("")
+            out(f"{name}: input {'x'.join(map(str, shape))}, {model.num_parameters():,} parameters (10 classes){used}")
+            rows = summarize(model, shape)
+            w = max(len(r[0]) for r in rows)
+            lw = max(len(r[1]) for r in rows)
+            out(f"  {'layer':<{w}}  {'type':<{lw}}  {'output':>10}  {'parameters':>10}")
+            for lname, kind, oshape, n in rows:
+                out(f"  {lname:<{w}}  {kind:<{lw}}  {'x'.join(map(str, oshape)):>10}  {n:>10,}")
 
 
 def cmd_info(out=print) -> None:
@@ -268,23 +361,53 @@ def cmd_info(out=print) -> None:
             out(f"compiled all kernels for this GPU in {time.perf_counter() - t0:.2f} s")
 
 
+def _train_config(args, parser) -> tuple[TrainConfig, str | None]:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    if args.resume is not None:
+        clash = sorted(k for k in given if k in RUN_SETTINGS or k == "run_dir")
+        if clash:
+            flags = ", ".join("--" + k.replace("_", "-") for k in clash)
+            parser.error(f"--resume: continues a run with its saved settings; got {flags} as well "
+                         "(only --data-dir, --backend, --save, --progress and --quiet may be given)")
+    return TrainConfig(**given), args.resume
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            fields = {f.name for f in dataclasses.fields(TrainConfig)}
-            cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-            cmd_train(cfg)
+            cfg, resume = _train_config(args, parser)
+            cmd_train(cfg, resume=resume)
         elif args.command == "evaluate":
             cmd_evaluate(args)
         elif args.command == "predict":
             cmd_predict(args)
+        elif args.command == "plot":
+            cmd_plot(args)
+        elif args.command == "models":
+            cmd_models(args)
         elif args.command == "info":
             cmd_info()
+    except RunStopped as exc:
+        print(f"cnn-gpu {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ImportError as exc:  # an optional extra (matplotlib, Pillow) is missing
+        print(f"cnn-gpu {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cnn-gpu {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `cnn-gpu ... | head`: stop quietly, like other command-line tools
+        import os  # noqa: PLC0415
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (BackendUnavailableError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"cnn-gpu {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-__all__ = ["main", "TrainConfig", "RECIPES", "build_parser"]
+__all__ = ["main", "TrainConfig", "RECIPES", "build_parser", "cmd_train", "summarize"]

@@ -25,7 +25,7 @@ def _run(*args, check=True):
 
 def test_train_one_epoch_save_evaluate_predict(tmp_path):
     model_path = tmp_path / "digits.npz"
-    r = _run("train", "--epochs", "1", "--seed", "3", "--save", str(model_path))
+    r = _run("train", "--epochs", "1", "--seed", "3", "--save", str(model_path), "--run-dir", str(tmp_path / "run"))
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("test accuracy: ") and last.endswith("%")
     acc_train = float(last.split()[-1].rstrip("%"))
@@ -55,10 +55,10 @@ def test_train_one_epoch_save_evaluate_predict(tmp_path):
     assert classes == list(model(xte[:4]).argmax(axis=1))
 
 
-def test_default_train_reaches_97_percent_on_digits():
+def test_default_train_reaches_97_percent_on_digits(tmp_path):
     """`cnn-gpu train` with no arguments: the README's main job (>= 97% on held-out digits)."""
     lines = []
-    acc = cli.cmd_train(cli.TrainConfig(), out=lines.append)
+    acc = cli.cmd_train(cli.TrainConfig(run_dir=str(tmp_path / "run")), out=lines.append)
     assert acc >= 0.97, lines[-3:]
     assert lines[-1] == f"test accuracy: {100 * acc:.2f}%"
 
@@ -75,10 +75,10 @@ def test_bad_arguments_exit_nonzero():
     assert r.returncode == 2 and "model.npz" in r.stderr
 
 
-def test_cupy_backend_without_gpu_is_a_clear_error():
+def test_cupy_backend_without_gpu_is_a_clear_error(tmp_path):
     if cnn_gpu.cupy_available():
         pytest.skip("a GPU is present")
-    r = _run("train", "--epochs", "1", "--backend", "cupy", check=False)
+    r = _run("train", "--epochs", "1", "--backend", "cupy", "--run-dir", str(tmp_path / "run"), check=False)
     assert r.returncode == 2 and "cupy" in r.stderr
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .digits import DIGITS_MAX, load_digits
-from .loader import DataLoader, channel_stats, normalize
+from .loader import DataLoader, channel_stats, normalize, split_validation
 
 
 class Dataset(NamedTuple):
@@ -50,6 +50,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Dataset", "DATASET_NAMES", "get_dataset", "load_digits", "DataLoader", "channel_stats", "normalize",
+    "Dataset", "DATASET_NAMES", "get_dataset", "load_digits", "DataLoader", "channel_stats", "normalize", "split_validation",
     "load_mnist", "load_fashion_mnist", "load_cifar10",
 ]

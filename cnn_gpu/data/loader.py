@@ -39,6 +39,29 @@ def normalize(x, mean, std, scale: float, dtype=np.float32):
     return out
 
 
+def split_validation(x: np.ndarray, y: np.ndarray, fraction: float, seed: int = 0):
+    """Hold out ``fraction`` of (x, y) for validation, stratified by class, deterministically.
+
+    -> (x_train, y_train), (x_val, y_val). The split depends only on the labels, ``fraction``
+    and ``seed`` (fixed at 0 by the command line), not on the training seed, so runs with
+    different seeds validate on the same examples. Both parts keep the original order.
+    """
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction: expected a float in (0, 1), got {fraction!r}")
+    y = np.asarray(y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"y: expected {x.shape[0]} labels to match x of shape {tuple(x.shape)}, got shape {tuple(y.shape)}")
+    rng = np.random.default_rng(seed)
+    val_mask = np.zeros(y.shape[0], dtype=bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        val_mask[idx[: int(round(fraction * idx.size))]] = True
+    if not val_mask.any() or val_mask.all():
+        raise ValueError(f"fraction: {fraction} of {y.shape[0]} examples leaves an empty training or validation set")
+    return (x[~val_mask], y[~val_mask]), (x[val_mask], y[val_mask])
+
+
 class DataLoader:
     """Mini-batches of (x, y) arrays already on their backend.
 
@@ -77,15 +100,20 @@ class DataLoader:
             return np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_examples)
         return xp.random.default_rng(self.seed * 1_000_003 + int(epoch)).permutation(self.num_examples)
 
-    def epoch(self, epoch: int = 0) -> Iterator[tuple[Any, Any]]:
-        idx = self.order(epoch)
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Any, Any]]:
+        """The batches of epoch ``epoch``, from batch number ``start`` on (to resume mid-epoch)."""
+        if not isinstance(start, (int, np.integer)) or isinstance(start, bool) or not 0 <= start <= len(self):
+            raise ValueError(f"start: expected a batch index in [0, {len(self)}], got {start!r}")
+        return self._batches(self.order(epoch), int(start))
+
+    def _batches(self, idx, start: int) -> Iterator[tuple[Any, Any]]:
         n, b = self.num_examples, self.batch_size
         stop = (n // b) * b if self.drop_last else n
-        for start in range(0, stop, b):
+        for first in range(start * b, stop, b):
             if idx is None:
-                yield self.x[start : start + b], self.y[start : start + b]
+                yield self.x[first : first + b], self.y[first : first + b]
             else:
-                sel = idx[start : start + b]
+                sel = idx[first : first + b]
                 yield self.x[sel], self.y[sel]
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:

@@ -1,0 +1,245 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is one ``.npz`` archive (readable with ``numpy.load(path, allow_pickle=False)``),
+written atomically (temporary file in the same folder, fsync, rename: a crash mid-write leaves
+the previous checkpoint intact):
+
+- ``model/<parameter name>``: the weights, in the model's dtype;
+- ``optim/<parameter name>/<buffer>``: the optimizer's state (``exp_avg``, ``momentum_buffer``, ...);
+- ``__cnn_gpu__``: a uint8 array of UTF-8 JSON::
+
+    {"format": "cnn_gpu.checkpoint", "version": 1,
+     "architecture": ..., "dtype": "float32",          # as in a model file (cnn_gpu.save)
+     "position": {"epoch": completed epochs, "step": batches done in the next one,
+                  "loss_sum", "correct", "seen", "seconds": that epoch's partial sums},
+     "global_step": optimizer steps taken,
+     "optimizer": {"type": "Adam", "step": t, "hyper": {...}},
+     "schedule": {"type": "OneCycleLR", "last_step": ..., "base_lr": ...} or null,
+     "rng": {"loader": {"seed", "shuffle", "batch_size", "num_examples", "steps_per_epoch"},
+             "dropout": {module name: {"seed", "calls"}},
+             "generator": the state of cnn_gpu's default NumPy generator},
+     "config": {the run's settings}, "metadata": {dataset, normalisation, ...},
+     "extra": {e.g. the best validation accuracy so far},
+     "sha256": hash of every array above (names, dtypes, shapes and bytes)}
+
+The DataLoader's order depends only on (seed, epoch) and a Dropout layer's masks only on
+(seed, calls), so these few numbers restore every random stream. Loading checks the format,
+version and checksum (a truncated or corrupted file is a ``ValueError`` naming it), and
+:func:`restore` checks that the architecture matches the model it is loaded into.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from .backend import to_numpy
+from .io import atomic_write
+from .nn import Dropout, Module
+from .optim import LRSchedule, Optimizer
+from .random import default_generator
+from .serialization import HEADER_KEY, build, decode_header, describe, encode_header, model_dtype, read_npz
+from .train import Position
+
+FORMAT = "cnn_gpu.checkpoint"
+VERSION = 1
+MODEL_PREFIX = "model/"
+OPTIM_PREFIX = "optim/"
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A loaded checkpoint: the JSON header and the arrays (NumPy, on the host)."""
+
+    path: str
+    header: dict
+    arrays: dict
+
+    @property
+    def position(self) -> Position:
+        return Position.from_dict(self.header["position"])
+
+    @property
+    def config(self) -> dict:
+        return self.header.get("config", {})
+
+    @property
+    def metadata(self) -> dict:
+        return self.header.get("metadata", {})
+
+    @property
+    def extra(self) -> dict:
+        return self.header.get("extra", {})
+
+    def model_state(self) -> dict:
+        return {k[len(MODEL_PREFIX):]: v for k, v in self.arrays.items() if k.startswith(MODEL_PREFIX)}
+
+    def optimizer_state(self) -> dict | None:
+        meta = self.header.get("optimizer")
+        if meta is None:
+            return None
+        state: dict[str, dict] = {}
+        for key, value in self.arrays.items():
+            if key.startswith(OPTIM_PREFIX):
+                name, buf = key[len(OPTIM_PREFIX):].rsplit("/", 1)
+                state.setdefault(name, {})[buf] = value
+        return {"type": meta["type"], "step": meta["step"], "hyper": meta["hyper"], "state": state}
+
+    def build_model(self, backend: str | None = None) -> Module:
+        """A model of the saved architecture holding the saved weights."""
+        model = build(self.header["architecture"], dtype=np.dtype(self.header["dtype"]))
+        if backend is not None:
+            model.to(backend)
+        _load_weights(model, self)
+        _restore_dropout(model, self)
+        return model
+
+
+def _digest(arrays: dict) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def dropout_states(model: Module) -> dict:
+    return {name: {"seed": int(m.seed), "calls": int(m.calls)} for name, m in model.named_modules() if isinstance(m, Dropout)}
+
+
+def _restore_dropout(model: Module, ckpt: Checkpoint) -> None:
+    saved = ckpt.header.get("rng", {}).get("dropout", {})
+    for name, m in model.named_modules():
+        if isinstance(m, Dropout) and name in saved:
+            m.seed, m.calls = int(saved[name]["seed"]), int(saved[name]["calls"])
+
+
+def _load_weights(model: Module, ckpt: Checkpoint) -> None:
+    try:
+        model.load_state_dict(ckpt.model_state())
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"{ckpt.path}: weights do not match the saved architecture: {exc}") from None
+
+
+def save_checkpoint(path: str | os.PathLike, model: Module, optimizer: Optimizer | None = None,
+                    scheduler: LRSchedule | None = None, *, position: Position, loader: Any = None,
+                    config: dict | None = None, metadata: dict | None = None, extra: dict | None = None) -> None:
+    """Write a checkpoint to ``path`` atomically (see the module docs for the layout)."""
+    if not isinstance(model, Module):
+        raise TypeError(f"model: expected a cnn_gpu.nn.Module, got {type(model).__name__}")
+    arrays: dict[str, np.ndarray] = {}
+    for name, a in model.state_dict().items():
+        arrays[MODEL_PREFIX + name] = np.array(to_numpy(a), copy=True)
+    opt_meta = None
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        for name, bufs in sd["state"].items():
+            for buf, value in bufs.items():
+                arrays[f"{OPTIM_PREFIX}{name}/{buf}"] = value
+        opt_meta = {"type": sd["type"], "step": sd["step"], "hyper": sd["hyper"]}
+    loader_meta = None
+    if loader is not None:
+        loader_meta = {"seed": loader.seed, "shuffle": loader.shuffle, "batch_size": loader.batch_size,
+                       "num_examples": loader.num_examples, "steps_per_epoch": len(loader)}
+    header = {
+        "format": FORMAT, "version": VERSION,
+        "architecture": describe(model), "dtype": str(model_dtype(model)),
+        "position": position.as_dict(),
+        "global_step": optimizer.step_count if optimizer is not None else None,
+        "optimizer": opt_meta,
+        "schedule": scheduler.state_dict() if scheduler is not None else None,
+        "rng": {"loader": loader_meta, "dropout": dropout_states(model),
+                "generator": default_generator().bit_generator.state},
+        "config": config or {}, "metadata": metadata or {}, "extra": extra or {},
+        "sha256": _digest(arrays),
+    }
+    arrays[HEADER_KEY] = encode_header(header)
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and verify a checkpoint (format, version, checksum); nothing is built yet."""
+    arrays = read_npz(path)
+    if HEADER_KEY not in arrays:
+        raise ValueError(f"{path}: missing the {HEADER_KEY} header; not a checkpoint written by cnn_gpu")
+    header = decode_header(arrays.pop(HEADER_KEY), path, FORMAT)
+    if header.get("version") != VERSION:
+        raise ValueError(f"{path}: expected checkpoint format version {VERSION}, got {header.get('version')!r}")
+    missing = [k for k in ("architecture", "dtype", "position", "sha256") if k not in header]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint header lacks {missing} (truncated or corrupted?)")
+    if _digest(arrays) != header["sha256"]:
+        raise ValueError(f"{path}: checksum mismatch: the checkpoint's arrays are corrupted")
+    return Checkpoint(str(path), header, arrays)
+
+
+def _arch_summary(desc: dict) -> str:
+    if desc.get("type") == "Sequential":
+        return "[" + ", ".join(_arch_summary(c) for _, c in desc.get("children", [])) + "]"
+    cfg = desc.get("config", {})
+    return desc.get("type", "?") + ("(" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")" if cfg else "")
+
+
+def restore(ckpt: Checkpoint, model: Module, optimizer: Optimizer | None = None,
+            scheduler: LRSchedule | None = None, loader: Any = None) -> Position:
+    """Load weights, optimizer, schedule and RNG state into freshly built objects; -> the position.
+
+    The model must have the checkpoint's architecture and dtype, and ``loader`` (if given) the
+    same number of examples and batches; otherwise a ValueError says what differs.
+    """
+    own = describe(model)
+    if own != ckpt.header["architecture"]:
+        raise ValueError(
+            f"{ckpt.path}: checkpoint of another architecture: expected (the model) {_arch_summary(own)}, "
+            f"got (the file) {_arch_summary(ckpt.header['architecture'])}")
+    if str(model_dtype(model)) != ckpt.header["dtype"]:
+        raise ValueError(f"{ckpt.path}: expected a {model_dtype(model)} checkpoint for this model, got {ckpt.header['dtype']}")
+    saved_loader = ckpt.header.get("rng", {}).get("loader")
+    if loader is not None and saved_loader is not None:
+        now = {"num_examples": loader.num_examples, "steps_per_epoch": len(loader), "batch_size": loader.batch_size}
+        then = {k: saved_loader[k] for k in now}
+        if now != then:
+            raise ValueError(f"{ckpt.path}: the training data differ from the checkpoint's: expected {then}, got {now}")
+        loader.seed, loader.shuffle = int(saved_loader["seed"]), bool(saved_loader["shuffle"])
+    _load_weights(model, ckpt)
+    _restore_dropout(model, ckpt)
+    if optimizer is not None:
+        sd = ckpt.optimizer_state()
+        if sd is None:
+            raise ValueError(f"{ckpt.path}: the checkpoint holds no optimizer state")
+        try:
+            optimizer.load_state_dict(sd)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{ckpt.path}: optimizer state does not fit: {exc}") from None
+    if scheduler is not None:
+        sched = ckpt.header.get("schedule")
+        if sched is None:
+            raise ValueError(f"{ckpt.path}: expected the state of a {type(scheduler).__name__} schedule, got none")
+        scheduler.load_state_dict(sched)
+    gen_state = ckpt.header.get("rng", {}).get("generator")
+    if gen_state is not None:
+        gen = default_generator()
+        if gen.bit_generator.state.get("bit_generator") == gen_state.get("bit_generator"):
+            gen.bit_generator.state = gen_state
+    return ckpt.position
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of any cnn_gpu .npz file (model or checkpoint), for inspection."""
+    arrays = read_npz(path)
+    if HEADER_KEY not in arrays:
+        raise ValueError(f"{path}: missing the {HEADER_KEY} header; not a file written by cnn_gpu")
+    try:
+        return json.loads(arrays[HEADER_KEY].tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: the {HEADER_KEY} header is not valid JSON ({exc})") from None
+
+
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "restore", "read_header", "dropout_states",
+           "FORMAT", "VERSION"]
