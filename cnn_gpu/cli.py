@@ -352,13 +352,18 @@ def cmd_info(out=print) -> None:
         from . import cuda  # noqa: PLC0415
     except ImportError:
         return
-    if hasattr(cuda, "list_kernels"):
-        for fname, names in cuda.list_kernels().items():
-            out(f"kernels/{fname}: {', '.join(names)}")
-        if cp is not None and hasattr(cuda, "compile_all"):
-            t0 = time.perf_counter()
-            cuda.compile_all()
-            out(f"compiled all kernels for this GPU in {time.perf_counter() - t0:.2f} s")
+    try:
+        kernels = cuda.list_kernels()
+    except FileNotFoundError as exc:  # an install without the kernel sources
+        out(f"kernels: not found ({exc})")
+        return
+    out(f"kernels in {cuda.kernel_dir()}:")
+    for fname, names in kernels.items():
+        out(f"  {fname}.cu: {', '.join(names)}")
+    if cp is not None:
+        t0 = time.perf_counter()
+        cuda.compile_all()
+        out(f"compiled all kernels for this GPU in {time.perf_counter() - t0:.2f} s")
 
 
 def _train_config(args, parser) -> tuple[TrainConfig, str | None]:

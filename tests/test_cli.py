@@ -66,6 +66,12 @@ def test_default_train_reaches_97_percent_on_digits(tmp_path):
 def test_info_runs_without_gpu():
     r = _run("info")
     assert "numpy" in r.stdout and "backends:" in r.stdout
+    # every kernel entry point is listed, per file, as found in kernels/*.cu
+    from cnn_gpu import cuda
+
+    for fname, names in cuda.list_kernels().items():
+        assert f"{fname}.cu: {', '.join(names)}" in r.stdout
+    assert "im2col_f32" in r.stdout and "adam_update_f64" in r.stdout
 
 
 def test_bad_arguments_exit_nonzero():
