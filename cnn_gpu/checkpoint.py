@@ -42,7 +42,7 @@ from .io import atomic_write
 from .nn import Dropout, Module
 from .optim import LRSchedule, Optimizer
 from .random import default_generator
-from .serialization import HEADER_KEY, build, decode_header, describe, encode_header, model_dtype, read_npz
+from .serialization import HEADER_KEY, build, describe, encode_header, model_dtype, read_file, read_npz
 from .train import Position
 
 FORMAT = "cnn_gpu.checkpoint"
@@ -165,12 +165,7 @@ def save_checkpoint(path: str | os.PathLike, model: Module, optimizer: Optimizer
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read and verify a checkpoint (format, version, checksum); nothing is built yet."""
-    arrays = read_npz(path)
-    if HEADER_KEY not in arrays:
-        raise ValueError(f"{path}: missing the {HEADER_KEY} header; not a checkpoint written by cnn_gpu")
-    header = decode_header(arrays.pop(HEADER_KEY), path, FORMAT)
-    if header.get("version") != VERSION:
-        raise ValueError(f"{path}: expected checkpoint format version {VERSION}, got {header.get('version')!r}")
+    header, arrays = read_file(path, FORMAT, VERSION, "checkpoint")
     missing = [k for k in ("architecture", "dtype", "position", "sha256") if k not in header]
     if missing:
         raise ValueError(f"{path}: the checkpoint header lacks {missing} (truncated or corrupted?)")

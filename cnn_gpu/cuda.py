@@ -42,6 +42,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .functional._checks import check_same_dtype as _check_same_dtype
+from .functional._checks import check_shape as _check_shape
+from .functional._checks import pair as _pair
+
 __all__ = [
     "COMPILE_OPTIONS", "DEFAULT_BLOCK", "KernelCompileError",
     "kernel_dir", "kernel_sources", "expanded_source", "list_kernels", "entry_points",
@@ -320,30 +324,6 @@ def _suffix(name: str, a: Any) -> str:
 
 def _scalar_type(suffix: str):
     return np.float32 if suffix == "f32" else np.float64
-
-
-def _check_same_dtype(name: str, a: Any, ref_name: str, ref: Any) -> None:
-    if getattr(a, "dtype", None) != ref.dtype:
-        raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {getattr(a, 'dtype', type(a).__name__)}")
-
-
-def _check_shape(name: str, a: Any, shape: tuple) -> None:
-    if tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
-
-
-def _pair(name: str, v: Any, minimum: int) -> tuple[int, int]:
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        out = (int(v), int(v))
-    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(
-        isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in v
-    ):
-        out = (int(v[0]), int(v[1]))
-    else:
-        raise TypeError(f"{name}: expected an int or a pair of ints (h, w), got {v!r}")
-    if min(out) < minimum:
-        raise ValueError(f"{name}: expected values >= {minimum}, got {v!r}")
-    return out
 
 
 def _i32(*values: int) -> tuple:

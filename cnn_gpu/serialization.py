@@ -96,6 +96,17 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return arrays
 
 
+def read_file(path: str | os.PathLike, expected_format: str, version: int, what: str) -> tuple[dict, dict]:
+    """(header, arrays) of a cnn_gpu .npz file of ``expected_format``, checked for its header and version."""
+    arrays = read_npz(path)
+    if HEADER_KEY not in arrays:
+        raise ValueError(f"{path}: missing the {HEADER_KEY} header; not a {what} written by cnn_gpu")
+    header = decode_header(arrays.pop(HEADER_KEY), path, expected_format)
+    if header.get("version") != version:
+        raise ValueError(f"{path}: expected format version {version}, got {header.get('version')!r} (a {what})")
+    return header, arrays
+
+
 def save(model: Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Write ``model`` (architecture + weights) to ``path`` atomically."""
     if not isinstance(model, Module):
@@ -110,12 +121,7 @@ def save(model: Module, path: str | os.PathLike, metadata: dict | None = None) -
 
 def load(path: str | os.PathLike, backend: str | None = None) -> Module:
     """Rebuild a model saved by :func:`save` (on the current backend, or ``backend``)."""
-    arrays = read_npz(path)
-    if HEADER_KEY not in arrays:
-        raise ValueError(f"{path}: missing the {HEADER_KEY} header; not a file written by cnn_gpu.save")
-    header = decode_header(arrays.pop(HEADER_KEY), path, FORMAT)
-    if header.get("version") != VERSION:
-        raise ValueError(f"{path}: expected format version {VERSION}, got {header.get('version')!r}")
+    header, arrays = read_file(path, FORMAT, VERSION, "model file")
     model = build(header["architecture"], dtype=np.dtype(header["dtype"]))
     if backend is not None:
         model.to(backend)
