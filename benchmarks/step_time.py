@@ -37,8 +37,12 @@ def _sync(backend: str) -> None:
 
 
 class OursStep:
-    def __init__(self, name: str, batch: int, backend: str, seed: int = 0):
+    """One training step of ours. ``input_grad=False`` (the default, as torch with data that does
+    not require grad) skips the gradient of the input batch."""
+
+    def __init__(self, name: str, batch: int, backend: str, seed: int = 0, input_grad: bool = False):
         self.backend = backend
+        self.input_grad = input_grad
         with cnn_gpu.use_backend(backend) as xp:
             cnn_gpu.manual_seed(seed)
             self.model = getattr(models, name)()
@@ -52,7 +56,7 @@ class OursStep:
         self.opt.zero_grad()
         out = self.model.forward(self.x)
         self.loss.forward(out, self.y)
-        self.model.backward(self.loss.backward())
+        self.model.backward(self.loss.backward(), input_grad=self.input_grad)
         self.opt.step()
         _sync(self.backend)
 
@@ -125,6 +129,24 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, numpy {np.__version__}"
 
 
+def profile(args) -> int:
+    """Host time against device time of one step: a step whose GPU time is far below its CPU
+    time is bound by Python and kernel-launch overhead, not by the kernels."""
+    if args.backend != "cupy":
+        print("--profile needs --backend cupy")
+        return 2
+    from cupyx.profiler import benchmark
+
+    for name in args.models:
+        for b in args.batch:
+            ours = OursStep(name, b, "cupy")
+            r = benchmark(ours, n_repeat=args.repeat, n_warmup=args.warmup)
+            cpu, gpu = 1e3 * float(np.median(r.cpu_times)), 1e3 * float(np.median(r.gpu_times[0]))
+            print(f"{name} batch {b}: host {cpu:.2f} ms per step (Python + launches, incl. waiting), "
+                  f"GPU {gpu:.2f} ms per step")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
@@ -134,7 +156,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compare", choices=["torch", "none"], default=None, help="default: torch when it imports")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--profile", action="store_true",
+                    help="cupy: split our step into host (Python + launch) time and GPU time with cupyx.profiler")
     args = ap.parse_args(argv)
+    if args.profile:
+        return profile(args)
     compare = args.compare
     if compare is None:
         try:

@@ -12,6 +12,7 @@ from .backend import (
 )
 from .random import manual_seed
 from .serialization import load, save
+from .workspace import get_workspace_limit, set_workspace_limit, use_workspace_limit
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,5 @@ __all__ = [
     "functional", "nn", "optim", "models", "textbook",
     "use_backend", "set_backend", "current_backend", "get_array_module", "to_numpy", "asarray", "cupy_available",
     "BackendUnavailableError", "manual_seed", "save", "load",
+    "set_workspace_limit", "get_workspace_limit", "use_workspace_limit",
 ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import platform
 import sys
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=_fraction, default=None,
                    help="hold out this fraction of the training set (stratified, fixed) for validation; default 0")
     t.add_argument("--backend", choices=["numpy", "cupy", "auto"], default=None, help="default: numpy")
+    t.add_argument("--workspace-mb", type=_positive_float, default=None, metavar="MB",
+                   help="cap one convolution's im2col workspace; larger batches are processed in chunks "
+                        "(default: $CNN_GPU_WORKSPACE_MB, else cnn_gpu.workspace.DEFAULT_LIMIT_MB)")
     t.add_argument("--seed", type=_non_negative_int, default=None, help="default: 0")
     t.add_argument("--run-dir", default=None, metavar="DIR", help="the run folder (default: runs/DATASET-MODEL-TIME)")
     t.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR exactly where it stopped")
@@ -355,7 +359,7 @@ def _train_config(args, parser) -> tuple[TrainConfig, str | None]:
         if clash:
             flags = ", ".join("--" + k.replace("_", "-") for k in clash)
             parser.error(f"--resume: continues a run with its saved settings; got {flags} as well "
-                         "(only --data-dir, --backend, --save, --progress and --quiet may be given)")
+                         "(only --data-dir, --backend, --workspace-mb, --save, --progress and --quiet may be given)")
     return TrainConfig(**given), args.resume
 
 
@@ -365,7 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             cfg, resume = _train_config(args, parser)
-            cmd_train(cfg, resume=resume)
+            from .workspace import use_workspace_limit  # noqa: PLC0415
+
+            limit = use_workspace_limit(cfg.workspace_mb) if cfg.workspace_mb else contextlib.nullcontext()
+            with limit:
+                cmd_train(cfg, resume=resume)
         elif args.command == "evaluate":
             cmd_evaluate(args)
         elif args.command == "predict":

@@ -86,6 +86,7 @@ class TrainConfig:
     run_dir: str | None = None
     progress: str = "auto"
     quiet: bool = False
+    workspace_mb: float | None = None  # cap on one convolution's im2col workspace (cnn_gpu.set_workspace_limit)
 
     def resolved(self) -> "TrainConfig":
         """A copy with every None filled from the dataset's recipe, checked."""

@@ -31,6 +31,7 @@ import numpy as np
 from .backend import get_array_module, to_numpy
 from .data.loader import DataLoader
 from .nn import CrossEntropyLoss, Module
+from .nn.module import _takes_input_grad as takes_input_grad
 from .optim import LRSchedule, Optimizer
 
 
@@ -140,7 +141,10 @@ def train_step(model: Module, loss_fn: CrossEntropyLoss, optimizer: Optimizer, x
     optimizer.zero_grad()
     logits = model.forward(xb)
     loss = loss_fn.forward(logits, yb)
-    model.backward(loss_fn.backward())
+    if takes_input_grad(type(model)):
+        model.backward(loss_fn.backward(), input_grad=False)  # nobody needs d(loss)/d(batch): skip it
+    else:  # a user's Module whose backward has no input_grad switch
+        model.backward(loss_fn.backward())
     optimizer.step()
     return loss, logits
 

@@ -559,3 +559,82 @@ def test_every_op_preserves_float32(xp, rng):
     assert len(outs) == 36
     wrong = {k: str(v.dtype) for k, v in outs.items() if v.dtype != np.float32}
     assert not wrong, f"upcast outputs: {wrong}"
+
+
+# ---------------------------------------------------------------------------------------
+# max-pool NaN, and every op on channels-last arrays (the layout of nn.Sequential's fast path)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
+def test_max_pool_nan_propagates_first_nan_wins(xp, rng, k, s, p):
+    x = rng.standard_normal((2, 2, 6, 6))
+    x[0, 0, 1, 1] = x[0, 0, 1, 0] = np.nan  # two NaNs in one window: the first (row-major) wins
+    x[1, 1, 4, 5] = np.nan
+    y, cache = F.max_pool2d_forward(arr(xp, x), k, s, p)
+    y_np = to_numpy(y)
+    torch = pytest.importorskip("torch")
+    ty, tidx = torch.nn.functional.max_pool2d(torch.tensor(x), k, s, p, return_indices=True)
+    np.testing.assert_array_equal(np.isnan(y_np), np.isnan(ty.numpy()))
+    np.testing.assert_array_equal(y_np[~np.isnan(y_np)], ty.numpy()[~np.isnan(y_np)])
+    arg = to_numpy(cache.argmax)
+    # every NaN output points at the first NaN of its window
+    for n, c, oh, ow in zip(*np.nonzero(np.isnan(y_np))):
+        h, w = divmod(int(arg[n, c, oh, ow]), 6)
+        assert np.isnan(x[n, c, h, w])
+        window = [(hh, ww) for hh in range(oh * s - p, oh * s - p + k) for ww in range(ow * s - p, ow * s - p + k)
+                  if 0 <= hh < 6 and 0 <= ww < 6 and np.isnan(x[n, c, hh, ww])]
+        assert (h, w) == window[0]
+    np.testing.assert_array_equal(arg[~np.isnan(y_np)], tidx.numpy()[~np.isnan(y_np)])
+
+
+def _channels_last(xp, a):
+    return xp.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # NCHW shape, NHWC memory
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_ops_on_channels_last_arrays(xp, rng, dtype):
+    """Pools and activations keep a channels-last input channels-last and give the same numbers;
+    the convolution accepts either layout."""
+    x = arr(xp, rng.standard_normal((3, 4, 8, 6)), dtype)
+    xc = _channels_last(xp, x)
+    assert not xc.flags.c_contiguous
+    for fwd, bwd in [(lambda a: F.max_pool2d_forward(a, 2), F.max_pool2d_backward),
+                     (lambda a: F.max_pool2d_forward(a, 3, 2, 1), F.max_pool2d_backward),
+                     (lambda a: F.avg_pool2d_forward(a, 3, 2, 1), F.avg_pool2d_backward),
+                     (lambda a: F.avg_pool2d_forward(a, 2), F.avg_pool2d_backward),
+                     (F.relu_forward, F.relu_backward), (F.tanh_forward, F.tanh_backward)]:
+        y, cache = fwd(x)
+        yc, cache_c = fwd(xc)
+        np.testing.assert_array_equal(to_numpy(yc), to_numpy(y))
+        if xp is np:
+            assert yc.transpose(0, 2, 3, 1).flags.c_contiguous  # the layout is kept
+        dy = arr(xp, rng.standard_normal(y.shape), dtype)
+        np.testing.assert_array_equal(to_numpy(bwd(_channels_last(xp, dy), cache_c)), to_numpy(bwd(dy, cache)))
+    w, b = arr(xp, rng.standard_normal((5, 4, 3, 3)), dtype), arr(xp, rng.standard_normal(5), dtype)
+    y, cache = F.conv2d_forward(x, w, b, 1, 1)
+    yc, cache_c = F.conv2d_forward(xc, w, b, 1, 1)
+    assert yc.flags.c_contiguous
+    assert_close(yc, y, tol_for(dtype), "y")
+    dy = arr(xp, rng.standard_normal(y.shape), dtype)
+    for got, ref in zip(F.conv2d_backward(_channels_last(xp, dy), cache_c), F.conv2d_backward(dy, cache)):
+        assert_close(got, ref, tol_for(dtype), "conv backward")
+
+
+def test_conv_backward_without_input_grad(xp, rng):
+    """The layers' dW/db-only backward (the first layer of a training step) agrees with the full one."""
+    from cnn_gpu.functional._layout import to_channels_last
+    from cnn_gpu.functional.conv import conv2d_backward_cl, conv2d_forward_cl
+
+    for C, Fo, k, p in [(1, 6, 5, 2), (3, 8, 3, 1), (8, 2, 3, 1), (4, 4, 3, 0)]:  # K-major, row-major, F < C
+        x = to_channels_last(xp, arr(xp, rng.standard_normal((3, C, 9, 9))))
+        w, b = arr(xp, rng.standard_normal((Fo, C, k, k))), arr(xp, rng.standard_normal(Fo))
+        for keep in (True, False):
+            y, cache = conv2d_forward_cl(x, w, b, 1, p, keep_cols=keep)
+            dy = to_channels_last(xp, arr(xp, rng.standard_normal(y.shape)))
+            dx, dw, db = conv2d_backward_cl(dy, cache)
+            none, dw2, db2 = conv2d_backward_cl(dy, cache, input_grad=False)
+            assert none is None
+            assert_close(dw2, dw, 1e-12, f"dw C={C} F={Fo} keep={keep}")
+            assert_close(db2, db, 1e-12, f"db C={C} F={Fo} keep={keep}")
+            dx_ref, dw_ref, db_ref = conv2d_backward_ref(to_numpy(dy), to_numpy(x), to_numpy(w), 1, p)
+            assert_close(dx, dx_ref, 1e-10, "dx")
+            assert_close(dw, dw_ref, 1e-10, "dw")

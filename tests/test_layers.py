@@ -361,3 +361,138 @@ def test_cross_entropy_loss_backward_scales():
     loss_fn = nn.CrossEntropyLoss()
     loss_fn(z, np.array([0, 1, 2, 0]))
     np.testing.assert_array_equal(loss_fn.backward(np.float64(2.0)), 2 * loss_fn.backward())
+
+
+# --- the channels-last fast path of Sequential --------------------------------------------
+def test_backward_without_input_grad_skips_only_the_input_gradient(xp, rng):
+    """backward(dy, input_grad=False) returns None and leaves every parameter gradient as the
+    full backward computes it (layers before the first parameterised one do not run)."""
+    def build():
+        with cnn_gpu.use_backend(xp.__name__):
+            g = dict(dtype=np.float64, generator=np.random.default_rng(5))
+            return nn.Sequential(OrderedDict(
+                features=nn.Sequential(nn.MaxPool2d(2, 1), nn.Conv2d(2, 3, 3, padding=1, **g), nn.ReLU(),
+                                       nn.Conv2d(3, 4, 3, padding=1, **g), nn.ReLU(), nn.MaxPool2d(2)),
+                flatten=nn.Flatten(), classifier=nn.Sequential(nn.Linear(4 * 3 * 3, 5, **g))))
+
+    x = xp.asarray(rng.standard_normal((4, 2, 7, 7)))
+    labels = xp.asarray(rng.integers(0, 5, 4))
+    full, part = build(), build()
+    _, _, dx = forward_backward(full, x, labels)
+    assert dx.shape == x.shape
+    loss_fn = nn.CrossEntropyLoss()
+    loss_fn(part(x), labels)
+    assert part.backward(loss_fn.backward(), input_grad=False) is None
+    for (name, p), q in zip(full.named_parameters(), part.parameters()):
+        assert_close(q.grad, p.grad, 1e-13, name)
+
+
+@pytest.mark.parametrize("model_fn,shape", [(models.lenet5, (3, 1, 28, 28)), (models.vgg_small, (2, 3, 32, 32))])
+def test_model_fast_path_equals_layer_by_layer(xp, rng, model_fn, shape):
+    """nn.Sequential's channels-last run with its fusions gives the numbers of the layers called
+    one by one on NCHW arrays (float64)."""
+    with cnn_gpu.use_backend(xp.__name__):
+        model = model_fn(dtype=np.float64, generator=0)
+    x = xp.asarray(rng.standard_normal(shape))
+    dy = xp.asarray(rng.standard_normal((shape[0], 10)))
+    y = model(x)
+    dx = model.backward(dy)
+    fast = [to_numpy(y), to_numpy(dx)] + [to_numpy(p.grad).copy() for p in model.parameters()]
+    model.zero_grad()
+    leaves = [m for _, m in model.named_modules() if not m._modules]
+    h = x
+    for m in leaves:
+        h = m.forward(h)
+    g = dy
+    for m in reversed(leaves):
+        g = m.backward(g)
+    slow = [to_numpy(h), to_numpy(g)] + [to_numpy(p.grad).copy() for p in model.parameters()]
+    for a, b in zip(fast, slow):
+        assert_close(a, b, 1e-12, model_fn.__name__)
+
+
+def test_fast_path_kernel_glue_emul(rng):
+    """The CuPy branches of the fast path (the NCHW kernels plus transposes, see _dispatch),
+    run on the CPU through the kernels' g++ emulation: the same numbers as the NumPy branches."""
+    import importlib.util
+    import os
+    import shutil
+    from pathlib import Path
+
+    from cnn_gpu import cuda
+    from cnn_gpu.functional import _dispatch
+
+    if os.name != "posix" or shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("the CUDA emulation needs a POSIX system with g++")
+    spec = importlib.util.spec_from_file_location(
+        "cnn_gpu_emulation_harness", Path(__file__).resolve().parent / "emulation" / "harness.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+
+    def build():
+        g = dict(dtype=np.float64, generator=np.random.default_rng(2))
+        return nn.Sequential(OrderedDict(
+            features=nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, **g), nn.ReLU(),   # K-major columns
+                                   nn.Conv2d(3, 8, 3, padding=1, **g), nn.ReLU(), nn.MaxPool2d(2),
+                                   nn.Conv2d(8, 8, 3, padding=1, **g), nn.ReLU(),    # transposed backward
+                                   nn.Conv2d(8, 6, 3, stride=2, **g), nn.ReLU(),     # col2im backward
+                                   nn.MaxPool2d(3, 1, 1), nn.AvgPool2d(2)),
+            flatten=nn.Flatten(), classifier=nn.Sequential(nn.Linear(6, 4, **g))))
+
+    class Counting(harness.EmulationLauncher):
+        kernels_run: set = set()
+
+        def launch(self, name, kernel, grid, block, args):
+            self.kernels_run.add(kernel.rsplit("_", 1)[0])
+            return super().launch(name, kernel, grid, block, args)
+
+    x = rng.standard_normal((3, 2, 11, 11))
+    dy = rng.standard_normal((3, 4))
+    results = []
+    launcher = Counting(check_order=False)
+    for emulate in (False, True):
+        model = build()
+        with cuda.use_launcher(launcher):
+            original = _dispatch.kernels
+            if emulate:  # the kernel branches on NumPy arrays, launched into the emulator
+                _dispatch.kernels = lambda a: cuda
+            try:
+                y = model(x)
+                dx = model.backward(dy)
+            finally:
+                _dispatch.kernels = original
+        results.append([y, dx] + [p.grad.copy() for p in model.parameters()])
+    assert {"im2col", "col2im", "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
+            "avg_pool2d_backward"} <= launcher.kernels_run
+    for a, b in zip(*results):
+        assert_close(b, a, 1e-12, "kernel branches")
+
+
+def test_backward_without_input_grad_with_a_user_layer(rng):
+    """A user's layer with parameters whose backward takes no input_grad still works first in
+    a Sequential with input_grad=False (its dx is computed and dropped)."""
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(np.array([2.0]))
+            self._x = None
+
+        def forward(self, x):
+            self._x = x
+            return x * self.s.data
+
+        def backward(self, dy):
+            self.s.grad += (dy * self._x).sum(keepdims=True).reshape(1)
+            return dy * self.s.data
+
+    model = nn.Sequential(Scale(), nn.Linear(3, 2, dtype=np.float64, generator=0))
+    x = rng.standard_normal((4, 3))
+    model(x)
+    assert model.backward(np.ones((4, 2)), input_grad=False) is None
+    grads = [p.grad.copy() for p in model.parameters()]
+    model.zero_grad()
+    model(x)
+    assert model.backward(np.ones((4, 2))).shape == x.shape
+    for g, p in zip(grads, model.parameters()):
+        np.testing.assert_array_equal(g, p.grad)

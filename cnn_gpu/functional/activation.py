@@ -1,6 +1,7 @@
 """Activations, flatten and dropout: forward/backward pairs.
 
-With delta = dL/dy, each backward returns dL/dx = delta * f'(x):
+With delta = dL/dy, each backward returns dL/dx = delta * f'(x) (a product: a NaN or inf in
+delta stays NaN where f'(x) = 0):
     relu        f'(x) = 1 if x > 0 else 0          (cache: the output y; y > 0 iff x > 0)
     leaky_relu  f'(x) = 1 if x > 0 else slope
     sigmoid     f'(x) = y (1 - y)
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ..backend import get_array_module
+from . import _parallel
 from ._checks import check_float, check_same_dtype, check_shape
 
 
@@ -21,10 +23,31 @@ def _check_dy(dy, like):
     check_same_dtype("dy", dy, "the forward input", like)
 
 
+# Elementwise ops split the batch over the cores (see _parallel) when a part keeps this many elements.
+_MIN_PART_ELEMENTS = 1 << 18
+
+
+def _over_batch(xp, a, fn):
+    """fn(n0, n1) over slices of a's first axis, on the cores (NumPy) when a is large."""
+    n = a.shape[0] if a.ndim else 1
+    per = a.size // max(1, n)
+    if a.ndim == 0:
+        return fn(0, 1)
+    return _parallel.over_range(xp, n, fn, -(-_MIN_PART_ELEMENTS // max(1, per)))
+
+
 def relu_forward(x):
     check_float("x", x)
     xp = get_array_module(x)
-    y = xp.maximum(x, 0)
+    if x.ndim == 0:
+        y = xp.maximum(x, 0)
+        return y, y
+    y = xp.empty_like(x)  # x's layout
+
+    def part(n0, n1):
+        xp.maximum(x[n0:n1], 0, out=y[n0:n1])
+
+    _over_batch(xp, x, part)
     return y, y
 
 
@@ -32,7 +55,27 @@ def relu_backward(dy, cache):
     y = cache
     _check_dy(dy, y)
     xp = get_array_module(dy)
-    return xp.where(y > 0, dy, dy.dtype.type(0))
+    if dy.ndim == 0:
+        return dy * (y > 0)
+    dx = xp.empty_like(dy)
+
+    def part(n0, n1):
+        xp.multiply(dy[n0:n1], y[n0:n1] > 0, out=dx[n0:n1])  # delta * f'(x), branch-free
+
+    _over_batch(xp, dy, part)
+    return dx
+
+
+def relu_backward_(dy, y):
+    """In place: dy *= (y > 0), for a scratch dy the caller owns (the layers' fast path; y is
+    the ReLU's output). Returns dy."""
+    xp = get_array_module(dy)
+
+    def part(n0, n1):
+        xp.multiply(dy[n0:n1], y[n0:n1] > 0, out=dy[n0:n1])
+
+    _over_batch(xp, dy, part)
+    return dy
 
 
 class LeakyReluCache(NamedTuple):

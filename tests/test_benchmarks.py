@@ -1,0 +1,103 @@
+"""The benchmark suite runs (a CI-sized smoke run: tiny batches, one repeat) and reports what it
+promises: step times with cnn_gpu / torch ratios, per-layer times and peak memory, as a table
+or as JSON. No timing is asserted."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "suite.py"
+STEP_TIME = ROOT / "benchmarks" / "step_time.py"
+
+
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _run(script: Path, *args: str) -> str:
+    res = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and v > 0
+
+
+@pytest.fixture(scope="module")
+def suite_json():
+    out = _run(SUITE, "--models", "lenet5", "vgg_small", "--batch", "2", "--repeat", "1", "--warmup", "0",
+               "--block", "1", "--layers", "--memory", "--json")
+    return json.loads(out)
+
+
+def test_suite_json_structure(suite_json):
+    r = suite_json
+    for key in ("machine", "backend", "threads", "clock", "block", "repeat", "warmup", "compare", "steps", "layers",
+                "memory"):
+        assert key in r, key
+    assert r["backend"] == "numpy"
+    assert [(s["model"], s["batch"]) for s in r["steps"]] == [("lenet5", 2), ("vgg_small", 2)]
+    compared = r["compare"] == "torch"
+    assert compared == _torch_available()
+    for s in r["steps"]:
+        assert _positive(s["ours_ms"])
+        if compared:
+            assert _positive(s["torch_ms"]) and _positive(s["ratio"])
+            assert s["ratio"] == pytest.approx(s["ours_ms"] / s["torch_ms"])
+
+
+def test_suite_layers_and_memory(suite_json):
+    r = suite_json
+    lenet = r["layers"][0]
+    assert lenet["model"] == "lenet5" and _positive(lenet["ours_step_ms"])
+    names = [row["layer"] for row in lenet["layers"]]
+    assert names[0] == "features.0" and names[-1] == "(rest)"
+    assert [row["type"] for row in lenet["layers"][:3]] == ["Conv2d", "ReLU", "MaxPool2d"]
+    for row in lenet["layers"][:-1]:
+        assert row["ours_fwd_ms"] >= 0 and row["ours_bwd_ms"] >= 0
+        if r["compare"] == "torch":
+            assert row["torch_fwd_ms"] >= 0 and row["torch_bwd_ms"] >= 0
+    assert lenet["layers"][0]["ours_fwd_ms"] > 0  # the first convolution was timed
+    for m in r["memory"]:
+        assert _positive(m["ours_peak_mb"]) and "RSS" in m["measures"]
+        if r["compare"] == "torch":
+            assert _positive(m["torch_peak_mb"]) and _positive(m["ratio"])
+
+
+def test_suite_table_and_out_file(tmp_path):
+    out_file = tmp_path / "result.json"
+    out = _run(SUITE, "--models", "lenet5", "--batch", "2", "--repeat", "1", "--warmup", "0", "--threads", "1",
+               "--clock", "cpu", "--out", str(out_file))
+    assert "| model | batch | cnn_gpu ms | torch ms | ratio |" in out
+    assert "| lenet5 | 2 |" in out
+    saved = json.loads(out_file.read_text())
+    assert saved["threads"] == 1 and saved["clock"] == "cpu" and len(saved["steps"]) == 1
+
+
+def test_step_time_keeps_its_cli():
+    """scripts/gpu_check.sh calls step_time.py; its flags and output stay."""
+    out = _run(STEP_TIME, "--models", "lenet5", "--batch", "2", "--repeat", "1", "--warmup", "0", "--json")
+    r = json.loads(out)
+    assert set(r) == {"machine", "rows"}
+    row = r["rows"][0]
+    assert row["model"] == "lenet5" and row["batch"] == 2 and _positive(row["ours_ms"])
+    if _torch_available():
+        assert _positive(row["ratio"])
+    table = _run(STEP_TIME, "--models", "lenet5", "--batch", "2", "--repeat", "1", "--warmup", "0", "--compare", "none")
+    assert "| lenet5 | 2 | numpy |" in table
+
+
+def test_step_time_profile_needs_cupy():
+    res = subprocess.run([sys.executable, str(STEP_TIME), "--profile"], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert res.returncode == 2 and "--profile needs --backend cupy" in res.stdout
