@@ -92,13 +92,11 @@ class TorchStep:
             self.torch.cuda.synchronize()
 
 
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def bench(name: str, batch: int, backend: str, compare: bool, repeat: int, warmup: int) -> dict:
+def bench_step(name: str, batch: int, backend: str, compare: bool, repeat: int, warmup: int,
+               clock=time.perf_counter, block: int = 1) -> dict:
+    """Median step times of cnn_gpu and torch, alternating in blocks of ``block`` timed steps,
+    each block after one untimed step of the same framework (so each block runs as a training
+    loop does, after the same framework's step, not right after the other framework's)."""
     ours = OursStep(name, batch, backend)
     ref = TorchStep(name, batch, "cuda" if backend == "cupy" else "cpu") if compare else None
     for _ in range(warmup):
@@ -106,10 +104,20 @@ def bench(name: str, batch: int, backend: str, compare: bool, repeat: int, warmu
         if ref:
             ref()
     t_ours, t_ref = [], []
-    for _ in range(repeat):  # interleaved, so both see the same machine state
-        t_ours.append(_time(ours))
+
+    def timed(step, out, k):
+        if block > 1:
+            step()  # untimed: the block starts after a step of the same framework
+        for _ in range(k):
+            t0 = clock()
+            step()
+            out.append(clock() - t0)
+
+    while len(t_ours) < repeat:  # interleaved, so both see the same machine state
+        k = min(block, repeat - len(t_ours))
+        timed(ours, t_ours, k)
         if ref:
-            t_ref.append(_time(ref))
+            timed(ref, t_ref, k)
     row = {"model": name, "batch": batch, "backend": backend, "ours_ms": 1e3 * statistics.median(t_ours)}
     if ref:
         row["torch_ms"] = 1e3 * statistics.median(t_ref)
@@ -174,7 +182,8 @@ def main(argv=None) -> int:
 
         if args.backend == "numpy":
             torch.set_num_threads(os.cpu_count() or 1)
-    rows = [bench(m, b, args.backend, compare == "torch", args.repeat, args.warmup) for m in args.models for b in args.batch]
+    rows = [bench_step(m, b, args.backend, compare == "torch", args.repeat, args.warmup, block=3)
+            for m in args.models for b in args.batch]
     if args.json:
         print(json.dumps({"machine": machine(), "rows": rows}, indent=2))
         return 0

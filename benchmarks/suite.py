@@ -62,7 +62,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from step_time import SHAPES, OursStep, TorchStep, _sync, machine  # noqa: E402
+from step_time import SHAPES, OursStep, TorchStep, _sync, bench_step, machine  # noqa: E402
 
 import cnn_gpu  # noqa: E402
 from cnn_gpu import nn  # noqa: E402
@@ -98,39 +98,6 @@ def _threads() -> int | None:
 
 
 # --------------------------------------------------------------------------- step times
-def bench_step(name: str, batch: int, backend: str, compare: bool, repeat: int, warmup: int,
-               clock=time.perf_counter, block: int = 1) -> dict:
-    """Median step times of cnn_gpu and torch, alternating in blocks of ``block`` timed steps,
-    each block after one untimed step of the same framework (so each block runs as a training
-    loop does, after the same framework's step, not right after the other framework's)."""
-    ours = OursStep(name, batch, backend)
-    ref = TorchStep(name, batch, "cuda" if backend == "cupy" else "cpu") if compare else None
-    for _ in range(warmup):
-        ours()
-        if ref:
-            ref()
-    t_ours, t_ref = [], []
-
-    def timed(step, out, k):
-        if block > 1:
-            step()  # untimed: the block starts after a step of the same framework
-        for _ in range(k):
-            t0 = clock()
-            step()
-            out.append(clock() - t0)
-
-    while len(t_ours) < repeat:  # interleaved, so both see the same machine state
-        k = min(block, repeat - len(t_ours))
-        timed(ours, t_ours, k)
-        if ref:
-            timed(ref, t_ref, k)
-    row = {"model": name, "batch": batch, "backend": backend, "ours_ms": _median_ms(t_ours)}
-    if ref:
-        row["torch_ms"] = _median_ms(t_ref)
-        row["ratio"] = row["ours_ms"] / row["torch_ms"]
-    return row
-
-
 # --------------------------------------------------------------------------- per-layer times
 _OUR_METHODS = {  # the entry points nn.Sequential may call on a leaf, by phase
     "forward": ("forward", "forward_cl"),
