@@ -638,3 +638,31 @@ def test_conv_backward_without_input_grad(xp, rng):
             dx_ref, dw_ref, db_ref = conv2d_backward_ref(to_numpy(dy), to_numpy(x), to_numpy(w), 1, p)
             assert_close(dx, dx_ref, 1e-10, "dx")
             assert_close(dw, dw_ref, 1e-10, "dw")
+
+
+@pytest.mark.parametrize("stride,padding", [(2, 1), (1, 1), ((1, 2), (1, 0))])
+def test_max_pool_padding_never_wins_over_minus_inf_inputs(xp, stride, padding):
+    """Windows whose real values are all -inf tie with the -inf padding: the argmax is the
+    window's first real element (as in the CUDA kernel), never a padding position."""
+    x = np.full((1, 2, 4, 5), -np.inf)
+    x[0, 1, 0, 0] = 1.0  # one window with a finite maximum
+    X = xp.asarray(x)
+    y, cache = F.max_pool2d_forward(X, 3, stride, padding)
+    arg = to_numpy(cache.argmax)
+    (SH, SW), (PH, PW) = helpers_pair(stride), helpers_pair(padding)
+    OH, OW = arg.shape[2:]
+    for c in range(2):
+        for oh in range(OH):
+            for ow in range(OW):
+                h0, w0 = max(oh * SH - PH, 0), max(ow * SW - PW, 0)
+                if to_numpy(y)[0, c, oh, ow] == 1.0:
+                    assert arg[0, c, oh, ow] == 0
+                else:
+                    assert arg[0, c, oh, ow] == h0 * 5 + w0, (c, oh, ow)
+    dx = to_numpy(F.max_pool2d_backward(xp.ones_like(y), cache))
+    assert dx.sum() == OH * OW * 2  # every gradient landed inside the input
+    assert np.isfinite(dx).all()
+
+
+def helpers_pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)

@@ -111,6 +111,13 @@ def _max_pool_taps(xp, x, ks, stride, padding, out_hw):
             v = views[t][nan]
             first = xp.where(v != v, tp.dtype.type(t), first)
         tp[nan] = first
+        if padding != (0, 0):
+            # a window whose real values are all -inf ties with its padding: padding must not win,
+            # the window's first real element does (row-major, like the CUDA kernel)
+            n_i, c_i, oh_i, ow_i = xp.nonzero(yp == -np.inf)
+            kh0 = xp.maximum(padding[0] - oh_i * stride[0], 0)
+            kw0 = xp.maximum(padding[1] - ow_i * stride[1], 0)
+            tp[n_i, c_i, oh_i, ow_i] = (kh0 * KW + kw0).astype(tp.dtype)
 
     _parallel.over_range(xp, N, part, _min_samples(x.shape))
     return y, tap
