@@ -491,8 +491,8 @@ def _pool_geometry(x_shape, kernel_size, stride, padding):
     return (N, C, H, W, KH, KW, SH, SW, PH, PW, OH, OW)
 
 
-def max_pool2d_forward(x, kernel_size, stride=None, padding=0, *, grid=None, block=None):
-    """x (N, C, H, W) -> (y (N, C, OH, OW), argmax int32 (N, C, OH, OW) = flat h*W + w)."""
+def _pool_forward_setup(x, kernel_size, stride, padding):
+    """The shared prologue of the pool forwards: (launcher, dtype suffix, contiguous x, geometry, y)."""
     L = get_launcher()
     sfx = _suffix("x", x)
     if x.ndim != 4:
@@ -500,8 +500,13 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, *, grid=None, blo
     x = _contig(L, "x", x)
     geom = _pool_geometry(x.shape, kernel_size, stride, padding)
     N, C, OH, OW = geom[0], geom[1], geom[-2], geom[-1]
-    y = L.empty((N, C, OH, OW), x.dtype)
-    argmax = L.empty((N, C, OH, OW), np.int32)
+    return L, sfx, x, geom, L.empty((N, C, OH, OW), x.dtype)
+
+
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0, *, grid=None, block=None):
+    """x (N, C, H, W) -> (y (N, C, OH, OW), argmax int32 (N, C, OH, OW) = flat h*W + w)."""
+    L, sfx, x, geom, y = _pool_forward_setup(x, kernel_size, stride, padding)
+    argmax = L.empty(y.shape, np.int32)
     if y.size:
         g, b = _launch_cfg(y.size, grid, block, L)
         L.launch("pool", f"max_pool2d_forward_{sfx}", g, b, (x, y, argmax, *_i32(*geom)))
@@ -529,14 +534,7 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel_size, stride=None, padding=0
 
 def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, *, grid=None, block=None):
     """x (N, C, H, W) -> y (N, C, OH, OW); zero padding counted in the divisor KH*KW."""
-    L = get_launcher()
-    sfx = _suffix("x", x)
-    if x.ndim != 4:
-        raise ValueError(f"x: expected a 4-D array (N, C, H, W), got shape {tuple(x.shape)}")
-    x = _contig(L, "x", x)
-    geom = _pool_geometry(x.shape, kernel_size, stride, padding)
-    N, C, OH, OW = geom[0], geom[1], geom[-2], geom[-1]
-    y = L.empty((N, C, OH, OW), x.dtype)
+    L, sfx, x, geom, y = _pool_forward_setup(x, kernel_size, stride, padding)
     if y.size:
         g, b = _launch_cfg(y.size, grid, block, L)
         L.launch("pool", f"avg_pool2d_forward_{sfx}", g, b, (x, y, *_i32(*geom)))
