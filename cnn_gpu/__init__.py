@@ -1,5 +1,5 @@
 """cnn_gpu: a from-scratch CNN training library with hand-written backprop on NumPy or CuPy."""
-from . import functional, models, nn, optim, textbook
+from . import config, cpu, cuda, functional, models, nn, optim, textbook
 from .backend import (
     BackendUnavailableError,
     asarray,
@@ -10,15 +10,19 @@ from .backend import (
     to_numpy,
     use_backend,
 )
+from .functional import _dispatch
 from .random import manual_seed
 from .serialization import load, save
-from .workspace import get_workspace_limit, set_workspace_limit, use_workspace_limit
+from .workspace import Workspace, get_workspace_limit, set_workspace_limit, use_workspace_limit
 
 __version__ = "0.1.0"
 
+_dispatch.register(cpu)  # the engines behind cnn_gpu.functional (the reference is built in)
+_dispatch.register(cuda.ops)
+
 __all__ = [
-    "functional", "nn", "optim", "models", "textbook",
+    "config", "functional", "nn", "optim", "models", "textbook",
     "use_backend", "set_backend", "current_backend", "get_array_module", "to_numpy", "asarray", "cupy_available",
     "BackendUnavailableError", "manual_seed", "save", "load",
-    "set_workspace_limit", "get_workspace_limit", "use_workspace_limit",
+    "Workspace", "set_workspace_limit", "get_workspace_limit", "use_workspace_limit",
 ]

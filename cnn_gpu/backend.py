@@ -8,25 +8,20 @@ which lives in a :class:`contextvars.ContextVar`::
     with cnn_gpu.use_backend("cupy"):
         model = cnn_gpu.models.lenet5()      # parameters are created on the GPU
 
-The default backend comes from the environment variable ``CNN_GPU_BACKEND``
-("numpy", "cupy" or "auto"), else "numpy".
+The default backend comes from the setting ``backend`` of :mod:`cnn_gpu.config`
+(``CNN_GPU_BACKEND``: "numpy", "cupy" or "auto"), else "numpy".
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
-import os
 from types import ModuleType
 from typing import Any, Iterator
 
 import numpy as np
 
-BACKENDS = ("numpy", "cupy", "auto")
-
-# Holds the *resolved* backend name ("numpy" or "cupy"); None means "not chosen
-# yet in this context": resolve CNN_GPU_BACKEND on first use.
-_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("cnn_gpu_backend", default=None)
+from . import config
+from .config import BACKENDS
 
 
 class BackendUnavailableError(RuntimeError):
@@ -71,11 +66,7 @@ def _resolve(name: Any) -> str:
 
 def current_backend() -> str:
     """The resolved name of the current backend: "numpy" or "cupy"."""
-    name = _current.get()
-    if name is None:
-        name = _resolve(os.environ.get("CNN_GPU_BACKEND", "numpy") or "numpy")
-        _current.set(name)
-    return name
+    return _resolve(config.get().backend)
 
 
 def current_xp() -> ModuleType:
@@ -95,16 +86,13 @@ def backend_module(name: str) -> ModuleType:
 def use_backend(name: str) -> Iterator[ModuleType]:
     """Context manager: array-creating code inside uses backend ``name``; yields its module."""
     resolved = _resolve(name)
-    token = _current.set(resolved)
-    try:
+    with config.override(backend=resolved):
         yield backend_module(resolved)
-    finally:
-        _current.reset(token)
 
 
 def set_backend(name: str) -> None:
     """Set the backend for the current context (thread / task) from now on."""
-    _current.set(_resolve(name))
+    config.update(backend=_resolve(name))
 
 
 def is_cupy_array(a: Any) -> bool:

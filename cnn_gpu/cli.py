@@ -112,14 +112,14 @@ def _prepare_data(ds, mean=None, std=None):
     return xtr, xte, mean, std
 
 
-def cmd_train(cfg: TrainConfig, out=print, *, resume: str | None = None, on_step=None) -> float:
+def cmd_train(cfg: TrainConfig, out=print, *, resume: str | None = None, callbacks=()) -> float:
     """Train (or resume) a run; the last line printed is ``test accuracy: NN.NN%``. -> the test accuracy.
 
     Raises RunStopped (after saving a checkpoint where possible) on Ctrl-C or a non-finite loss.
     """
     from .runs import train_run
 
-    result = train_run(cfg, out, resume=resume, on_step=on_step)
+    result = train_run(cfg, out, resume=resume, callbacks=callbacks)
     out(f"test accuracy: {100 * result.test_accuracy:.2f}%")
     return result.test_accuracy
 

@@ -7,7 +7,8 @@ becomes a view into it. One update then touches every parameter in a single pass
 Create the optimizer after ``model.to(...)``, which replaces the parameter arrays.
 
 State is keyed by parameter *name* (``features.0.weight``), not by ``id()``.
-Update rules follow PyTorch's:
+Update rules follow PyTorch's (the math: functional/reference.py, sgd_update_ / adam_update_;
+on the GPU one fused kernel launch per group):
     SGD    g = grad + wd*p;  buf = g (first step) or mu*buf + g;  g = g + mu*buf (Nesterov) or buf;  p -= lr*g
     Adam   g = grad + wd*p;  m = b1*m + (1-b1) g;  v = b2*v + (1-b2) g^2;  p -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)
     AdamW  as Adam with g = grad, after the decoupled decay p *= 1 - lr*wd
@@ -179,24 +180,8 @@ class SGD(Optimizer):
         first = "momentum_buffer" not in g.state
         if self.momentum != 0 and first:
             g.state["momentum_buffer"] = g.zeros()
-        k = _dispatch.kernels(g.data)
-        if k is not None:
-            k.sgd_update_(g.data, g.grad, g.state.get("momentum_buffer"), self.lr, self.momentum,
-                          self.weight_decay, self.nesterov, first)
-            return
-        t = g.data.dtype.type
-        d = g.grad
-        if self.weight_decay != 0:
-            d = d + t(self.weight_decay) * g.data
-        if self.momentum != 0:
-            buf = g.state["momentum_buffer"]
-            if first:
-                buf[...] = d
-            else:
-                buf *= t(self.momentum)
-                buf += d
-            d = d + t(self.momentum) * buf if self.nesterov else buf
-        g.data -= t(self.lr) * d
+        _dispatch.impl("sgd_update_", g.data)(g.data, g.grad, g.state.get("momentum_buffer"), self.lr,
+                                               self.momentum, self.weight_decay, self.nesterov, first)
 
 
 class Adam(Optimizer):
@@ -220,26 +205,8 @@ class Adam(Optimizer):
         m, v = g.state["exp_avg"], g.state["exp_avg_sq"]
         b1, b2 = self.betas
         bc1, bc2 = 1.0 - b1 ** self.step_count, 1.0 - b2 ** self.step_count
-        k = _dispatch.kernels(g.data)
-        if k is not None:
-            k.adam_update_(g.data, g.grad, m, v, self.lr, b1, b2, self.eps, self.weight_decay,
-                           self._decoupled, bc1, bc2)
-            return
-        xp = get_array_module(g.data)
-        t = g.data.dtype.type
-        d = g.grad
-        if self.weight_decay != 0:
-            if self._decoupled:
-                g.data *= t(1.0 - self.lr * self.weight_decay)
-            else:
-                d = d + t(self.weight_decay) * g.data
-        m *= t(b1)
-        m += t(1.0 - b1) * d
-        v *= t(b2)
-        v += t(1.0 - b2) * (d * d)
-        denom = xp.sqrt(v / t(bc2))
-        denom += t(self.eps)
-        g.data -= t(self.lr / bc1) * m / denom
+        _dispatch.impl("adam_update_", g.data)(g.data, g.grad, m, v, self.lr, b1, b2, self.eps, self.weight_decay,
+                                                self._decoupled, bc1, bc2)
 
 
 class AdamW(Adam):

@@ -11,7 +11,9 @@ A run folder (``runs/<dataset>-<model>-<time>`` by default) holds:
 - ``checkpoint.npz``: the full training state (see :mod:`cnn_gpu.checkpoint`), written after
   every epoch and when training is interrupted; ``cnn-gpu train --resume DIR`` continues from it.
 
-Every file is written atomically (temporary file, fsync, rename).
+Every file is written atomically (temporary file, fsync, rename). :class:`RunDir` is the folder;
+the callbacks :class:`RecordMetrics`, :class:`SaveModels` and :class:`SaveCheckpoint` fill it
+while :func:`cnn_gpu.train.fit` runs, and :func:`train_run` is ``cnn-gpu train``.
 """
 from __future__ import annotations
 
@@ -30,8 +32,17 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__
+from . import __version__, optim
+from .backend import backend_module, current_xp, use_backend
+from .callbacks import Evaluate, PrintLog, ProgressBar, StopRequest
+from .checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint
+from .data import channel_stats, get_dataset, normalize, split_validation
+from .data.loader import DataLoader
 from .io import atomic_write
+from .models import MODELS, get_model
+from .random import manual_seed
+from .serialization import save as save_model
+from .train import Callback, NonFiniteLossError, Position, TrainingInterrupted, evaluate, fit
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -40,7 +51,6 @@ CHECKPOINT_FILE = "checkpoint.npz"
 LAST_FILE = "last.npz"
 BEST_FILE = "best.npz"
 RUNS_ROOT = "runs"
-BAR_REFRESH_S = 0.5  # how often a progress bar reads and shows the running loss (one sync each)
 PLOT_EVERY_S = 60.0  # curves.png is redrawn at the end of a run, and at most this often during it
 
 # Per-dataset defaults (the flags override them): model, epochs, batch size, optimizer, peak
@@ -98,18 +108,15 @@ class TrainConfig:
         return cfg
 
     def check(self) -> None:
-        from .models import MODELS
-        from .optim import OPTIMIZERS, SCHEDULES
-
         def bad(name, expected, got):
             return ValueError(f"{name}: expected {expected}, got {got!r}")
 
         if self.model not in MODELS:
             raise bad("model", f"one of {sorted(MODELS)}", self.model)
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("optimizer", f"one of {sorted(OPTIMIZERS)}", self.optimizer)
-        if self.schedule not in (*SCHEDULES, "none"):
-            raise bad("schedule", f"one of {sorted(SCHEDULES) + ['none']}", self.schedule)
+        if self.optimizer not in optim.OPTIMIZERS:
+            raise bad("optimizer", f"one of {sorted(optim.OPTIMIZERS)}", self.optimizer)
+        if self.schedule not in (*optim.SCHEDULES, "none"):
+            raise bad("schedule", f"one of {sorted(optim.SCHEDULES) + ['none']}", self.schedule)
         for name in ("epochs", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -166,8 +173,6 @@ class RunResult:
 # building blocks
 # --------------------------------------------------------------------------------------
 def make_optimizer(cfg: TrainConfig, model):
-    from . import optim
-
     if cfg.optimizer == "sgd":
         return optim.SGD(model, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     return optim.OPTIMIZERS[cfg.optimizer](model, cfg.lr, weight_decay=cfg.weight_decay)
@@ -175,8 +180,6 @@ def make_optimizer(cfg: TrainConfig, model):
 
 def make_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     """The learning-rate schedule of ``cfg`` (stepped once per batch), or None."""
-    from . import optim
-
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         return optim.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(total, 2), pct_start=cfg.warmup)
@@ -186,6 +189,7 @@ def make_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     if cfg.schedule == "step":
         return optim.StepLR(optimizer, step_size=max(1, total // 3))
     return None
+
 
 
 def _describe_optimizer(cfg: TrainConfig) -> str:
@@ -220,13 +224,6 @@ def _json_dump(path: Path, obj: Any) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
-
-
-def write_metrics(run_dir: Path, rows: list[dict]) -> None:
-    """Rewrite metrics.jsonl (atomically) with one line per epoch."""
-    with atomic_write(Path(run_dir) / METRICS_FILE, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 def load_metrics(run_dir: str | os.PathLike) -> list[dict]:
@@ -281,73 +278,139 @@ def plot_run(run_dir: str | os.PathLike, path: str | os.PathLike | None = None) 
     return path
 
 
-def new_run_dir(cfg: TrainConfig) -> Path:
-    """``cfg.run_dir``, or a fresh ``runs/<dataset>-<model>-<time>``; refuses a folder that holds a run."""
-    if cfg.run_dir is not None:
-        path = Path(cfg.run_dir)
-        taken = [n for n in (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE) if (path / n).exists()]
-        if taken:
-            raise ValueError(f"run_dir: expected a new or empty folder, got {path}, which already holds a run "
-                             f"({', '.join(taken)}); continue it with --resume {path} or choose another --run-dir")
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(RUNS_ROOT) / f"{cfg.dataset}-{cfg.model}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
-    return path
+# --------------------------------------------------------------------------------------
+# the run folder
+# --------------------------------------------------------------------------------------
+class RunDir:
+    """A run folder and the files in it (see the module docs); every write is atomic."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @classmethod
+    def create(cls, dataset: str, model: str, path: str | os.PathLike | None = None) -> "RunDir":
+        """``path`` (a new folder, or one that holds no run yet), or a fresh runs/<dataset>-<model>-<time>."""
+        if path is not None:
+            run = cls(path)
+            taken = [n for n in (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE) if run.file(n).exists()]
+            if taken:
+                raise ValueError(f"run_dir: expected a new or empty folder, got {run}, which already holds a run "
+                                 f"({', '.join(taken)}); continue it with --resume {run} or choose another --run-dir")
+            run.path.mkdir(parents=True, exist_ok=True)
+            return run
+        base = Path(RUNS_ROOT) / f"{dataset}-{model}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        path.mkdir(parents=True)
+        return cls(path)
+
+    @classmethod
+    def resumable(cls, path: str | os.PathLike) -> "RunDir":
+        """An existing run folder with a checkpoint to continue from."""
+        run = cls(path)
+        if not run.path.is_dir():
+            raise FileNotFoundError(f"resume: expected a run folder, got {run}, which does not exist")
+        if not run.file(CHECKPOINT_FILE).is_file():
+            raise FileNotFoundError(f"resume: expected {run.file(CHECKPOINT_FILE)} (a run folder with a checkpoint); "
+                                    "it does not exist")
+        return run
+
+    def read_config(self) -> dict:
+        path = self.file(CONFIG_FILE)
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def write_config(self, doc: dict) -> None:
+        _json_dump(self.file(CONFIG_FILE), doc)
+
+    def metrics(self) -> list[dict]:
+        return load_metrics(self.path) if self.file(METRICS_FILE).exists() else []
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Rewrite metrics.jsonl with one line per epoch."""
+        with atomic_write(self.file(METRICS_FILE), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def plot(self) -> Path:
+        return plot_run(self.path)
 
 
 # --------------------------------------------------------------------------------------
-# progress display
+# the run's callbacks
 # --------------------------------------------------------------------------------------
-class BarProgress:
-    """A tqdm bar per epoch. The bar's step count moves every step (host only); its loss,
-    accuracy and images/s are refreshed every ``refresh_s`` seconds (BAR_REFRESH_S), each refresh reading the
-    running sums through train.read_metrics (on the GPU: one sync per refresh, not per step)."""
+class RecordMetrics(Callback):
+    """metrics.jsonl: a row per completed epoch; curves.png at most every PLOT_EVERY_S seconds
+    during the run (and at the end, by :meth:`plot`)."""
 
-    def __init__(self, file=None, refresh_s: float | None = None):
-        from tqdm.auto import tqdm  # noqa: PLC0415 (imported only when a bar is shown)
+    def __init__(self, run: RunDir, rows: list[dict], say: Callable[[str], None]):
+        self.run, self.rows, self.say = run, rows, say
+        self.plotted, self.warned = time.monotonic(), False
 
-        self._tqdm, self.file = tqdm, file
-        self.refresh_s = BAR_REFRESH_S if refresh_s is None else refresh_s
-        self.bar, self._last = None, 0.0
+    def on_epoch_end(self, loop, stats) -> None:
+        row = stats.as_dict()
+        row["time"] = _dt.datetime.now().isoformat(timespec="seconds")
+        self.rows.append(row)
+        self.run.write_metrics(self.rows)
+        if time.monotonic() - self.plotted >= PLOT_EVERY_S:
+            self.plot()
 
-    def begin(self, epoch: int, epochs: int, steps: int, done: int) -> None:
-        self.bar = self._tqdm(total=steps, initial=done, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
-                              file=self.file, dynamic_ncols=True)
-        self._last = time.monotonic()
-
-    def advance(self, done: int) -> None:
-        self.bar.update(done - self.bar.n)
-
-    def due(self) -> bool:
-        return time.monotonic() - self._last >= self.refresh_s
-
-    def show(self, loss: float, accuracy: float, images_per_s: float) -> None:
-        self.bar.set_postfix_str(f"loss {loss:.4f}  acc {100 * accuracy:.2f}%  {images_per_s:.0f} img/s", refresh=True)
-        self._last = time.monotonic()
-
-    def end(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _progress_for(mode: str, out: Callable) -> BarProgress | None:
-    if mode == "bar" or (mode == "auto" and out is print and sys.stdout.isatty()):
+    def plot(self) -> None:
+        self.plotted = time.monotonic()
+        if not self.rows:
+            return
         try:
-            return BarProgress(file=sys.stdout)
-        except ImportError:  # tqdm is a dependency, but degrade to plain lines without it
-            return None
-    return None
+            self.run.plot()
+        except PlotUnavailable as exc:
+            if not self.warned:
+                self.say(f"note: no {PLOT_FILE}: {exc}; training goes on")
+                self.warned = True
+
+
+class SaveModels(Callback):
+    """last.npz after every epoch, best.npz after every epoch that beats the best so far (by
+    ``best["metric"]``, e.g. val_accuracy); ``best`` is kept up to date for the checkpoint."""
+
+    def __init__(self, run: RunDir, cfg: TrainConfig, metadata: dict, best: dict):
+        self.run, self.cfg, self.metadata, self.best = run, cfg, metadata, best
+
+    def on_epoch_end(self, loop, stats) -> None:
+        row = stats.as_dict()
+        meta = dict(self.metadata, epoch=stats.epoch, config=self.cfg.as_dict(), metrics={
+            k: row[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy")})
+        save_model(loop.model, self.run.file(LAST_FILE), metadata=meta)
+        value = row[self.best["metric"]]
+        if value is not None and (self.best["value"] is None or value > self.best["value"]):
+            self.best.update(value=value, epoch=stats.epoch)
+            save_model(loop.model, self.run.file(BEST_FILE), metadata=meta)
+
+
+class SaveCheckpoint(Callback):
+    """checkpoint.npz after every epoch (put it last: everything before it is consistent with it),
+    and :meth:`save` at any position (an interrupt). ``kept`` says which checkpoint is good."""
+
+    def __init__(self, run: RunDir, cfg: TrainConfig, metadata: dict, best: dict, kept: str | None = None):
+        self.run, self.cfg, self.metadata, self.best, self.kept = run, cfg, metadata, best, kept
+        self.path = run.file(CHECKPOINT_FILE)
+
+    def save(self, loop, position: Position) -> None:
+        save_checkpoint(self.path, loop.model, loop.optimizer, loop.scheduler, position=position, loader=loop.loader,
+                        config=self.cfg.as_dict(), metadata=self.metadata, extra={"best": self.best})
+
+    def on_epoch_end(self, loop, stats) -> None:
+        self.save(loop, Position(stats.epoch))
+        self.kept = f"the last good checkpoint (end of epoch {stats.epoch}) is kept in {self.path}"
 
 
 @contextlib.contextmanager
-def _sigint_requests_stop(stop, say: Callable[[str], None]):
+def _sigint_requests_stop(stop: StopRequest, say: Callable[[str], None]):
     """While training: the first Ctrl-C asks fit to stop between steps (and save); a second aborts."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -366,198 +429,211 @@ def _sigint_requests_stop(stop, say: Callable[[str], None]):
         signal.signal(signal.SIGINT, previous)
 
 
-# --------------------------------------------------------------------------------------
-# the run
-# --------------------------------------------------------------------------------------
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def train_run(cfg: TrainConfig, out: Callable[[str], None] = print, *, resume: str | os.PathLike | None = None,
-              on_step: Callable[[int, int], None] | None = None) -> RunResult:
-    """Train as ``cnn-gpu train`` does: a fresh run from ``cfg``, or continue the run in ``resume``.
+# --------------------------------------------------------------------------------------
+# the run: cnn-gpu train
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Data:
+    """A run's data on the host, split and with its normalisation; ``metadata`` goes into model files."""
 
-    With ``resume``, the run's saved settings are used; only ``data_dir``, ``backend``, ``save``,
-    ``progress`` and ``quiet`` are taken from ``cfg``. Raises RunStopped on an interrupt or a
-    non-finite loss (after saving what can be saved), ValueError / FileNotFoundError on bad input.
-    """
-    from .backend import backend_module, current_xp, use_backend
-    from .checkpoint import load_checkpoint, restore, save_checkpoint
-    from .data import get_dataset, normalize, split_validation
-    from .data import channel_stats
-    from .data.loader import DataLoader
-    from .models import MODELS, get_model
-    from .random import manual_seed
-    from .serialization import save as save_model
-    from .train import NonFiniteLossError, Position, StopFlag, TrainingInterrupted, evaluate, fit
+    train: tuple
+    val: tuple | None
+    test: tuple
+    metadata: dict
 
-    ckpt = None
-    if resume is not None:
-        run_dir = Path(resume)
-        ckpt_path = run_dir / CHECKPOINT_FILE
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"resume: expected a run folder, got {run_dir}, which does not exist")
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"resume: expected {ckpt_path} (a run folder with a checkpoint); it does not exist")
-        ckpt = load_checkpoint(ckpt_path)
-        saved = TrainConfig.from_dict(ckpt.config)
-        cfg = dataclasses.replace(saved, data_dir=cfg.data_dir if cfg.data_dir is not None else saved.data_dir,
-                                  backend=cfg.backend, save=cfg.save, progress=cfg.progress, quiet=cfg.quiet,
-                                  run_dir=str(run_dir))
-        cfg.check()
-    else:
-        cfg = cfg.resolved()
-    backend_module(cfg.backend)  # an unusable backend is an error before anything is written
-    quiet = cfg.quiet or cfg.progress == "none"
-    say = (lambda msg: None) if quiet else out
 
+@dataclasses.dataclass
+class _Session:
+    """A run's objects on its backend."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    loader: DataLoader
+    position: Position
+    val: tuple | None
+    test: tuple
+    backend: str
+
+
+def _settings(cfg: TrainConfig, resume) -> tuple[TrainConfig, Checkpoint | None, RunDir | None]:
+    """The run's settings: ``cfg`` with the recipe filled in, or those saved in the run to resume
+    (only data_dir, backend, save, progress and quiet come from ``cfg`` then)."""
+    if resume is None:
+        return cfg.resolved(), None, None
+    run = RunDir.resumable(resume)
+    ckpt = load_checkpoint(run.file(CHECKPOINT_FILE))
+    saved = TrainConfig.from_dict(ckpt.config)
+    cfg = dataclasses.replace(saved, data_dir=cfg.data_dir if cfg.data_dir is not None else saved.data_dir,
+                              backend=cfg.backend, save=cfg.save, progress=cfg.progress, quiet=cfg.quiet,
+                              run_dir=str(run))
+    cfg.check()
+    return cfg, ckpt, run
+
+
+def _load_data(cfg: TrainConfig, ckpt: Checkpoint | None) -> _Data:
+    """The dataset, the validation split and the normalisation of the training part."""
     ds = get_dataset(cfg.dataset, cfg.data_dir)
     want = MODELS[cfg.model][1]
     if tuple(ds.input_shape[1:]) != tuple(want[1:]):
         raise ValueError(f"model: {cfg.model} expects {want[1]}x{want[2]} inputs, but dataset {cfg.dataset} has "
                          f"{ds.input_shape[1]}x{ds.input_shape[2]} images; choose another --model")
-    x_train, y_train, val = ds.x_train, ds.y_train, None
+    train, val = (ds.x_train, ds.y_train), None
     if cfg.val_fraction > 0:
-        (x_train, y_train), val = split_validation(ds.x_train, ds.y_train, cfg.val_fraction)
-    mean, std = channel_stats(x_train, ds.scale)
+        train, val = split_validation(ds.x_train, ds.y_train, cfg.val_fraction)
+    mean, std = channel_stats(train[0], ds.scale)
     metadata = {"dataset": cfg.dataset, "mean": list(map(float, mean)), "std": list(map(float, std)),
                 "scale": ds.scale, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes,
                 "model": cfg.model}
     if ckpt is not None and any(not np.allclose(ckpt.metadata.get(k), metadata[k]) for k in ("mean", "std")):
         raise ValueError(f"{ckpt.path}: the training data differ from the run's (other normalisation statistics)")
-    if resume is None:
-        run_dir = new_run_dir(cfg)
-        cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
 
-    with use_backend(cfg.backend) as xp:
-        backend = "cupy" if xp is not np else "numpy"
-        manual_seed(cfg.seed)
-        dev = current_xp()
-        xtr = dev.asarray(normalize(x_train, mean, std, ds.scale))  # uploaded once
-        ytr = dev.asarray(y_train)
-        test_data = (dev.asarray(normalize(ds.x_test, mean, std, ds.scale)), dev.asarray(ds.y_test))
-        val_data = None
-        if val is not None:
-            val_data = (dev.asarray(normalize(val[0], mean, std, ds.scale)), dev.asarray(val[1]))
-        model = get_model(cfg.model, in_channels=ds.input_shape[0], num_classes=ds.num_classes)
-        opt = make_optimizer(cfg, model)
-        loader = DataLoader(xtr, ytr, cfg.batch_size, shuffle=True, seed=cfg.seed)
-        sched = make_schedule(cfg, opt, len(loader))
-        rows: list[dict] = []
-        best = {"metric": "val_accuracy" if val_data is not None else "test_accuracy", "value": None, "epoch": None}
-        position = Position()
-        env = environment(backend)
-        if ckpt is not None:
-            position = restore(ckpt, model, opt, sched, loader)
-            rows = [r for r in load_metrics(run_dir) if r["epoch"] <= position.epoch] if (run_dir / METRICS_FILE).exists() else []
-            best = ckpt.extra.get("best", best)
-            config_doc = json.loads((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).exists() else {}
-            config_doc.setdefault("resumed", []).append(
-                {"at": _dt.datetime.now().isoformat(timespec="seconds"), "epoch": position.epoch, "step": position.step,
-                 "backend": backend, "environment": env})
+    def prepared(x, y):
+        return normalize(x, mean, std, ds.scale), y
+
+    return _Data(prepared(*train), None if val is None else prepared(*val), prepared(ds.x_test, ds.y_test), metadata)
+
+
+def _build(cfg: TrainConfig, data: _Data, ckpt: Checkpoint | None) -> _Session:
+    """Upload the data once and build the model, optimizer, loader and schedule (from the
+    checkpoint when resuming), on the current backend."""
+    manual_seed(cfg.seed)
+    xp = current_xp()
+
+    def upload(pair):
+        return None if pair is None else (xp.asarray(pair[0]), xp.asarray(pair[1]))
+
+    meta = data.metadata
+    model = get_model(cfg.model, in_channels=meta["input_shape"][0], num_classes=meta["num_classes"])
+    opt = make_optimizer(cfg, model)
+    x_train, y_train = upload(data.train)
+    loader = DataLoader(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    sched = make_schedule(cfg, opt, len(loader))
+    position = restore(ckpt, model, opt, sched, loader) if ckpt is not None else Position()
+    return _Session(model, opt, sched, loader, position, upload(data.val), upload(data.test),
+                    "numpy" if xp is np else "cupy")
+
+
+def _config_doc(cfg: TrainConfig, data: _Data, s: _Session, run: RunDir, resumed: bool) -> dict:
+    """config.json: the settings, data, environment and command line; a resume is appended."""
+    env = environment(s.backend)
+    if resumed:
+        doc = run.read_config()
+        doc.setdefault("resumed", []).append({"at": _dt.datetime.now().isoformat(timespec="seconds"),
+                                              "epoch": s.position.epoch, "step": s.position.step,
+                                              "backend": s.backend, "environment": env})
+        return doc
+    sizes = {"train": len(data.train[1]), "val": 0 if data.val is None else len(data.val[1]),
+             "test": len(data.test[1]), "steps_per_epoch": len(s.loader)}
+    return {"config": cfg.as_dict(), "seed": cfg.seed, "environment": env, "data": {**sizes, **data.metadata},
+            "parameters": s.model.num_parameters(), "command": sys.argv,
+            "started": _dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def _banner(cfg: TrainConfig, data: _Data, s: _Session, run: RunDir, resumed: bool) -> str:
+    if resumed:
+        at = f", step {s.position.step}/{len(s.loader)}" if s.position.step else ""
+        return f"cnn_gpu {__version__}: resuming {run} at epoch {s.position.epoch + 1}{at} of {cfg.epochs}"
+    n_val = 0 if data.val is None else len(data.val[1])
+    sizes = f"{len(data.train[1])} train{f' / {n_val} val' if n_val else ''} / {len(data.test[1])} test"
+    return (f"cnn_gpu {__version__}: training {cfg.model} ({s.model.num_parameters():,} parameters) on {cfg.dataset} "
+            f"({sizes}) with {_describe_optimizer(cfg)}, {cfg.schedule} schedule, batch {cfg.batch_size}, "
+            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, backend {s.backend}")
+
+
+def _progress(cfg: TrainConfig, out: Callable, quiet: bool) -> list:
+    """The progress display: a tqdm bar on a terminal (or with --progress bar), else epoch lines."""
+    if quiet:
+        return []
+    if cfg.progress == "bar" or (cfg.progress == "auto" and out is print and sys.stdout.isatty()):
+        with contextlib.suppress(ImportError):  # tqdm is a dependency; without it, plain lines
+            return [ProgressBar(file=sys.stdout), PrintLog(out)]
+    return [PrintLog(out)]
+
+
+def _fit(s: _Session, cfg: TrainConfig, callbacks: list, saver: SaveCheckpoint, recorder: RecordMetrics,
+         stop: StopRequest) -> None:
+    """fit, with every way it can stop turned into RunStopped (after saving what can be saved)."""
+    resume_hint = f"resume with: cnn-gpu train --resume {saver.run}"
+    try:
+        with _sigint_requests_stop(stop, _stderr):
+            fit(s.model, s.optimizer, s.loader, cfg.epochs, scheduler=s.scheduler, callbacks=callbacks,
+                position=s.position)
+    except TrainingInterrupted as exc:
+        pos = exc.position
+        if pos.step > 0:
+            saver.save(s, pos)  # the session has what a loop has: model, optimizer, scheduler, loader
+            where = f"during epoch {pos.epoch + 1} after step {pos.step} of {len(s.loader)}"
         else:
-            config_doc = {"config": cfg.as_dict(), "seed": cfg.seed, "environment": env,
-                          "data": {"train": int(x_train.shape[0]), "val": int(val[0].shape[0]) if val else 0,
-                                   "test": int(ds.x_test.shape[0]), "steps_per_epoch": len(loader), **metadata},
-                          "parameters": model.num_parameters(), "command": sys.argv,
-                          "started": _dt.datetime.now().isoformat(timespec="seconds")}
-        _json_dump(run_dir / CONFIG_FILE, config_doc)
+            where = f"at the end of epoch {pos.epoch}"
+        recorder.plot()
+        raise RunStopped(f"interrupted {where}; checkpoint saved to {saver.path}\n{resume_hint}", 130) from None
+    except NonFiniteLossError as exc:
+        recorder.plot()
+        raise RunStopped(f"training stopped: {exc}; {_kept(saver)}. Try a lower --lr.", 1) from None
+    except KeyboardInterrupt:
+        raise RunStopped(f"aborted; {_kept(saver)}" + (f"\n{resume_hint}" if saver.kept else ""), 130) from None
 
-        n_train, n_val = int(x_train.shape[0]), (int(val[0].shape[0]) if val else 0)
-        if ckpt is None:
-            say(f"cnn_gpu {__version__}: training {cfg.model} ({model.num_parameters():,} parameters) on {cfg.dataset} "
-                f"({n_train} train{f' / {n_val} val' if n_val else ''} / {ds.x_test.shape[0]} test) with {_describe_optimizer(cfg)}, "
-                f"{cfg.schedule} schedule, batch {cfg.batch_size}, {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, "
-                f"backend {backend}")
-        else:
-            say(f"cnn_gpu {__version__}: resuming {run_dir} at epoch {position.epoch + 1}"
-                + (f", step {position.step}/{len(loader)}" if position.step else "") + f" of {cfg.epochs}")
-        say(f"run folder: {run_dir}")
 
-        plot_note = {"shown": False, "last": time.monotonic()}
-        ckpt_path = run_dir / CHECKPOINT_FILE
-        state = {"good": None}
+def _kept(saver: SaveCheckpoint) -> str:
+    return saver.kept or "no checkpoint was written (no epoch completed)"
+
+
+def train_run(cfg: TrainConfig, out: Callable[[str], None] = print, *, resume: str | os.PathLike | None = None,
+              callbacks: list | tuple = ()) -> RunResult:
+    """Train as ``cnn-gpu train`` does: a fresh run from ``cfg``, or continue the run in ``resume``.
+    ``callbacks`` run after the run's own. Raises RunStopped on an interrupt or a non-finite loss
+    (after saving what can be saved), ValueError / FileNotFoundError on bad input."""
+    cfg, ckpt, run = _settings(cfg, resume)
+    backend_module(cfg.backend)  # an unusable backend is an error before anything is written
+    quiet = cfg.quiet or cfg.progress == "none"
+    say = (lambda msg: None) if quiet else out
+    data = _load_data(cfg, ckpt)
+    if run is None:
+        run = RunDir.create(cfg.dataset, cfg.model, cfg.run_dir)
+        cfg = dataclasses.replace(cfg, run_dir=str(run))
+    with use_backend(cfg.backend):
+        s = _build(cfg, data, ckpt)
+        run.write_config(_config_doc(cfg, data, s, run, ckpt is not None))
+        say(_banner(cfg, data, s, run, ckpt is not None))
+        say(f"run folder: {run}")
+        rows = [r for r in run.metrics() if r["epoch"] <= s.position.epoch] if ckpt is not None else []
+        best = dict(ckpt.extra.get("best")) if ckpt is not None and ckpt.extra.get("best") else {
+            "metric": "val_accuracy" if s.val is not None else "test_accuracy", "value": None, "epoch": None}
+        kept = None
         if ckpt is not None:
-            at = f"epoch {position.epoch}" + (f" and step {position.step} of the next" if position.step else "")
-            state["good"] = f"the checkpoint this run resumed from ({at}) is kept in {CHECKPOINT_FILE}"
-
-        def checkpoint(pos: Position) -> None:
-            save_checkpoint(ckpt_path, model, opt, sched, position=pos, loader=loader, config=cfg.as_dict(),
-                            metadata=metadata, extra={"best": best})
-
-        def on_epoch_end(stats) -> None:
-            row = stats.as_dict()
-            row["time"] = _dt.datetime.now().isoformat(timespec="seconds")
-            rows.append(row)
-            write_metrics(run_dir, rows)
-            meta = dict(metadata, epoch=stats.epoch, config=cfg.as_dict(),
-                        metrics={k: row[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                                                     "test_loss", "test_accuracy")})
-            save_model(model, run_dir / LAST_FILE, metadata=meta)
-            value = row[best["metric"]]
-            if value is not None and (best["value"] is None or value > best["value"]):
-                best.update(value=value, epoch=stats.epoch)
-                save_model(model, run_dir / BEST_FILE, metadata=meta)
-            checkpoint(Position(stats.epoch))  # last: everything above is consistent with it
-            state["good"] = f"the last good checkpoint (end of epoch {stats.epoch}) is kept in {CHECKPOINT_FILE}"
-            if time.monotonic() - plot_note["last"] >= PLOT_EVERY_S:
-                plot()
-
-        def plot() -> None:
-            """Redraw curves.png (at the end, and during long runs every PLOT_EVERY_S seconds)."""
-            plot_note["last"] = time.monotonic()
-            if not rows:
-                return
-            try:
-                plot_run(run_dir)
-            except PlotUnavailable as exc:
-                if not plot_note["shown"]:
-                    say(f"note: no {PLOT_FILE}: {exc}; training goes on")
-                    plot_note["shown"] = True
-
-        def resume_hint() -> str:
-            return f"resume with: cnn-gpu train --resume {run_dir}"
-
-        def kept() -> str:
-            if state["good"] is None:
-                return "no checkpoint was written (no epoch completed)"
-            return state["good"].replace(CHECKPOINT_FILE, str(ckpt_path))
-
-        progress = None if quiet else _progress_for(cfg.progress, out)
-        stop = StopFlag()
+            at = f"epoch {s.position.epoch}" + (f" and step {s.position.step} of the next" if s.position.step else "")
+            kept = f"the checkpoint this run resumed from ({at}) is kept in {run.file(CHECKPOINT_FILE)}"
+        recorder, stop = RecordMetrics(run, rows, say), StopRequest()
+        saver = SaveCheckpoint(run, cfg, data.metadata, best, kept)
+        evals = ([Evaluate(s.val, "val")] if s.val is not None else []) + [Evaluate(s.test, "test")]
+        cbs = [stop, *evals, *_progress(cfg, out, quiet), recorder, SaveModels(run, cfg, data.metadata, best), saver,
+               *callbacks]
         t0 = time.perf_counter()
-        try:
-            with _sigint_requests_stop(stop, _stderr):
-                fit(model, opt, loader, cfg.epochs, scheduler=sched, eval_data=test_data, val_data=val_data,
-                    on_epoch_end=on_epoch_end, log=None if quiet else say, position=position,
-                    progress=progress, stop=stop, on_step=on_step)
-        except TrainingInterrupted as exc:
-            pos = exc.position
-            if pos.step > 0:
-                checkpoint(pos)
-                where = f"during epoch {pos.epoch + 1} after step {pos.step} of {len(loader)}"
-            else:
-                where = f"at the end of epoch {pos.epoch}"
-            plot()
-            raise RunStopped(f"interrupted {where}; checkpoint saved to {ckpt_path}\n{resume_hint()}", 130) from None
-        except NonFiniteLossError as exc:
-            plot()
-            raise RunStopped(f"training stopped: {exc}; {kept()}. Try a lower --lr.", 1) from None
-        except KeyboardInterrupt:
-            raise RunStopped(f"aborted; {kept()}" + (f"\n{resume_hint()}" if state["good"] else ""), 130) from None
+        _fit(s, cfg, cbs, saver, recorder, stop)
         seconds = time.perf_counter() - t0
-        plot()
-        if rows and rows[-1]["epoch"] == cfg.epochs and rows[-1]["test_accuracy"] is not None:
-            test_loss, test_acc = rows[-1]["test_loss"], rows[-1]["test_accuracy"]
-        else:  # resumed a finished run
-            test_loss, test_acc = evaluate(model, *test_data)
-        say(f"trained in {seconds:.1f} s; test loss {test_loss:.4f}; best {best['metric'].replace('_', ' ')} "
-            + (f"{100 * best['value']:.2f}% (epoch {best['epoch']})" if best["value"] is not None else "n/a"))
-        if cfg.save:
-            save_model(model, cfg.save, metadata=dict(metadata, epoch=cfg.epochs, config=cfg.as_dict()))
-            say(f"saved model to {cfg.save}")
-    return RunResult(run_dir, cfg, rows, test_loss, test_acc, best)
+        recorder.plot()
+        return _finish(cfg, s, run, rows, best, seconds, say, data.metadata)
 
 
-__all__ = ["TrainConfig", "RECIPES", "train_run", "RunResult", "RunStopped", "PlotUnavailable", "plot_run",
-           "load_metrics", "write_metrics", "make_optimizer", "make_schedule", "environment", "BarProgress"]
+def _finish(cfg, s: _Session, run: RunDir, rows: list, best: dict, seconds: float, say, metadata: dict) -> RunResult:
+    """The last lines of a run, the --save copy, and the result."""
+    if rows and rows[-1]["epoch"] == cfg.epochs and rows[-1]["test_accuracy"] is not None:
+        test_loss, test_acc = rows[-1]["test_loss"], rows[-1]["test_accuracy"]
+    else:  # resumed a finished run
+        test_loss, test_acc = evaluate(s.model, *s.test)
+    shown = f"{100 * best['value']:.2f}% (epoch {best['epoch']})" if best["value"] is not None else "n/a"
+    say(f"trained in {seconds:.1f} s; test loss {test_loss:.4f}; best {best['metric'].replace('_', ' ')} {shown}")
+    if cfg.save:
+        save_model(s.model, cfg.save, metadata=dict(metadata, epoch=cfg.epochs, config=cfg.as_dict()))
+        say(f"saved model to {cfg.save}")
+    return RunResult(run.path, cfg, rows, test_loss, test_acc, best)
+
+
+__all__ = ["TrainConfig", "RECIPES", "train_run", "RunResult", "RunStopped", "PlotUnavailable", "plot_run", "RunDir",
+           "RecordMetrics", "SaveModels", "SaveCheckpoint", "load_metrics", "make_optimizer", "make_schedule",
+           "environment"]

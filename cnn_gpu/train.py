@@ -1,37 +1,33 @@
-"""fit / evaluate: the training loop.
+"""fit / evaluate: the training loop. What happens around it (evaluation, logging, progress,
+checkpoints, the non-finite-loss stop) are callbacks (cnn_gpu.callbacks), one concern each.
 
 Where the host waits for the device
 -----------------------------------
-Host synchronisation happens in exactly one function, :func:`read_metrics`, which copies
-device scalars to Python floats. The loop calls it only:
+Host synchronisation happens in exactly one function, :func:`read_metrics`, which copies device
+scalars to Python floats. The loop reads its running sums only through :meth:`Loop.read_sums`:
 
 - once at the end of each epoch (the epoch's loss and accuracy sums);
-- when a progress display is due to refresh (``progress.due()``: at most every
-  ``refresh_s`` seconds of wall time, never per step), to show the running loss and accuracy;
-- at the end of :func:`evaluate` (one read for the whole evaluation set);
-- when training stops early (Ctrl-C / a stop request), to record the partial epoch sums;
-- and, only after a sync has already found the loss non-finite, once more to locate the step.
+- when a callback asks (a progress bar refreshing, at most every ``refresh_s`` seconds);
+- when training stops early (a stop request), to record the partial epoch sums;
+and :func:`evaluate` reads once per evaluation. After every read the callbacks' ``on_sums``
+runs (StopOnNonFinite checks the loss there; only when it is not finite does it read once more,
+to locate the step).
 
-Inside an epoch everything else stays on the device: each step adds its loss and hit count
-into device sums and copies its loss into a device array of the epoch's per-step losses,
-so a NaN is traced to its exact step at the next sync without reading anything per step.
-Host-side bookkeeping (step counters, ``optimizer.lr``, batch sizes, the clock) never touches
-the device. Writing a checkpoint copies the weights to the host; the caller does that at
-epoch boundaries (and on an interrupt), not per step. On NumPy none of this costs anything.
+Inside an epoch everything else stays on the device: each step adds its loss and hit count into
+device sums and copies its loss into a device array of the epoch's per-step losses. Host-side
+bookkeeping (step counters, ``optimizer.lr``, batch sizes, the clock) never touches the device.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import numpy as np
 
 from .backend import get_array_module, to_numpy
 from .data.loader import DataLoader
 from .nn import CrossEntropyLoss, Module
-from .nn.module import _takes_input_grad as takes_input_grad
 from .optim import LRSchedule, Optimizer
 
 
@@ -46,10 +42,8 @@ class NonFiniteLossError(FloatingPointError):
 
 class TrainingInterrupted(Exception):
     """Training stopped at a consistent point (between steps) because a stop was requested.
-
-    ``position`` says where to continue: :func:`fit` with ``position=`` picks up exactly there.
-    ``history`` holds the epochs completed by this call.
-    """
+    ``position`` says where to continue (``fit(..., position=)``); ``history`` holds the epochs
+    completed by this call."""
 
     def __init__(self, position: "Position", history: list):
         super().__init__(f"training interrupted at epoch {position.epoch + 1}, after step {position.step}")
@@ -59,10 +53,7 @@ class TrainingInterrupted(Exception):
 @dataclasses.dataclass
 class Position:
     """Where a run stands: ``epoch`` epochs are complete and ``step`` batches of the next one are done.
-
-    At an epoch boundary ``step`` is 0 and the sums are 0. Mid-epoch, the partial sums of that
-    epoch (read once, when the stop was handled) let a resumed run report the same epoch metrics.
-    """
+    Mid-epoch, the partial sums of that epoch let a resumed run report the same epoch metrics."""
 
     epoch: int = 0
     step: int = 0
@@ -98,183 +89,229 @@ class EpochStats:
         return dataclasses.asdict(self)
 
 
-class StopFlag:
-    """A stop request checked by :func:`fit` between steps (host-only; a signal handler may set it)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def request(self) -> None:
-        self.requested = True
-
-
 def read_metrics(*device_values: Any) -> list[float]:
     """THE host synchronisation point: copy device scalars to Python floats."""
     return [float(to_numpy(v)) for v in device_values]
 
 
-def _sums(xp, loss_sum: float = 0.0, correct: int = 0):
-    return xp.full((), loss_sum, dtype=np.float64), xp.full((), correct, dtype=np.int64)
+class Meter:
+    """One epoch's running sums, on the device: the loss (times the batch size), the hits, and
+    every step's loss (so a non-finite one can be found later without a per-step sync)."""
+
+    def __init__(self, xp, steps: int, first: int = 0, loss_sum: float = 0.0, correct: int = 0, seen: int = 0):
+        self.loss_sum = xp.full((), loss_sum, dtype=np.float64)
+        self.correct = xp.full((), correct, dtype=np.int64)
+        self.step_losses = xp.zeros(steps, dtype=np.float64)
+        self.first, self.seen, self.seen_before = first, seen, seen  # first: the step this meter started at
+
+    def add(self, step: int, loss, logits, labels) -> None:
+        self.loss_sum += loss * labels.shape[0]
+        self.correct += (logits.argmax(axis=1) == labels).sum()
+        self.step_losses[step] = loss
+        self.seen += int(labels.shape[0])
+
+
+@dataclasses.dataclass
+class Loop:
+    """What the callbacks see of a running fit (all host values but the meter's sums)."""
+
+    model: Module
+    optimizer: Optimizer
+    loader: DataLoader
+    epochs: int
+    scheduler: LRSchedule | None
+    callbacks: list
+    history: list
+    epoch: int = 0  # the current epoch, 0-based
+    step: int = 0  # batches done in it
+    meter: Meter | None = None
+    started: float = 0.0  # perf_counter at the epoch's (or the resume's) start
+    seconds_before: float = 0.0  # of this epoch, before a resume
+    stop: bool = False  # set by a callback: stop before the next step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def read_sums(self) -> tuple[float, float]:
+        """(loss sum, hits) of the epoch so far: a host sync; then every callback's on_sums."""
+        loss_sum, hits = read_metrics(self.meter.loss_sum, self.meter.correct)
+        self.call("on_sums", loss_sum, hits)
+        return loss_sum, hits
+
+    def position(self, loss_sum: float, hits: float) -> Position:
+        return Position(self.epoch, self.step, loss_sum, int(hits), self.meter.seen, self.elapsed())
+
+    def elapsed(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+
+class Callback:
+    """One concern of a training run (see cnn_gpu.callbacks). :func:`fit` calls the hooks in the
+    order the callbacks were given: ``on_train_begin(loop)``, ``on_epoch_begin(loop)``,
+    ``on_step(loop)`` after every step (host values only: reading the device here would add a
+    sync per step), ``on_steps_end(loop)`` when an epoch's steps end (done, stopped or failed:
+    close what on_epoch_begin opened), ``on_sums(loop, loss_sum, hits)`` after every read of the
+    running sums, ``on_epoch_end(loop, stats)`` (fill in or report the epoch's EpochStats) and
+    ``on_train_end(loop)``. A callback stops the loop by setting ``loop.stop``."""
+
+    def on_train_begin(self, loop: Loop) -> None:
+        pass
+
+    def on_epoch_begin(self, loop: Loop) -> None:
+        pass
+
+    def on_step(self, loop: Loop) -> None:
+        pass
+
+    def on_steps_end(self, loop: Loop) -> None:
+        pass
+
+    def on_sums(self, loop: Loop, loss_sum: float, hits: float) -> None:
+        pass
+
+    def on_epoch_end(self, loop: Loop, stats: EpochStats) -> None:
+        pass
+
+    def on_train_end(self, loop: Loop) -> None:
+        pass
+
+
+class StopOnNonFinite(Callback):
+    """Raise NonFiniteLossError, naming the first bad step, when a read of the sums finds the loss
+    not finite. Only then is the step located: one more read, of the per-step losses (the run is
+    over anyway). fit adds one unless given."""
+
+    def on_sums(self, loop: Loop, loss_sum: float, hits: float) -> None:
+        if np.isfinite(loss_sum):
+            return
+        m = loop.meter
+        window = m.step_losses[m.first : loop.step]
+        finite = get_array_module(window).isfinite(window)
+        (offset,) = read_metrics(finite.argmin())  # argmin of a bool array: the first False
+        (value,) = read_metrics(window[int(offset)])
+        step = m.first + int(offset) + 1
+        global_step = loop.epoch * loop.steps_per_epoch + step
+        raise NonFiniteLossError(f"non-finite training loss ({value}) at epoch {loop.epoch + 1}, step {step} of "
+                                 f"{loop.steps_per_epoch} (global step {global_step})",
+                                 loop.epoch + 1, step, global_step, value)
 
 
 def evaluate(model: Module, x: Any, y: Any, batch_size: int = 512) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` on (x, y); restores the model's training mode."""
+    """Mean loss and accuracy of ``model`` on (x, y) in eval mode; restores the model's mode."""
     was_training = model.training
     model.eval()
     loss_fn = CrossEntropyLoss(validate_range=False)
-    xp = get_array_module(x)
-    loss_sum, correct = _sums(xp)
+    meter = Meter(get_array_module(x), 0)
     try:
         for xb, yb in DataLoader(x, y, batch_size).epoch(0):
             logits = model.forward(xb)
-            loss_sum += loss_fn.forward(logits, yb) * xb.shape[0]
-            correct += (logits.argmax(axis=1) == yb).sum()
+            meter.loss_sum += loss_fn.forward(logits, yb) * xb.shape[0]
+            meter.correct += (logits.argmax(axis=1) == yb).sum()
     finally:
         model.train(was_training)
-    loss, hits = read_metrics(loss_sum, correct)
+    loss, hits = read_metrics(meter.loss_sum, meter.correct)
     n = int(x.shape[0])
     return loss / n, hits / n
 
 
-def train_step(model: Module, loss_fn: CrossEntropyLoss, optimizer: Optimizer, xb, yb):
-    """One step: forward, loss, backward, update. Returns (loss, logits), both on the device."""
+def train_step(model: Module, loss_fn: CrossEntropyLoss, optimizer: Optimizer, xb, yb, max_label: int | None = None):
+    """One step: forward, loss, backward (no gradient for the batch itself), update.
+    Returns (loss, logits), both on the device. ``max_label``: the largest label of the data,
+    checked against the model's number of outputs before anything is updated."""
     optimizer.zero_grad()
     logits = model.forward(xb)
+    if max_label is not None and max_label >= logits.shape[1]:
+        raise ValueError(f"labels: expected class indices in [0, {logits.shape[1] - 1}] for a model with "
+                         f"{logits.shape[1]} outputs, got labels up to {max_label}")
     loss = loss_fn.forward(logits, yb)
-    if takes_input_grad(type(model)):
-        model.backward(loss_fn.backward(), input_grad=False)  # nobody needs d(loss)/d(batch): skip it
-    else:  # a user's Module whose backward has no input_grad switch
-        model.backward(loss_fn.backward())
+    model.backward(loss_fn.backward(), input_grad=False)
     optimizer.step()
     return loss, logits
 
 
-def _check_finite(total_loss: float, step_losses, first: int, done: int, epoch: int, steps_per_epoch: int) -> None:
-    """Raise NonFiniteLossError naming the first non-finite step, if the epoch's loss sum is not finite.
+def _run_epoch(loop: Loop, loss_fn: CrossEntropyLoss, max_label: int | None) -> None:
+    """Train one epoch from loop.step; raises TrainingInterrupted when stopped mid-epoch.
+    ``max_label`` is checked at the first step."""
+    loop.started = time.perf_counter()
+    loop.call("on_epoch_begin")
+    try:
+        for xb, yb in loop.loader.epoch(loop.epoch, start=loop.step):
+            if loop.stop:
+                break
+            loss, logits = train_step(loop.model, loss_fn, loop.optimizer, xb, yb, max_label)
+            max_label = None
+            if loop.scheduler is not None:
+                loop.scheduler.step()
+            loop.meter.add(loop.step, loss, logits, yb)
+            loop.step += 1
+            try:
+                loop.call("on_step")
+            except KeyboardInterrupt:  # raised by a callback: a stop request at this consistent point
+                loop.stop = True
+    finally:
+        loop.call("on_steps_end")
+    loss_sum, hits = loop.read_sums()  # the one sync of the epoch
+    if loop.step < loop.steps_per_epoch:  # stopped mid-epoch, between two steps
+        raise TrainingInterrupted(loop.position(loss_sum, hits), loop.history)
+    seconds, seen = loop.elapsed(), max(loop.meter.seen, 1)
+    stats = EpochStats(loop.epoch + 1, loss_sum / seen, hits / seen, loop.optimizer.lr,
+                       loop.meter.seen / seconds if seconds > 0 else float("inf"), seconds, steps=loop.step)
+    loop.call("on_epoch_end", stats)
+    loop.history.append(stats)
 
-    Called right after a sync read ``total_loss``; only when it is not finite does it read the
-    index of the first bad step (a second, one-off sync: the run is over anyway).
-    """
-    if math.isfinite(total_loss):
-        return
-    xp = get_array_module(step_losses)
-    window = step_losses[first:done]
-    finite = xp.isfinite(window)
-    (offset,) = read_metrics(xp.argmin(finite))  # argmin of a bool array: the first False
-    step = first + int(offset) + 1
-    (value,) = read_metrics(window[int(offset)])
-    raise NonFiniteLossError(
-        f"non-finite training loss ({value}) at epoch {epoch + 1}, step {step} of {steps_per_epoch} "
-        f"(global step {epoch * steps_per_epoch + step})",
-        epoch + 1, step, epoch * steps_per_epoch + step, value)
 
-
-def fit(
-    model: Module,
-    optimizer: Optimizer,
-    train_loader: DataLoader,
-    epochs: int,
-    scheduler: LRSchedule | None = None,
-    eval_data: tuple[Any, Any] | None = None,
-    start_epoch: int = 0,
-    on_epoch_end: Callable[[EpochStats], None] | None = None,
-    log: Callable[[str], None] | None = print,
-    *,
-    val_data: tuple[Any, Any] | None = None,
-    position: Position | None = None,
-    progress: Any = None,
-    stop: StopFlag | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-) -> list[EpochStats]:
-    """Train for epochs ``start_epoch .. epochs-1`` (or from ``position``, mid-epoch included).
-
-    After each epoch the model is evaluated on ``val_data`` and ``eval_data`` (the test set),
-    if given, and ``on_epoch_end(stats)`` is called (the place to write checkpoints).
-    Labels are range-checked once here, not per step. The scheduler (if any) steps once per batch.
-
-    ``progress``: an object with ``begin(epoch, epochs, steps, done)``, ``advance(steps_done)``,
-    ``due() -> bool``, ``show(loss, accuracy, images_per_s)`` and ``end()``; the running
-    metrics are read (a sync) only when ``due()`` says so.
-    ``stop``: a :class:`StopFlag`; when set, training stops before the next step and raises
-    :class:`TrainingInterrupted` with the position to resume from.
-    ``on_step(epoch, step)``: called after every step with host integers only (1-based epoch,
-    steps done in it); it must not read device values (that would add a per-step sync).
-    A KeyboardInterrupt raised inside it counts as a stop request, handled at that consistent point.
-
-    Raises NonFiniteLossError, naming the epoch and step, when the loss stops being finite.
-    """
-    if not isinstance(epochs, int) or epochs < 0:
+def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,
+        scheduler: LRSchedule | None = None, callbacks: Sequence = (), position: Position | None = None):
+    """Train from ``position`` (default: the start) to the end of epoch ``epochs``; -> the EpochStats
+    of the epochs run. ``callbacks`` (cnn_gpu.callbacks) run in order at each hook; a
+    StopOnNonFinite is added first unless one is given. The labels' range is checked once (one
+    host read), against the model's outputs at the first step. Raises NonFiniteLossError (naming
+    the epoch and step) and TrainingInterrupted (with the position to resume from) when a
+    callback stops the loop."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs: expected a non-negative int, got {epochs!r}")
-    labels = train_loader.y
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"train_loader.y: expected integer class labels, got dtype {labels.dtype}")
-    if position is None:
-        position = Position(epoch=start_epoch)
-    steps_per_epoch = len(train_loader)
-    if not 0 <= position.step <= steps_per_epoch:
-        raise ValueError(f"position.step: expected a step in [0, {steps_per_epoch}], got {position.step}")
+    max_label = _check_labels(loader)
+    position = position or Position()
+    if not 0 <= position.step <= len(loader):
+        raise ValueError(f"position.step: expected a step in [0, {len(loader)}], got {position.step}")
+    cbs = list(callbacks)
+    if not any(isinstance(cb, StopOnNonFinite) for cb in cbs):
+        cbs.insert(0, StopOnNonFinite())
+    loop = Loop(model, optimizer, loader, epochs, scheduler, cbs, [])
     loss_fn = CrossEntropyLoss(validate_range=False)
-    xp = get_array_module(train_loader.x)
-    history: list[EpochStats] = []
-    stop = stop if stop is not None else StopFlag()
+    xp = get_array_module(loader.x)
     model.train()
+    loop.call("on_train_begin")
     for epoch in range(position.epoch, epochs):
         resuming = epoch == position.epoch
-        first = position.step if resuming else 0
-        loss_sum, correct = _sums(xp, position.loss_sum, position.correct) if resuming else _sums(xp)
-        seen = position.seen if resuming else 0
-        seconds_before = position.seconds if resuming else 0.0
-        step_losses = xp.zeros(steps_per_epoch, dtype=np.float64)  # per-step losses, on the device
-        if progress is not None:
-            progress.begin(epoch + 1, epochs, steps_per_epoch, first)
-        t0 = time.perf_counter()
-        done = first
-        try:
-            for xb, yb in train_loader.epoch(epoch, start=first):
-                if stop.requested:
-                    break
-                loss, logits = train_step(model, loss_fn, optimizer, xb, yb)
-                if scheduler is not None:
-                    scheduler.step()
-                loss_sum += loss * xb.shape[0]
-                correct += (logits.argmax(axis=1) == yb).sum()
-                step_losses[done] = loss
-                seen += int(xb.shape[0])
-                done += 1
-                if on_step is not None:
-                    try:
-                        on_step(epoch + 1, done)
-                    except KeyboardInterrupt:
-                        stop.request()
-                if progress is not None:
-                    progress.advance(done)
-                    if progress.due():  # a sync, but at most every refresh interval
-                        running_loss, hits = read_metrics(loss_sum, correct)
-                        _check_finite(running_loss, step_losses, first, done, epoch, steps_per_epoch)
-                        elapsed = time.perf_counter() - t0
-                        progress.show(running_loss / seen, hits / seen, (seen - (position.seen if resuming else 0)) / max(elapsed, 1e-9))
-            total_loss, hits = read_metrics(loss_sum, correct)  # the one sync of the epoch
-        finally:
-            if progress is not None:
-                progress.end()
-        seconds = seconds_before + time.perf_counter() - t0
-        _check_finite(total_loss, step_losses, first, done, epoch, steps_per_epoch)
-        if done < steps_per_epoch:  # stopped mid-epoch, between two steps
-            raise TrainingInterrupted(Position(epoch, done, total_loss, int(hits), seen, seconds), history)
-        stats = EpochStats(epoch + 1, total_loss / max(seen, 1), hits / max(seen, 1), optimizer.lr,
-                           seen / seconds if seconds > 0 else float("inf"), seconds, steps=steps_per_epoch)
-        if val_data is not None:
-            stats.val_loss, stats.val_accuracy = evaluate(model, *val_data)
-        if eval_data is not None:
-            stats.test_loss, stats.test_accuracy = evaluate(model, *eval_data)
-        history.append(stats)
-        if log is not None:
-            log(format_stats(stats, epochs))
-        if on_epoch_end is not None:
-            on_epoch_end(stats)
-        if stop.requested and epoch + 1 < epochs:
-            raise TrainingInterrupted(Position(epoch + 1), history)
-    return history
+        p = position if resuming else Position(epoch)
+        loop.epoch, loop.step, loop.seconds_before = epoch, p.step, p.seconds
+        loop.meter = Meter(xp, len(loader), p.step, p.loss_sum, p.correct, p.seen)
+        _run_epoch(loop, loss_fn, max_label)
+        max_label = None
+        if loop.stop and epoch + 1 < epochs:
+            raise TrainingInterrupted(Position(epoch + 1), loop.history)
+    loop.call("on_train_end")
+    return loop.history
+
+
+def _check_labels(loader: DataLoader) -> int | None:
+    """Integer labels >= 0 (one host read, before training); -> the largest label, checked against
+    the model's outputs at the first step."""
+    labels = loader.y
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"loader.y: expected integer class labels, got dtype {labels.dtype}")
+    if not labels.shape[0]:
+        return None
+    lo, hi = (int(v) for v in read_metrics(labels.min(), labels.max()))
+    if lo < 0:
+        raise ValueError(f"loader.y: expected class labels >= 0, got {lo}")
+    return hi
 
 
 def format_stats(stats: EpochStats, epochs: int) -> str:
@@ -288,5 +325,6 @@ def format_stats(stats: EpochStats, epochs: int) -> str:
     return msg
 
 
-__all__ = ["fit", "evaluate", "train_step", "read_metrics", "EpochStats", "Position", "StopFlag",
+__all__ = ["fit", "evaluate", "train_step", "read_metrics", "EpochStats", "Position", "Loop", "Meter", "Callback",
+           "StopOnNonFinite",
            "NonFiniteLossError", "TrainingInterrupted", "format_stats"]

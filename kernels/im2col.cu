@@ -5,18 +5,15 @@
 // on the host and passed in). Column row r = (c*KH + kh)*KW + kw, R = C*KH*KW;
 // column p = oh*OW + ow, P = OH*OW.
 //
-// Two memory layouts, one body each (template parameter CM):
-//   NCHW (im2col, col2im):          x (N, C, H, W)   cols (N, R, P)   -- torch's unfold
-//   channel-major (*_cm):           x (C, N, H, W)   cols (R, N*P)    -- cols[r, n*P + p]
-// The channel-major form feeds one (F, R) @ (R, N*P) product for the whole batch.
+// x and dx are NCHW (N, C, H, W). Two column layouts, one body each (template parameter CM):
+//   im2col, col2im:          cols (N, R, P)     -- torch's unfold (cnn_gpu.functional.im2col)
+//   im2col_cm, col2im_cm:    cols (R, N*P)      -- channel-major: cols[r, n*P + p]
+// The channel-major columns feed the convolution's GEMMs for the whole batch at once:
+// y_cm (F, N*P) = W2 (F, R) @ cols, dW2 = delta_cm (F, N*P) @ cols^T, dcols = W2^T @ delta_cm
+// (cnn_gpu/cuda/ops.py; the epilogue kernels in epilogue.cu move between (F, N*P) and NCHW).
 #include "common.cuh"
 
-// element offsets of x[n, c, h, w] and cols[n, r, p] in either layout
-template <bool CM>
-__device__ __forceinline__ long long cnn_x_offset(long long n, int c, int h, int w, int N, int C, int H, int W) {
-    const long long plane = CM ? (long long)c * N + n : n * C + c;
-    return (plane * H + h) * (long long)W + w;
-}
+// element offset of cols[n, r, p] in either layout
 template <bool CM>
 __device__ __forceinline__ long long cnn_col_offset(long long n, long long r, long long p, int N, long long R, long long P) {
     return CM ? (r * N + n) * P + p : (n * R + r) * P + p;
@@ -47,7 +44,7 @@ __device__ __forceinline__ void im2col_impl(IM2COL_PARAMS(T)) {
         const int h = oh * SH - PH + kh * DH;
         const int w = ow * SW - PW + kw * DW;
         T v = T(0);
-        if (h >= 0 && h < H && w >= 0 && w < W) v = x[cnn_x_offset<CM>(n, c, h, w, N, C, H, W)];
+        if (h >= 0 && h < H && w >= 0 && w < W) v = x[((n * C + c) * H + h) * (long long)W + w];
         cols[i] = v;
     }
 }
@@ -63,9 +60,8 @@ CNN_ENTRY_POINTS(im2col_cm, IM2COL_PARAMS, IM2COL_ARGS)
 // 0 <= oh < OH. The admissible kh form an arithmetic progression: kh in
 // [kh_lo, kh_hi] (from 0 <= oh < OH) stepping by SH / gcd(SH, DH) from the first
 // kh that satisfies the divisibility. Same for w. Summation order: kh ascending,
-// then kw ascending, from zero; identical to the NumPy scatter loop over taps, so
-// the result matches it bitwise. With accumulate != 0 the sum is added to dx
-// (dx += col2im(cols)) instead of stored.
+// then kw ascending, from zero; identical to the reference's scatter loop over taps
+// (cnn_gpu/functional/reference.py: col2im), so the result matches it bitwise.
 struct cnn_tap_range {
     int first;  // first admissible tap, or > last when none
     int last;
@@ -90,20 +86,20 @@ __device__ __forceinline__ cnn_tap_range cnn_taps_for(int pos, int pad, int K, i
 
 #define COL2IM_PARAMS(T)                                                          \
     const T* __restrict__ cols, T* __restrict__ dx, int N, int C, int H, int W,   \
-    int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int OH, int OW, int accumulate
-#define COL2IM_ARGS cols, dx, N, C, H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW, accumulate
+    int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int OH, int OW
+#define COL2IM_ARGS cols, dx, N, C, H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW
 
 template <typename T, bool CM>
 __device__ __forceinline__ void col2im_impl(COL2IM_PARAMS(T)) {
     const long long total = (long long)N * C * H * W;
     const long long P = (long long)OH * OW;
     const long long R = (long long)C * KH * KW;
-    CNN_GRID_STRIDE_LOOP(i, total) {  // i walks dx in memory order
+    CNN_GRID_STRIDE_LOOP(i, total) {  // i walks dx (NCHW) in memory order
         const int w = (int)(i % W);
         const int h = (int)((i / W) % H);
-        const long long plane = i / ((long long)H * W);  // n*C + c (NCHW) or c*N + n (channel-major)
-        const long long n = CM ? plane % N : plane / C;
-        const int c = (int)(CM ? plane / N : plane % C);
+        const long long plane = i / ((long long)H * W);  // n*C + c
+        const long long n = plane / C;
+        const int c = (int)(plane % C);
         const cnn_tap_range th = cnn_taps_for(h, PH, KH, SH, DH, OH);
         const cnn_tap_range tw = cnn_taps_for(w, PW, KW, SW, DW, OW);
         const long long r0 = (long long)c * KH * KW;  // row of (c, kh=0, kw=0)
@@ -115,7 +111,7 @@ __device__ __forceinline__ void col2im_impl(COL2IM_PARAMS(T)) {
                 acc += cols[cnn_col_offset<CM>(n, r0 + (long long)kh * KW + kw, (long long)oh * OW + ow, N, R, P)];
             }
         }
-        dx[i] = accumulate ? dx[i] + acc : acc;
+        dx[i] = acc;
     }
 }
 template <typename T>

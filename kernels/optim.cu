@@ -5,28 +5,27 @@
 // Semantics follow torch.optim (single-tensor code path, maximize=False).
 #include "common.cuh"
 
-// ---- SGD with momentum, dampening, Nesterov and L2 weight decay --------------------
+// ---- SGD with momentum, Nesterov and L2 weight decay ----------------------------------
 //   d = g + weight_decay * p                       (when weight_decay != 0)
 //   if momentum != 0:
 //       buf = d                                    on the first step
-//       buf = momentum * buf + (1 - dampening) * d afterwards
+//       buf = momentum * buf + d                   afterwards
 //       d = d + momentum * buf   if nesterov  else  d = buf
 //   p = p - lr * d
-// buf is neither read nor written when momentum == 0.
+// buf is neither read nor written when momentum == 0 (pass p for it).
 #define SGD_PARAMS(T)                                                                   \
     T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buf, long long n, T lr, \
-    T momentum, T dampening, T weight_decay, int nesterov, int first_step
-#define SGD_ARGS p, g, buf, n, lr, momentum, dampening, weight_decay, nesterov, first_step
+    T momentum, T weight_decay, int nesterov, int first_step
+#define SGD_ARGS p, g, buf, n, lr, momentum, weight_decay, nesterov, first_step
 
 template <typename T>
 __device__ __forceinline__ void sgd_update_body(SGD_PARAMS(T)) {
-    const T one_minus_damp = T(1) - dampening;
     CNN_GRID_STRIDE_LOOP(i, n) {
         const T pi = p[i];
         T d = g[i];
         if (weight_decay != T(0)) d = d + weight_decay * pi;
         if (momentum != T(0)) {
-            const T b = first_step ? d : momentum * buf[i] + one_minus_damp * d;
+            const T b = first_step ? d : momentum * buf[i] + d;
             buf[i] = b;
             d = nesterov ? d + momentum * b : b;
         }

@@ -65,8 +65,8 @@ CNN_ENTRY_POINTS(max_pool2d_forward, MAX_POOL_FWD_PARAMS, MAX_POOL_FWD_ARGS)
 
 // ---- max pooling backward: one thread per input element ---------------------------
 // dx[n, c, h, w] = sum of dy[n, c, oh, ow] over the outputs whose window covers (h, w)
-// and whose argmax is h*W + w, in ascending (oh, ow) order, accumulated in double and
-// rounded once (matches numpy.bincount in the NumPy path bitwise).
+// and whose argmax is h*W + w, in the reference's order: taps kh ascending then kw
+// ascending (oh, ow descending), from zero (matches cnn_gpu/functional/reference.py bitwise).
 #define MAX_POOL_BWD_PARAMS(T) const T* __restrict__ dy, const int* __restrict__ argmax, T* __restrict__ dx, POOL_GEOM
 #define MAX_POOL_BWD_ARGS dy, argmax, dx, POOL_GEOM_ARGS
 
@@ -81,14 +81,14 @@ __device__ __forceinline__ void max_pool2d_backward_body(MAX_POOL_BWD_PARAMS(T))
         const cnn_cover ch = cnn_covering(h, KH, SH, PH, OH);
         const cnn_cover cw = cnn_covering(w, KW, SW, PW, OW);
         const long long obase = nc * OH * (long long)OW;
-        double acc = 0.0;
-        for (int oh = ch.lo; oh <= ch.hi; ++oh) {
-            for (int ow = cw.lo; ow <= cw.hi; ++ow) {
+        T acc = T(0);
+        for (int oh = ch.hi; oh >= ch.lo; --oh) {  // kh = h + PH - oh*SH ascending
+            for (int ow = cw.hi; ow >= cw.lo; --ow) {
                 const long long o = obase + (long long)oh * OW + ow;
-                if (argmax[o] == flat) acc += (double)dy[o];
+                if (argmax[o] == flat) acc += dy[o];
             }
         }
-        dx[i] = (T)acc;
+        dx[i] = acc;
     }
 }
 CNN_ENTRY_POINTS(max_pool2d_backward, MAX_POOL_BWD_PARAMS, MAX_POOL_BWD_ARGS)

@@ -13,6 +13,8 @@ if importlib.util.find_spec("cnn_gpu") is None:  # not installed: run from the c
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
 
+import cnn_gpu  # noqa: E402
+from cnn_gpu import cuda  # noqa: E402
 from cnn_gpu.backend import cupy_available  # noqa: E402
 
 _NO_GPU = not cupy_available()
@@ -40,3 +42,19 @@ def rng():
 
 def pytest_report_header(config):
     return f"cnn_gpu GPU tests: {'enabled' if not _NO_GPU else 'skipped (no usable CuPy GPU)'}"
+
+
+@pytest.fixture
+def cuda_emulation():
+    """Ops on NumPy arrays run on the CUDA engine (cnn_gpu.cuda.ops), its kernels compiled by g++
+    and run on the CPU (tests/emulation); yields the launcher, whose ``log`` lists the launches."""
+    import os  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    from helpers import load_harness  # noqa: PLC0415
+
+    if os.name != "posix" or shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("the CUDA emulation needs a POSIX system with g++")
+    launcher = load_harness().EmulationLauncher(check_order=False, grid_cap=16)
+    with cuda.use_launcher(launcher), cnn_gpu.config.override(engine="cuda"):
+        yield launcher

@@ -373,3 +373,19 @@ def small_net(generator=0, dtype=np.float32, in_channels=1, width=4):
         flatten=nn.Flatten(),
         classifier=nn.Sequential(nn.Linear(24, 16, **g), nn.ReLU(), nn.Linear(16, 10, **g)),
     ))
+
+
+# --- the CUDA emulation (tests/emulation) ----------------------------------------------
+def load_harness():
+    """tests/emulation/harness.py as a module (it is not a package), loaded once."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "cnn_gpu_emulation_harness"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "emulation" / "harness.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -148,7 +148,7 @@ def test_env_default_backend_in_subprocess():
 def test_env_bad_backend_in_subprocess():
     out = _run_child("tpu", "import cnn_gpu; cnn_gpu.current_backend()")
     assert out.returncode != 0
-    assert "ValueError: backend: expected one of ('numpy', 'cupy', 'auto'), got 'tpu'" in out.stderr
+    assert "ValueError: CNN_GPU_BACKEND: expected one of ('numpy', 'cupy', 'auto'), got 'tpu'" in out.stderr
     if not cupy_available():
         out = _run_child("cupy", "import cnn_gpu; cnn_gpu.current_backend()")
         assert out.returncode != 0 and "BackendUnavailableError: backend 'cupy' was requested but cannot run" in out.stderr

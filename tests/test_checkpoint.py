@@ -26,7 +26,7 @@ def _objects(seed=1, model_fn=None):
 
 def _trained_checkpoint(path, epochs=2):
     model, opt, sched, loader = _objects()
-    fit(model, opt, loader, epochs, scheduler=sched, log=None)
+    fit(model, opt, loader, epochs, scheduler=sched)
     ck.save_checkpoint(path, model, opt, sched, position=Position(epochs), loader=loader,
                        config={"seed": 1, "epochs": 4}, metadata={"dataset": "synthetic"}, extra={"best": {"value": 0.5}})
     return model, opt, sched, loader
@@ -57,8 +57,8 @@ def test_checkpoint_holds_everything_and_restores_exactly(tmp_path):
     m2, o2, s2, l2 = _objects(seed=99)  # other initial weights and dropout seeds: all overwritten
     pos = ck.restore(c, m2, o2, s2, l2)
     assert (pos.epoch, pos.step) == (2, 0) and o2.step_count == 10 and s2.last_step == 10 and o2.lr == opt.lr
-    fit(m2, o2, l2, 4, scheduler=s2, log=None, position=pos)
-    fit(model, opt, loader, 4, scheduler=sched, log=None, start_epoch=2)
+    fit(m2, o2, l2, 4, scheduler=s2, position=pos)
+    fit(model, opt, loader, 4, scheduler=sched, position=Position(2))
     for (name, a), b in zip(model.state_dict().items(), m2.state_dict().values()):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
@@ -71,7 +71,7 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
     path = tmp_path / "checkpoint.npz"
     model, opt, sched, loader = _trained_checkpoint(path, epochs=1)
     before = path.read_bytes()
-    fit(model, opt, loader, 2, scheduler=sched, log=None, start_epoch=1)
+    fit(model, opt, loader, 2, scheduler=sched, position=Position(1))
 
     real_savez = np.savez
 

@@ -97,7 +97,7 @@ def test_fit_lowers_the_loss_and_seeded_runs_are_identical(xp):
             y = xp.asarray((rng.integers(0, 3, 64)).astype(np.int64))
             model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 3))
             opt = optim.SGD(model, 0.05, momentum=0.9)
-            hist = fit(model, opt, DataLoader(x, y, 16, shuffle=True, seed=1), 8, log=None)
+            hist = fit(model, opt, DataLoader(x, y, 16, shuffle=True, seed=1), 8)
             return hist, cnn_gpu.to_numpy(model.state_dict()["4.weight"]).copy(), evaluate(model, x, y)
 
     h1, w1, ev1 = run()

@@ -1,41 +1,18 @@
 """Whole training steps through the CUDA kernels, emulated on the CPU, against the NumPy path.
 
-The functional ops and the optimizers send CuPy arrays to cnn_gpu.cuda through one hook,
-``cnn_gpu.functional._dispatch.kernels``. Here that hook is pointed at cnn_gpu.cuda for
-NumPy arrays too, and cnn_gpu.cuda's launches go to the g++-built kernels
-(tests/emulation), so a model's forward, backward and optimizer update run through exactly
-the wrappers and kernels the GPU runs -- argument order, shapes, scalar types and all --
-and are compared with the plain NumPy path. Every test name contains "emul".
+The engine setting (cnn_gpu.config, engine="cuda") sends NumPy arrays to the CUDA engine, and
+its launches go to the g++-built kernels (tests/emulation, the ``cuda_emulation`` fixture), so a
+model's forward, backward and optimizer update run through exactly the code and kernels the GPU
+runs -- argument order, shapes, scalar types, fusion plans and all -- and are compared with the
+reference engine. Every test name contains "emul".
 """
 from __future__ import annotations
-
-import importlib.util
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import cnn_gpu
-from cnn_gpu import cuda, models, nn, optim
-from cnn_gpu.functional import _dispatch
-
-if os.name != "posix":
-    pytest.skip("the CUDA emulation needs a POSIX system with g++", allow_module_level=True)
-
-_spec = importlib.util.spec_from_file_location(
-    "cnn_gpu_emulation_harness_steps", Path(__file__).resolve().parent / "emulation" / "harness.py")
-harness = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(harness)
-
-
-@pytest.fixture
-def kernel_path(monkeypatch):
-    """Run every dispatched op through the emulated CUDA kernels; records the launches."""
-    launcher = harness.EmulationLauncher(check_order=False, grid_cap=16)
-    with cuda.use_launcher(launcher):
-        monkeypatch.setattr(_dispatch, "kernels", lambda x: cuda)
-        yield launcher
+from cnn_gpu import models, nn, optim
 
 
 def _data(shape, n, dtype, seed=0):
@@ -55,7 +32,7 @@ def _run_steps(factory, shape, dtype, make_opt, steps=3, n=6):
         opt.zero_grad()
         out = model.forward(x)
         loss = loss_fn.forward(out, y)
-        model.backward(loss_fn.backward())
+        model.backward(loss_fn.backward(), input_grad=False)
         opt.step()
         losses.append(float(loss))
     grads = {k: p.grad.copy() for k, p in model.named_parameters()}
@@ -71,14 +48,15 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-def test_emul_lenet5_training_steps_match_numpy(dtype, opt_name, request):
-    ref = _run_steps(models.lenet5, (1, 28, 28), dtype, OPTIMIZERS[opt_name])
-    launcher = request.getfixturevalue("kernel_path")
+def test_emul_lenet5_training_steps_match_the_reference(dtype, opt_name, request):
+    with cnn_gpu.config.override(engine="reference"):
+        ref = _run_steps(models.lenet5, (1, 28, 28), dtype, OPTIMIZERS[opt_name])
+    launcher = request.getfixturevalue("cuda_emulation")
     got = _run_steps(models.lenet5, (1, 28, 28), dtype, OPTIMIZERS[opt_name])
     used = {k for k, _, _ in launcher.log}
-    # the kernels actually ran: im2col/col2im, both pools' directions, the loss and the optimizer
-    assert {"im2col", "col2im", "max_pool2d_forward", "max_pool2d_backward", "softmax_cross_entropy"} <= {
-        u.rsplit("_f", 1)[0] for u in used}, sorted(used)
+    # the kernels actually ran: the conv epilogues, im2col/col2im, both pools' directions, the loss, the optimizer
+    assert {"im2col_cm", "col2im_cm", "bias_act_forward", "act_backward_bias_grad", "max_pool2d_forward",
+            "max_pool2d_backward", "softmax_cross_entropy"} <= {u.rsplit("_f", 1)[0] for u in used}, sorted(used)
     assert any(u.startswith(("sgd_update", "adam_update")) for u in used), sorted(used)
     tol = 1e-10 if dtype == np.float64 else 1e-5
     np.testing.assert_allclose(got[0], ref[0], rtol=tol, err_msg="losses")
@@ -91,14 +69,15 @@ def test_emul_lenet5_training_steps_match_numpy(dtype, opt_name, request):
         assert np.abs(got[2][k] - ref[2][k]).max() / gscale < 10 * wtol, f"grad {k}"
 
 
-def test_emul_avg_pool_dilated_strided_net_steps_match_numpy(request):
+def test_emul_avg_pool_dilated_strided_net_steps_match_the_reference(request):
     def net(dtype=np.float64):
         return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, dtype=dtype), nn.ReLU(), nn.AvgPool2d(3, 2, 1),
                              nn.Conv2d(4, 5, (3, 2), stride=(2, 1), dilation=(1, 2), dtype=dtype), nn.ReLU(),
                              nn.MaxPool2d(3, 2, 1), nn.Flatten(), nn.Linear(5 * 1 * 2, 10, dtype=dtype))
 
-    ref = _run_steps(net, (3, 10, 9), np.float64, OPTIMIZERS["sgd_nesterov_wd"])
-    launcher = request.getfixturevalue("kernel_path")
+    with cnn_gpu.config.override(engine="reference"):
+        ref = _run_steps(net, (3, 10, 9), np.float64, OPTIMIZERS["sgd_nesterov_wd"])
+    launcher = request.getfixturevalue("cuda_emulation")
     got = _run_steps(net, (3, 10, 9), np.float64, OPTIMIZERS["sgd_nesterov_wd"])
     assert any(k.startswith("avg_pool2d_backward") for k, _, _ in launcher.log)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-10)

@@ -60,7 +60,7 @@ def test_cupy_fit_keeps_everything_on_the_device():
         y = cupy.asarray(rng.integers(0, 10, 256))
         model = models.lenet5()
         opt = optim.Adam(model, 1e-3)
-        hist = fit(model, opt, DataLoader(x, y, 64, shuffle=True), 2, log=None)
+        hist = fit(model, opt, DataLoader(x, y, 64, shuffle=True), 2)
         assert all(isinstance(p.data, cupy.ndarray) for p in model.parameters())
         loss, acc = evaluate(model, x, y)
     assert np.isfinite(hist[-1].train_loss) and hist[-1].train_loss < hist[0].train_loss + 1.0

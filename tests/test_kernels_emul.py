@@ -1,16 +1,16 @@
-"""The CUDA kernels, run on the CPU (g++ + tests/emulation), against the NumPy path.
+"""The CUDA kernels, run on the CPU (g++ + tests/emulation), against the reference engine.
 
 Every test here has "emul" in its name (``pytest -k emul``). The kernels are compiled by
-g++ with tests/emulation/cuda_shim.h and driven through the real launch wrappers of
-``cnn_gpu.cuda`` (``use_launcher``), so the wrappers' shapes, argument order and scalar
-types are exercised too; the emulator checks every argument against the kernel's C
+g++ with tests/emulation/cuda_shim.h and driven through the real launching functions of
+the CUDA engine (``cnn_gpu.cuda.ops``, with ``use_launcher``), so their shapes, argument order
+and scalar types are exercised too; the emulator checks every argument against the kernel's C
 signature, guards every array against out-of-bounds writes, poisons outputs with NaN,
 and runs every launch in forward and reverse block/thread order requiring identical bits.
 
-References: the NumPy path in ``cnn_gpu.functional`` / ``cnn_gpu.optim`` (the kernels
-follow its operation order, so most comparisons are bitwise), plus small naive
-references written here from the definitions (an independent oracle), plus PyTorch
-when it is installed.
+References: the reference engine (``cnn_gpu.functional.reference``; the kernels follow its
+operation order, so most comparisons are bitwise), plus small naive references written here
+from the definitions (an independent oracle), plus PyTorch when it is installed.
+tests/test_engines.py holds the CUDA engine's ops (GEMMs included) to the reference as a whole.
 """
 from __future__ import annotations
 
@@ -28,8 +28,12 @@ import pytest
 if importlib.util.find_spec("cnn_gpu") is None:  # not installed: run from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cnn_gpu.functional as F  # noqa: E402
+import cnn_gpu  # noqa: E402
 from cnn_gpu import cuda  # noqa: E402
+from cnn_gpu.cuda import ops  # noqa: E402
+from cnn_gpu.functional import reference as R  # noqa: E402
+from cnn_gpu.functional.caches import MaxPool2dCache  # noqa: E402
+from cnn_gpu.functional.geometry import conv_geometry, pool_geometry  # noqa: E402
 
 if os.name != "posix":  # ucontext fibers
     pytest.skip("the CUDA emulation needs a POSIX system with g++", allow_module_level=True)
@@ -56,6 +60,51 @@ def emul():
 
 def launch_kw(launch):
     return {} if launch is None else {"grid": launch[0], "block": launch[1]}
+
+
+# the engine's launching functions, with the public API's (kernel_size, stride, padding, dilation)
+def k_im2col(x, k, s=1, p=0, d=1, **kw):
+    return ops.im2col(x, conv_geometry(x.shape, 1, k, s, p, d), **kw)
+
+
+def k_col2im(cols, x_shape, k, s=1, p=0, d=1, **kw):
+    return ops.col2im(cols, conv_geometry(x_shape, 1, k, s, p, d), **kw)
+
+
+def k_max_pool(x, k, s=None, p=0, **kw):
+    y, cache = ops.max_pool2d_forward(x, pool_geometry(x.shape, k, s, p), **kw)
+    return y, cache.argmax
+
+
+def k_max_pool_backward(dy, argmax, x_shape, k, s=None, p=0, **kw):
+    g = pool_geometry(x_shape, k, s, p)
+    return ops.max_pool2d_backward(dy, MaxPool2dCache("cuda", g, dy.dtype, argmax, "flat"), **kw)
+
+
+def k_avg_pool(x, k, s=None, p=0, **kw):
+    return ops.avg_pool2d_forward(x, pool_geometry(x.shape, k, s, p), **kw)[0]
+
+
+def k_avg_pool_backward(dy, x_shape, k, s=None, p=0, **kw):
+    g = pool_geometry(x_shape, k, s, p)
+    return ops.avg_pool2d_backward(dy, R.avg_pool2d_forward(np.zeros(x_shape, dy.dtype), g)[1], **kw)
+
+
+# the reference engine with the same argument order
+def r_im2col(x, k, s=1, p=0, d=1):
+    return R.im2col(x, conv_geometry(x.shape, 1, k, s, p, d))
+
+
+def r_col2im(cols, x_shape, k, s=1, p=0, d=1):
+    return R.col2im(cols, conv_geometry(x_shape, 1, k, s, p, d))
+
+
+def r_max_pool(x, k, s=None, p=0):
+    return R.max_pool2d_forward(x, pool_geometry(x.shape, k, s, p))
+
+
+def r_avg_pool(x, k, s=None, p=0):
+    return R.avg_pool2d_forward(x, pool_geometry(x.shape, k, s, p))
 
 
 def rng_for(*key) -> np.random.Generator:
@@ -243,9 +292,9 @@ def naive_avg_pool(x, k, s, p):
 def test_emul_im2col(emul, case, dtype, launch):
     N, C, H, W, k, s, p, d = case
     x = rng_for("im2col", case).standard_normal((N, C, H, W)).astype(dtype)
-    cols = cuda.im2col(x, k, s, p, d, **launch_kw(launch))
+    cols = k_im2col(x, k, s, p, d, **launch_kw(launch))
     assert cols.dtype == dtype and cols.flags.c_contiguous
-    exact(cols, F.im2col(x, k, s, p, d), "vs cnn_gpu.functional.im2col")
+    exact(cols, r_im2col(x, k, s, p, d), "vs cnn_gpu.functional.im2col")
     exact(cols, naive_im2col(x, k, s, p, d), "vs naive im2col")
 
 
@@ -257,10 +306,10 @@ def test_emul_col2im(emul, case, dtype, launch):
     KH, KW = _pair(k)
     OH, OW = conv_out(H, W, k, s, p, d)
     cols = rng_for("col2im", case).standard_normal((N, C * KH * KW, OH * OW)).astype(dtype)
-    dx = cuda.col2im(cols, (N, C, H, W), k, s, p, d, **launch_kw(launch))
+    dx = k_col2im(cols, (N, C, H, W), k, s, p, d, **launch_kw(launch))
     assert dx.shape == (N, C, H, W) and dx.dtype == dtype
     # same summation order (kh, then kw, from zero) as the NumPy scatter: bitwise equal
-    exact(dx, F.col2im(cols, (N, C, H, W), k, s, p, d), "vs cnn_gpu.functional.col2im")
+    exact(dx, r_col2im(cols, (N, C, H, W), k, s, p, d), "vs cnn_gpu.functional.col2im")
     close(dx, naive_col2im(cols, (N, C, H, W), k, s, p, d), dtype, "vs naive col2im")
 
 
@@ -270,10 +319,10 @@ def test_emul_col2im_is_adjoint_of_im2col(emul, case):
     N, C, H, W, k, s, p, d = case
     rng = rng_for("adjoint", case)
     x = rng.standard_normal((N, C, H, W))
-    cols = cuda.im2col(x, k, s, p, d)
+    cols = k_im2col(x, k, s, p, d)
     c = rng.standard_normal(cols.shape)
     lhs = float(np.sum(cols * c))
-    rhs = float(np.sum(x * cuda.col2im(c, x.shape, k, s, p, d)))
+    rhs = float(np.sum(x * k_col2im(c, x.shape, k, s, p, d)))
     assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs))
 
 
@@ -283,61 +332,52 @@ def test_emul_im2col_col2im_torch_oracle(emul, case):
     N, C, H, W, k, s, p, d = case
     x = rng_for("torch-unfold", case).standard_normal((N, C, H, W))
     ref = torch.nn.functional.unfold(torch.from_numpy(x), k, dilation=d, padding=p, stride=s).numpy()
-    exact(cuda.im2col(x, k, s, p, d), ref, "vs torch unfold")
+    exact(k_im2col(x, k, s, p, d), ref, "vs torch unfold")
     cols = rng_for("torch-fold", case).standard_normal(ref.shape)
     ref_dx = torch.nn.functional.fold(torch.from_numpy(cols), (H, W), k, dilation=d, padding=p, stride=s).numpy()
-    close(cuda.col2im(cols, x.shape, k, s, p, d), ref_dx, np.float64, "vs torch fold")
+    close(k_col2im(cols, x.shape, k, s, p, d), ref_dx, np.float64, "vs torch fold")
 
 
 @pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_emul_channel_major_im2col_col2im(emul, case, dtype, launch):
-    """im2col_cm / col2im_cm: x (C, N, H, W), cols (C*KH*KW, N*OH*OW) == the NCHW ops transposed."""
+    """im2col_cm / col2im_cm: x (N, C, H, W), cols (C*KH*KW, N*OH*OW) == the NCHW columns transposed."""
     N, C, H, W, k, s, p, d = case
     KH, KW = _pair(k)
     OH, OW = conv_out(H, W, k, s, p, d)
-    R, P = C * KH * KW, OH * OW
+    R_, P = C * KH * KW, OH * OW
     rng = rng_for("cm", case)
-    x_cm = rng.standard_normal((C, N, H, W)).astype(dtype)
-    cols = cuda.im2col_cm(x_cm, k, s, p, d, **launch_kw(launch))
-    ref = F.im2col(np.ascontiguousarray(x_cm.transpose(1, 0, 2, 3)), k, s, p, d)  # (N, R, P)
-    exact(cols, ref.transpose(1, 0, 2).reshape(R, N * P), "im2col_cm")
-    dcols = rng.standard_normal((R, N * P)).astype(dtype)
-    dx = cuda.col2im_cm(dcols, x_cm.shape, k, s, p, d, **launch_kw(launch))
-    ref_dx = F.col2im(np.ascontiguousarray(dcols.reshape(R, N, P).transpose(1, 0, 2)), (N, C, H, W), k, s, p, d)
-    exact(dx, ref_dx.transpose(1, 0, 2, 3), "col2im_cm")
-    base = rng.standard_normal(x_cm.shape).astype(dtype)
-    out = base.copy()
-    assert cuda.col2im_cm(dcols, x_cm.shape, k, s, p, d, out=out, accumulate=True, **launch_kw(launch)) is out
-    exact(out, base + ref_dx.transpose(1, 0, 2, 3), "col2im_cm accumulate")
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    cols = k_im2col(x, k, s, p, d, cm=True, **launch_kw(launch))
+    exact(cols, r_im2col(x, k, s, p, d).transpose(1, 0, 2).reshape(R_, N * P), "im2col_cm")
+    dcols = rng.standard_normal((R_, N * P)).astype(dtype)
+    dx = k_col2im(dcols, x.shape, k, s, p, d, cm=True, **launch_kw(launch))
+    ref_dx = r_col2im(np.ascontiguousarray(dcols.reshape(R_, N, P).transpose(1, 0, 2)), (N, C, H, W), k, s, p, d)
+    exact(dx, ref_dx, "col2im_cm")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_emul_im2col_col2im_out_and_accumulate(emul, dtype):
+def test_emul_im2col_out(emul, dtype):
     rng = rng_for("out", dtype)
     x = rng.standard_normal((2, 3, 8, 7)).astype(dtype)
     out = np.empty((2, 27, 56), dtype)
-    assert cuda.im2col(x, 3, 1, 1, out=out) is out
-    exact(out, F.im2col(x, 3, 1, 1))
-    cols = rng.standard_normal((2, 27, 56)).astype(dtype)
-    base = rng.standard_normal(x.shape).astype(dtype)
-    acc = base.copy()
-    assert cuda.col2im(cols, x.shape, 3, 1, 1, out=acc, accumulate=True) is acc
-    exact(acc, base + F.col2im(cols, x.shape, 3, 1, 1))
-    with pytest.raises(ValueError, match="accumulate: needs out="):
-        cuda.col2im(cols, x.shape, 3, 1, 1, accumulate=True)
+    assert k_im2col(x, 3, 1, 1, out=out) is out
+    exact(out, r_im2col(x, 3, 1, 1))
     with pytest.raises(ValueError, match="out: expected shape"):
-        cuda.im2col(x, 3, 1, 1, out=np.empty((2, 27, 55), dtype))
+        k_im2col(x, 3, 1, 1, out=np.empty((2, 27, 55), dtype))
     with pytest.raises(TypeError, match="out: expected dtype"):
-        cuda.im2col(x, 3, 1, 1, out=np.empty((2, 27, 56), np.float16))
-    with pytest.raises(ValueError, match="out: updated in place"):
-        cuda.col2im(cols, x.shape, 3, 1, 1, out=np.empty((2, 3, 7, 8), dtype).transpose(0, 1, 3, 2))
+        k_im2col(x, 3, 1, 1, out=np.empty((2, 27, 56), np.float16))
+    with pytest.raises(ValueError, match="out: the CUDA engine works on C-contiguous"):
+        k_im2col(x, 3, 1, 1, out=np.empty((2, 56, 27), dtype).transpose(0, 2, 1))
 
 
-def test_emul_im2col_noncontiguous_input(emul):
+def test_emul_im2col_refuses_a_noncontiguous_input(emul):
+    """The CUDA engine makes no hidden layout copies: a strided view is an error naming it."""
     x = rng_for("nc").standard_normal((5, 3, 9, 8))[:, ::2, :, ::-1]  # a strided view
-    exact(cuda.im2col(x, 3, 2, 1, 1), F.im2col(np.ascontiguousarray(x), 3, 2, 1, 1))
+    with pytest.raises(ValueError, match="x: the CUDA engine works on C-contiguous arrays"):
+        k_im2col(x, 3, 2, 1, 1)
+    exact(k_im2col(np.ascontiguousarray(x), 3, 2, 1, 1), r_im2col(np.ascontiguousarray(x), 3, 2, 1, 1))
 
 
 # ============================================================================ pooling
@@ -360,9 +400,9 @@ def _pool_input(kind, shape, dtype, rng):
 def test_emul_max_pool2d_forward(emul, case, dtype, launch, kind):
     N, C, H, W, k, s, p = case
     x = _pool_input(kind, (N, C, H, W), dtype, rng_for("maxpool", case, kind))
-    y, arg = cuda.max_pool2d_forward(x, k, s, p, **launch_kw(launch))
+    y, arg = k_max_pool(x, k, s, p, **launch_kw(launch))
     assert y.dtype == dtype and arg.dtype == np.int32
-    ref_y, cache = F.max_pool2d_forward(x, k, s, p)
+    ref_y, cache = r_max_pool(x, k, s, p)
     exact(y, ref_y, "y vs cnn_gpu.functional")  # assert_array_equal treats NaN == NaN
     exact(arg, cache.argmax, "argmax vs cnn_gpu.functional")
     ny, narg = naive_max_pool(x, k, s, p)
@@ -378,11 +418,11 @@ def test_emul_max_pool2d_backward(emul, case, dtype, launch, kind):
     N, C, H, W, k, s, p = case
     rng = rng_for("maxpool-bwd", case, kind)
     x = _pool_input(kind, (N, C, H, W), dtype, rng)
-    ref_y, cache = F.max_pool2d_forward(x, k, s, p)
+    ref_y, cache = r_max_pool(x, k, s, p)
     dy = rng.standard_normal(ref_y.shape).astype(dtype)
-    dx = cuda.max_pool2d_backward(dy, cache.argmax, x.shape, k, s, p, **launch_kw(launch))
+    dx = k_max_pool_backward(dy, cache.argmax, x.shape, k, s, p, **launch_kw(launch))
     # ascending (oh, ow) accumulation in double, like numpy.bincount: bitwise equal
-    exact(dx, F.max_pool2d_backward(dy, cache), "vs cnn_gpu.functional")
+    exact(dx, R.max_pool2d_backward(dy, cache), "vs cnn_gpu.functional")
     naive = np.zeros(N * C * H * W)
     flat = (np.arange(N * C)[:, None] * H * W + cache.argmax.reshape(N * C, -1)).ravel()
     np.add.at(naive, flat, dy.astype(np.float64).ravel())
@@ -395,8 +435,8 @@ def test_emul_max_pool2d_backward(emul, case, dtype, launch, kind):
 def test_emul_avg_pool2d_forward(emul, case, dtype, launch):
     N, C, H, W, k, s, p = case
     x = rng_for("avgpool", case).standard_normal((N, C, H, W)).astype(dtype)
-    y = cuda.avg_pool2d_forward(x, k, s, p, **launch_kw(launch))
-    ref, _ = F.avg_pool2d_forward(x, k, s, p)
+    y = k_avg_pool(x, k, s, p, **launch_kw(launch))
+    ref, _ = r_avg_pool(x, k, s, p)
     exact(y, ref, "vs cnn_gpu.functional (same operation order)")
     close(y, naive_avg_pool(x, k, s, p), dtype, "vs naive")
 
@@ -408,10 +448,10 @@ def test_emul_avg_pool2d_backward(emul, case, dtype, launch):
     N, C, H, W, k, s, p = case
     rng = rng_for("avgpool-bwd", case)
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
-    ref_y, cache = F.avg_pool2d_forward(x, k, s, p)
+    ref_y, cache = r_avg_pool(x, k, s, p)
     dy = rng.standard_normal(ref_y.shape).astype(dtype)
-    dx = cuda.avg_pool2d_backward(dy, x.shape, k, s, p, **launch_kw(launch))
-    exact(dx, F.avg_pool2d_backward(dy, cache), "vs cnn_gpu.functional (same operation order)")
+    dx = k_avg_pool_backward(dy, x.shape, k, s, p, **launch_kw(launch))
+    exact(dx, R.avg_pool2d_backward(dy, cache), "vs cnn_gpu.functional (same operation order)")
     # adjoint of the forward: <avg(x), dy> == <x, avg_backward(dy)>
     lhs = float(np.sum(naive_avg_pool(x.astype(np.float64), k, s, p) * dy))
     rhs = float(np.sum(x.astype(np.float64) * dx.astype(np.float64)))
@@ -426,67 +466,74 @@ def test_emul_pool_torch_oracle(emul, case):
     x = rng_for("torch-pool", case).standard_normal((N, C, H, W))
     tx = torch.from_numpy(x)
     ty, tidx = torch.nn.functional.max_pool2d(tx, k, s, p, return_indices=True)
-    y, arg = cuda.max_pool2d_forward(x, k, s, p)
+    y, arg = k_max_pool(x, k, s, p)
     exact(y, ty.numpy(), "max y vs torch")
     exact(arg, tidx.numpy().astype(np.int32), "argmax vs torch")
     ta = torch.nn.functional.avg_pool2d(tx, k, s, p, count_include_pad=True)
-    close(cuda.avg_pool2d_forward(x, k, s, p), ta.numpy(), np.float64, "avg vs torch")
+    close(k_avg_pool(x, k, s, p), ta.numpy(), np.float64, "avg vs torch")
 
 
 def test_emul_max_pool_stride_defaults_to_kernel(emul):
     x = rng_for("stride-default").standard_normal((2, 2, 6, 6))
-    y, arg = cuda.max_pool2d_forward(x, 2)
-    ref, cache = F.max_pool2d_forward(x, 2)
+    y, arg = k_max_pool(x, 2)
+    ref, cache = r_max_pool(x, 2)
     exact(y, ref)
     exact(arg, cache.argmax)
 
 
-# ======================================================================= elementwise
-ACT_SHAPES = [(1, 1), (4, 7), (2, 3, 5, 5), (3, 16, 7, 9), (5, 2, 1, 1), (2, 33, 3), (64, 10)]
+# ========================================================================= epilogues
+# (N, F, P): P = 1 is a fully connected layer's output, P > 1 a convolution's
+EPI_SHAPES = [(1, 1, 1), (4, 7, 1), (2, 3, 25), (3, 16, 63), (5, 2, 1), (2, 33, 3), (64, 10, 1)]
 
 
 @pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("shape", ACT_SHAPES)
-def test_emul_relu_and_bias_forward(emul, shape, dtype, launch):
-    rng = rng_for("bias-relu", shape)
-    x = rng.standard_normal(shape).astype(dtype)
-    if x.size >= 4:
-        x.flat[::4] = np.nan  # NaN propagates, like np.maximum
-    b = rng.standard_normal(shape[1]).astype(dtype)
-    bshape = (1, shape[1]) + (1,) * (len(shape) - 2)
-    relu_ref, _ = F.relu_forward(x)
-    exact(cuda.relu_forward(x, **launch_kw(launch)), relu_ref, "relu_forward")
-    y = x.copy()
-    assert cuda.bias_add_forward_(y, b, **launch_kw(launch)) is y
-    exact(y, x + b.reshape(bshape), "bias_add_forward_")
-    y = x.copy()
-    cuda.bias_relu_forward_(y, b, **launch_kw(launch))
-    exact(y, np.maximum(x + b.reshape(bshape), 0), "bias_relu_forward_")
+@pytest.mark.parametrize("cm,relu,bias", [(0, 0, 1), (0, 1, 1), (0, 1, 0), (1, 0, 1), (1, 1, 1), (1, 1, 0), (1, 0, 0)])
+@pytest.mark.parametrize("shape", EPI_SHAPES)
+def test_emul_bias_act_forward(emul, shape, cm, relu, bias, dtype, launch):
+    N, F_, P = shape
+    rng = rng_for("bias-act", shape, cm)
+    z = rng.standard_normal((N, F_, P)).astype(dtype)  # what the GEMM computed, NCHW-ordered
+    if z.size >= 4:
+        z.flat[::4] = np.nan  # NaN propagates, like np.maximum
+    b = rng.standard_normal(F_).astype(dtype) if bias else None
+    ref = z + b[:, None] if bias else z.copy()
+    if relu:
+        ref = np.maximum(ref, 0)
+    src = np.ascontiguousarray(z.transpose(1, 0, 2)).reshape(F_, N * P) if cm else z.copy()
+    y = src if not cm else np.empty((N, F_, P), dtype)  # in place without cm
+    assert ops.bias_act_forward(src, y, b, N, F_, P, cm=cm, relu=relu, **launch_kw(launch)) is y
+    exact(y, ref, "bias_act_forward")
 
 
-@pytest.mark.parametrize("launch", LAUNCHES + [(2, 48), (1, 1000)], ids=LAUNCH_IDS + ["g2b48", "g1b1000"])
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("shape", ACT_SHAPES)
-def test_emul_relu_backward_and_bias_grad(emul, shape, dtype, launch):
-    rng = rng_for("relu-bwd", shape)
-    y, _ = F.relu_forward(rng.standard_normal(shape).astype(dtype))
-    y.flat[:: max(1, y.size // 4)] = 0  # exact zeros: no gradient
-    dy = rng.standard_normal(shape).astype(dtype)
-    ref_dx = F.relu_backward(dy, y)
-    exact(cuda.relu_backward(dy, y, **launch_kw(launch)), ref_dx, "relu_backward")
-    dx, db = cuda.relu_backward_bias_grad(dy, y, **launch_kw(launch))
-    exact(dx, ref_dx, "relu_backward_bias_grad dx")
-    axes = (0,) + tuple(range(2, len(shape)))
-    close(db, ref_dx.astype(np.float64).sum(axis=axes), dtype, "relu_backward_bias_grad db")
-    close(cuda.bias_grad(dy, **launch_kw(launch)), dy.astype(np.float64).sum(axis=axes), dtype, "bias_grad")
+@pytest.mark.parametrize("cm,relu,bias", [(0, 1, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1), (1, 0, 1), (1, 1, 0)])
+@pytest.mark.parametrize("shape", EPI_SHAPES)
+def test_emul_act_backward_bias_grad(emul, shape, cm, relu, bias, dtype, launch):
+    N, F_, P = shape
+    rng = rng_for("act-bwd", shape, cm)
+    y, _ = R.relu_forward(rng.standard_normal((N, F_, P)).astype(dtype))
+    dy = rng.standard_normal((N, F_, P)).astype(dtype)
+    if dy.size >= 6:
+        dy.flat[::6] = np.nan  # a NaN in dy stays NaN, as in the reference's product
+    delta = R.relu_backward(dy, y) if relu else dy
+    dst = np.empty((F_, N * P) if cm else (N, F_, P), dtype)
+    db = ops.act_backward_bias_grad(dy, y, dst, N, F_, P, cm=cm, relu=relu, bias=bias, **launch_kw(launch))
+    want = np.ascontiguousarray(delta.transpose(1, 0, 2)).reshape(F_, N * P) if cm else delta
+    exact(dst, want, "delta")
+    if bias:
+        close(db, delta.astype(np.float64).sum(axis=(0, 2)), dtype, "db")
+    else:
+        assert db is None
 
 
 def test_emul_bias_grad_is_deterministic_per_launch_config(emul):
-    dy = rng_for("det").standard_normal((8, 5, 13, 11)).astype(np.float32)
-    a = cuda.bias_grad(dy)
-    b = cuda.bias_grad(dy)
-    assert a.tobytes() == b.tobytes()
+    dy = rng_for("det").standard_normal((64, 8, 100)).astype(np.float32)
+    dst = np.empty((8, 6400), np.float32)
+    a = ops.act_backward_bias_grad(dy, None, dst, 64, 8, 100, cm=True, relu=False, bias=True)
+    b = ops.act_backward_bias_grad(dy, None, dst, 64, 8, 100, cm=True, relu=False, bias=True)
+    exact(a, b, "same launch configuration: identical bits")
 
 
 # ============================================================================== loss
@@ -501,9 +548,9 @@ def test_emul_softmax_cross_entropy(emul, case, dtype, launch):
     rng = rng_for("sce", case)
     logits = (3 * rng.standard_normal((N, K))).astype(dtype)
     labels = rng.integers(0, K, size=N)  # int64: the wrapper converts
-    loss, dlogits = cuda.softmax_cross_entropy(logits, labels, **launch_kw(launch))
+    loss, dlogits = ops.softmax_cross_entropy(logits, labels, **launch_kw(launch))
     assert loss.shape == () and loss.dtype == dtype and dlogits.dtype == dtype
-    ref_loss, ref_d = F.softmax_cross_entropy(logits, labels)
+    ref_loss, ref_d = R.softmax_cross_entropy(logits, labels)
     close(loss, ref_loss, dtype, "loss vs cnn_gpu.functional")
     close(dlogits, ref_d, dtype, "dlogits vs cnn_gpu.functional")
     # naive float64 reference from the definition
@@ -522,9 +569,9 @@ def test_emul_softmax_cross_entropy_large_logits(emul, dtype):
     logits = (1e4 * rng.standard_normal((16, 12))).astype(dtype)
     logits[0] = 1e4  # all tied
     labels = rng.integers(0, 12, size=16).astype(np.int32)
-    loss, d = cuda.softmax_cross_entropy(logits, labels)
+    loss, d = ops.softmax_cross_entropy(logits, labels)
     assert np.isfinite(loss) and np.all(np.isfinite(d))
-    ref_loss, ref_d = F.softmax_cross_entropy(logits, labels)
+    ref_loss, ref_d = R.softmax_cross_entropy(logits, labels)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6 if dtype == np.float32 else 1e-12)
     close(d, ref_d, dtype)
     np.testing.assert_allclose(d.sum(axis=1), 0, atol=1e-6)
@@ -533,11 +580,11 @@ def test_emul_softmax_cross_entropy_large_logits(emul, dtype):
 def test_emul_softmax_cross_entropy_per_sample_and_bad_label(emul):
     logits = rng_for("sce-bad").standard_normal((4, 5))
     labels = np.array([0, 4, 5, -1], dtype=np.int32)  # the last two are out of range
-    loss, d, per = cuda.softmax_cross_entropy(logits, labels, return_per_sample=True)
+    loss, d, per = ops.softmax_cross_entropy(logits, labels, return_per_sample=True)
     assert np.isnan(loss)
     assert np.all(np.isfinite(per[:2])) and np.all(np.isnan(per[2:]))
     assert np.all(np.isfinite(d[:2])) and np.all(np.isnan(d[2:]))
-    ref, _ = F.softmax_cross_entropy(logits[:2], labels[:2])
+    ref, _ = R.softmax_cross_entropy(logits[:2], labels[:2])
     close(per[:2].mean(), ref, np.float64)
 
 
@@ -550,11 +597,11 @@ def _opt_state(n, dtype, seed):
     return [rng.standard_normal(n).astype(dtype) for _ in range(3)]
 
 
-def naive_sgd(p, g, buf, lr, mu, wd, nesterov, first, dampening=0.0):
+def naive_sgd(p, g, buf, lr, mu, wd, nesterov, first):
     t = p.dtype.type
     d = g + t(wd) * p if wd != 0 else g
     if mu != 0:
-        buf = d.copy() if first else t(mu) * buf + t(1.0 - dampening) * d
+        buf = d.copy() if first else t(mu) * buf + d
         d = d + t(mu) * buf if nesterov else buf
     return p - t(lr) * d, buf
 
@@ -569,19 +616,11 @@ def test_emul_sgd_update(emul, n, dtype, launch, mu, wd, nesterov):
     ref_p, ref_buf = p.copy(), None if buf is None else buf.copy()
     for step in range(3):
         g = np.random.default_rng(step).standard_normal(n).astype(dtype)
-        cuda.sgd_update_(p, g, buf, 0.1, mu, wd, nesterov, step == 0, **launch_kw(launch))
+        ops.sgd_update_(p, g, buf, 0.1, mu, wd, nesterov, step == 0, **launch_kw(launch))
         ref_p, ref_buf = naive_sgd(ref_p, g, ref_buf, 0.1, mu, wd, nesterov, step == 0)
         exact(p, ref_p, f"p after step {step}")
         if buf is not None:
             exact(buf, ref_buf, f"buf after step {step}")
-
-
-def test_emul_sgd_dampening(emul):
-    p, g, buf = _opt_state(50, np.float64, 3)
-    ref_p, ref_buf = naive_sgd(p.copy(), g, buf.copy(), 0.05, 0.9, 0.0, False, False, dampening=0.3)
-    cuda.sgd_update_(p, g, buf, 0.05, 0.9, 0.0, False, False, dampening=0.3)
-    exact(p, ref_p)
-    exact(buf, ref_buf)
 
 
 def naive_adam(p, g, m, v, lr, b1, b2, eps, wd, decoupled, t):
@@ -610,7 +649,7 @@ def test_emul_adam_update(emul, n, dtype, launch, wd, decoupled):
     b1, b2, eps, lr = 0.9, 0.999, 1e-8, 1e-2
     for t in range(1, 4):
         g = np.random.default_rng(t).standard_normal(n).astype(dtype)
-        cuda.adam_update_(p, g, m, v, lr, b1, b2, eps, wd, decoupled, 1 - b1**t, 1 - b2**t, **launch_kw(launch))
+        ops.adam_update_(p, g, m, v, lr, b1, b2, eps, wd, decoupled, 1 - b1**t, 1 - b2**t, **launch_kw(launch))
         rp, rm, rv = naive_adam(rp, g, rm, rv, lr, b1, b2, eps, wd, decoupled, t)
         exact(m, rm, f"m at step {t}")
         exact(v, rv, f"v at step {t}")
@@ -656,13 +695,13 @@ def test_emul_fused_update_matches_cnn_gpu_optim(emul, opt, kwargs, dtype):
             mu = kwargs.get("momentum", 0.0)
             if mu and "buf" not in state:
                 state["buf"] = np.zeros_like(p)
-            cuda.sgd_update_(p, g, state.get("buf"), kwargs["lr"], mu, kwargs.get("weight_decay", 0.0),
+            ops.sgd_update_(p, g, state.get("buf"), kwargs["lr"], mu, kwargs.get("weight_decay", 0.0),
                              kwargs.get("nesterov", False), t == 1)
         else:
             if "m" not in state:
                 state["m"], state["v"] = np.zeros_like(p), np.zeros_like(p)
             b1, b2 = o.betas
-            cuda.adam_update_(p, g, state["m"], state["v"], o.lr, b1, b2, o.eps, o.weight_decay, opt == "AdamW",
+            ops.adam_update_(p, g, state["m"], state["v"], o.lr, b1, b2, o.eps, o.weight_decay, opt == "AdamW",
                               1 - b1**t, 1 - b2**t)
         # same formulas, operation order and scalar rounding as the NumPy path: bitwise equal
         exact(p, group.data, f"{opt} params after step {t}")
@@ -688,9 +727,9 @@ def test_emul_fused_update_torch_oracle(emul, opt, dtype):
         tp.grad = torch.from_numpy(g.copy())
         topt.step()
         if opt.startswith("sgd"):
-            cuda.sgd_update_(p, g, buf, 0.1, 0.9, 1e-2, opt == "sgd_nesterov", t == 1)
+            ops.sgd_update_(p, g, buf, 0.1, 0.9, 1e-2, opt == "sgd_nesterov", t == 1)
         else:
-            cuda.adam_update_(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 1e-2, opt == "adamw", 1 - 0.9**t, 1 - 0.999**t)
+            ops.adam_update_(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 1e-2, opt == "adamw", 1 - 0.9**t, 1 - 0.999**t)
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(p, tp.detach().numpy(), **tol)
 
@@ -699,25 +738,26 @@ def test_emul_fused_update_torch_oracle(emul, opt, dtype):
 def test_emul_grid_stride_loops_are_exercised(emul):
     """With grid=1, block=32 every kernel family runs with fewer threads than work items."""
     x = rng_for("gs").standard_normal((2, 3, 9, 9))
-    cols = cuda.im2col(x, 3)
+    cols = k_im2col(x, 3)
     emul.log.clear()
-    cuda.im2col(x, 3, 1, 1, 1, grid=1, block=32)
-    cuda.col2im(cols, x.shape, 3, grid=1, block=32)
-    cuda.max_pool2d_forward(x, 2, grid=1, block=32)
-    cuda.relu_forward(x, grid=1, block=32)
-    cuda.relu_backward_bias_grad(x, x, grid=1, block=32)
-    cuda.softmax_cross_entropy(x.reshape(6, -1), np.zeros(6, np.int32), grid=1, block=32)
-    cuda.sgd_update_(x.reshape(-1).copy(), x.reshape(-1), None, 0.1, grid=1, block=32)
+    k_im2col(x, 3, 1, 1, 1, grid=1, block=32)
+    k_col2im(cols, x.shape, 3, grid=1, block=32)
+    k_max_pool(x, 2, grid=1, block=32)
+    ops.bias_act_forward(x, x, None, 2, 3, 81, cm=False, relu=True, grid=1, block=32)
+    ops.act_backward_bias_grad(x, x, np.empty_like(x), 2, 3, 81, cm=False, relu=True, bias=True, grid=1, block=32)
+    ops.softmax_cross_entropy(x.reshape(6, -1), np.zeros(6, np.int32), grid=1, block=32)
+    ops.sgd_update_(x.reshape(-1).copy(), x.reshape(-1), None, 0.1, 0.0, 0.0, False, True, grid=1, block=32)
     for kernel, grid, block in emul.log:
-        assert grid == 1 and block == 32, kernel
+        if not kernel.startswith("scaled_sum"):  # the loss's second launch is always one block
+            assert grid == 1 and block == 32, kernel
     assert len(emul.log) >= 8
 
 
 def test_emul_default_launch_configuration(emul):
     emul.log.clear()
     x = np.zeros((4, 8, 32, 32), np.float32)  # 32768 elements
-    cuda.relu_forward(x)
-    cuda.bias_grad(x)
+    ops.bias_act_forward(x, x, None, 4, 8, 1024, cm=False, relu=True)
+    ops.act_backward_bias_grad(x, x, np.empty_like(x), 4, 8, 1024, cm=False, relu=True, bias=True)
     (k1, g1, b1), (k2, g2, b2) = emul.log
     assert (g1, b1) == (min(math.ceil(x.size / 256), emul.max_grid()), 256)
     assert (g2, b2) == (min(8, emul.max_grid()), 256)  # one block per filter
@@ -727,57 +767,48 @@ def test_emul_default_launch_configuration(emul):
 def test_emul_wrappers_reject_other_dtypes(emul, dtype):
     x = np.zeros((1, 1, 4, 4), dtype)
     with pytest.raises(TypeError, match="x: expected a float32 or float64"):
-        cuda.im2col(x, 2)
+        k_im2col(x, 2)
     with pytest.raises(TypeError, match="x: expected a float32 or float64"):
-        cuda.max_pool2d_forward(x, 2)
+        k_max_pool(x, 2)
     with pytest.raises(TypeError, match="dy: expected a float32 or float64"):
-        cuda.relu_backward(x, x)
+        ops.act_backward_bias_grad(x, x, x, 1, 1, 16, cm=False, relu=True, bias=False)
     with pytest.raises(TypeError, match="logits: expected a float32 or float64"):
-        cuda.softmax_cross_entropy(x.reshape(4, 4), np.zeros(4, np.int32))
+        ops.softmax_cross_entropy(x.reshape(4, 4), np.zeros(4, np.int32))
     with pytest.raises(TypeError, match="p: expected a float32 or float64"):
-        cuda.sgd_update_(x.reshape(-1), x.reshape(-1), None, 0.1)
+        ops.sgd_update_(x.reshape(-1), x.reshape(-1), None, 0.1, 0.0, 0.0, False, True)
 
 
 def test_emul_wrappers_reject_bad_arguments(emul):
-    y = np.zeros((2, 3, 4), np.float32)
-    with pytest.raises(TypeError, match="b: expected dtype float32"):
-        cuda.bias_relu_forward_(y, np.zeros(3, np.float64))
-    with pytest.raises(ValueError, match="b: expected shape"):
-        cuda.bias_relu_forward_(y, np.zeros(4, np.float32))
-    with pytest.raises(ValueError, match="y: updated in place"):
-        cuda.bias_relu_forward_(y[:, :, ::2], np.zeros(3, np.float32))
-    with pytest.raises(TypeError, match="labels: expected an integer"):
-        cuda.softmax_cross_entropy(np.zeros((2, 3)), np.zeros(2))
-    with pytest.raises(ValueError, match="buf: a momentum buffer"):
-        cuda.sgd_update_(np.zeros(3), np.zeros(3), None, 0.1, 0.9)
-    with pytest.raises(ValueError, match="m: expected 3 elements"):
-        cuda.adam_update_(np.zeros(3), np.zeros(3), np.zeros(2), np.zeros(3), 0.1, 0.9, 0.99, 1e-8, 0, False, 0.1, 0.01)
-    with pytest.raises(ValueError, match="cols: expected shape"):
-        cuda.col2im(np.zeros((1, 4, 5)), (1, 1, 3, 3), 2)
+    with pytest.raises(ValueError, match="src: the CUDA engine works on C-contiguous"):
+        y = np.zeros((2, 3, 8), np.float32)
+        ops.bias_act_forward(y[:, :, ::2], y[:, :, ::2], None, 2, 3, 4, cm=False, relu=True)
     with pytest.raises(ValueError, match="block: expected"):
-        cuda.relu_forward(np.zeros(3), block=2048)
-    with pytest.raises(ValueError, match="padding: expected at most half"):
-        cuda.max_pool2d_forward(np.zeros((1, 1, 4, 4)), 2, 1, 2)
+        ops.bias_act_forward(np.zeros(3), np.zeros(3), None, 1, 3, 1, cm=False, relu=True, block=2048)
+    with pytest.raises(ValueError, match="grid: expected at least 1"):
+        ops.bias_act_forward(np.zeros(3), np.zeros(3), None, 1, 3, 1, cm=False, relu=True, grid=0)
+    with pytest.raises(ValueError, match="does not fit the kernels' int32"):
+        ops._i32(2**31)
 
 
 def test_emul_empty_batch_launches_nothing(emul):
     emul.log.clear()
     x = np.zeros((0, 3, 5, 5))
-    assert cuda.im2col(x, 3).shape == (0, 27, 9)
-    assert cuda.max_pool2d_forward(x, 2)[0].shape == (0, 3, 2, 2)
+    assert k_im2col(x, 3).shape == (0, 27, 9)
+    assert k_max_pool(x, 2)[0].shape == (0, 3, 2, 2)
     assert emul.log == []
 
 
 def test_emul_every_wrapper_kernel_exists():
-    """Every kernel name cuda.py launches is an entry point of that file (f32 and f64)."""
-    src = Path(cuda.__file__).read_text()
+    """Every kernel the CUDA engine launches is an entry point of its file (f32 and f64), and every
+    entry point is launched by the engine: no kernel is dead."""
+    src = Path(ops.__file__).read_text()
     kernels = cuda.list_kernels()
-    used = re.findall(r'L\.launch\("(\w+)", f"(\w+)_\{sfx\}"', src)
-    used += [("elementwise", k) for k in re.findall(r'_bias_forward\("(\w+)"', src)]
-    used += [("im2col", k) for k in re.findall(r'_(?:im2col|col2im)\("(\w+)"', src)]
-    assert len(used) == 18
+    used = set(re.findall(r'_launch\("(\w+)", "(\w+)"', src))
+    used |= {("im2col", k) for k in ("im2col", "im2col_cm", "col2im", "col2im_cm")}  # chosen by a flag
     for fname, stem in used:
         assert f"{stem}_f32" in kernels[fname] and f"{stem}_f64" in kernels[fname], (fname, stem)
+    defined = {(fname, nm.rsplit("_", 1)[0]) for fname, names in kernels.items() for nm in names}
+    assert defined == used, f"kernels nothing launches: {sorted(defined - used)}"
     for fname, names in kernels.items():
         assert names, fname
         for nm in names:
@@ -787,14 +818,14 @@ def test_emul_every_wrapper_kernel_exists():
 
 def test_emul_kernel_dir_lookup(tmp_path, monkeypatch):
     assert (cuda.kernel_dir() / "common.cuh").is_file()
-    monkeypatch.setenv("CNN_GPU_KERNELS_DIR", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="CNN_GPU_KERNELS_DIR"):
-        cuda.kernel_dir()
-    (tmp_path / "common.cuh").write_text("// empty\n")
-    (tmp_path / "demo.cu").write_text('#include "common.cuh"\nCNN_ENTRY_POINTS(demo, P, A)\n')
-    assert cuda.kernel_dir() == tmp_path
-    assert cuda.list_kernels() == {"demo": ["demo_f32", "demo_f64"]}
-    src = cuda.expanded_source("demo")
+    with cnn_gpu.config.override(kernels_dir=str(tmp_path)):  # what CNN_GPU_KERNELS_DIR sets
+        with pytest.raises(FileNotFoundError, match="CNN_GPU_KERNELS_DIR"):
+            cuda.kernel_dir()
+        (tmp_path / "common.cuh").write_text("// empty\n")
+        (tmp_path / "demo.cu").write_text('#include "common.cuh"\nCNN_ENTRY_POINTS(demo, P, A)\n')
+        assert cuda.kernel_dir() == tmp_path
+        assert cuda.list_kernels() == {"demo": ["demo_f32", "demo_f64"]}
+        src = cuda.expanded_source("demo")
     assert "// empty" in src and "#include" not in src and '#line 2 "demo.cu"' in src
 
 
@@ -886,33 +917,31 @@ def test_emul_matches_the_gpu(dtype):
 
     def run(to):
         out = {}
-        out["im2col"] = cuda.im2col(to(x), (3, 2), (2, 1), (1, 1), (1, 2))
-        out["col2im"] = cuda.col2im(to(cols), x.shape, (3, 2), (2, 1), (1, 1), (1, 2))
-        x_cm = to(np.ascontiguousarray(x.transpose(1, 0, 2, 3)))
-        out["im2col_cm"] = cuda.im2col_cm(x_cm, (3, 2), (2, 1), (1, 1), (1, 2))
-        out["col2im_cm"] = cuda.col2im_cm(out["im2col_cm"], x_cm.shape, (3, 2), (2, 1), (1, 1), (1, 2),
-                                          out=x_cm.copy(), accumulate=True)
-        out["max"], out["argmax"] = cuda.max_pool2d_forward(to(x), 3, 2, 1)
-        out["max_bwd"] = cuda.max_pool2d_backward(to(dy_pool), out["argmax"], x.shape, 3, 2, 1)
-        out["avg"] = cuda.avg_pool2d_forward(to(x), 3, 2, 1)
-        out["avg_bwd"] = cuda.avg_pool2d_backward(to(dy_pool), x.shape, 3, 2, 1)
+        out["im2col"] = k_im2col(to(x), (3, 2), (2, 1), (1, 1), (1, 2))
+        out["col2im"] = k_col2im(to(cols), x.shape, (3, 2), (2, 1), (1, 1), (1, 2))
+        out["im2col_cm"] = k_im2col(to(x), (3, 2), (2, 1), (1, 1), (1, 2), cm=True)
+        out["col2im_cm"] = k_col2im(out["im2col_cm"], x.shape, (3, 2), (2, 1), (1, 1), (1, 2), cm=True)
+        out["max"], out["argmax"] = k_max_pool(to(x), 3, 2, 1)
+        out["max_bwd"] = k_max_pool_backward(to(dy_pool), out["argmax"], x.shape, 3, 2, 1)
+        out["avg"] = k_avg_pool(to(x), 3, 2, 1)
+        out["avg_bwd"] = k_avg_pool_backward(to(dy_pool), x.shape, 3, 2, 1)
         y = to(x.copy())
-        out["bias_relu"] = cuda.bias_relu_forward_(y, to(flat[0][:4].copy()))
-        out["dx"], out["db"] = cuda.relu_backward_bias_grad(to(x), y)
-        out["bias_grad"] = cuda.bias_grad(to(x))
-        out["loss"], out["dlogits"] = cuda.softmax_cross_entropy(to(logits), to(labels))
+        out["bias_relu"] = ops.bias_act_forward(y, y, to(flat[0][:4].copy()), 3, 4, 110, cm=False, relu=True)
+        out["dst"] = to(np.empty((4, 330), dtype))
+        out["db"] = ops.act_backward_bias_grad(to(x), y, out["dst"], 3, 4, 110, cm=True, relu=True, bias=True)
+        out["loss"], out["dlogits"] = ops.softmax_cross_entropy(to(logits), to(labels))
         p, g, m, v = (to(a.copy()) for a in flat)
-        cuda.adam_update_(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 1e-2, True, 0.1, 0.001)
+        ops.adam_update_(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 1e-2, True, 0.1, 0.001)
         out["adam_p"], out["adam_m"], out["adam_v"] = p, m, v
         p, buf = to(flat[0].copy()), to(flat[1].copy())
-        cuda.sgd_update_(p, g, buf, 0.1, 0.9, 1e-3, True, False)
+        ops.sgd_update_(p, g, buf, 0.1, 0.9, 1e-3, True, False)
         out["sgd_p"], out["sgd_buf"] = p, buf
         return out
 
-    with cuda.use_launcher(cuda.CupyLauncher()):
+    with cuda.use_launcher(cuda.build.CupyLauncher()):
         gpu = {k: cupy.asnumpy(v) for k, v in run(cupy.asarray).items()}
     # the emulator with the GPU's default grid cap gives the same launch configurations
-    with cuda.use_launcher(harness.EmulationLauncher(grid_cap=cuda.CupyLauncher().max_grid())):
+    with cuda.use_launcher(harness.EmulationLauncher(grid_cap=cuda.build.CupyLauncher().max_grid())):
         cpu = run(np.asarray)
     for k in gpu:
         if k in ("loss", "dlogits"):

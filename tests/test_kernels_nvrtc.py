@@ -21,6 +21,7 @@ if importlib.util.find_spec("cnn_gpu") is None:  # not installed: run from the c
 
 pytest.importorskip("cupy", reason="CuPy is not installed (pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12)")
 
+import cnn_gpu  # noqa: E402
 from cnn_gpu import cuda  # noqa: E402
 
 ARCHS = ["sm_70", "sm_80", "sm_90"]
@@ -52,7 +53,7 @@ def nvrtc():
 
 
 def test_nvrtc_kernel_files_found():
-    assert set(KERNEL_FILES) >= {"im2col", "pool", "elementwise", "loss", "optim"}
+    assert set(KERNEL_FILES) >= {"im2col", "pool", "epilogue", "loss", "optim"}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -85,8 +86,7 @@ def test_nvrtc_ptx_for_the_oldest_target(nvrtc):
 def test_nvrtc_compile_error_is_reported_with_the_log(nvrtc, tmp_path, monkeypatch):
     (tmp_path / "common.cuh").write_text("#define X 1\n")
     (tmp_path / "broken.cu").write_text('#include "common.cuh"\nextern "C" __global__ void k(float* x) { x[0] = undefined_name; }\n')
-    monkeypatch.setenv("CNN_GPU_KERNELS_DIR", str(tmp_path))
-    with pytest.raises(cuda.KernelCompileError) as info:
+    with cnn_gpu.config.override(kernels_dir=str(tmp_path)), pytest.raises(cuda.KernelCompileError) as info:
         cuda.nvrtc_compile("broken", "sm_80")
     msg = str(info.value)
     assert "broken.cu" in msg and "undefined_name" in msg and "sm_80" in msg

@@ -411,88 +411,73 @@ def test_model_fast_path_equals_layer_by_layer(xp, rng, model_fn, shape):
         assert_close(a, b, 1e-12, model_fn.__name__)
 
 
-def test_fast_path_kernel_glue_emul(rng):
-    """The CuPy branches of the fast path (the NCHW kernels plus transposes, see _dispatch),
-    run on the CPU through the kernels' g++ emulation: the same numbers as the NumPy branches."""
-    import importlib.util
-    import os
-    import shutil
-    from pathlib import Path
-
-    from cnn_gpu import cuda
-    from cnn_gpu.functional import _dispatch
-
-    if os.name != "posix" or shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("the CUDA emulation needs a POSIX system with g++")
-    spec = importlib.util.spec_from_file_location(
-        "cnn_gpu_emulation_harness", Path(__file__).resolve().parent / "emulation" / "harness.py")
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
-
-    def build():
-        g = dict(dtype=np.float64, generator=np.random.default_rng(2))
-        return nn.Sequential(OrderedDict(
-            features=nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, **g), nn.ReLU(),   # K-major columns
-                                   nn.Conv2d(3, 8, 3, padding=1, **g), nn.ReLU(), nn.MaxPool2d(2),
-                                   nn.Conv2d(8, 8, 3, padding=1, **g), nn.ReLU(),    # transposed backward
-                                   nn.Conv2d(8, 6, 3, stride=2, **g), nn.ReLU(),     # col2im backward
-                                   nn.MaxPool2d(3, 1, 1), nn.AvgPool2d(2)),
-            flatten=nn.Flatten(), classifier=nn.Sequential(nn.Linear(6, 4, **g))))
-
-    class Counting(harness.EmulationLauncher):
-        kernels_run: set = set()
-
-        def launch(self, name, kernel, grid, block, args):
-            self.kernels_run.add(kernel.rsplit("_", 1)[0])
-            return super().launch(name, kernel, grid, block, args)
-
-    x = rng.standard_normal((3, 2, 11, 11))
-    dy = rng.standard_normal((3, 4))
-    results = []
-    launcher = Counting(check_order=False)
-    for emulate in (False, True):
-        model = build()
-        with cuda.use_launcher(launcher):
-            original = _dispatch.kernels
-            if emulate:  # the kernel branches on NumPy arrays, launched into the emulator
-                _dispatch.kernels = lambda a: cuda
-            try:
-                y = model(x)
-                dx = model.backward(dy)
-            finally:
-                _dispatch.kernels = original
-        results.append([y, dx] + [p.grad.copy() for p in model.parameters()])
-    assert {"im2col", "col2im", "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
-            "avg_pool2d_backward"} <= launcher.kernels_run
-    for a, b in zip(*results):
-        assert_close(b, a, 1e-12, "kernel branches")
-
-
 def test_backward_without_input_grad_with_a_user_layer(rng):
-    """A user's layer with parameters whose backward takes no input_grad still works first in
-    a Sequential with input_grad=False (its dx is computed and dropped)."""
+    """A user's layer with parameters, first in a Sequential: with input_grad=False it is asked
+    to skip its dx (Module.backward's signature) and the steps before it do not run."""
 
     class Scale(nn.Module):
         def __init__(self):
             super().__init__()
             self.s = nn.Parameter(np.array([2.0]))
             self._x = None
+            self.skipped = 0
 
         def forward(self, x):
             self._x = x
             return x * self.s.data
 
-        def backward(self, dy):
+        def backward(self, dy, input_grad=True):
             self.s.grad += (dy * self._x).sum(keepdims=True).reshape(1)
+            if not input_grad:
+                self.skipped += 1
+                return None
             return dy * self.s.data
 
-    model = nn.Sequential(Scale(), nn.Linear(3, 2, dtype=np.float64, generator=0))
+    class CountingTanh(nn.Tanh):
+        calls = 0
+
+        def backward(self, dy, input_grad=True):
+            CountingTanh.calls += 1
+            return super().backward(dy, input_grad)
+
+    scale = Scale()
+    model = nn.Sequential(CountingTanh(), scale, nn.Linear(3, 2, dtype=np.float64, generator=0))
     x = rng.standard_normal((4, 3))
     model(x)
     assert model.backward(np.ones((4, 2)), input_grad=False) is None
+    assert scale.skipped == 1 and CountingTanh.calls == 0  # the steps before the first with parameters never ran
     grads = [p.grad.copy() for p in model.parameters()]
     model.zero_grad()
     model(x)
     assert model.backward(np.ones((4, 2))).shape == x.shape
+    assert CountingTanh.calls == 1
     for g, p in zip(grads, model.parameters()):
         np.testing.assert_array_equal(g, p.grad)
+
+
+def test_sequential_plans_fusion_from_what_the_layers_declare():
+    """The CPU and CUDA engines run a ReLU inside the Conv2d/Linear before it; the CPU engine runs
+    a ReLU before a max pool after it; the reference runs every layer as it comes."""
+    from cnn_gpu import cpu
+    from cnn_gpu.cuda import ops as cuda_ops
+    from cnn_gpu.functional import reference
+    from cnn_gpu.nn.module import plan
+
+    conv, relu, pool, relu2 = nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.ReLU()
+    conv2, relu3, flat, lin, relu4 = nn.Conv2d(2, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(2, 2), nn.ReLU()
+    layers = [conv, relu, pool, conv2, relu3, flat, lin, relu4, relu2]
+
+    def shape(steps):
+        return [(type(s.layer).__name__, s.activation) if hasattr(s, "activation") else type(s).__name__ for s in steps]
+
+    assert shape(plan(layers, reference)) == [type(m).__name__ for m in layers]
+    assert shape(plan(layers, cuda_ops)) == [("Conv2d", "relu"), "MaxPool2d", ("Conv2d", "relu"), "Flatten",
+                                             ("Linear", "relu"), "ReLU"]
+    assert shape(plan(layers, cpu)) == ["Conv2d", "MaxPool2d", "ReLU", ("Conv2d", "relu"), "Flatten",
+                                        ("Linear", "relu"), "ReLU"]
+
+    class MyAct(nn.ReLU):  # a user's layer inherits what ReLU declares, or overrides it
+        activation_name = None
+        commutes_with_max = False
+
+    assert shape(plan([conv, MyAct(), pool], cpu)) == ["Conv2d", "MyAct", "MaxPool2d"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import cnn_gpu
-from cnn_gpu import cli, optim, runs
+from cnn_gpu import callbacks, cli, optim, runs
 from cnn_gpu.checkpoint import load_checkpoint
 from cnn_gpu.data import get_dataset
 
@@ -114,7 +114,8 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, capsys, sto
             raise KeyboardInterrupt  # what Ctrl-C amounts to: a stop at the next consistent point
 
     with pytest.raises(runs.RunStopped) as info:
-        cli.cmd_train(runs.TrainConfig(run_dir=str(run), **cfg), out=lambda s: None, on_step=on_step)
+        cli.cmd_train(runs.TrainConfig(run_dir=str(run), **cfg), out=lambda s: None,
+                      callbacks=[callbacks.LambdaCallback(on_step=on_step)])
     assert info.value.exit_code == 130
     assert f"resume with: cnn-gpu train --resume {run}" in str(info.value)
     pos = load_checkpoint(run / "checkpoint.npz").position
@@ -235,7 +236,7 @@ def test_quiet_prints_only_the_result_and_the_bar_shows_loss_and_speed(tmp_path,
     rc, out, _ = main(capsys, "train", "--epochs", "2", "--run-dir", tmp_path / "p", "--progress", "plain")
     assert rc == 0 and sum(line.startswith("epoch ") for line in out.splitlines()) == 2
     pytest.importorskip("tqdm")
-    monkeypatch.setattr(runs, "BAR_REFRESH_S", 0.0)  # refresh the bar's numbers at every step
+    monkeypatch.setattr(callbacks, "REFRESH_S", 0.0)  # refresh the bar's numbers at every step
     rc, out, _ = main(capsys, "train", "--epochs", "1", "--run-dir", tmp_path / "b", "--progress", "bar")
     assert rc == 0
     assert "epoch 1/1" in out and "img/s" in out and "loss" in out and "step" in out

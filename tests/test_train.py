@@ -6,7 +6,8 @@ import pytest
 import cnn_gpu
 from cnn_gpu import nn, optim, train
 from cnn_gpu.data import DataLoader, split_validation
-from cnn_gpu.train import NonFiniteLossError, Position, StopFlag, TrainingInterrupted, fit
+from cnn_gpu.callbacks import Callback, Evaluate, LambdaCallback, ProgressBar, StopRequest
+from cnn_gpu.train import NonFiniteLossError, Position, TrainingInterrupted, fit
 
 
 def _setup(xp, seed=3, dropout=True, lr=0.02):
@@ -45,7 +46,7 @@ def _restart(model, opt, sched, make):
 def test_interrupt_anywhere_and_resume_is_bitwise_exact(xp, stop_at):
     make = lambda: _setup(xp)  # noqa: E731
     model, opt, sched, loader, data = make()
-    straight = fit(model, opt, loader, 4, scheduler=sched, eval_data=data, log=None)
+    straight = fit(model, opt, loader, 4, scheduler=sched, callbacks=[Evaluate(data)])
     want = _weights(model)
 
     model, opt, sched, loader, data = make()
@@ -55,7 +56,7 @@ def test_interrupt_anywhere_and_resume_is_bitwise_exact(xp, stop_at):
             raise KeyboardInterrupt  # as a Ctrl-C handler would: stop at this consistent point
 
     with pytest.raises(TrainingInterrupted) as info:
-        fit(model, opt, loader, 4, scheduler=sched, eval_data=data, log=None, on_step=on_step)
+        fit(model, opt, loader, 4, scheduler=sched, callbacks=[Evaluate(data), LambdaCallback(on_step=on_step)])
     pos = info.value.position
     epoch, step = stop_at
     if step == len(loader):  # stopped after the last step: the epoch is finished first
@@ -67,7 +68,7 @@ def test_interrupt_anywhere_and_resume_is_bitwise_exact(xp, stop_at):
     assert opt.step_count == (epoch - 1) * len(loader) + step
 
     m2, o2, s2, loader2, data2 = _restart(model, opt, sched, make)
-    rest = fit(m2, o2, loader2, 4, scheduler=s2, eval_data=data2, log=None, position=Position.from_dict(pos.as_dict()))
+    rest = fit(m2, o2, loader2, 4, scheduler=s2, callbacks=[Evaluate(data2)], position=Position.from_dict(pos.as_dict()))
     got = _weights(m2)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
@@ -79,16 +80,18 @@ def test_interrupt_anywhere_and_resume_is_bitwise_exact(xp, stop_at):
                                                                                    b.test_loss, b.test_accuracy)
 
 
-def test_stop_flag_stops_before_the_next_step():
+@pytest.mark.parametrize("order", ["request-first", "request-last"])
+def test_stop_request_stops_before_the_next_step(order):
     model, opt, sched, loader, data = _setup(np)
-    stop = StopFlag()
+    stop = StopRequest()
 
     def on_step(epoch, step):
         if (epoch, step) == (1, 2):
             stop.request()
 
+    cbs = [stop, LambdaCallback(on_step=on_step)]
     with pytest.raises(TrainingInterrupted) as info:
-        fit(model, opt, loader, 3, scheduler=sched, log=None, stop=stop, on_step=on_step)
+        fit(model, opt, loader, 3, scheduler=sched, callbacks=cbs if order == "request-first" else cbs[::-1])
     assert (info.value.position.epoch, info.value.position.step) == (0, 2)
     assert opt.step_count == 2 and sched.last_step == 2
     assert info.value.position.loss_sum > 0 and 0 <= info.value.position.correct <= 32
@@ -128,7 +131,7 @@ def test_non_finite_loss_names_epoch_and_step(xp):
     model, opt, _, loader, data = make()
     done = []
     with pytest.raises(NonFiniteLossError) as info:
-        fit(model, opt, loader, 10, scheduler=_BlowUp(opt, blowup_at), log=None, on_epoch_end=done.append)
+        fit(model, opt, loader, 10, scheduler=_BlowUp(opt, blowup_at), callbacks=[LambdaCallback(on_epoch_end=done.append)])
     err = info.value
     assert (err.epoch, err.global_step) == (want_epoch, want_global)
     assert err.step == want_global - (want_epoch - 1) * len(loader)
@@ -137,50 +140,70 @@ def test_non_finite_loss_names_epoch_and_step(xp):
     assert [s.epoch for s in done] == list(range(1, want_epoch))  # no epoch with a bad loss was reported
 
 
-class _CountingProgress:
-    def __init__(self, every):
-        self.every, self.calls, self.shown, self.began, self.ended = every, 0, [], [], 0
+class _EveryThird(Callback):
+    """Reads the running sums every third step, as a progress display would at its refreshes."""
 
-    def begin(self, epoch, epochs, steps, done):
-        self.began.append((epoch, epochs, steps, done))
+    def __init__(self):
+        self.calls, self.shown = 0, []
 
-    def advance(self, done):
-        self.done = done
-
-    def due(self):
+    def on_step(self, loop):
         self.calls += 1
-        return self.calls % self.every == 0
-
-    def show(self, loss, acc, ips):
-        self.shown.append((self.done, loss, acc))
-
-    def end(self):
-        self.ended += 1
+        if self.calls % 3 == 0:
+            loss_sum, hits = loop.read_sums()
+            self.shown.append((loop.step, loss_sum / loop.meter.seen, hits / loop.meter.seen))
 
 
-def test_progress_reads_metrics_only_when_due(monkeypatch):
+def test_sums_are_read_only_when_asked(monkeypatch):
     model, opt, sched, loader, data = _setup(np)
     reads = []
     real = train.read_metrics
     monkeypatch.setattr(train, "read_metrics", lambda *v: reads.append(len(v)) or real(*v))
-    prog = _CountingProgress(every=3)
-    hist = fit(model, opt, loader, 2, scheduler=sched, log=None, progress=prog)
+    prog = _EveryThird()
+    hist = fit(model, opt, loader, 2, scheduler=sched, callbacks=[prog])
     steps = 2 * len(loader)
-    assert prog.began == [(1, 2, 4, 0), (2, 2, 4, 0)] and prog.ended == 2
     assert len(prog.shown) == steps // 3
-    # one read per refresh and one per epoch: never one per step
-    assert len(reads) == steps // 3 + 2
+    # one read before training (the labels' range), one per refresh and one per epoch: never one per step
+    assert len(reads) == 1 + steps // 3 + 2
     done, loss, acc = prog.shown[-1]
     assert done == 2 and np.isfinite(loss) and 0 <= acc <= 1
     assert hist[-1].steps == len(loader)
 
 
+class _FakeBar:
+    def __init__(self, total, initial, **kw):
+        self.n, self.total, self.postfix, self.closed = initial, total, [], False
+
+    def update(self, k):
+        self.n += k
+
+    def set_postfix_str(self, text, refresh):
+        self.postfix.append(text)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("refresh_s,shows", [(0.0, 8), (3600.0, 0)])
+def test_progress_bar_reads_the_sums_only_at_refreshes(monkeypatch, refresh_s, shows):
+    model, opt, sched, loader, data = _setup(np)
+    bars = []
+    reads = []
+    real = train.read_metrics
+    monkeypatch.setattr(train, "read_metrics", lambda *v: reads.append(len(v)) or real(*v))
+    bar = ProgressBar(refresh_s=refresh_s, bar=lambda **kw: bars.append(_FakeBar(**kw)) or bars[-1])
+    fit(model, opt, loader, 2, scheduler=sched, callbacks=[bar])
+    assert len(bars) == 2 and all(b.closed and b.n == b.total == len(loader) for b in bars)
+    assert sum(len(b.postfix) for b in bars) == shows and len(reads) == 1 + shows + 2
+    if shows:
+        assert "loss" in bars[-1].postfix[-1] and "img/s" in bars[-1].postfix[-1]
+
+
 def test_fit_checks_its_arguments():
     model, opt, sched, loader, data = _setup(np)
     with pytest.raises(ValueError, match="epochs"):
-        fit(model, opt, loader, -1, log=None)
+        fit(model, opt, loader, -1)
     with pytest.raises(ValueError, match="position.step"):
-        fit(model, opt, loader, 2, log=None, position=Position(0, 9))
+        fit(model, opt, loader, 2, position=Position(0, 9))
     with pytest.raises(ValueError, match="start"):
         loader.epoch(0, start=5)
 

@@ -30,7 +30,7 @@ IDS = [f"n{c[0]}c{c[1]}h{c[2]}w{c[3]}f{c[4]}k{c[5]}s{c[6]}p{c[7]}d{c[8]}" for c 
 def _run(xp, x, w, b, g, dy):
     y, cache = F.conv2d_forward(xp.asarray(x), xp.asarray(w), xp.asarray(b), **g)
     dx, dw, db = F.conv2d_backward(xp.asarray(dy), cache)
-    return cache.chunk, [to_numpy(a) for a in (y, dx, dw, db)]
+    return cache.aux.chunk, [to_numpy(a) for a in (y, dx, dw, db)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -154,28 +154,28 @@ def test_conv_layer_keeps_its_workspace(rng):
         conv.backward(np.ones_like(y1))  # every backward needs its own forward
 
 
-# --- spreading work over the cores (functional/_parallel.py) --------------------------------
+# --- spreading work over the cores (cpu/parallel.py) --------------------------------
 def test_parallel_split_and_run():
-    from cnn_gpu.functional import _parallel
+    from cnn_gpu.cpu import parallel as _parallel
 
     assert _parallel.split(10, 3) == [(0, 4), (4, 7), (7, 10)]
     assert _parallel.split(2, 4) == [(0, 1), (1, 2)]
     assert _parallel.split(0, 2) == []
-    assert _parallel.run(np, [lambda i=i: i * i for i in range(5)]) == [0, 1, 4, 9, 16]  # in order
-    assert _parallel.over_range(np, 0, lambda a, b: (a, b)) == [(0, 0)]
-    parts = _parallel.over_range(np, 7, lambda a, b: (a, b))
+    assert _parallel.run([lambda i=i: i * i for i in range(5)]) == [0, 1, 4, 9, 16]  # in order
+    assert _parallel.over_range(0, lambda a, b: (a, b)) == [(0, 0)]
+    parts = _parallel.over_range(7, lambda a, b: (a, b))
     assert parts[0][0] == 0 and parts[-1][1] == 7 and all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
 
     def boom():
         raise ZeroDivisionError("part 0")
 
     with pytest.raises(ZeroDivisionError, match="part 0"):
-        _parallel.run(np, [boom, lambda: 1])
+        _parallel.run([boom, lambda: 1])
 
 
 def test_blas_thread_count_restored():
     pytest.importorskip("threadpoolctl")
-    from cnn_gpu.functional import _parallel
+    from cnn_gpu.cpu import parallel as _parallel
 
     limit = _parallel._blas_limit()  # NumPy's BLAS (libraries loaded later, e.g. torch's, are not touched)
     assert limit is not None and limit.libs
@@ -184,13 +184,13 @@ def test_blas_thread_count_restored():
         return [lc.get_num_threads() for lc in limit.libs]
 
     before = blas_threads()
-    with _parallel.single_threaded_blas(np):
+    with _parallel.single_threaded_blas():
         assert all(n == 1 for n in blas_threads())
-        with _parallel.single_threaded_blas(np):  # nested: still one thread, and restored only at the end
+        with _parallel.single_threaded_blas():  # nested: still one thread, and restored only at the end
             pass
         assert all(n == 1 for n in blas_threads())
     assert blas_threads() == before
     with pytest.raises(ValueError):
-        with _parallel.single_threaded_blas(np):
+        with _parallel.single_threaded_blas():
             raise ValueError
     assert blas_threads() == before

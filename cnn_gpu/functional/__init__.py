@@ -1,10 +1,13 @@
-"""Functional ops: each op's forward and backward side by side, written against ``xp``.
+"""The functional ops: each op a forward/backward pair, ``*_forward(...) -> (y, cache)`` and
+``*_backward(dy, cache) -> gradients``.
 
-``*_forward(...) -> (y, cache)`` and ``*_backward(dy, cache) -> gradients``.
-On CuPy arrays the index-heavy ops run in cnn_gpu's CUDA kernels (see ``_dispatch``).
+The math of every op is in :mod:`cnn_gpu.functional.reference`, forward and backward side by
+side; the functions here check their arguments and run the op on an engine (the reference,
+the CPU engine or the CUDA engine; see ``_dispatch``).
 """
-from ._dispatch import use_kernels
+from . import reference
 from .activation import (
+    DropoutCache,
     dropout_backward,
     dropout_forward,
     flatten_backward,
@@ -18,26 +21,20 @@ from .activation import (
     tanh_backward,
     tanh_forward,
 )
-from .conv import Conv2dCache, col2im, conv2d_backward, conv2d_forward, im2col
-from .linear import LinearCache, linear_backward, linear_forward
+from .caches import AvgPool2dCache, Conv2dCache, LinearCache, MaxPool2dCache
+from .conv import col2im, conv2d_backward, conv2d_forward, im2col
+from .linear import linear_backward, linear_forward
 from .loss import log_softmax, softmax, softmax_cross_entropy
-from .pool import (
-    AvgPool2dCache,
-    MaxPool2dCache,
-    avg_pool2d_backward,
-    avg_pool2d_forward,
-    max_pool2d_backward,
-    max_pool2d_forward,
-)
+from .pool import avg_pool2d_backward, avg_pool2d_forward, max_pool2d_backward, max_pool2d_forward
 
 __all__ = [
-    "use_kernels",
+    "reference",
     "conv2d_forward", "conv2d_backward", "im2col", "col2im", "Conv2dCache",
     "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
     "MaxPool2dCache", "AvgPool2dCache",
     "linear_forward", "linear_backward", "LinearCache",
     "relu_forward", "relu_backward", "leaky_relu_forward", "leaky_relu_backward",
     "sigmoid_forward", "sigmoid_backward", "tanh_forward", "tanh_backward",
-    "flatten_forward", "flatten_backward", "dropout_forward", "dropout_backward",
+    "flatten_forward", "flatten_backward", "dropout_forward", "dropout_backward", "DropoutCache",
     "softmax", "log_softmax", "softmax_cross_entropy",
 ]

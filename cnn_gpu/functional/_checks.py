@@ -67,3 +67,37 @@ def same_xp(name: str, a: Any, ref_name: str, ref: Any) -> None:
             f"{name}: expected an array on the same backend as {ref_name} "
             f"({type(ref).__module__}.{type(ref).__name__}), got {type(a).__module__}.{type(a).__name__}"
         )
+
+
+ACTIVATIONS = (None, "relu")
+
+
+def check_activation(activation: Any) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+def check_dy(dy: Any, shape: tuple, dtype: Any, what: str = "the forward output") -> None:
+    """dy must be a float array of the forward's dtype and the shape of ``what``."""
+    check_float("dy", dy, ndim=len(shape))
+    if dy.dtype != dtype:
+        raise TypeError(f"dy: expected dtype {np.dtype(dtype)} (the forward input's), got {dy.dtype}; "
+                        "nothing is cast silently")
+    check_shape("dy", dy, shape)
+
+
+def check_weights(x: Any, w: Any, b: Any, in_features: int, what: str) -> None:
+    """w (and b, if given) of x's backend and dtype; w's axis 1 is the input's ``in_features``."""
+    check_float("w", w, ndim=2 if what == "linear" else 4)
+    same_xp("w", w, "x", x)
+    check_same_dtype("w", w, "x", x)
+    if w.shape[1] != in_features:
+        if what == "linear":
+            raise ValueError(f"w: expected shape (out, {in_features}) to match x of shape {tuple(x.shape)}, got {describe(w)}")
+        raise ValueError(f"w: expected {in_features} input channels{' per group' if in_features != x.shape[1] else ''} "
+                         f"(x has shape {tuple(x.shape)}), got {describe(w)}")
+    if b is not None:
+        check_float("b", b, ndim=1)
+        same_xp("b", b, "x", x)
+        check_same_dtype("b", b, "x", x)
+        check_shape("b", b, (w.shape[0],))

@@ -1,41 +1,72 @@
-"""The one place that decides whether an op runs in our CUDA kernels.
+"""The one place that picks the engine an op runs on.
 
-An op calls :func:`kernels` with its input: it gets the :mod:`cnn_gpu.cuda`
-module when the input is a CuPy array and custom kernels are enabled, else
-None and the op runs its ``xp`` reference code (NumPy on the CPU, plain CuPy
-array expressions on the GPU).
+An engine is a module with functions named like the ops (``conv2d_forward(x, w, b, g, ...)``,
+``max_pool2d_backward(dy, cache)``, ...): ``reference`` (functional/reference.py, the readable
+xp code), ``cpu`` (cnn_gpu/cpu, NumPy arrays) and ``cuda`` (cnn_gpu/cuda, CuPy arrays). An op an
+engine does not define runs the reference. The setting ``engine`` of cnn_gpu.config
+(``CNN_GPU_ENGINE``) chooses:
 
-Kernels are on by default; ``CNN_GPU_KERNELS=0`` in the environment, or
-``with use_kernels(False):``, turns them off (the tests use that to compare the
-two CuPy paths against each other).
+    auto        the cuda engine for CuPy arrays, the cpu engine for NumPy arrays (the default);
+                empty arrays (a batch of none) run on the reference
+    reference   the reference for everything
+    cpu, cuda   that engine (tests force them; cuda on NumPy arrays needs the CPU emulation of
+                the kernels, tests/emulation)
+
+A backward runs on the engine that made its forward's cache (``cache.engine``).
+The engines register themselves here (cnn_gpu/__init__.py), so this module imports none of them.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import os
-from typing import Any, Iterator
+from types import ModuleType
+from typing import Any, Callable
 
+from .. import config
 from ..backend import is_cupy_array
+from . import reference
 
-_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "cnn_gpu_kernels", default=os.environ.get("CNN_GPU_KERNELS", "1") != "0"
-)
+_engines: dict[str, ModuleType] = {"reference": reference}
 
 
-@contextlib.contextmanager
-def use_kernels(enabled: bool) -> Iterator[None]:
-    token = _enabled.set(bool(enabled))
+def register(engine: ModuleType) -> None:
+    """Make ``engine`` (a module with ``NAME`` and op functions) selectable."""
+    _engines[engine.NAME] = engine
+
+
+def engine_name(x: Any) -> str:
+    """The engine that runs ops on array ``x`` under the current settings."""
+    setting = config.get().engine
+    if setting == "auto":
+        return "cuda" if is_cupy_array(x) else "cpu"
+    if setting == "cpu" and is_cupy_array(x):
+        raise TypeError("engine: the cpu engine (CNN_GPU_ENGINE=cpu) runs NumPy arrays only, got a CuPy array")
+    return setting
+
+
+def engine(x: Any) -> ModuleType:
+    """The engine module for array ``x``. An empty array runs on the reference (the fast engines
+    split work that is not there)."""
+    if getattr(x, "size", 1) == 0:
+        return reference
+    name = engine_name(x)
     try:
-        yield
-    finally:
-        _enabled.reset(token)
+        return _engines[name]
+    except KeyError:
+        raise RuntimeError(f"engine: {name!r} is not registered (import cnn_gpu first)") from None
 
 
-def kernels(x: Any):
-    """cnn_gpu.cuda if ``x`` is a CuPy array and kernels are enabled, else None."""
-    if not is_cupy_array(x) or not _enabled.get():
-        return None
-    from .. import cuda  # noqa: PLC0415  (imports CuPy lazily itself)
+def _lookup(eng: ModuleType, op: str) -> Callable:
+    fn = getattr(eng, op, None)
+    return fn if fn is not None else getattr(reference, op)
 
-    return cuda
+
+def impl(op: str, x: Any) -> Callable:
+    """The function that runs ``op`` on array ``x``: its engine's, else the reference's."""
+    return _lookup(engine(x), op)
+
+
+def impl_for(op: str, cache: Any) -> Callable:
+    """The backward ``op`` of the engine that made ``cache``."""
+    return _lookup(_engines[cache.engine], op)
+
+
+__all__ = ["register", "engine_name", "engine", "impl", "impl_for"]

@@ -1,30 +1,18 @@
-"""Softmax and softmax cross-entropy.
-
-For logits z (N, K) and targets t (one-hot rows, or class indices):
-    log_softmax(z) = z - max(z) - log(sum(exp(z - max(z))))      (stable for |z| ~ 1e4)
-    L = -(1/N) sum_n sum_k t[n, k] log_softmax(z)[n, k]
-    dL/dz = (softmax(z) - t) / N                                  the output-layer delta
-"""
+"""Softmax and softmax cross-entropy, the public API (the math: functional/reference.py)."""
 from __future__ import annotations
 
-from ..backend import get_array_module
 from . import _dispatch
 from ._checks import check_float, check_same_dtype, describe, same_xp
 
 
 def log_softmax(x, axis=-1):
     check_float("x", x)
-    xp = get_array_module(x)
-    shifted = x - x.max(axis=axis, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    return _dispatch.impl("log_softmax", x)(x, axis)
 
 
 def softmax(x, axis=-1):
     check_float("x", x)
-    xp = get_array_module(x)
-    e = xp.exp(x - x.max(axis=axis, keepdims=True))
-    e /= e.sum(axis=axis, keepdims=True)
-    return e
+    return _dispatch.impl("softmax", x)(x, axis)
 
 
 def check_labels(labels, logits, validate_range=True):
@@ -45,8 +33,7 @@ def check_labels(labels, logits, validate_range=True):
         if labels.ndim != 2:
             raise TypeError(
                 f"labels: expected integer class indices of shape ({N},) or a one-hot float array of shape ({N}, {K}), "
-                f"got {describe(labels)}"
-            )
+                f"got {describe(labels)}")
         if tuple(labels.shape) != (N, K):
             raise ValueError(f"labels: expected a one-hot array of shape ({N}, {K}) to match logits, got {describe(labels)}")
         check_same_dtype("labels", labels, "logits", logits)
@@ -62,27 +49,10 @@ def softmax_cross_entropy(logits, labels, validate_range=True):
     reads the labels on the host; pass it only for labels checked once beforehand.
     """
     check_float("logits", logits, ndim=2)
-    kind = check_labels(labels, logits, validate_range)
-    N, K = logits.shape
-    if N == 0:
+    check_labels(labels, logits, validate_range)
+    if logits.shape[0] == 0:
         raise ValueError(f"logits: expected at least one row, got {describe(logits)}")
-    if kind == "index":
-        k = _dispatch.kernels(logits)
-        if k is not None:
-            return k.softmax_cross_entropy(logits, labels)
-    xp = get_array_module(logits)
-    logp = log_softmax(logits)  # (N, K)
-    p = xp.exp(logp)  # (N, K)
-    inv_n = logits.dtype.type(1.0 / N)
-    if kind == "index":
-        rows = xp.arange(N)
-        loss = -logp[rows, labels].sum() * inv_n
-        p[rows, labels] -= 1
-    else:
-        loss = -(labels * logp).sum() * inv_n
-        p -= labels
-    p *= inv_n
-    return xp.asarray(loss, dtype=logits.dtype), p
+    return _dispatch.impl("softmax_cross_entropy", logits)(logits, labels)
 
 
 __all__ = ["softmax", "log_softmax", "softmax_cross_entropy", "check_labels"]

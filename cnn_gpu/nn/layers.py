@@ -8,10 +8,6 @@ import numpy as np
 
 from .. import functional as F
 from ..backend import current_xp, get_array_module
-from ..functional import activation as _act
-from ..functional import _layout
-from ..functional import conv as _conv
-from ..functional import pool as _pool
 from ..functional._checks import FLOAT_DTYPES, pair
 from ..random import resolve_generator
 from ..workspace import Workspace
@@ -48,14 +44,13 @@ def _accumulate(p: Parameter, g) -> None:
 
 
 class Conv2d(Module):
-    """2-D convolution. Keeps a workspace (its padded-input and column buffers, reused every
-    step; see cnn_gpu.workspace). The cache holds the input, so it must not change between
-    forward and backward, and may refer to the workspace, so a cache serves one backward:
-    every backward needs its own forward.
+    """2-D convolution. Keeps a workspace (its column buffers, reused every step; see
+    cnn_gpu.workspace). The cache holds the input, so it must not change between forward and
+    backward, and may refer to the workspace, so a cache serves one backward: every backward
+    needs its own forward. ``forward(x, activation="relu")`` returns relu(conv(x)) (how
+    nn.Sequential fuses a following ReLU)."""
 
-    ``forward``/``backward`` take and give contiguous NCHW arrays; ``forward_cl``/
-    ``backward_cl`` take any layout and give channels-last arrays (NHWC memory, NCHW shape:
-    the layout of nn.Sequential's fast path, see functional/_layout.py)."""
+    takes_activation = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
                  dtype=np.float32, generator=None):
@@ -74,33 +69,17 @@ class Conv2d(Module):
         self._cache = None
         self._ws = Workspace()
 
-    def forward(self, x):
-        return _layout.to_contiguous(get_array_module(x), self.forward_cl(x))  # (N, F, OH, OW)
-
-    def backward(self, dy, input_grad=True):
-        dx = self.backward_cl(dy, input_grad)
-        return None if dx is None else _layout.to_contiguous(get_array_module(dy), dx)  # (N, C, H, W)
-
-    def forward_cl(self, x, relu=False):
-        """x (N, C, H, W), any layout -> y (N, F, OH, OW) channels-last; ``relu=True`` applies
-        max(y, 0) in place (a fused ReLU)."""
-        w = self.weight.data
+    def forward(self, x, activation=None):
         b = self.bias.data if self.bias is not None else None
-        _conv.check_conv_inputs(x, w, b)
-        x = _layout.to_channels_last(get_array_module(x), x)
-        y, self._cache = _conv.conv2d_forward_cl(x, w, b, self.stride, self.padding, self.dilation, ws=self._ws,
-                                                 relu=relu)
+        y, self._cache = F.conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self.dilation,
+                                          activation=activation, workspace=self._ws)
         return y
 
-    def backward_cl(self, dy, input_grad=True, relu_input=False):
-        """dy (N, F, OH, OW), any layout -> dx (N, C, H, W) channels-last (None without ``input_grad``).
-        ``relu_input=True``: the input was a ReLU's output; dx includes that ReLU's backward."""
+    def backward(self, dy, input_grad=True):
         if self._cache is None:
             raise _not_run(self)
-        _conv.check_conv_dy(dy, self._cache)
         cache, self._cache = self._cache, None  # one backward per forward (the cache may refer to the workspace)
-        dy = _layout.to_channels_last(get_array_module(dy), dy)
-        dx, dw, db = _conv.conv2d_backward_cl(dy, cache, ws=self._ws, input_grad=input_grad, relu_input=relu_input)
+        dx, dw, db = F.conv2d_backward(dy, cache, input_grad)
         _accumulate(self.weight, dw)
         if self.bias is not None:
             _accumulate(self.bias, db)
@@ -113,6 +92,10 @@ class Conv2d(Module):
 
 
 class Linear(Module):
+    """Fully connected: y = x @ weight^T + bias. ``forward(x, activation="relu")`` as in Conv2d."""
+
+    takes_activation = True
+
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32, generator=None):
         super().__init__()
         self.in_features = _positive_int("in_features", in_features)
@@ -122,17 +105,15 @@ class Linear(Module):
         self.bias = Parameter(current_xp().zeros((self.out_features,), dtype=dt)) if bias else None
         self._cache = None
 
-    def forward(self, x):
+    def forward(self, x, activation=None):
         b = self.bias.data if self.bias is not None else None
-        y, self._cache = F.linear_forward(x, self.weight.data, b)
+        y, self._cache = F.linear_forward(x, self.weight.data, b, activation)
         return y
 
     def backward(self, dy, input_grad=True):
         if self._cache is None:
             raise _not_run(self)
-        dx, dw, db = F.linear_backward(dy, self._cache)
-        if not input_grad:
-            dx = None
+        dx, dw, db = F.linear_backward(dy, self._cache, input_grad)
         _accumulate(self.weight, dw)
         if self.bias is not None:
             _accumulate(self.bias, db)
@@ -157,26 +138,19 @@ class _Pool(Module):
         y, self._cache = type(self)._forward(x, self.kernel_size, self.stride, self.padding)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         if self._cache is None:
             raise _not_run(self)
-        return type(self)._backward(dy, self._cache)
+        return type(self)._backward(dy, self._cache) if input_grad else None
 
     def config(self) -> dict:
         return dict(kernel_size=list(self.kernel_size), stride=list(self.stride), padding=list(self.padding))
 
 
 class MaxPool2d(_Pool):
-    _forward = staticmethod(_pool.max_pool2d_forward_taps)  # the cache keeps winning taps, not flat indices
+    is_max_pool = True
+    _forward = staticmethod(F.max_pool2d_forward)
     _backward = staticmethod(F.max_pool2d_backward)
-
-    def backward_after_relu(self, dy, y):
-        """The backward of ReLU followed by this pool, given this pool's output y: the ReLU's
-        gradient at a window's argmax is 1 exactly when the window's maximum y > 0, so masking
-        dy (OH x OW) replaces masking dx (H x W)."""
-        if self._cache is None:
-            raise _not_run(self)
-        return F.max_pool2d_backward(_act.relu_backward(dy, y), self._cache)  # dy * (y > 0)
 
 
 class AvgPool2d(_Pool):
@@ -196,25 +170,20 @@ class _Activation(Module):
         y, self._cache = type(self)._forward(x)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         if self._cache is None:
             raise _not_run(self)
-        return type(self)._backward(dy, self._cache)
+        return type(self)._backward(dy, self._cache) if input_grad else None
 
     def config(self) -> dict:
         return {}
 
 
 class ReLU(_Activation):
+    activation_name = "relu"  # nn.Sequential may run it inside the Conv2d / Linear before it
+    commutes_with_max = True  # relu(max(a, b)) = max(relu(a), relu(b)), exactly
     _forward = staticmethod(F.relu_forward)
     _backward = staticmethod(F.relu_backward)
-
-    def backward_(self, dy):
-        """backward in place on a scratch dy the caller owns (nn.Sequential's fast path)."""
-        if self._cache is None:
-            raise _not_run(self)
-        _act._check_dy(dy, self._cache)
-        return _act.relu_backward_(dy, self._cache)
 
 
 class Sigmoid(_Activation):
@@ -249,11 +218,6 @@ class LeakyReLU(_Activation):
         return dict(negative_slope=self.negative_slope)
 
 
-# Layers whose forward and backward keep a channels-last input channels-last (and run as fast
-# on it): nn.Sequential's fast path stays channels-last through them.
-CHANNELS_LAST_SAFE = (MaxPool2d, AvgPool2d, ReLU, LeakyReLU, Sigmoid, Tanh)
-
-
 class Dropout(Module):
     """Inverted dropout. The mask of call k comes from a generator seeded with (seed, k),
     so the sequence of masks is reproducible and resumable from (seed, calls)."""
@@ -277,10 +241,10 @@ class Dropout(Module):
         y, self._cache = F.dropout_forward(x, self.p, self.training, rng)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         if self._cache is None:
             raise _not_run(self)
-        return F.dropout_backward(dy, self._cache)
+        return F.dropout_backward(dy, self._cache) if input_grad else None
 
     def config(self) -> dict:
         return dict(p=self.p)
@@ -299,7 +263,7 @@ class CrossEntropyLoss(Module):
         loss, self._dlogits = F.softmax_cross_entropy(logits, labels, validate_range=self.validate_range)
         return loss
 
-    def backward(self, dy=None):
+    def backward(self, dy=None, input_grad=True):
         if self._dlogits is None:
             raise _not_run(self)
         return self._dlogits if dy is None else self._dlogits * dy

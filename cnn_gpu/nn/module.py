@@ -7,16 +7,14 @@ A Module owns Parameters and child Modules; names are derived from the tree
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from collections import OrderedDict
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..backend import backend_module, get_array_module, on_same_backend, to_numpy
+from ..functional import _dispatch
 from ..functional._checks import FLOAT_DTYPES
-from ..functional._parallel import single_threaded_blas
 
 
 class Parameter:
@@ -50,7 +48,25 @@ class Parameter:
 
 
 class Module:
-    """Base class: ``forward(x)``, ``backward(dy) -> dx``, parameters, modes and state."""
+    """Base class: ``forward(x)``, ``backward(dy, input_grad=True) -> dx``, parameters, modes, state.
+
+    ``backward`` adds the gradients of the parameters into their ``Parameter.grad`` and returns
+    dL/dx; with ``input_grad=False`` it may skip dx and return None (a training step needs no
+    gradient for its data).
+
+    What a layer declares for the engines' plans (see :func:`plan`): a layer that can apply an
+    activation to its own output declares ``takes_activation = True`` and accepts
+    ``forward(x, activation=name)`` (its backward then includes the activation's); an activation
+    layer that can run that way names itself in ``activation_name``, and says
+    ``commutes_with_max = True`` when f(max(a, b)) = max(f(a), f(b)) holds exactly, ties and
+    gradients included (ReLU: exact, and equal only where its gradient is 0); a max pool says
+    ``is_max_pool = True``.
+    """
+
+    takes_activation = False
+    activation_name: str | None = None
+    commutes_with_max = False
+    is_max_pool = False
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -68,7 +84,7 @@ class Module:
     def forward(self, x):  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.forward")
 
-    def backward(self, dy):  # pragma: no cover - abstract
+    def backward(self, dy, input_grad: bool = True):  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.backward")
 
     def __call__(self, *args, **kwargs):
@@ -171,13 +187,51 @@ class Module:
         return "\n".join(lines)
 
 
-class _Step(NamedTuple):
-    """One backward step of Sequential: ``fn(dy) -> dx``; ``owner``: the layer with parameters
-    whose gradients it computes, else None; ``input_grad``: whether fn takes ``input_grad=``."""
+class _Fused:
+    """A layer and the activation after it, run as one op (``layer.forward(x, activation=...)``)."""
 
-    fn: Callable
-    owner: Any = None
-    input_grad: bool = False
+    __slots__ = ("layer", "activation")
+
+    def __init__(self, layer: Module, activation: str):
+        self.layer, self.activation = layer, activation
+
+    def forward(self, x):
+        return self.layer.forward(x, activation=self.activation)
+
+    def backward(self, dy, input_grad: bool = True):
+        return self.layer.backward(dy, input_grad)
+
+    def parameters(self) -> list:
+        return self.layer.parameters()
+
+
+def plan(layers: list, engine) -> list:
+    """The steps that run ``layers`` on ``engine``, from what the layers declare:
+
+    * with the engine's ``POOL_BEFORE_ACTIVATION``, an activation that commutes with max followed
+      by a max pool runs after it (max(f(a), f(b)) = f(max(a, b)): the same numbers, and the
+      activation's forward and backward touch the pooled, smaller array);
+    * a layer declaring ``takes_activation`` followed by an activation in the engine's
+      ``FUSED_ACTIVATIONS`` becomes one step, the activation its epilogue;
+    * every other layer is a step of its own.
+    """
+    layers = list(layers)
+    if getattr(engine, "POOL_BEFORE_ACTIVATION", False):
+        for i in range(len(layers) - 1):
+            if layers[i].commutes_with_max and layers[i + 1].is_max_pool:
+                layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    fusable = getattr(engine, "FUSED_ACTIVATIONS", ())
+    steps, i = [], 0
+    while i < len(layers):
+        layer = layers[i]
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        if layer.takes_activation and nxt is not None and nxt.activation_name in fusable:
+            steps.append(_Fused(layer, nxt.activation_name))
+            i += 2
+        else:
+            steps.append(layer)
+            i += 1
+    return steps
 
 
 class Sequential(Module):
@@ -186,22 +240,14 @@ class Sequential(Module):
     ``Sequential(a, b, c)`` names the children "0", "1", "2";
     ``Sequential(OrderedDict(features=..., classifier=...))`` uses the given names.
 
-    ``backward(dy, input_grad=False)`` returns None and skips what only the gradient of the
-    input needs: the first layer with parameters computes its parameters' gradients only,
-    and the layers before it do not run (a training step needs no gradient for its data).
+    The engine of the input decides what runs as one step (:func:`plan`): the CPU and CUDA
+    engines run a ReLU inside the Conv2d or Linear before it, as that layer's epilogue, and
+    the CPU engine runs a ReLU that precedes a max pool after the pool; the reference runs
+    every layer as it comes. The numbers are the same either way.
 
-    The fast path: a run of Conv2d, MaxPool2d, AvgPool2d, ReLU, LeakyReLU, Sigmoid and Tanh
-    layers that starts with a Conv2d runs channels-last (NHWC memory, NCHW shapes; see
-    functional/_layout.py), where every convolution is a GEMM whose result is already the
-    next layer's input layout; only the run's ends convert. Inside a run
-      * a ReLU right after a Conv2d is applied in place on the convolution's output (the
-        ReLU keeps that output as its cache, as its own forward would);
-      * a ReLU's backward works in place on the gradient (a scratch array of the run), or,
-        before a Conv2d, inside that convolution's backward, chunk by chunk;
-      * ReLU then MaxPool2d: backward masks the pool's gradient (OH x OW) by pool output > 0
-        instead of masking the ReLU's (H x W): the same numbers (see MaxPool2d.backward_after_relu).
-    The results are those of running the layers one by one. Pair each backward with this
-    Sequential's forward, not with a layer's own (the layers' caches are channels-last).
+    ``backward(dy, input_grad=False)`` returns None and skips what only the gradient of the
+    input needs: the first step with parameters computes its parameters' gradients only, and
+    the steps before it do not run.
     """
 
     def __init__(self, *layers: Any):
@@ -216,7 +262,7 @@ class Sequential(Module):
             if not name.isidentifier() and not name.isdigit():
                 raise ValueError(f"layers: expected names that are identifiers or digits, got {name!r}")
             setattr(self, name, layer)
-        object.__setattr__(self, "_trace", None)
+        object.__setattr__(self, "_steps", None)
 
     def __len__(self) -> int:
         return len(self._modules)
@@ -230,94 +276,20 @@ class Sequential(Module):
         return list(self._modules.values())[i]
 
     def forward(self, x):
-        from .layers import CHANNELS_LAST_SAFE, Conv2d  # noqa: PLC0415  (layers imports this module)
-
-        layers = list(self._modules.values())
-        trace: list[_Step] = []  # the backward steps, run in reverse
-        i = 0
-        with single_threaded_blas(get_array_module(x)):  # the ops spread their own work (functional/_parallel.py)
-            while i < len(layers):
-                if isinstance(layers[i], Conv2d):
-                    j = i + 1
-                    while j < len(layers) and (isinstance(layers[j], Conv2d) or type(layers[j]) in CHANNELS_LAST_SAFE):
-                        j += 1
-                    x = _forward_channels_last(layers[i:j], x, trace)
-                    i = j
-                else:
-                    x = layers[i].forward(x)
-                    trace.append(_step(layers[i]))
-                    i += 1
-        object.__setattr__(self, "_trace", trace)
+        steps = plan(list(self), _dispatch.engine(x))
+        object.__setattr__(self, "_steps", steps)
+        for step in steps:
+            x = step.forward(x)
         return x
 
     def backward(self, dy, input_grad: bool = True):
-        trace = self._trace
-        if trace is None:  # no forward yet: the layers raise
-            trace = [_step(layer) for layer in self._modules.values()]
+        steps = self._steps if self._steps is not None else list(self)  # no forward yet: the layers raise
         first = 0  # the earliest step that must run
         if not input_grad:
-            first = next((k for k, st in enumerate(trace) if st.owner is not None), len(trace))
-        with single_threaded_blas(get_array_module(dy)):
-            for k in range(len(trace) - 1, first - 1, -1):
-                st = trace[k]
-                skip_dx = k == first and not input_grad and st.input_grad
-                dy = st.fn(dy, input_grad=False) if skip_dx else st.fn(dy)
+            first = next((k for k, st in enumerate(steps) if st.parameters()), len(steps))
+        for k in range(len(steps) - 1, first - 1, -1):
+            dy = steps[k].backward(dy, input_grad or k > first)
         return dy if input_grad else None
 
     def config(self) -> dict:
         raise NotImplementedError("Sequential is described by its children")
-
-
-def _step(layer: Module) -> _Step:
-    """The backward step of ``layer``: its ``backward``."""
-    return _Step(layer.backward, layer if layer.parameters() else None, _takes_input_grad(type(layer)))
-
-
-@functools.lru_cache(maxsize=None)
-def _takes_input_grad(cls: type) -> bool:
-    """Whether cls.backward accepts ``input_grad=`` (Sequential, Conv2d, Linear; a user's
-    layer may not: its input gradient is then computed and dropped)."""
-    try:
-        return "input_grad" in inspect.signature(cls.backward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _forward_channels_last(run: list, x, trace: list):
-    """Forward through ``run`` (a Conv2d, then Conv2d and channels-last-safe layers) on
-    channels-last arrays, appending the backward steps to ``trace``. Returns a contiguous array."""
-    from ..functional._layout import to_channels_last, to_contiguous  # noqa: PLC0415
-    from .layers import Conv2d, MaxPool2d, ReLU  # noqa: PLC0415
-
-    trace.append(_Step(lambda d: to_contiguous(get_array_module(d), d)))  # backward leaves the run contiguous
-    h = x
-    k = 0
-    while k < len(run):
-        layer = run[k]
-        nxt = run[k + 1] if k + 1 < len(run) else None
-        if isinstance(layer, Conv2d):
-            fuse = type(nxt) is ReLU
-            backward = layer.backward_cl
-            if k > 0 and type(run[k - 1]) is ReLU and trace[-1].fn == run[k - 1].backward_:
-                trace.pop()  # the ReLU's backward is folded into this convolution's, per chunk
-                backward = functools.partial(layer.backward_cl, relu_input=True)
-            h = layer.forward_cl(h, relu=fuse)  # (N, F, OH, OW) channels-last
-            trace.append(_Step(backward, layer, True))
-            if fuse:
-                object.__setattr__(nxt, "_cache", h)  # the ReLU's output, as its forward keeps it
-                trace.append(_Step(nxt.backward_))
-                k += 1
-        elif type(layer) is MaxPool2d and k > 0 and type(run[k - 1]) is ReLU and trace[-1].fn == run[k - 1].backward_:
-            h = layer.forward(h)
-            trace.pop()  # the ReLU's backward is folded into the pool's
-            trace.append(_Step(functools.partial(layer.backward_after_relu, y=h)))
-        elif type(layer) is ReLU:
-            h = layer.forward(h)
-            trace.append(_Step(layer.backward_))  # the gradient inside a run is a scratch array
-        else:
-            h = layer.forward(h)
-            trace.append(_step(layer))
-        k += 1
-    # backward enters the run with a channels-last copy: a scratch array, never the caller's
-    trace.append(_Step(lambda d: to_channels_last(get_array_module(d), d, copy=True)))
-    return to_contiguous(get_array_module(h), h)  # (N, C, H, W)

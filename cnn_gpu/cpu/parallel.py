@@ -1,4 +1,4 @@
-"""Spreading a batch over the CPU's cores (the NumPy backend).
+"""Spreading a batch over the CPU's cores: the CPU engine's threads.
 
 NumPy runs an elementwise op or a copy on one core, while OpenBLAS splits every GEMM over
 all of them, and its worker threads then spin for a long while (about 2**28 cycles)
@@ -10,36 +10,32 @@ the work uses every core and OpenBLAS's own threads stay asleep. Which worker ge
 part is fixed, and partial sums are added in worker order, so results are reproducible
 (they depend on the thread count only through that order).
 
-On CuPy (asynchronous already) the parts run in order on the calling thread.
-``CNN_GPU_THREADS`` sets the number of threads (default: the cores this process may run
-on); 1 runs everything on the calling thread (still with single-threaded BLAS).
+Only the CPU engine uses this module (the GPU runs none of it). The ``threads`` setting of
+cnn_gpu.config (``CNN_GPU_THREADS``) sets the number of threads (default: the cores this
+process may run on); 1 runs everything on the calling thread (still with single-threaded BLAS).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
+from .. import config
+
 
 @functools.lru_cache(maxsize=None)
-def threads() -> int:
-    """Worker threads for the NumPy backend: $CNN_GPU_THREADS, else the usable cores."""
-    env = os.environ.get("CNN_GPU_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"CNN_GPU_THREADS: expected a positive int, got {env!r}") from None
-        if n < 1:
-            raise ValueError(f"CNN_GPU_THREADS: expected a positive int, got {env!r}")
-        return n
+def _usable_cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def threads() -> int:
+    """Worker threads: the ``threads`` setting (CNN_GPU_THREADS), else the usable cores."""
+    return config.get().threads or _usable_cores()
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,26 +84,34 @@ def _blas_limit() -> _BlasLimit | None:
     return _BlasLimit(libs) if libs else None
 
 
-def single_threaded_blas(xp: Any):
-    """Context manager: on NumPy, BLAS limited to one thread inside (restored on exit; nested
-    and concurrent uses share one limit); elsewhere nothing."""
-    limit = _blas_limit() if xp.__name__ == "numpy" else None
-    return limit if limit is not None else contextlib.nullcontext()
+class _NoLimit:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
-def workers(xp: Any, parts: int) -> int:
-    """How many threads :func:`run` uses for ``parts`` independent parts on ``xp``."""
-    if xp.__name__ != "numpy" or parts < 2 or _blas_limit() is None:
+def single_threaded_blas():
+    """Context manager: BLAS limited to one thread inside (restored on exit; nested and
+    concurrent uses share one limit)."""
+    limit = _blas_limit()
+    return limit if limit is not None else _NoLimit()
+
+
+def workers(parts: int) -> int:
+    """How many threads :func:`run` uses for ``parts`` independent parts."""
+    if parts < 2 or _blas_limit() is None:
         return 1
     return min(threads(), parts)
 
 
-def run(xp: Any, fns: Sequence[Callable[[], Any]]) -> list:
+def run(fns: Sequence[Callable[[], Any]]) -> list:
     """Call every function in ``fns`` (independent work, one per worker) and return their
-    results in order: on NumPy in threads, with BLAS limited to one thread (see above);
-    on CuPy, or without threadpoolctl, in order on the calling thread."""
-    with single_threaded_blas(xp):
-        if len(fns) < 2 or workers(xp, len(fns)) < 2:
+    results in order: in threads, with BLAS limited to one thread (see above); without
+    threadpoolctl, in order on the calling thread."""
+    with single_threaded_blas():
+        if len(fns) < 2 or workers(len(fns)) < 2:
             return [fn() for fn in fns]
         pool = _executor(threads(), os.getpid())
         futures = [pool.submit(fn) for fn in fns[1:]]
@@ -132,9 +136,9 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
-def over_range(xp: Any, n: int, fn: Callable[[int, int], Any], min_per_part: int = 1) -> list:
+def over_range(n: int, fn: Callable[[int, int], Any], min_per_part: int = 1) -> list:
     """fn(n0, n1) over a split of [0, n) (the batch, or another axis whose slices are
     independent work) into parts of at least ``min_per_part``, in parallel (see run)."""
-    parts = workers(xp, n // max(1, min_per_part))
+    parts = workers(n // max(1, min_per_part))
     ranges = split(n, parts) or [(0, n)]
-    return run(xp, [functools.partial(fn, lo, hi) for lo, hi in ranges])
+    return run([functools.partial(fn, lo, hi) for lo, hi in ranges])

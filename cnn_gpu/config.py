@@ -1,0 +1,161 @@
+"""Every setting of cnn_gpu in one place: the ``CNN_GPU_*`` environment variables and the switches.
+
+The environment is read once, on first use, into a :class:`Config`. Code reads the settings with
+:func:`get`; a ``with override(...)`` block (or :func:`update`, for the rest of the current
+context) changes them for the current thread or task only, since the active Config lives in a
+:class:`contextvars.ContextVar`::
+
+    with cnn_gpu.config.override(engine="reference", workspace_mb=16):
+        ...                                  # the readable reference ops, 16 MiB im2col buffers
+
+| variable               | field          | meaning                                                      |
+|------------------------|----------------|--------------------------------------------------------------|
+| ``CNN_GPU_BACKEND``    | ``backend``    | where new arrays go: numpy, cupy or auto (default numpy)     |
+| ``CNN_GPU_ENGINE``     | ``engine``     | which engine runs the ops: auto (cuda for CuPy arrays, cpu   |
+|                        |                | for NumPy ones), reference, cpu or cuda                      |
+| ``CNN_GPU_THREADS``    | ``threads``    | the CPU engine's threads (default: the usable cores)         |
+| ``CNN_GPU_WORKSPACE_MB``| ``workspace_mb``| cap on one convolution's im2col buffer, MiB (default 1024)  |
+| ``CNN_GPU_KERNELS_DIR``| ``kernels_dir``| where the CUDA sources are (default: found next to the code) |
+| ``CNN_GPU_DATA``       | ``data_dir``   | dataset folder (default ~/.cache/cnn_gpu)                    |
+| ``CNN_GPU_MIRROR``     | ``mirror``     | one base URL to download datasets from                       |
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+import os
+from typing import Any, Iterator
+
+BACKENDS = ("numpy", "cupy", "auto")
+ENGINES = ("auto", "reference", "cpu", "cuda")
+DEFAULT_WORKSPACE_MB = 1024.0
+
+# field -> environment variable
+ENV = {
+    "backend": "CNN_GPU_BACKEND",
+    "engine": "CNN_GPU_ENGINE",
+    "threads": "CNN_GPU_THREADS",
+    "workspace_mb": "CNN_GPU_WORKSPACE_MB",
+    "kernels_dir": "CNN_GPU_KERNELS_DIR",
+    "data_dir": "CNN_GPU_DATA",
+    "mirror": "CNN_GPU_MIRROR",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    backend: str = "numpy"
+    engine: str = "auto"
+    threads: int | None = None
+    workspace_mb: float = DEFAULT_WORKSPACE_MB
+    kernels_dir: str | None = None
+    data_dir: str | None = None
+    mirror: str | None = None
+
+
+def _choice(name: str, value: Any, choices: tuple) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value.strip().lower()
+
+
+def _positive_int_or_none(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int (or None for the usable cores), got {value!r}")
+    return value
+
+
+def _positive_mb(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a positive number of MiB, got {value!r}")
+    return float(value)
+
+
+def _text_or_none(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected a str or None, got {type(value).__name__}")
+    return None if value is None else os.fspath(value)
+
+
+_CHECKS = {
+    "backend": lambda n, v: _choice(n, v, BACKENDS),
+    "engine": lambda n, v: _choice(n, v, ENGINES),
+    "threads": _positive_int_or_none,
+    "workspace_mb": _positive_mb,
+    "kernels_dir": _text_or_none,
+    "data_dir": _text_or_none,
+    "mirror": _text_or_none,
+}
+
+
+def check(field: str, value: Any, name: str | None = None) -> Any:
+    """``value`` validated (and normalised) for ``field``; errors name ``name`` (default: the field)."""
+    if field not in _CHECKS:
+        raise AttributeError(f"config has no setting {field!r}; known: {sorted(_CHECKS)}")
+    return _CHECKS[field](name or field, value)
+
+
+def _parse_env(field: str, text: str) -> Any:
+    var = ENV[field]
+    if field == "threads":
+        try:
+            return check(field, int(text), var)
+        except ValueError:
+            raise ValueError(f"{var}: expected a positive int, got {text!r}") from None
+    if field == "workspace_mb":
+        try:
+            return check(field, float(text), var)
+        except ValueError:
+            raise ValueError(f"{var}: expected a positive number of MiB, got {text!r}") from None
+    return check(field, text, var)
+
+
+def from_environment(environ: dict | None = None) -> Config:
+    """A Config from the ``CNN_GPU_*`` variables (unset or empty ones keep their defaults)."""
+    environ = os.environ if environ is None else environ
+    values = {f: _parse_env(f, environ[v]) for f, v in ENV.items() if environ.get(v)}
+    return Config(**values)
+
+
+_active: contextvars.ContextVar[Config | None] = contextvars.ContextVar("cnn_gpu_config", default=None)
+_from_env: list[Config] = []  # the environment, read once
+
+
+def get() -> Config:
+    """The settings in effect here."""
+    cfg = _active.get()
+    if cfg is None:
+        if not _from_env:
+            _from_env.append(from_environment())
+        cfg = _from_env[0]
+    return cfg
+
+
+def _replaced(changes: dict) -> Config:
+    checked = {k: check(k, v) for k, v in changes.items()}
+    return dataclasses.replace(get(), **checked)
+
+
+@contextlib.contextmanager
+def override(**changes: Any) -> Iterator[Config]:
+    """Within the block, the given settings replace the current ones (this thread / task only)."""
+    token = _active.set(_replaced(changes))
+    try:
+        yield _active.get()
+    finally:
+        _active.reset(token)
+
+
+def update(**changes: Any) -> Config:
+    """Change settings for the rest of the current context (thread / task); returns the new Config."""
+    cfg = _replaced(changes)
+    _active.set(cfg)
+    return cfg
+
+
+__all__ = ["Config", "get", "override", "update", "check", "from_environment", "ENV", "BACKENDS", "ENGINES",
+           "DEFAULT_WORKSPACE_MB"]

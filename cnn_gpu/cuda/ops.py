@@ -1,0 +1,318 @@
+"""The CUDA engine: the ops on CuPy arrays, as launches of cnn_gpu's kernels (kernels/*.cu) and
+cuBLAS matrix products.
+
+Layout: activations are NCHW and C-contiguous everywhere, as the public API gives them. A
+convolution's GEMMs run on the channel-major form (F, N*P) of its output (P = OH*OW):
+    forward    cols (K, N*P) = im2col_cm(x)                  one kernel, from NCHW x
+               y_cm (F, N*P) = W2 (F, K) @ cols              one cuBLAS GEMM
+               y = act(y_cm + b), written NCHW               bias_act_forward (the epilogue)
+    backward   delta_cm (F, N*P) = dy (* y > 0), db          act_backward_bias_grad (one kernel)
+               dW2 = delta_cm @ cols^T                       cuBLAS (cols^T: a transposed view)
+               dcols = W2^T @ delta_cm;  dx = col2im_cm(dcols)
+so no transpose or layout copy runs outside a kernel that does arithmetic anyway. The im2col
+columns live in the layer's Workspace (reused every step) and are kept for backward; a batch
+whose columns exceed the workspace limit runs in chunks of samples.
+
+Entry points: every kernel is ``<name>_f32`` / ``<name>_f64``, picked from the dtype. Scalars
+go to the kernels as ``np.int32`` / ``np.int64`` / the array's float type, as their C
+parameters say (CuPy would pass a plain Python int as 64 bits). Every launching function takes
+``grid=`` / ``block=`` overrides (the tests use tiny grids so the grid-stride loops loop);
+by default block = DEFAULT_BLOCK and grid = min(ceil(work / block), BLOCKS_PER_SM per SM).
+The geometry comes from cnn_gpu.functional.geometry, computed and checked by the public API.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..functional import reference
+from ..functional.caches import AvgPool2dCache, Conv2dCache, LinearCache, MaxPool2dCache
+from ..functional.geometry import ConvGeometry, PoolGeometry
+from ..workspace import chunk_size, scratch
+from .build import get_launcher
+
+NAME = "cuda"
+#: activations a layer can run inside the layer before it (the epilogue kernels; see nn.Sequential)
+FUSED_ACTIVATIONS = ("relu",)
+DEFAULT_BLOCK = 256
+MAX_BLOCK = 1024  # CUDA's limit, and the size of the kernels' shared reduction buffers
+_INT32_MAX = 2**31 - 1
+
+
+# ------------------------------------------------------------------------------ launching
+def _suffix(name: str, a: Any) -> str:
+    dt = getattr(a, "dtype", None)
+    if dt == np.float32:
+        return "f32"
+    if dt == np.float64:
+        return "f64"
+    raise TypeError(f"{name}: expected a float32 or float64 array, got {dt if dt is not None else type(a).__name__}")
+
+
+def _i32(*values: int) -> tuple:
+    out = []
+    for v in values:
+        v = int(v)
+        if not -_INT32_MAX - 1 <= v <= _INT32_MAX:
+            raise ValueError(f"size {v} does not fit the kernels' int32 parameters")
+        out.append(np.int32(v))
+    return tuple(out)
+
+
+def _launch(file: str, kernel: str, a, work: int, args: tuple, grid=None, block=None, name: str = "x") -> None:
+    """Launch ``kernel`` of kernels/<file>.cu (the entry point for the dtype of array ``a``, named
+    ``name`` in errors) over ``work`` items."""
+    launcher = get_launcher()
+    block = DEFAULT_BLOCK if block is None else int(block)
+    if not 1 <= block <= MAX_BLOCK:
+        raise ValueError(f"block: expected 1..{MAX_BLOCK} threads, got {block}")
+    if grid is None:
+        grid = max(1, min(math.ceil(work / block), launcher.max_grid()))
+    elif int(grid) < 1:
+        raise ValueError(f"grid: expected at least 1 block, got {grid}")
+    launcher.launch(file, f"{kernel}_{_suffix(name, a)}", int(grid), block, args)
+
+
+def _empty(shape, dtype):
+    """A fresh output array for a kernel to fill (the CPU emulation poisons it, to catch unwritten elements)."""
+    return get_launcher().empty(tuple(int(s) for s in shape), np.dtype(dtype))
+
+
+def _contiguous(name: str, a):
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: the CUDA engine works on C-contiguous arrays, got strides {a.strides} for "
+                         f"shape {tuple(a.shape)}")
+    return a
+
+
+def _checked_out(out, shape, dtype):
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"out: expected dtype {np.dtype(dtype)}, got {out.dtype}")
+    return _contiguous("out", out)
+
+
+def _geom_args(g: ConvGeometry) -> tuple:
+    return _i32(g.N, g.C, g.H, g.W, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.OH, g.OW)
+
+
+# ------------------------------------------------------------------- im2col / col2im
+def im2col(x, g: ConvGeometry, *, cm=False, out=None, grid=None, block=None):
+    """x (N, C, H, W) -> cols (N, C*KH*KW, P) (torch's unfold), or with ``cm`` the channel-major
+    (C*KH*KW, N*P). ``out``: a C-contiguous array of that shape to write into."""
+    shape = (g.C * g.KH * g.KW, g.N * g.P) if cm else (g.N, g.C * g.KH * g.KW, g.P)
+    cols = _empty(shape, x.dtype) if out is None else _checked_out(out, shape, x.dtype)
+    if cols.size:
+        _launch("im2col", "im2col_cm" if cm else "im2col", x, cols.size,
+                (_contiguous("x", x), _contiguous("out", cols), *_geom_args(g)), grid, block)
+    return cols
+
+
+def col2im(cols, g: ConvGeometry, *, cm=False, grid=None, block=None):
+    """The adjoint of :func:`im2col`: cols -> dx (N, C, H, W), one thread per element of dx
+    summing the columns that read it (a gather: no atomics)."""
+    dx = _empty(g.x_shape, cols.dtype)
+    if dx.size:
+        _launch("im2col", "col2im_cm" if cm else "col2im", cols, dx.size,
+                (_contiguous("cols", cols), dx, *_geom_args(g)), grid, block, "cols")
+    return dx
+
+
+# ------------------------------------------------------------------- the epilogues
+def bias_act_forward(src, y, b, N, F, P, *, cm, relu, grid=None, block=None):
+    """y (N, F, P) = act(src + b), src (F, N*P) with ``cm`` else (N, F, P) (then it may be y)."""
+    args = (_contiguous("src", src), _contiguous("y", y), src if b is None else _contiguous("b", b),
+            *_i32(N, F, P, cm, b is not None, relu))
+    if y.size:
+        _launch("epilogue", "bias_act_forward", y, y.size, args, grid, block, "y")
+    return y
+
+
+def act_backward_bias_grad(dy, y, dst, N, F, P, *, cm, relu, bias, grid=None, block=None):
+    """dst = dy (* (y > 0) with ``relu``) in the (F, N*P) form with ``cm``, else (N, F, P);
+    returns db (F,) = the sums of dst over n and p when ``bias``, else None."""
+    db = _empty((F,), dy.dtype) if bias else None
+    args = (_contiguous("dy", dy), _contiguous("y", y) if relu else dy, _contiguous("dst", dst),
+            dy if db is None else db, *_i32(N, F, P, cm, bias, relu))
+    if F:
+        _launch("epilogue", "act_backward_bias_grad", dy, F * DEFAULT_BLOCK, args, grid, block, "dy")  # a block per f
+    return db
+
+
+# ------------------------------------------------------------------- convolution
+class _Aux(NamedTuple):
+    cols: Any  # the batch's channel-major columns (K, N*P), kept from forward, or None (chunked)
+    chunk: int  # samples per chunk
+    workspace: Any
+
+
+def _w2(w, g):
+    return w.reshape(g.F, g.K)  # (F, C*KH*KW): a view
+
+
+def _sub(g: ConvGeometry, n: int) -> ConvGeometry:
+    return g._replace(N=n)
+
+
+def conv2d_forward(x, w, b, g, activation=None, workspace=None):
+    """-> (y (N, F, OH, OW), cache): im2col_cm, one GEMM, the epilogue; per chunk of samples when
+    the columns exceed the workspace limit."""
+    if g.G != 1:
+        return reference.conv2d_forward(x, w, b, g, activation)
+    xp = get_array_module(x)
+    _contiguous("x", x)
+    nb = chunk_size(g.N, g.K * g.P * x.dtype.itemsize)
+    y = xp.empty(g.y_shape, dtype=x.dtype)
+    w2 = _w2(w, g)
+    cols = None
+    for n0 in range(0, g.N, nb):
+        n = min(nb, g.N - n0)
+        gc = _sub(g, n)
+        cols = im2col(x[n0 : n0 + n], gc, cm=True, out=scratch(workspace, "cols", (g.K, n * g.P), x.dtype, xp))
+        y_cm = xp.matmul(w2, cols, out=scratch(workspace, "y_cm", (g.F, n * g.P), x.dtype, xp))  # (F, n*P)
+        bias_act_forward(y_cm, y[n0 : n0 + n], b, n, g.F, g.P, cm=True, relu=activation == "relu")
+    kept = cols if nb >= g.N else None
+    return y, Conv2dCache(NAME, g, x, w, b is not None, activation, y if activation else None,
+                          _Aux(kept, nb, workspace))
+
+
+def conv2d_backward(dy, cache, input_grad=True):
+    """-> (dx or None, dw, db or None), per chunk as the forward ran."""
+    g, aux = cache.g, cache.aux
+    xp = get_array_module(dy)
+    _contiguous("dy", dy)
+    relu = cache.activation == "relu"
+    w2 = _w2(cache.w, g)
+    dw2 = db = None
+    dxs = []
+    for n0 in range(0, g.N, aux.chunk):
+        n = min(aux.chunk, g.N - n0)
+        gc = _sub(g, n)
+        delta = scratch(aux.workspace, "delta_cm", (g.F, n * g.P), dy.dtype, xp)
+        y = cache.y[n0 : n0 + n] if relu else None
+        db_c = act_backward_bias_grad(dy[n0 : n0 + n], y, delta, n, g.F, g.P, cm=True, relu=relu, bias=cache.has_bias)
+        cols = aux.cols if aux.cols is not None else im2col(
+            cache.x[n0 : n0 + n], gc, cm=True, out=scratch(aux.workspace, "cols", (g.K, n * g.P), dy.dtype, xp))
+        dw_c = xp.matmul(delta, cols.T)  # (F, n*P) @ (n*P, K)
+        dw2, db = (dw_c, db_c) if dw2 is None else (dw2 + dw_c, None if db is None else db + db_c)
+        if input_grad:
+            dcols = xp.matmul(w2.T, delta, out=scratch(aux.workspace, "dcols", (g.K, n * g.P), dy.dtype, xp))
+            dxs.append(col2im(dcols, gc, cm=True))
+    dx = None if not input_grad else dxs[0] if len(dxs) == 1 else xp.concatenate(dxs)
+    return dx, dw2.reshape(cache.w.shape), db
+
+
+# ------------------------------------------------------------------- pooling
+def _pool_args(g: PoolGeometry) -> tuple:
+    return _i32(g.N, g.C, g.H, g.W, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.OH, g.OW)
+
+
+def max_pool2d_forward(x, g, *, grid=None, block=None):
+    """-> (y, cache with the int32 argmax h*W + w)."""
+    y, argmax = _empty(g.y_shape, x.dtype), _empty(g.y_shape, np.int32)
+    if y.size:
+        _launch("pool", "max_pool2d_forward", x, y.size, (_contiguous("x", x), y, argmax, *_pool_args(g)), grid, block)
+    return y, MaxPool2dCache(NAME, g, x.dtype, argmax, "flat")
+
+
+def max_pool2d_backward(dy, cache, *, grid=None, block=None):
+    """A gather: one thread per input element sums the outputs it won."""
+    g = cache.g
+    dx = _empty(g.x_shape, dy.dtype)
+    if dx.size:
+        _launch("pool", "max_pool2d_backward", dy, dx.size,
+                (_contiguous("dy", dy), _contiguous("argmax", cache.argmax), dx, *_pool_args(g)), grid, block, "dy")
+    return dx
+
+
+def avg_pool2d_forward(x, g, *, grid=None, block=None):
+    y = _empty(g.y_shape, x.dtype)
+    if y.size:
+        _launch("pool", "avg_pool2d_forward", x, y.size, (_contiguous("x", x), y, *_pool_args(g)), grid, block)
+    return y, AvgPool2dCache(NAME, g, x.dtype)
+
+
+def avg_pool2d_backward(dy, cache, *, grid=None, block=None):
+    g = cache.g
+    dx = _empty(g.x_shape, dy.dtype)
+    if dx.size:
+        _launch("pool", "avg_pool2d_backward", dy, dx.size, (_contiguous("dy", dy), dx, *_pool_args(g)), grid, block,
+                "dy")
+    return dx
+
+
+# ------------------------------------------------------------------- fully connected
+def linear_forward(x, w, b, activation=None):
+    """y = x @ w^T (cuBLAS; w^T is a transposed view), then the bias and the ReLU in one epilogue."""
+    xp = get_array_module(x)
+    y = xp.matmul(x, w.T)  # (N, out)
+    if b is not None or activation:
+        bias_act_forward(y, y, b, y.shape[0], y.shape[1], 1, cm=False, relu=activation == "relu")
+    return y, LinearCache(NAME, x, w, b is not None, activation, y if activation else None)
+
+
+def linear_backward(dy, cache, input_grad=True):
+    """delta = dy (* y > 0) and db in one kernel (with the ReLU), then two cuBLAS GEMMs."""
+    xp = get_array_module(dy)
+    if cache.activation == "relu":
+        delta = xp.empty_like(dy)
+        db = act_backward_bias_grad(dy, cache.y, delta, dy.shape[0], dy.shape[1], 1, cm=False, relu=True,
+                                    bias=cache.has_bias)
+    else:
+        delta, db = dy, (dy.sum(axis=0) if cache.has_bias else None)
+    dw = xp.matmul(delta.T, cache.x)
+    dx = xp.matmul(delta, cache.w) if input_grad else None
+    return dx, dw, db
+
+
+# ------------------------------------------------------------------------------ loss
+def softmax_cross_entropy(logits, labels, *, grid=None, block=None, return_per_sample=False):
+    """Mean softmax cross-entropy -> (loss 0-d array, dlogits (N, K) = (softmax - onehot) / N) for
+    integer labels, in two launches (per-sample loss + dlogits, then the batch mean on the device).
+    A label outside [0, K) gives a NaN loss (the caller validates the range). One-hot labels: the
+    reference."""
+    if labels.dtype.kind not in "iu":
+        return reference.softmax_cross_entropy(logits, labels)
+    T = np.float32 if _suffix("logits", logits) == "f32" else np.float64
+    N, K = (int(s) for s in logits.shape)
+    labels = labels.astype(np.int32, copy=False)
+    per_sample, dlogits, loss = _empty((N,), logits.dtype), _empty((N, K), logits.dtype), _empty((), logits.dtype)
+    if block is None:
+        block = min(DEFAULT_BLOCK, max(32, 1 << (K - 1).bit_length()))  # one block per row
+    inv_n = T(1.0 / N)
+    _launch("loss", "softmax_cross_entropy", logits, N * block,
+            (_contiguous("logits", logits), _contiguous("labels", labels), per_sample, dlogits, *_i32(N, K), inv_n),
+            grid, block, "logits")
+    _launch("loss", "scaled_sum", logits, block, (per_sample, loss, np.int64(N), inv_n), 1, block, "logits")
+    return (loss, dlogits, per_sample) if return_per_sample else (loss, dlogits)
+
+
+# ------------------------------------------------------------------------- optimizers
+def sgd_update_(p, g, buf, lr, momentum, weight_decay, nesterov, first_step, *, grid=None, block=None):
+    """One SGD step in place over flat buffers, one launch (the reference's formulas)."""
+    T = p.dtype.type
+    if p.size:
+        _launch("optim", "sgd_update", p, p.size,
+                (p, g, p if buf is None else buf, np.int64(p.size), T(lr), T(momentum), T(weight_decay),
+                 np.int32(bool(nesterov)), np.int32(bool(first_step))), grid, block, "p")
+
+
+def adam_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bc1, bc2, *, grid=None, block=None):
+    """One Adam / AdamW step in place over flat buffers, one launch. The scalars the kernel needs
+    (lr/bc1, 1 - lr*wd, 1 - beta) are formed here in double precision, as the reference does."""
+    T = p.dtype.type
+    if p.size:
+        _launch("optim", "adam_update", p, p.size,
+                (p, g, m, v, np.int64(p.size), T(beta1), T(1.0 - beta1), T(beta2), T(1.0 - beta2), T(eps),
+                 T(weight_decay), np.int32(bool(decoupled)), T(1.0 - lr * weight_decay), T(lr / bc1), T(bc2)),
+                grid, block, "p")
+
+
+__all__ = ["NAME", "FUSED_ACTIVATIONS", "im2col", "col2im", "bias_act_forward", "act_backward_bias_grad",
+           "conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
+           "avg_pool2d_backward", "linear_forward", "linear_backward", "softmax_cross_entropy", "sgd_update_",
+           "adam_update_"]

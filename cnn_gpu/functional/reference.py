@@ -1,0 +1,321 @@
+"""The reference engine: every op's forward and backward, side by side, in plain ``xp`` code.
+
+This file is the library's math, readable top to bottom. It runs on NumPy and on CuPy (``xp``
+comes from the arrays), and it is the oracle the fast engines are tested against
+(tests/test_engines.py): the CPU engine (cnn_gpu/cpu) and the CUDA engine (cnn_gpu/cuda) must
+give these numbers. The public API (cnn_gpu.functional) checks the arguments, computes the
+geometry and picks the engine; functions here receive checked inputs.
+
+Notation (see functional/geometry.py): N batch, C channels, H W height and width, F filters,
+G groups, KH KW kernel, SH SW stride, PH PW padding, DH DW dilation, OH OW output size,
+P = OH*OW, K = (C/G)*KH*KW, T = KH*KW. ``d`` prefixes a gradient: dy = dL/dy, the "delta"
+of the backprop formulas, flows backward; every backward returns dL/d(its inputs).
+
+The im2col column layout: cols (N, C*KH*KW, P), row k = (c*KH + kh)*KW + kw, column
+p = oh*OW + ow, holds x_padded[n, c, oh*SH + kh*DH, ow*SW + kw*DW] (torch's ``unfold``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+from .caches import AvgPool2dCache, Conv2dCache, DropoutCache, LinearCache, MaxPool2dCache
+from .geometry import tap_slices
+
+NAME = "reference"
+FUSED_ACTIVATIONS = ()  # the reference runs every layer on its own (see nn.Sequential)
+
+
+def _pad(xp, x, g, value=0.0):
+    """x (N, C, H, W) -> (N, C, H+2PH, W+2PW), ``value`` in the border."""
+    if g.PH == 0 and g.PW == 0:
+        return x
+    return xp.pad(x, ((0, 0), (0, 0), (g.PH, g.PH), (g.PW, g.PW)), constant_values=value)
+
+
+def _crop(xpad, g):
+    """The inverse view of _pad."""
+    return xpad[:, :, g.PH : g.PH + g.H, g.PW : g.PW + g.W]
+
+
+# ================================================================== convolution
+def im2col(x, g):
+    """x (N, C, H, W) -> cols (N, C*KH*KW, OH*OW): one copy per tap of a strided view."""
+    xp = get_array_module(x)
+    xpad = _pad(xp, x, g)  # (N, C, H+2PH, W+2PW)
+    cols = xp.empty((g.N, g.C, g.KH, g.KW, g.OH, g.OW), dtype=x.dtype)
+    for kh, kw, rows, cs in tap_slices(g):
+        cols[:, :, kh, kw] = xpad[:, :, rows, cs]  # tap (kh, kw) of every output
+    return cols.reshape(g.N, g.C * g.KH * g.KW, g.P)  # (N, C*KH*KW, OH*OW)
+
+
+def col2im(cols, g):
+    """The adjoint of im2col: cols (N, C*KH*KW, OH*OW) -> (N, C, H, W), overlaps summed."""
+    xp = get_array_module(cols)
+    dxpad = xp.zeros((g.N, g.C, g.H + 2 * g.PH, g.W + 2 * g.PW), dtype=cols.dtype)
+    cols6 = cols.reshape(g.N, g.C, g.KH, g.KW, g.OH, g.OW)  # (N, C, KH, KW, OH, OW)
+    for kh, kw, rows, cs in tap_slices(g):
+        dxpad[:, :, rows, cs] += cols6[:, :, kh, kw]
+    return xp.ascontiguousarray(_crop(dxpad, g))  # (N, C, H, W)
+
+
+def conv2d_forward(x, w, b, g, activation=None, workspace=None):
+    """y = W2 @ im2col(x) + b per group (then relu(y) with ``activation="relu"``).
+    W2 = w as a (G, F/G, K) stack of matrices; ``workspace`` is not used here."""
+    xp = get_array_module(x)
+    cols = im2col(x, g).reshape(g.N, g.G, g.K, g.P)  # (N, G, K, P): group gi reads channels gi*C/G ...
+    w3 = w.reshape(g.G, g.F // g.G, g.K)  # (G, F/G, K)
+    y = xp.matmul(w3, cols).reshape(g.y_shape)  # (N, G, F/G, P) -> (N, F, OH, OW)
+    if b is not None:
+        y += b.reshape(1, g.F, 1, 1)
+    if activation == "relu":
+        y = xp.maximum(y, 0)
+    kept = y if activation else None
+    return y, Conv2dCache(NAME, g, x, w, b is not None, activation, kept, cols)
+
+
+def conv2d_backward(dy, cache, input_grad=True):
+    """dy (N, F, OH, OW) -> (dx or None, dw, db or None):
+        delta = dy * relu'(y) (with the activation), else dy
+        db = sum of delta over n, oh, ow
+        dW2 = sum_n delta[n] @ cols[n]^T        (F/G, P) @ (P, K) per group
+        dx = col2im(W2^T @ delta)               (K, F/G) @ (F/G, P) per group, then the adjoint of im2col
+    """
+    g, w, cols = cache.g, cache.w, cache.aux
+    xp = get_array_module(dy)
+    delta = dy * (cache.y > 0) if cache.activation == "relu" else dy
+    d = delta.reshape(g.N, g.G, g.F // g.G, g.P)  # (N, G, F/G, P)
+    db = delta.sum(axis=(0, 2, 3)) if cache.has_bias else None  # (F,)
+    dw = xp.matmul(d, cols.transpose(0, 1, 3, 2)).sum(axis=0).reshape(w.shape)  # (G, F/G, K) summed over n
+    dx = None
+    if input_grad:
+        w3t = w.reshape(g.G, g.F // g.G, g.K).transpose(0, 2, 1)  # (G, K, F/G)
+        dcols = xp.matmul(w3t, d).reshape(g.N, g.C * g.KH * g.KW, g.P)  # (N, G, K, P) -> (N, C*KH*KW, P)
+        dx = col2im(dcols, g)
+    return dx, dw, db
+
+
+# ================================================================== pooling
+def _window_origins(xp, g):
+    """(OH, 1) and (1, OW): the input row and column of each window's tap (0, 0)."""
+    oh0 = (xp.arange(g.OH) * g.SH - g.PH)[:, None]
+    ow0 = (xp.arange(g.OW) * g.SW - g.PW)[None, :]
+    return oh0, ow0
+
+
+def max_pool2d_forward(x, g):
+    """y = the maximum of each window; argmax = h*W + w of its winner: taps in row-major order,
+    the first maximum wins, a NaN wins (the first NaN), padding never wins."""
+    xp = get_array_module(x)
+    xpad = _pad(xp, x, g)  # the border's value never matters: padding cannot win
+    y = xp.full(g.y_shape, -np.inf, dtype=x.dtype)
+    argmax = xp.full(g.y_shape, -1, dtype=np.int32)
+    oh0, ow0 = _window_origins(xp, g)
+    for kh, kw, rows, cs in tap_slices(g):
+        h, w = oh0 + kh, ow0 + kw  # the input position this tap reads, per output
+        real = (h >= 0) & (h < g.H) & (w >= 0) & (w < g.W)  # (OH, OW): not padding
+        v = xpad[:, :, rows, cs]
+        wins = real & ((argmax < 0) | (v > y) | (xp.isnan(v) & ~xp.isnan(y)))
+        y = xp.where(wins, v, y)
+        argmax = xp.where(wins, (h * g.W + w).astype(np.int32), argmax)
+    return y, MaxPool2dCache(NAME, g, x.dtype, argmax, "flat")
+
+
+def max_pool2d_backward(dy, cache):
+    """dx[n, c, h, w] = the sum of dy over the windows whose winner is (h, w)."""
+    g, argmax = cache.g, cache.argmax
+    xp = get_array_module(dy)
+    dxpad = xp.zeros((g.N, g.C, g.H + 2 * g.PH, g.W + 2 * g.PW), dtype=dy.dtype)
+    oh0, ow0 = _window_origins(xp, g)
+    for kh, kw, rows, cs in tap_slices(g):
+        h, w = oh0 + kh, ow0 + kw
+        real = (h >= 0) & (h < g.H) & (w >= 0) & (w < g.W)
+        dxpad[:, :, rows, cs] += xp.where(real & (argmax == h * g.W + w), dy, 0)  # where this tap won
+    return xp.ascontiguousarray(_crop(dxpad, g))
+
+
+def avg_pool2d_forward(x, g):
+    """y = (1 / (KH*KW)) * the sum over each window; padding counts as zeros (count_include_pad)."""
+    xp = get_array_module(x)
+    xpad = _pad(xp, x, g)
+    y = xp.zeros(g.y_shape, dtype=x.dtype)
+    for _, _, rows, cs in tap_slices(g):
+        y += xpad[:, :, rows, cs]
+    y *= x.dtype.type(1.0 / g.T)
+    return y, AvgPool2dCache(NAME, g, x.dtype)
+
+
+def avg_pool2d_backward(dy, cache):
+    """dx[n, c, h, w] = (1 / (KH*KW)) * the sum of dy over the windows that contain (h, w)."""
+    g = cache.g
+    xp = get_array_module(dy)
+    dxpad = xp.zeros((g.N, g.C, g.H + 2 * g.PH, g.W + 2 * g.PW), dtype=dy.dtype)
+    share = dy * dy.dtype.type(1.0 / g.T)
+    for _, _, rows, cs in tap_slices(g):
+        dxpad[:, :, rows, cs] += share
+    return xp.ascontiguousarray(_crop(dxpad, g))
+
+
+# ================================================================== fully connected
+def linear_forward(x, w, b, activation=None):
+    """y = x @ w^T + b (then relu(y) with ``activation="relu"``). x (N, in), w (out, in)."""
+    xp = get_array_module(x)
+    y = xp.matmul(x, w.T)  # (N, out)
+    if b is not None:
+        y += b
+    if activation == "relu":
+        y = xp.maximum(y, 0)
+    return y, LinearCache(NAME, x, w, b is not None, activation, y if activation else None)
+
+
+def linear_backward(dy, cache, input_grad=True):
+    """delta = dy (* relu'(y)) (N, out):  dx = delta @ w (N, in),  dw = delta^T @ x (out, in)
+    (the textbook's dL/dW = delta a_prev^T, summed over the batch),  db = sum_n delta[n]."""
+    xp = get_array_module(dy)
+    delta = dy * (cache.y > 0) if cache.activation == "relu" else dy
+    dw = xp.matmul(delta.T, cache.x)
+    db = delta.sum(axis=0) if cache.has_bias else None
+    dx = xp.matmul(delta, cache.w) if input_grad else None
+    return dx, dw, db
+
+
+# ================================================================== activations
+# With delta = dL/dy, each backward returns delta * f'(x): a product, so a NaN in delta stays NaN.
+def relu_forward(x):
+    """y = max(x, 0); the cache is y (y > 0 exactly where x > 0)."""
+    y = get_array_module(x).maximum(x, 0)
+    return y, y
+
+
+def relu_backward(dy, y):
+    return dy * (y > 0)
+
+
+def leaky_relu_forward(x, negative_slope):
+    xp = get_array_module(x)
+    return xp.where(x > 0, x, x * x.dtype.type(negative_slope)), (x, float(negative_slope))
+
+
+def leaky_relu_backward(dy, cache):
+    x, slope = cache
+    return get_array_module(dy).where(x > 0, dy, dy * dy.dtype.type(slope))
+
+
+def sigmoid_forward(x):
+    """y = 1 / (1 + exp(-x)), computed from exp(-|x|) (never overflows); f'(x) = y (1 - y)."""
+    xp = get_array_module(x)
+    e = xp.exp(-xp.abs(x))
+    y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+    return y, y
+
+
+def sigmoid_backward(dy, y):
+    return dy * y * (1 - y)
+
+
+def tanh_forward(x):
+    """y = tanh(x); f'(x) = 1 - y^2."""
+    y = get_array_module(x).tanh(x)
+    return y, y
+
+
+def tanh_backward(dy, y):
+    return dy * (1 - y * y)
+
+
+def flatten_forward(x):
+    """(N, ...) -> (N, prod(...)) in C order; the cache is the input shape."""
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:]))), tuple(x.shape)
+
+
+def flatten_backward(dy, shape):
+    return dy.reshape(shape)
+
+
+def dropout_forward(x, p, training, rng):
+    """Inverted dropout: y = x * mask / (1 - p), mask[i] = (u[i] >= p), u uniform from ``rng``."""
+    if not training or p == 0.0:
+        return x, DropoutCache(None)
+    keep = rng.random(x.shape, dtype=x.dtype) >= x.dtype.type(p)
+    mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+    return x * mask, DropoutCache(mask)
+
+
+def dropout_backward(dy, cache):
+    return dy if cache.mask is None else dy * cache.mask
+
+
+# ================================================================== softmax and the loss
+# For logits z (N, K) and targets t (one-hot rows or class indices):
+#   log_softmax(z) = z - max(z) - log(sum(exp(z - max(z))))      (exp of non-positive numbers only)
+#   L = -(1/N) sum_n sum_k t[n, k] log_softmax(z)[n, k]
+#   dL/dz = (softmax(z) - t) / N                                  the output layer's delta
+def log_softmax(x, axis=-1):
+    xp = get_array_module(x)
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def softmax(x, axis=-1):
+    xp = get_array_module(x)
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def softmax_cross_entropy(logits, labels):
+    """-> (loss, dlogits): the mean cross-entropy (a 0-d array on logits' device) and dL/dlogits.
+    ``labels``: int class indices (N,) or float one-hot / probability rows (N, K)."""
+    xp = get_array_module(logits)
+    N = logits.shape[0]
+    logp = log_softmax(logits)  # (N, K)
+    p = xp.exp(logp)  # softmax
+    inv_n = logits.dtype.type(1.0 / N)
+    if labels.dtype.kind in "iu":
+        rows = xp.arange(N)
+        loss = -logp[rows, labels].sum() * inv_n
+        p[rows, labels] -= 1  # softmax - onehot
+    else:
+        loss = -(labels * logp).sum() * inv_n
+        p -= labels
+    p *= inv_n
+    return xp.asarray(loss, dtype=logits.dtype), p
+
+
+# ================================================================== optimizers (in place, on flat buffers)
+def sgd_update_(p, g, buf, lr, momentum, weight_decay, nesterov, first_step):
+    """torch.optim.SGD: d = g + wd*p;  buf = d (first step) or momentum*buf + d;
+    d = d + momentum*buf (Nesterov) or buf;  p -= lr*d."""
+    t = p.dtype.type
+    d = g
+    if weight_decay != 0:
+        d = d + t(weight_decay) * p
+    if momentum != 0:
+        if first_step:
+            buf[...] = d
+        else:
+            buf *= t(momentum)
+            buf += d
+        d = d + t(momentum) * buf if nesterov else buf
+    p -= t(lr) * d
+
+
+def adam_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bc1, bc2):
+    """torch.optim.Adam / AdamW: m = b1*m + (1-b1) g;  v = b2*v + (1-b2) g^2;
+    p -= (lr/bc1) * m / (sqrt(v/bc2) + eps), with bc = 1 - beta^t. Adam adds wd*p to g;
+    AdamW first decays p *= 1 - lr*wd."""
+    xp = get_array_module(p)
+    t = p.dtype.type
+    d = g
+    if weight_decay != 0:
+        if decoupled:
+            p *= t(1.0 - lr * weight_decay)
+        else:
+            d = d + t(weight_decay) * p
+    m *= t(beta1)
+    m += t(1.0 - beta1) * d
+    v *= t(beta2)
+    v += t(1.0 - beta2) * (d * d)
+    denom = xp.sqrt(v / t(bc2))
+    denom += t(eps)
+    p -= t(lr / bc1) * m / denom
