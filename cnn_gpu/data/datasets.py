@@ -58,6 +58,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .. import config
+
 __all__ = [
     "DatasetFile",
     "DatasetSpec",
@@ -233,12 +235,12 @@ class DownloadError(OSError):
 # Paths
 # --------------------------------------------------------------------------- #
 def data_dir(root: str | os.PathLike | None = None) -> Path:
-    """The data root: ``root``, else ``$CNN_GPU_DATA``, else the user cache folder."""
+    """The data root: ``root``, else the ``data_dir`` setting (``$CNN_GPU_DATA``), else the user cache folder."""
     if root is not None:
         return Path(root).expanduser()
-    env = os.environ.get("CNN_GPU_DATA")
-    if env:
-        return Path(env).expanduser()
+    setting = config.get().data_dir
+    if setting:
+        return Path(setting).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME")
     base = Path(cache).expanduser() if cache else Path.home() / ".cache"
     return base / "cnn_gpu"
@@ -293,8 +295,8 @@ def _verify_problem(path: Path, entry: DatasetFile) -> str | None:
 
 def _mirror_urls(entry: DatasetFile, mirrors: Sequence[str] | str | None) -> list[str]:
     if mirrors is None:
-        env = os.environ.get("CNN_GPU_MIRROR")
-        mirrors = [env] if env else None
+        setting = config.get().mirror  # $CNN_GPU_MIRROR
+        mirrors = [setting] if setting else None
     if mirrors is None:
         return list(entry.urls)
     if isinstance(mirrors, (str, bytes)):

@@ -1,0 +1,272 @@
+"""Every op on every engine against the reference (functional/reference.py).
+
+The engines: ``reference`` itself (through the public API), ``cpu`` (cnn_gpu/cpu: channels-last,
+chunked, threaded) and ``cuda`` (cnn_gpu/cuda: kernels + GEMMs), the last on NumPy arrays with its
+kernels compiled by g++ and run on the CPU (tests/emulation; its test ids contain "emul"). Each
+test runs an op with the engine forced (cnn_gpu.config engine=...) and again on the reference,
+on the same inputs, and compares: float64 to 1e-12, float32 to 1e-5 (relative to the largest
+value), argmax indices exactly. Then whole models: Sequential's fusion plans, forward, backward
+and every parameter gradient.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cnn_gpu
+import cnn_gpu.functional as F
+from cnn_gpu import models, nn, optim
+from cnn_gpu.backend import to_numpy
+from helpers import assert_close
+
+ENGINES = [pytest.param("reference", id="reference"), pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda-emul")]
+DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    """The engine under test, forced for the test's ops."""
+    if request.param == "cuda":
+        request.getfixturevalue("cuda_emulation")  # engine="cuda", launches into the emulator
+        yield "cuda"
+    else:
+        with cnn_gpu.config.override(engine=request.param):
+            yield request.param
+
+
+def on_reference(fn, *args, **kwargs):
+    with cnn_gpu.config.override(engine="reference"):
+        return fn(*args, **kwargs)
+
+
+def tol(dtype) -> float:
+    return 1e-12 if np.dtype(dtype) == np.float64 else 1e-5
+
+
+def same(got, want, dtype, what):
+    if want is None:
+        assert got is None, what
+        return
+    got, want = to_numpy(got), to_numpy(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape} {got.dtype} vs {want.shape}"
+    assert_close(got, want, tol(dtype), what)
+
+
+def data(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# ======================================================================== convolution
+# N, C, H, W, F, kernel, stride, padding, dilation
+CONV_CASES = [
+    (3, 1, 12, 12, 6, 5, 1, 2, 1),  # lenet's first layer: K-major columns on the CPU
+    (2, 6, 9, 9, 4, 3, 1, 1, 1),  # the transposed backward on the CPU
+    (2, 3, 10, 11, 5, (3, 2), (2, 1), (1, 0), (1, 2)),  # strided, dilated: col2im
+    (4, 2, 7, 7, 3, 1, 1, 0, 1),
+    (1, 4, 6, 5, 2, 3, 2, 2, 1),  # padding wider than half the kernel
+    (2, 8, 5, 5, 3, 5, 1, 0, 1),  # the kernel covers the input
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias,activation", [(True, None), (True, "relu"), (False, "relu"), (False, None)])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d(engine, rng, case, bias, activation, dtype):
+    N, C, H, W, Fo, k, s, p, d = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x, w = data(rng, (N, C, H, W), dtype), data(rng, (Fo, C, kh, kw), dtype)
+    b = data(rng, (Fo,), dtype) if bias else None
+    y, cache = F.conv2d_forward(x, w, b, s, p, d, activation=activation)
+    assert cache.engine == engine
+    y_ref, cache_ref = on_reference(F.conv2d_forward, x, w, b, s, p, d, activation=activation)
+    same(y, y_ref, dtype, "y")
+    dy = data(rng, y_ref.shape, dtype)
+    got = F.conv2d_backward(dy, cache)
+    want = on_reference(F.conv2d_backward, dy, cache_ref)
+    for g, r, what in zip(got, want, ("dx", "dw", "db")):
+        same(g, r, dtype, what)
+    y, cache = F.conv2d_forward(x, w, b, s, p, d, activation=activation)
+    none, dw, db = F.conv2d_backward(dy, cache, input_grad=False)  # the first layer of a training step
+    assert none is None
+    same(dw, want[1], dtype, "dw without dx")
+    same(db, want[2], dtype, "db without dx")
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:3])
+def test_conv2d_in_chunks_with_a_workspace(engine, rng, case):
+    """A workspace limit that fits one or two samples' columns: the batch runs in chunks, twice
+    through the same Workspace (its buffers reused), with the numbers of one pass."""
+    N, C, H, W, Fo, k, s, p, d = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x, w, b = data(rng, (N, C, H, W), np.float64), data(rng, (Fo, C, kh, kw), np.float64), data(rng, (Fo,), np.float64)
+    y_ref, cache = on_reference(F.conv2d_forward, x, w, b, s, p, d, activation="relu")
+    dy = data(rng, y_ref.shape, np.float64)
+    want = on_reference(F.conv2d_backward, dy, cache)
+    ws = cnn_gpu.Workspace()
+    per_sample = C * kh * kw * y_ref.shape[2] * y_ref.shape[3] * 8
+    for samples in (1, 2):
+        with cnn_gpu.use_workspace_limit(samples * per_sample / 2**20):
+            y, cache = F.conv2d_forward(x, w, b, s, p, d, activation="relu", workspace=ws)
+            got = F.conv2d_backward(dy, cache)
+        same(y, y_ref, np.float64, f"y in chunks of {samples}")
+        for g, r, what in zip(got, want, ("dx", "dw", "db")):
+            same(g, r, np.float64, f"{what} in chunks of {samples}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_im2col_col2im(engine, rng, dtype):
+    x = data(rng, (2, 3, 9, 8), dtype)
+    cols = F.im2col(x, (3, 2), (2, 1), (1, 1), (1, 2))
+    same(cols, on_reference(F.im2col, x, (3, 2), (2, 1), (1, 1), (1, 2)), dtype, "im2col")
+    c = data(rng, cols.shape, dtype)
+    same(F.col2im(c, x.shape, (3, 2), (2, 1), (1, 1), (1, 2)),
+         on_reference(F.col2im, c, x.shape, (3, 2), (2, 1), (1, 1), (1, 2)), dtype, "col2im")
+
+
+# ======================================================================== pooling
+# N, C, H, W, kernel, stride, padding
+POOL_CASES = [(2, 3, 8, 8, 2, None, 0), (2, 2, 9, 7, 3, 2, 1), (1, 3, 6, 6, (2, 3), (1, 2), (1, 1)),
+              (3, 2, 5, 5, 3, 1, 1), (2, 4, 7, 9, 2, 3, 0)]
+
+
+def _pool_input(kind, shape, dtype, rng):
+    if kind == "ties":  # few distinct values: tied maxima, the first must win
+        return rng.integers(-2, 2, size=shape).astype(dtype)
+    x = rng.standard_normal(shape).astype(dtype)
+    if kind == "nan":
+        x[rng.random(shape) < 0.1] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["normal", "ties", "nan"])
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_max_pool2d(engine, rng, case, kind, dtype):
+    N, C, H, W, k, s, p = case
+    x = _pool_input(kind, (N, C, H, W), dtype, rng)
+    y, cache = F.max_pool2d_forward(x, k, s, p)
+    y_ref, cache_ref = on_reference(F.max_pool2d_forward, x, k, s, p)
+    np.testing.assert_array_equal(to_numpy(y), to_numpy(y_ref))  # a maximum is exact (NaN == NaN here)
+    np.testing.assert_array_equal(to_numpy(cache.argmax), to_numpy(cache_ref.argmax))
+    if kind != "nan":
+        dy = data(rng, y_ref.shape, dtype)
+        same(F.max_pool2d_backward(dy, cache), on_reference(F.max_pool2d_backward, dy, cache_ref), dtype, "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_avg_pool2d(engine, rng, case, dtype):
+    N, C, H, W, k, s, p = case
+    x = data(rng, (N, C, H, W), dtype)
+    y, cache = F.avg_pool2d_forward(x, k, s, p)
+    y_ref, cache_ref = on_reference(F.avg_pool2d_forward, x, k, s, p)
+    same(y, y_ref, dtype, "y")
+    dy = data(rng, y_ref.shape, dtype)
+    same(F.avg_pool2d_backward(dy, cache), on_reference(F.avg_pool2d_backward, dy, cache_ref), dtype, "dx")
+
+
+# ======================================================================== linear, activations, loss
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias,activation", [(True, None), (True, "relu"), (False, "relu"), (False, None)])
+def test_linear(engine, rng, bias, activation, dtype):
+    x, w = data(rng, (7, 13), dtype), data(rng, (5, 13), dtype)
+    b = data(rng, (5,), dtype) if bias else None
+    y, cache = F.linear_forward(x, w, b, activation)
+    y_ref, cache_ref = on_reference(F.linear_forward, x, w, b, activation)
+    same(y, y_ref, dtype, "y")
+    dy = data(rng, y_ref.shape, dtype)
+    for g, r, what in zip(F.linear_backward(dy, cache), on_reference(F.linear_backward, dy, cache_ref),
+                          ("dx", "dw", "db")):
+        same(g, r, dtype, what)
+    assert F.linear_backward(dy, cache, input_grad=False)[0] is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["relu", "leaky_relu", "sigmoid", "tanh", "flatten"])
+def test_activations(engine, rng, op, dtype):
+    fwd, bwd = getattr(F, f"{op}_forward"), getattr(F, f"{op}_backward")
+    x = data(rng, (3, 4, 5, 2), dtype)
+    y, cache = fwd(x)
+    y_ref, cache_ref = on_reference(fwd, x)
+    same(y, y_ref, dtype, "y")
+    dy = data(rng, y_ref.shape, dtype)
+    same(bwd(dy, cache), on_reference(bwd, dy, cache_ref), dtype, "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_softmax_and_the_loss(engine, rng, dtype):
+    x = data(rng, (6, 10), dtype)
+    y, cache = F.dropout_forward(x, 0.3, True, np.random.default_rng(4))
+    y_ref, cache_ref = on_reference(F.dropout_forward, x, 0.3, True, np.random.default_rng(4))
+    same(y, y_ref, dtype, "dropout")
+    same(F.dropout_backward(x, cache), on_reference(F.dropout_backward, x, cache_ref), dtype, "dropout dx")
+    same(F.softmax(x), on_reference(F.softmax, x), dtype, "softmax")
+    same(F.log_softmax(x), on_reference(F.log_softmax, x), dtype, "log_softmax")
+    for labels in (rng.integers(0, 10, 6), np.eye(10, dtype=dtype)[rng.integers(0, 10, 6)]):
+        loss, d = F.softmax_cross_entropy(x, labels)
+        loss_ref, d_ref = on_reference(F.softmax_cross_entropy, x, labels)
+        same(loss, loss_ref, dtype, "loss")
+        same(d, d_ref, dtype, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make", [lambda ps: optim.SGD(ps, 0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+                                  lambda ps: optim.SGD(ps, 0.1),
+                                  lambda ps: optim.Adam(ps, 1e-2, weight_decay=1e-3),
+                                  lambda ps: optim.AdamW(ps, 1e-2)], ids=["sgd-nesterov", "sgd", "adam", "adamw"])
+def test_optimizer_updates(engine, rng, make, dtype):
+    """Three steps over the optimizer's flat buffers (one fused launch per step on the GPU)."""
+    def run():
+        params = [nn.Parameter(np.random.default_rng(i).standard_normal(s).astype(dtype))
+                  for i, s in enumerate([(4, 3, 3, 3), (4,), (10, 36)])]
+        opt = make(params)
+        for t in range(3):
+            for i, p in enumerate(params):
+                p.grad[...] = np.random.default_rng(10 * t + i).standard_normal(p.shape)
+            opt.step()
+        return [p.data.copy() for p in params]
+
+    for got, want in zip(run(), on_reference(run)):
+        same(got, want, dtype, "parameters after 3 steps")
+
+
+# ======================================================================== whole models
+def _every_layer_net(dtype):
+    g = dict(dtype=dtype, generator=np.random.default_rng(2))
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, **g), nn.ReLU(),
+        nn.Conv2d(3, 8, 3, padding=1, **g), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False, **g), nn.LeakyReLU(0.1),
+        nn.Conv2d(8, 6, 3, stride=2, **g), nn.ReLU(), nn.MaxPool2d(3, 1, 1), nn.Tanh(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(6, 8, **g), nn.ReLU(), nn.Dropout(0.25, generator=g["generator"]),
+        nn.Linear(8, 5, **g), nn.Sigmoid(), nn.Linear(5, 4, **g))
+
+
+MODELS = [pytest.param(lambda dtype: models.lenet5(dtype=dtype, generator=0), (3, 1, 28, 28), id="lenet5"),
+          pytest.param(lambda dtype: models.vgg_small(dtype=dtype, generator=0), (2, 3, 32, 32), id="vgg_small"),
+          pytest.param(_every_layer_net, (3, 2, 11, 11), id="every-layer")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make,shape", MODELS)
+def test_models(engine, rng, make, shape, dtype):
+    """Sequential's plan on each engine (fused ReLUs, a ReLU moved behind a max pool on the CPU)
+    gives the reference's output, input gradient and parameter gradients; so does a training
+    step without the input gradient."""
+    x = data(rng, shape, dtype)
+
+    def run():
+        model = make(dtype)
+        y = model(x)
+        dy = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
+        dx = model.backward(dy)
+        out = [y, dx] + [p.grad.copy() for p in model.parameters()]
+        model.zero_grad()
+        model(x)
+        assert model.backward(dy, input_grad=False) is None
+        return out + [p.grad.copy() for p in model.parameters()]
+
+    got, want = run(), on_reference(run)
+    for i, (g, r) in enumerate(zip(got, want)):
+        same(g, r, dtype, f"output {i} (y, dx, then the gradients twice)")
