@@ -13,7 +13,7 @@ import numpy as np
 from ..functional.caches import AvgPool2dCache, MaxPool2dCache
 from ..functional.geometry import tap_slices
 from . import parallel
-from .layout import empty_like_layout, pad2d, zeros_like_layout
+from .layout import empty_like_layout, is_channels_last, pad2d, to_channels_last, zeros_like_layout
 
 _MIN_PART_ELEMENTS = 1 << 18  # a part of the batch spread over the cores keeps this many inputs
 
@@ -96,11 +96,17 @@ def _backward_disjoint(dy, tap, g):
     return dx
 
 
+def _like_forward(dy, index):
+    """dy in the layout the forward's input had (that of its winners ``index``): the gradient then
+    leaves in that layout too, and a channels-last run stays channels-last (dy is the smaller array)."""
+    return to_channels_last(dy) if is_channels_last(index) else dy
+
+
 def max_pool2d_backward(dy, cache):
     """dy (N, C, OH, OW) -> dx (N, C, H, W): each output's gradient goes to its window's winner."""
     g = cache.g
     if g.SH >= g.KH and g.SW >= g.KW and (g.PH, g.PW) == (0, 0):
-        return _backward_disjoint(dy, cache.index, g)
+        return _backward_disjoint(_like_forward(dy, cache.index), cache.index, g)
     NC, HW = g.N * g.C, g.H * g.W
     arg2 = cache.argmax.reshape(NC, -1)  # (N*C, OH*OW) flat indices into each input plane
     dy2 = dy.reshape(NC, -1)  # (N*C, OH*OW)
