@@ -20,9 +20,10 @@ What is measured
              compute the gradient of the input batch (torch times a module's backward
              only when its input requires grad), so the first layer's backward includes
              its dx on both sides, unlike in the step times. cnn_gpu's fused
-             layers show up where the work happens: a ReLU fused into the convolution before
-             it has ~0 forward time, and its backward is counted in the max-pool after it.
-             "(rest)" is the step minus the layers: loss, optimizer, layout transposes.
+             layers show up where the work happens: a ReLU run inside the convolution before
+             it (the engine's epilogue) has 0 time of its own, and on the CPU a ReLU before a
+             max pool runs after the pool, on the pooled array.
+             "(rest)" is the step minus the layers: loss, optimizer, layout conversions.
     memory   (--memory) peak resident memory of one step, in a fresh subprocess per
              (framework, model, batch): the high-water mark of the process's RSS
              (VmHWM in /proc/self/status, Linux) after a few steps, minus its RSS before the
@@ -99,9 +100,9 @@ def _threads() -> int | None:
 
 # --------------------------------------------------------------------------- step times
 # --------------------------------------------------------------------------- per-layer times
-_OUR_METHODS = {  # the entry points nn.Sequential may call on a leaf, by phase
-    "forward": ("forward", "forward_cl"),
-    "backward": ("backward", "backward_cl", "backward_", "backward_after_relu"),
+_OUR_METHODS = {  # the entry points nn.Sequential calls on a leaf, by phase
+    "forward": ("forward",),
+    "backward": ("backward",),
 }
 
 

@@ -12,7 +12,8 @@ A tap (kh, kw) of output (oh, ow) reads input row oh*SH - PH + kh*DH, column ow*
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from collections import namedtuple
+from typing import Iterator
 
 from ._checks import pair
 
@@ -22,32 +23,14 @@ def out_size(size: int, k: int, s: int, p: int, d: int = 1) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-class ConvGeometry(NamedTuple):
-    N: int
-    C: int
-    H: int
-    W: int
-    F: int
-    KH: int
-    KW: int
-    SH: int
-    SW: int
-    PH: int
-    PW: int
-    DH: int
-    DW: int
-    OH: int
-    OW: int
-    G: int = 1
+class _Window:
+    """What convolution and pooling geometries share (the fields come from the namedtuple)."""
+
+    __slots__ = ()
 
     @property
     def P(self) -> int:
         return self.OH * self.OW
-
-    @property
-    def K(self) -> int:
-        """One group's receptive field: (C/G)*KH*KW."""
-        return self.C // self.G * self.KH * self.KW
 
     @property
     def T(self) -> int:
@@ -56,14 +39,6 @@ class ConvGeometry(NamedTuple):
     @property
     def x_shape(self) -> tuple:
         return (self.N, self.C, self.H, self.W)
-
-    @property
-    def y_shape(self) -> tuple:
-        return (self.N, self.F, self.OH, self.OW)
-
-    @property
-    def w_shape(self) -> tuple:
-        return (self.F, self.C // self.G, self.KH, self.KW)
 
     @property
     def kernel_size(self) -> tuple:
@@ -76,6 +51,23 @@ class ConvGeometry(NamedTuple):
     @property
     def padding(self) -> tuple:
         return (self.PH, self.PW)
+
+
+class ConvGeometry(_Window, namedtuple("ConvGeometry", "N C H W F KH KW SH SW PH PW DH DW OH OW G", defaults=(1,))):
+    __slots__ = ()
+
+    @property
+    def K(self) -> int:
+        """One group's receptive field: (C/G)*KH*KW."""
+        return self.C // self.G * self.KH * self.KW
+
+    @property
+    def y_shape(self) -> tuple:
+        return (self.N, self.F, self.OH, self.OW)
+
+    @property
+    def w_shape(self) -> tuple:
+        return (self.F, self.C // self.G, self.KH, self.KW)
 
     @property
     def dilation(self) -> tuple:
@@ -103,47 +95,12 @@ def conv_geometry(x_shape, F, kernel_size, stride=1, padding=0, dilation=1, grou
     return ConvGeometry(N, C, H, W, F, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW, groups)
 
 
-class PoolGeometry(NamedTuple):
-    N: int
-    C: int
-    H: int
-    W: int
-    KH: int
-    KW: int
-    SH: int
-    SW: int
-    PH: int
-    PW: int
-    OH: int
-    OW: int
-
-    @property
-    def P(self) -> int:
-        return self.OH * self.OW
-
-    @property
-    def T(self) -> int:
-        return self.KH * self.KW
-
-    @property
-    def x_shape(self) -> tuple:
-        return (self.N, self.C, self.H, self.W)
+class PoolGeometry(_Window, namedtuple("PoolGeometry", "N C H W KH KW SH SW PH PW OH OW")):
+    __slots__ = ()
 
     @property
     def y_shape(self) -> tuple:
         return (self.N, self.C, self.OH, self.OW)
-
-    @property
-    def kernel_size(self) -> tuple:
-        return (self.KH, self.KW)
-
-    @property
-    def stride(self) -> tuple:
-        return (self.SH, self.SW)
-
-    @property
-    def padding(self) -> tuple:
-        return (self.PH, self.PW)
 
 
 def pool_geometry(x_shape, kernel_size, stride=None, padding=0) -> PoolGeometry:
