@@ -83,6 +83,29 @@ __device__ __forceinline__ int cnn_gcd(int a, int b) {
     return a;
 }
 
+// ---- counter-based random numbers (no generator state) -------------------------
+// cnn_mix64 is the splitmix64 finaliser: a bijection of 64-bit words that scrambles every
+// bit. A random number is a pure function of (key, counter): u = top bits of
+// cnn_mix64(key + cnn_mix64(counter)), so any element of any draw can be recomputed on its
+// own, in any order, on the CPU (cnn_gpu/functional/counter_rng.py, bit for bit) or the GPU.
+__device__ __forceinline__ unsigned long long cnn_mix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+__device__ __forceinline__ unsigned long long cnn_random_bits(unsigned long long key, unsigned long long counter) {
+    return cnn_mix64(key + cnn_mix64(counter));
+}
+// uniform in [0, 1): the top 24 bits (float) or 53 bits (double), times 2^-24 / 2^-53 (exact)
+template <typename T> __device__ __forceinline__ T cnn_uniform(unsigned long long bits);
+template <> __device__ __forceinline__ float cnn_uniform<float>(unsigned long long bits) {
+    return (float)(bits >> 40) * (1.0f / 16777216.0f);
+}
+template <> __device__ __forceinline__ double cnn_uniform<double>(unsigned long long bits) {
+    return (double)(bits >> 11) * (1.0 / 9007199254740992.0);
+}
+
 // ---- deterministic block reductions ------------------------------------------
 // Every thread of the block must call these (they contain __syncthreads).
 // `sh` is a __shared__ array with at least blockDim.x elements. The tree order
