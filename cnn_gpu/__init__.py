@@ -1,5 +1,6 @@
 """cnn_gpu: a from-scratch CNN training library with hand-written backprop on NumPy or CuPy."""
 from . import config, cpu, cuda, functional, models, nn, optim, textbook
+from .cuda import ops as _cuda_ops
 from .backend import (
     BackendUnavailableError,
     asarray,
@@ -18,7 +19,7 @@ from .workspace import Workspace, get_workspace_limit, set_workspace_limit, use_
 __version__ = "0.1.0"
 
 _dispatch.register(cpu)  # the engines behind cnn_gpu.functional (the reference is built in)
-_dispatch.register(cuda.ops)
+_dispatch.register(_cuda_ops)
 
 __all__ = [
     "config", "functional", "nn", "optim", "models", "textbook",

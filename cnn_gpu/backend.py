@@ -41,6 +41,13 @@ def _cupy_status() -> tuple[ModuleType | None, str]:
         return None, f"CuPy is installed but no CUDA device is usable ({type(exc).__name__}: {exc})"
     if count < 1:
         return None, "CuPy is installed but no CUDA device was found"
+    from .cuda import build  # noqa: PLC0415  (imports nothing of cnn_gpu but the config)
+
+    try:
+        build.probe()  # compile and launch a trivial kernel: a broken install fails here, once, clearly
+    except Exception as exc:
+        return None, (f"CuPy sees a GPU but cannot compile or run cnn_gpu's kernels ({type(exc).__name__}: {exc}); "
+                      "install CuPy with its CUDA libraries: pip install 'cnn_gpu[cuda12]' (or [cuda13])")
     return cupy, ""
 
 

@@ -20,19 +20,49 @@ from cnn_gpu.backend import cupy_available  # noqa: E402
 _NO_GPU = not cupy_available()
 
 
+def _standin_status() -> str:
+    """Why the CuPy stand-in cannot run here ("" when it can): it needs the cupy package (for its
+    API surface) and g++ (for the kernels' emulation)."""
+    import os  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    if importlib.util.find_spec("cupy") is None:
+        return "the CuPy stand-in needs the cupy package installed (pip install cupy-cuda12x): it copies its API"
+    if os.name != "posix" or shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "the CuPy stand-in runs kernels in the CPU emulation, which needs a POSIX system with g++"
+    return ""
+
+
+_NO_STANDIN_WHY = _standin_status()
+_NO_STANDIN = bool(_NO_STANDIN_WHY)
+
+
 @pytest.fixture(
     params=[
         pytest.param("numpy", id="numpy"),
+        pytest.param("standin", id="standin", marks=pytest.mark.skipif(_NO_STANDIN, reason=_NO_STANDIN_WHY)),
         pytest.param("cupy", id="cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(_NO_GPU, reason="needs CuPy and a GPU")]),
     ]
 )
 def xp(request):
-    """The array module under test: numpy, or cupy on a machine with a GPU."""
+    """The array module under test: numpy, the CuPy stand-in (tests/standin: CuPy's API on the
+    CPU, our kernels in the g++ emulation), or cupy on a machine with a GPU."""
     if request.param == "numpy":
         return np
+    if request.param == "standin":
+        return request.getfixturevalue("standin")
     import cupy  # noqa: PLC0415
 
     return cupy
+
+
+@pytest.fixture
+def standin():
+    """Within the test, ``import cupy`` gives the CuPy stand-in and cnn_gpu sees one GPU."""
+    from standin import activated  # noqa: PLC0415
+
+    with activated() as cp:
+        yield cp
 
 
 @pytest.fixture

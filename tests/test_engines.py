@@ -201,6 +201,12 @@ def test_dropout_softmax_and_the_loss(engine, rng, dtype):
     y_ref, cache_ref = on_reference(F.dropout_forward, x, 0.3, True, np.random.default_rng(4))
     same(y, y_ref, dtype, "dropout")
     same(F.dropout_backward(x, cache), on_reference(F.dropout_backward, x, cache_ref), dtype, "dropout dx")
+    # counter-based masks (nn.Dropout's): the same bits on every engine (the CUDA kernel draws them)
+    y, cache = F.dropout_forward(x, 0.3, True, key=2**63 + 12345)
+    y_ref, cache_ref = on_reference(F.dropout_forward, x, 0.3, True, key=2**63 + 12345)
+    np.testing.assert_array_equal(to_numpy(cache.mask), to_numpy(cache_ref.mask))
+    np.testing.assert_array_equal(to_numpy(y), to_numpy(y_ref))
+    assert 0.5 < float((to_numpy(cache.mask) > 0).mean()) < 0.9
     same(F.softmax(x), on_reference(F.softmax, x), dtype, "softmax")
     same(F.log_softmax(x), on_reference(F.log_softmax, x), dtype, "log_softmax")
     for labels in (rng.integers(0, 10, 6), np.eye(10, dtype=dtype)[rng.integers(0, 10, 6)]):

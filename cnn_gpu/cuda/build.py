@@ -1,7 +1,7 @@
 """Building cnn_gpu's CUDA kernels: where the sources live, NVRTC compilation, the module
 cache and the launcher. The op wrappers that launch them are in cuda/ops.py.
 
-This is the one module that touches ``cupy.RawModule``. It imports CuPy lazily, so
+This is the one module that compiles and loads CUDA code. It imports CuPy lazily, so
 it is importable (and :func:`kernel_dir`, :func:`kernel_sources`,
 :func:`list_kernels` work) on a machine without CuPy or a GPU.
 
@@ -13,9 +13,13 @@ Sources
     on-disk kernel cache covers the headers too.
 
 Compilation
-    One ``cupy.RawModule`` per (file, device), built on first use with
-    :data:`COMPILE_OPTIONS`. ``--fmad=false`` stops a*b+c being fused into an FMA, so
-    the GPU rounds like the NumPy path (the kernels are memory bound; it costs nothing).
+    One module per (file, device), built on first use by our own NVRTC call with
+    :data:`COMPILE_OPTIONS` for the device's architecture (a CUBIN, or PTX for the driver to
+    JIT when the device is newer than NVRTC knows) and loaded with
+    ``cupy.cuda.function.Module``. Not ``cupy.RawModule(code=...)``: CuPy adds ``-ftz=true``
+    to every compile it makes, flushing float32 subnormals to zero, and the kernels must
+    round as the reference does. ``--fmad=false`` stops a*b+c being fused into an FMA, for
+    the same reason (the kernels are memory bound; it costs nothing).
 
 Launching
     The wrappers (cuda/ops.py) launch through a *launcher* object (:class:`CupyLauncher`
@@ -35,11 +39,12 @@ from .. import config
 __all__ = [
     "COMPILE_OPTIONS", "BLOCKS_PER_SM", "KernelCompileError",
     "kernel_dir", "kernel_sources", "expanded_source", "list_kernels", "entry_points",
-    "nvrtc_compile", "compile_all", "get_module", "get_function",
+    "nvrtc_compile", "compile_all", "get_module", "get_function", "device_arch", "probe", "clear_caches",
     "CupyLauncher", "use_launcher", "set_launcher", "get_launcher",
 ]
 
-COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++14", "--fmad=false")
+COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++14", "--fmad=false", "--ftz=false", "--prec-div=true",
+                                    "--prec-sqrt=true")
 BLOCKS_PER_SM = 32  # the default grid's cap, per multiprocessor
 
 _INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
@@ -143,7 +148,9 @@ def nvrtc_compile(name: str, arch: str = "sm_80", options: tuple[str, ...] = COM
     Needs CuPy and libnvrtc (e.g. the nvidia-cuda-nvrtc-cu12 wheel) but no GPU or driver.
     Returns (binary, compiler log); raises :class:`KernelCompileError` with the log on errors.
     """
-    from cupy_backends.cuda.libs import nvrtc  # noqa: PLC0415  (optional dependency)
+    import cupy  # noqa: PLC0415  (optional dependency)
+
+    nvrtc = cupy.cuda.nvrtc
 
     src = expanded_source(name)
     prog = nvrtc.createProgram(src, f"{name}.cu", [], [])
@@ -167,11 +174,35 @@ def _as_str(s: Any) -> str:
 
 
 _modules: dict[tuple[str, int], Any] = {}
+_functions: dict[tuple[str, str, int], Any] = {}
 _modules_lock = threading.Lock()
 
 
+def clear_caches() -> None:
+    """Forget the compiled modules (a new CuPy, e.g. the tests' stand-in, builds its own)."""
+    with _modules_lock:
+        _modules.clear()
+        _functions.clear()
+
+
+def device_arch() -> str:
+    """The NVRTC target for the current device: ``sm_XY`` when NVRTC knows the device, else
+    ``compute_XY`` (PTX) for the newest architecture it knows below it, for the driver to JIT."""
+    import cupy  # noqa: PLC0415
+
+    cc = int(cupy.cuda.Device().compute_capability)
+    known = sorted(int(a) for a in cupy.cuda.nvrtc.getSupportedArchs())
+    if cc in known:
+        return f"sm_{cc}"
+    older = [a for a in known if a <= cc]
+    if not older:
+        raise KernelCompileError(f"NVRTC {cupy.cuda.nvrtc.getVersion()} cannot target this GPU (compute "
+                                 f"capability {cc}; it knows {known})")
+    return f"compute_{older[-1]}"
+
+
 def get_module(name: str):
-    """The compiled ``cupy.RawModule`` for ``<name>.cu`` on the current device (cached)."""
+    """The loaded module of ``<name>.cu`` on the current device (compiled once, then cached)."""
     import cupy  # noqa: PLC0415
 
     key = (name, cupy.cuda.Device().id)
@@ -180,20 +211,15 @@ def get_module(name: str):
         with _modules_lock:
             mod = _modules.get(key)
             if mod is None:
-                mod = cupy.RawModule(code=expanded_source(name), options=COMPILE_OPTIONS)
-                try:
-                    mod.compile()
-                except cupy.cuda.compiler.CompileException as exc:
-                    raise KernelCompileError(f"{name}.cu failed to compile:\n{exc}") from None
+                binary, _ = nvrtc_compile(name, device_arch())
+                mod = cupy.cuda.function.Module()
+                mod.load(binary)
                 _modules[key] = mod
     return mod
 
 
-_functions: dict[tuple[str, str, int], Any] = {}
-
-
 def get_function(name: str, kernel: str):
-    """The ``cupy.RawKernel`` for entry point ``kernel`` of ``<name>.cu`` on the current device (cached)."""
+    """The kernel ``kernel`` of ``<name>.cu`` on the current device (cached)."""
     import cupy  # noqa: PLC0415
 
     key = (name, kernel, cupy.cuda.Device().id)
@@ -204,10 +230,23 @@ def get_function(name: str, kernel: str):
     return fn
 
 
+def probe() -> None:
+    """Compile, load and launch kernels/probe.cu and check what it wrote: raises when CuPy
+    cannot run cnn_gpu's kernels here (cnn_gpu.backend calls this once, before using CuPy)."""
+    import cupy  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    out = cupy.empty((64,), dtype=np.int64)
+    get_function("probe", "cnn_probe")((1,), (64,), (out, np.int64(64)))
+    got = cupy.asnumpy(out)
+    if not (got == 3 * np.arange(64) + 1).all():
+        raise RuntimeError(f"the probe kernel ran but wrote {got[:4]}... instead of 1, 4, 7, 10, ...")
+
+
 def compile_all(arch: str | None = None) -> dict[str, list[str]]:
     """Compile every kernel file; returns :func:`list_kernels`.
 
-    ``arch=None``: build the RawModules for the current GPU (needs a GPU) and look up
+    ``arch=None``: build the modules for the current GPU (needs a GPU) and look up
     every entry point. ``arch="sm_80"`` etc.: an offline NVRTC compile for that
     architecture (no GPU needed).
     """

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..functional import reference
-from ..functional.caches import AvgPool2dCache, Conv2dCache, LinearCache, MaxPool2dCache
+from ..functional.caches import AvgPool2dCache, Conv2dCache, DropoutCache, LinearCache, MaxPool2dCache
 from ..functional.geometry import ConvGeometry, PoolGeometry
 from ..workspace import chunk_size, scratch
 from .build import get_launcher
@@ -82,9 +82,16 @@ def _empty(shape, dtype):
 
 
 def _contiguous(name: str, a):
+    """``a`` as the kernels need it, C-contiguous: itself, or (a user's strided view) a copy. The
+    engine's own arrays always are, so a training step makes no such copy (the GPU budget counts)."""
+    return a if a.flags.c_contiguous else get_array_module(a).ascontiguousarray(a)
+
+
+def _writable(name: str, a):
+    """An output a kernel writes in place: must be C-contiguous (a copy would lose the writes)."""
     if not a.flags.c_contiguous:
-        raise ValueError(f"{name}: the CUDA engine works on C-contiguous arrays, got strides {a.strides} for "
-                         f"shape {tuple(a.shape)}")
+        raise ValueError(f"{name}: the CUDA engine writes C-contiguous arrays in place, got strides {a.strides} "
+                         f"for shape {tuple(a.shape)}")
     return a
 
 
@@ -93,7 +100,7 @@ def _checked_out(out, shape, dtype):
         raise ValueError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
     if out.dtype != dtype:
         raise TypeError(f"out: expected dtype {np.dtype(dtype)}, got {out.dtype}")
-    return _contiguous("out", out)
+    return _writable("out", out)
 
 
 def _geom_args(g: ConvGeometry) -> tuple:
@@ -108,7 +115,7 @@ def im2col(x, g: ConvGeometry, *, cm=False, out=None, grid=None, block=None):
     cols = _empty(shape, x.dtype) if out is None else _checked_out(out, shape, x.dtype)
     if cols.size:
         _launch("im2col", "im2col_cm" if cm else "im2col", x, cols.size,
-                (_contiguous("x", x), _contiguous("out", cols), *_geom_args(g)), grid, block)
+                (_contiguous("x", x), _writable("out", cols), *_geom_args(g)), grid, block)
     return cols
 
 
@@ -125,7 +132,8 @@ def col2im(cols, g: ConvGeometry, *, cm=False, grid=None, block=None):
 # ------------------------------------------------------------------- the epilogues
 def bias_act_forward(src, y, b, N, F, P, *, cm, relu, grid=None, block=None):
     """y (N, F, P) = act(src + b), src (F, N*P) with ``cm`` else (N, F, P) (then it may be y)."""
-    args = (_contiguous("src", src), _contiguous("y", y), src if b is None else _contiguous("b", b),
+    src = _writable("src", src) if src is y else _contiguous("src", src)
+    args = (src, _writable("y", y), src if b is None else _contiguous("b", b),
             *_i32(N, F, P, cm, b is not None, relu))
     if y.size:
         _launch("epilogue", "bias_act_forward", y, y.size, args, grid, block, "y")
@@ -136,7 +144,8 @@ def act_backward_bias_grad(dy, y, dst, N, F, P, *, cm, relu, bias, grid=None, bl
     """dst = dy (* (y > 0) with ``relu``) in the (F, N*P) form with ``cm``, else (N, F, P);
     returns db (F,) = the sums of dst over n and p when ``bias``, else None."""
     db = _empty((F,), dy.dtype) if bias else None
-    args = (_contiguous("dy", dy), _contiguous("y", y) if relu else dy, _contiguous("dst", dst),
+    dy = _contiguous("dy", dy)
+    args = (dy, _contiguous("y", y) if relu else dy, _writable("dst", dst),
             dy if db is None else db, *_i32(N, F, P, cm, bias, relu))
     if F:
         _launch("epilogue", "act_backward_bias_grad", dy, F * DEFAULT_BLOCK, args, grid, block, "dy")  # a block per f
@@ -269,6 +278,22 @@ def linear_backward(dy, cache, input_grad=True):
     return dx, dw, db
 
 
+# ------------------------------------------------------------------------------ dropout
+def dropout_forward(x, p, training, rng=None, key=None, *, grid=None, block=None):
+    """With a counter-based ``key``: one launch draws the mask and applies it (the reference's
+    bits); with a Generator ``rng``: the reference."""
+    if key is None or not training or p == 0.0:
+        return reference.dropout_forward(x, p, training, rng, key)
+    x = _contiguous("x", x)
+    T = x.dtype.type
+    y, mask = _empty(x.shape, x.dtype), _empty(x.shape, x.dtype)
+    if x.size:
+        _launch("dropout", "dropout_forward", x, x.size,
+                (x, y, mask, np.int64(x.size), np.uint64(key).astype(np.int64), T(p), T(1.0 / (1.0 - p))),
+                grid, block)
+    return y, DropoutCache(mask)
+
+
 # ------------------------------------------------------------------------------ loss
 def softmax_cross_entropy(logits, labels, *, grid=None, block=None, return_per_sample=False):
     """Mean softmax cross-entropy -> (loss 0-d array, dlogits (N, K) = (softmax - onehot) / N) for
@@ -314,5 +339,5 @@ def adam_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bc1
 
 __all__ = ["NAME", "FUSED_ACTIVATIONS", "im2col", "col2im", "bias_act_forward", "act_backward_bias_grad",
            "conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
-           "avg_pool2d_backward", "linear_forward", "linear_backward", "softmax_cross_entropy", "sgd_update_",
+           "avg_pool2d_backward", "linear_forward", "linear_backward", "dropout_forward", "softmax_cross_entropy", "sgd_update_",
            "adam_update_"]

@@ -2,7 +2,9 @@
 
 The arrays live on one backend (uploaded once); shuffling happens on that backend too, so
 on the GPU an epoch never copies data from the host. Epoch ``e``'s order depends only on
-(seed, e), which makes a resumed run see the same batches as an uninterrupted one.
+(seed, e) -- it is the argsort of counter-based random keys (functional/counter_rng.py), the
+same order on NumPy and CuPy -- which makes a resumed run see the same batches as an
+uninterrupted one.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..backend import get_array_module
+from ..functional import counter_rng
 
 
 def channel_stats(x: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -92,13 +95,13 @@ class DataLoader:
         return n // b if self.drop_last else -(-n // b)
 
     def order(self, epoch: int):
-        """The example order of epoch ``epoch`` (an index array on the data's backend), or None."""
+        """The example order of epoch ``epoch`` (an index array on the data's backend), or None:
+        the argsort of a 64-bit random key per example, drawn from (seed, epoch) on the device."""
         if not self.shuffle:
             return None
         xp = get_array_module(self.x)
-        if xp is np:
-            return np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_examples)
-        return xp.random.default_rng(self.seed * 1_000_003 + int(epoch)).permutation(self.num_examples)
+        keys = counter_rng.bits(xp, counter_rng.key(self.seed, int(epoch)), xp.arange(self.num_examples))
+        return xp.argsort(keys)
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Any, Any]]:
         """The batches of epoch ``epoch``, from batch number ``start`` on (to resume mid-epoch)."""

@@ -75,14 +75,21 @@ def flatten_backward(dy, cache):
     return _dispatch.impl("flatten_backward", dy)(dy, shape)
 
 
-def dropout_forward(x, p, training, rng):
-    """Inverted dropout. ``rng``: a NumPy Generator for NumPy arrays, a CuPy Generator for CuPy arrays."""
+def dropout_forward(x, p, training, rng=None, *, key=None):
+    """Inverted dropout -> (y, cache). The mask's randomness: ``key`` (an int in [0, 2**64): the
+    counter-based draw of functional/counter_rng.py, the same bits on every engine, no state;
+    what nn.Dropout uses), or ``rng``, a Generator of the array's backend."""
     check_float("x", x)
     if not isinstance(p, (float, int)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
         raise ValueError(f"p: expected a probability in [0, 1), got {p!r}")
-    if training and p > 0.0 and (rng is None or not hasattr(rng, "random")):
-        raise TypeError(f"rng: expected a random Generator of the array's backend, got {type(rng).__name__}")
-    y, cache = _dispatch.impl("dropout_forward", x)(x, p, training, rng)
+    if training and p > 0.0:
+        if key is not None:
+            if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 2**64:
+                raise ValueError(f"key: expected an int in [0, 2**64), got {key!r}")
+        elif rng is None or not hasattr(rng, "random"):
+            raise TypeError(f"rng: expected a random Generator of the array's backend (or key=), got "
+                            f"{type(rng).__name__}")
+    y, cache = _dispatch.impl("dropout_forward", x)(x, p, training, rng, key)
     if cache.mask is not None and type(cache.mask) is not type(x):
         raise TypeError(f"rng: expected a Generator of the same backend as x, got {type(rng).__module__}."
                         f"{type(rng).__name__}")

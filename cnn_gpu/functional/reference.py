@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import get_array_module
+from . import counter_rng
 from .caches import AvgPool2dCache, Conv2dCache, DropoutCache, LinearCache, MaxPool2dCache
 from .geometry import tap_slices
 
@@ -232,11 +233,15 @@ def flatten_backward(dy, shape):
     return dy.reshape(shape)
 
 
-def dropout_forward(x, p, training, rng):
-    """Inverted dropout: y = x * mask / (1 - p), mask[i] = (u[i] >= p), u uniform from ``rng``."""
+def dropout_forward(x, p, training, rng=None, key=None):
+    """Inverted dropout: y = x * mask, mask[i] = 1 / (1 - p) where u[i] >= p, else 0; u uniform
+    in [0, 1): u = counter_rng.uniform(key, i) (element i of the draw ``key``; what the layer
+    uses: no generator state), or drawn from a Generator ``rng``."""
     if not training or p == 0.0:
         return x, DropoutCache(None)
-    keep = rng.random(x.shape, dtype=x.dtype) >= x.dtype.type(p)
+    xp = get_array_module(x)
+    u = counter_rng.uniform(xp, key, x.shape, x.dtype) if key is not None else rng.random(x.shape, dtype=x.dtype)
+    keep = u >= x.dtype.type(p)
     mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
     return x * mask, DropoutCache(mask)
 

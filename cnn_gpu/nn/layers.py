@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import functional as F
 from ..backend import current_xp, get_array_module
+from ..functional import counter_rng
 from ..functional._checks import FLOAT_DTYPES, pair
 from ..random import resolve_generator
 from ..workspace import Workspace
@@ -219,8 +220,9 @@ class LeakyReLU(_Activation):
 
 
 class Dropout(Module):
-    """Inverted dropout. The mask of call k comes from a generator seeded with (seed, k),
-    so the sequence of masks is reproducible and resumable from (seed, calls)."""
+    """Inverted dropout. The mask of call k is the counter-based draw of key (seed, k)
+    (functional/counter_rng.py): the same masks on every engine, reproducible and resumable from
+    (seed, calls), with no generator state."""
 
     def __init__(self, p=0.5, generator=None):
         super().__init__()
@@ -232,13 +234,11 @@ class Dropout(Module):
         self._cache = None
 
     def forward(self, x):
-        rng = None
+        key = None
         if self.training and self.p > 0:
-            xp = get_array_module(x)
-            rng = xp.random.default_rng([self.seed, self.calls]) if xp is np else xp.random.default_rng(
-                (self.seed * 1_000_003 + self.calls) % (2**63))
+            key = counter_rng.key(self.seed, self.calls)
             self.calls += 1
-        y, self._cache = F.dropout_forward(x, self.p, self.training, rng)
+        y, self._cache = F.dropout_forward(x, self.p, self.training, key=key)
         return y
 
     def backward(self, dy, input_grad=True):

@@ -184,6 +184,20 @@ def build(name: str, directory: str | os.PathLike | None = None) -> KernelLibrar
         return lib
 
 
+def build_source(source: str, name: str) -> KernelLibrary:
+    """Compile a kernel source text (e.g. what cnn_gpu hands NVRTC, headers inlined) for the CPU."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    folder = cache_dir() / f"src-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.cu"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    return build(name, folder)
+
+
 def _guard_value(dtype: np.dtype):
     return np.nan if dtype.kind == "f" else INT_GUARD
 

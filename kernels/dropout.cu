@@ -1,0 +1,24 @@
+// dropout.cu: inverted dropout with masks from counter-based random numbers.
+//
+// Element i of the draw is u_i = cnn_uniform<T>(cnn_random_bits(key, i)) (common.cuh): a pure
+// function of (key, i), so no generator state is kept, a mask can be recomputed from its key,
+// and the CPU (cnn_gpu/functional/counter_rng.py) draws the same bits. With p the drop
+// probability and scale = 1 / (1 - p), both rounded to T on the host as the reference does:
+//   mask[i] = u_i >= p ? scale : 0,   y[i] = x[i] * mask[i]
+#include "common.cuh"
+
+#define DROPOUT_PARAMS(T) \
+    const T* __restrict__ x, T* __restrict__ y, T* __restrict__ mask, long long n, long long key, T p, T scale
+#define DROPOUT_ARGS x, y, mask, n, key, p, scale
+
+template <typename T>
+__device__ __forceinline__ void dropout_forward_body(DROPOUT_PARAMS(T)) {
+    const unsigned long long k = (unsigned long long)key;  // the key's 64 bits, passed as a signed word
+    CNN_GRID_STRIDE_LOOP(i, n) {
+        const T u = cnn_uniform<T>(cnn_random_bits(k, (unsigned long long)i));
+        const T m = u >= p ? scale : T(0);
+        mask[i] = m;
+        y[i] = x[i] * m;
+    }
+}
+CNN_ENTRY_POINTS(dropout_forward, DROPOUT_PARAMS, DROPOUT_ARGS)

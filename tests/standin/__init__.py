@@ -1,0 +1,133 @@
+"""A CuPy stand-in for the tests: CuPy's API, computed with NumPy on the CPU, so the code that
+drives CuPy runs in CI without a GPU. Test support, not part of cnn_gpu.
+
+* Its surface comes from the installed ``cupy`` package (which imports without a GPU):
+  a name, method or keyword the real CuPy lacks raises (tests/standin/surface.py).
+* Its arrays are their own type (``cupy.ndarray``), so cnn_gpu takes its CuPy branches;
+  implicit conversion to NumPy raises as in CuPy (tests/standin/array.py).
+* Our kernels go through NVRTC and ``cupy.cuda.function.Module`` into the g++ emulation
+  (tests/emulation), with CuPy's argument conversion (tests/standin/kernels.py).
+* It counts what a GPU step costs: launches by kind, host syncs, transfers, allocations and
+  layout-only copies (tests/standin/counters.py).
+
+    from standin import activated, counting
+    with activated() as cupy:          # `import cupy` gives the stand-in; cnn_gpu sees a GPU
+        with counting() as c:
+            ...
+        print(c.summary())
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+from typing import Iterator
+
+import numpy as np
+
+from . import kernels, module, surface
+from .array import StandinGap, ndarray
+from .counters import Counters, counting, current
+
+_MODULE: types.ModuleType | None = None
+
+
+class _Cupy(types.ModuleType):
+    """The stand-in ``cupy`` module: what it defines, else CuPy's names simulated generically."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if not surface.has("cupy", name):
+            raise AttributeError(f"module 'cupy' has no attribute {name!r} (the installed CuPy lacks it)")
+        real = getattr(surface.real_cupy(), name)
+        if isinstance(real, type) and issubclass(real, np.generic) or name in ("dtype", "newaxis", "inf", "nan", "pi"):
+            return getattr(np, name)
+        fn = module.generic_function(name)
+        if fn is None:
+            raise StandinGap(f"cupy.{name} exists in CuPy but the stand-in does not simulate it: add it to tests/standin")
+        setattr(self, name, fn)
+        return fn
+
+
+def _submodule(name: str, path: str, members: dict) -> types.ModuleType:
+    mod = _Strict(name, path)
+    for k, v in members.items():
+        if not surface.has(path, k):
+            raise AssertionError(f"the stand-in defines {path}.{k}, which the installed CuPy lacks")
+        setattr(mod, k, v)
+    return mod
+
+
+class _Strict(types.ModuleType):
+    def __init__(self, name, path):
+        super().__init__(name)
+        self._path = path
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if not surface.has(self._path, name):
+            raise AttributeError(f"module '{self._path}' has no attribute {name!r} (the installed CuPy lacks it)")
+        raise StandinGap(f"{self._path}.{name} exists in CuPy but the stand-in does not simulate it")
+
+
+class _CompileException(Exception):
+    pass
+
+
+def make() -> types.ModuleType:
+    """The stand-in ``cupy`` module (built once)."""
+    global _MODULE
+    if _MODULE is not None:
+        return _MODULE
+    cp = _Cupy("cupy")
+    cp.__version__ = surface.real_cupy().__version__
+    cp.ndarray = ndarray
+    cp.ufunc = type(surface.real_cupy().exp)
+    for name, fn in module.namespace_functions().items():
+        setattr(cp, name, fn)
+    cp.random = _submodule("cupy.random", "cupy.random", {"default_rng": module.default_rng,
+                                                          "Generator": module.Generator})
+    cuda = _submodule("cupy.cuda", "cupy.cuda", {"Device": module.Device, "nvrtc": kernels.nvrtc})
+    cuda.runtime = module._runtime()
+    cuda.function = _submodule("cupy.cuda.function", "cupy.cuda.function", vars(kernels.function_namespace()))
+    cuda.compiler = _submodule("cupy.cuda.compiler", "cupy.cuda.compiler", {"CompileException": _CompileException})
+    cp.cuda = cuda
+    _MODULE = cp
+    return cp
+
+
+def active_module() -> types.ModuleType:
+    return make()
+
+
+@contextlib.contextmanager
+def activated() -> Iterator[types.ModuleType]:
+    """Within the block ``import cupy`` gives the stand-in and cnn_gpu sees one (simulated) GPU."""
+    from cnn_gpu import backend  # noqa: PLC0415
+    from cnn_gpu.cuda import build  # noqa: PLC0415
+
+    cp = make()
+    # cupy is the stand-in; cupyx (real CuPy's extras, which import CuPy's internals) is hidden:
+    # a library probing for it (scipy, torch) gets an ImportError, as without CuPy
+    hidden = {k: v for k, v in sys.modules.items() if k == "cupyx" or k.startswith("cupyx.")}
+    saved = sys.modules.get("cupy")
+    sys.modules["cupy"] = cp
+    sys.modules["cupyx"] = None
+    backend._cupy_status.cache_clear()
+    build.clear_caches()
+    try:
+        yield cp
+    finally:
+        sys.modules.pop("cupyx", None)
+        sys.modules.update(hidden)
+        if saved is None:
+            sys.modules.pop("cupy", None)
+        else:
+            sys.modules["cupy"] = saved
+        backend._cupy_status.cache_clear()
+        build.clear_caches()
+
+
+__all__ = ["activated", "make", "counting", "current", "Counters", "StandinGap", "ndarray", "kernels", "surface"]

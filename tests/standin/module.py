@@ -1,0 +1,261 @@
+"""The stand-in ``cupy`` namespace: creation, transfers, math, cuBLAS-class products, random
+numbers and the ``cupy.cuda`` pieces cnn_gpu uses, each checked against the installed CuPy.
+
+Functions that NumPy also has and that need nothing special are simulated generically (the
+NumPy function on the device buffers, one launch of the right kind); the rest are written out.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import numpy as np
+
+from . import surface
+from .array import StandinGap, ndarray, unwrap, wrap
+from .counters import current
+
+_REDUCTIONS = {"sum", "prod", "max", "min", "amax", "amin", "argmax", "argmin", "mean", "var", "std", "all", "any",
+               "count_nonzero", "nansum", "nanmax", "nanmin", "argsort", "sort", "cumsum"}
+_CREATION = {"empty": np.empty, "zeros": np.zeros, "ones": np.ones, "full": np.full}
+
+
+def _checked(path: str, name: str, impl):
+    """impl, refusing calls whose arguments the real ``path.name`` would refuse."""
+    if not surface.has(path, name):
+        raise AssertionError(f"the stand-in defines {path}.{name}, which the installed CuPy lacks")
+
+    def call(*args, **kwargs):
+        surface.check_call(path, name, args, kwargs)
+        return impl(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+# ------------------------------------------------------------------ creation and transfers
+def _create(name):
+    def create(shape, *args, **kwargs):
+        a = _CREATION[name](shape, *args, **kwargs)
+        current().alloc(a.nbytes)
+        if name != "empty":
+            current().launch("fill")
+        return ndarray._of(a)
+    return create
+
+
+def _like(name):
+    base = name[: -len("_like")]
+
+    def like(a, *args, **kwargs):
+        kwargs.pop("subok", None)
+        out = getattr(np, name)(unwrap(a), *args, **kwargs)
+        current().alloc(out.nbytes)
+        if base != "empty":
+            current().launch("fill")
+        return ndarray._of(out)
+    return like
+
+
+def asarray(a, dtype=None, order=None, *, copy=None, blocking=False):
+    if isinstance(a, ndarray):
+        return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
+    host = np.array(a, dtype=dtype, order="C" if order in (None, "K", "A") else order)
+    if host.dtype == object:
+        raise ValueError("Unsupported dtype object")
+    current().upload(host.nbytes)
+    current().alloc(host.nbytes)
+    return ndarray._of(host)
+
+
+def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocking=False):
+    if isinstance(obj, ndarray):
+        out = obj.astype(dtype or obj.dtype) if copy else asarray(obj, dtype)
+        return out
+    return asarray(obj, dtype)
+
+
+def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
+    if isinstance(a, ndarray):
+        return a.get(order=order)
+    return np.asarray(a, order=order)
+
+
+def ascontiguousarray(a, dtype=None):
+    a = asarray(a) if not isinstance(a, ndarray) else a
+    if a._a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+        return a
+    out = np.ascontiguousarray(a._a, dtype=dtype)
+    current().launch("copy")
+    current().copy(out.nbytes, layout=dtype is None or np.dtype(dtype) == a.dtype, site="ascontiguousarray")
+    return wrap(out)
+
+
+def arange(start, stop=None, step=1, dtype=None):
+    out = np.arange(start, stop, step, dtype=dtype) if stop is not None else np.arange(start, dtype=dtype)
+    current().launch("elementwise")
+    return wrap(out)
+
+
+def get_array_module(*args):
+    from . import active_module  # noqa: PLC0415
+
+    return active_module() if any(isinstance(a, ndarray) for a in args) else np
+
+
+# ------------------------------------------------------------------ cuBLAS-class products
+def _blas_operand(a, site):
+    """A 2-D operand as cuBLAS takes it: C- or F-contiguous as is, else copied (CuPy does)."""
+    if a.ndim == 2 and (a.flags.c_contiguous or a.flags.f_contiguous):
+        return a
+    current().launch("copy")
+    current().copy(a.nbytes, layout=True, site=site)
+    return np.ascontiguousarray(a)
+
+
+def matmul(a, b, out=None, **kwargs):
+    """cupy.matmul as CuPy runs it (cupy/_core/_routines_linalg.pyx): 2-D operands go to one
+    GEMM (a C- or F-contiguous operand as is, others copied; a non-contiguous ``out`` gets a
+    temporary and a copy); more dimensions: operands made C-contiguous (copies), one strided
+    batched GEMM, or, when broadcasting, three pointer-array kernels and a batched GEMM."""
+    if kwargs:
+        raise StandinGap(f"matmul keywords {sorted(kwargs)}")
+    A, B = unwrap(a, "matmul a"), unwrap(b, "matmul b")
+    if A.ndim <= 2 and B.ndim <= 2:
+        A2, B2 = _blas_operand(A, "matmul a") if A.ndim == 2 else A, _blas_operand(B, "matmul b") if B.ndim == 2 else B
+        current().launch("cublas")
+        result = np.matmul(A2, B2)
+    else:
+        ops = []
+        for name, M in (("a", A), ("b", B)):
+            if not M.flags.c_contiguous:
+                current().launch("copy")
+                current().copy(M.nbytes, layout=True, site=f"matmul {name} (batched)")
+                M = np.ascontiguousarray(M)
+            ops.append(M)
+        if ops[0].shape[:-2] != ops[1].shape[:-2]:
+            for _ in range(3):
+                current().launch("elementwise")  # the _mat_ptrs kernels of a broadcast batch
+        current().launch("cublas")
+        result = np.matmul(*ops)
+    if out is None:
+        return wrap(result)
+    O = unwrap(out, "out")
+    if not O.flags.c_contiguous or O.dtype != result.dtype:
+        current().launch("copy")
+        current().copy(result.nbytes, layout=False, site="matmul out")
+    O[...] = result
+    return out
+
+
+def dot(a, b, out=None):
+    return matmul(a, b, out=out)
+
+
+def concatenate(tup, axis=0, out=None, *, dtype=None, casting="same_kind"):
+    parts = [unwrap(t, "concatenate") for t in tup]
+    current().launch("copy")
+    result = np.concatenate(parts, axis=axis, dtype=dtype)
+    current().copy(result.nbytes, layout=False, site="concatenate")
+    return wrap(result)
+
+
+# ------------------------------------------------------------------ generic functions
+def _generic(name):
+    kind = "reduction" if name in _REDUCTIONS else "elementwise"
+    fn = getattr(np, name)
+
+    def call(*args, **kwargs):
+        outs = kwargs.get("out")
+        np_args = unwrap(list(args), f"cupy.{name}")
+        np_kwargs = {k: unwrap(v, f"cupy.{name}({k}=)") for k, v in kwargs.items()}
+        current().launch(kind)
+        result = fn(*np_args, **np_kwargs)
+        return outs if outs is not None else wrap(result)
+    return call
+
+
+# ------------------------------------------------------------------ random
+class Generator:
+    """cupy.random.Generator (the methods the installed CuPy has), simulated with NumPy: the
+    numbers differ from cuRAND's; the calls and their shapes and dtypes do not."""
+
+    __module__ = "cupy.random._generator_api"
+
+    def __init__(self, seed):
+        self._g = np.random.default_rng(seed)
+
+    def __getattr__(self, name):
+        if name.startswith("_") or not surface.has("cupy.random.Generator", name):
+            raise AttributeError(f"'Generator' object has no attribute {name!r} (cupy.random.Generator lacks it)")
+        if not hasattr(self._g, name):
+            raise StandinGap(f"cupy.random.Generator.{name}")
+
+        def draw(*args, **kwargs):
+            surface.check_call("cupy.random.Generator", name, args, kwargs, method=True)
+            current().launch("curand")
+            return wrap(np.asarray(getattr(self._g, name)(*args, **kwargs)))
+        return draw
+
+
+def default_rng(seed=None):
+    return Generator(seed)
+
+
+# ------------------------------------------------------------------ cuda
+class Device:
+    """One simulated GPU: id 0, compute capability 9.0, 132 multiprocessors."""
+
+    __module__ = "cupy.cuda.device"
+
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
+
+    compute_capability = "90"
+    attributes = {"MultiProcessorCount": 132, "MaxThreadsPerBlock": 1024}
+
+    def synchronize(self):
+        current().sync("synchronize")
+
+    def use(self):
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _runtime():
+    props = {"name": b"cnn_gpu CuPy stand-in (emulated sm_90)", "totalGlobalMem": 80 * 2**30, "major": 9, "minor": 0,
+             "multiProcessorCount": 132}
+    ns = types.SimpleNamespace(
+        getDeviceCount=lambda: 1, getDeviceProperties=lambda i: dict(props), runtimeGetVersion=lambda: 12090,
+        driverGetVersion=lambda: 12090, deviceSynchronize=lambda: current().sync("synchronize"))
+    for n in vars(ns):
+        assert surface.has("cupy.cuda.runtime", n), n
+    return ns
+
+
+def namespace_functions() -> dict[str, Any]:
+    """The stand-in's cupy-level callables, by name (each checked against the real surface)."""
+    funcs: dict[str, Any] = {n: _create(n) for n in _CREATION}
+    funcs.update({n: _like(n) for n in ("empty_like", "zeros_like", "ones_like", "full_like")})
+    funcs.update(asarray=asarray, array=array, asnumpy=asnumpy, ascontiguousarray=ascontiguousarray, arange=arange,
+                 matmul=matmul, dot=dot, concatenate=concatenate, get_array_module=get_array_module)
+    return {n: _checked("cupy", n, f) for n, f in funcs.items()}
+
+
+def generic_function(name: str):
+    """A CuPy function simulated by its NumPy namesake, or None."""
+    if surface.has("cupy", name) and hasattr(np, name) and callable(getattr(np, name)):
+        real = getattr(surface.real_cupy(), name)
+        if isinstance(real, type):
+            return None
+        return _checked("cupy", name, _generic(name))
+    return None
+
+
+__all__ = ["namespace_functions", "generic_function", "Generator", "default_rng", "Device", "matmul", "asarray",
+           "StandinGap"]

@@ -1,0 +1,116 @@
+"""The API surface of the installed CuPy, read without a GPU: names and signatures.
+
+CuPy imports on a machine without a GPU. For each namespace the stand-in mimics, this module
+records ``dir()`` and, per callable, an ``inspect.Signature``: from ``inspect.signature`` when
+it works, else parsed from the first docstring line that Cython embeds
+(``_ndarray_base.reshape(self, *shape, order='C', copy=None)``), else (ufuncs) the ufunc
+calling convention. The stand-in refuses any name, method or keyword the real one lacks.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import inspect
+import re
+from typing import Any
+
+_UFUNC_SIG = inspect.Signature(
+    [inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)]
+    + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in ("out", "casting", "dtype")])
+
+
+_REAL = importlib.import_module("cupy")  # captured before any stand-in takes its place in sys.modules
+
+
+def real_cupy():
+    return _REAL
+
+
+@functools.lru_cache(maxsize=None)
+def namespace(path: str):
+    """The real object at ``path`` ("cupy", "cupy.random", "cupy.ndarray", ...)."""
+    parts = path.split(".")
+    if parts[0] != "cupy":
+        raise ValueError(f"path: expected a name under cupy, got {path!r}")
+    obj = _REAL
+    for p in parts[1:]:
+        obj = getattr(obj, p)
+    return obj
+
+
+@functools.lru_cache(maxsize=None)
+def names(path: str) -> frozenset:
+    return frozenset(dir(namespace(path)))
+
+
+@functools.lru_cache(maxsize=None)
+def has(path: str, name: str) -> bool:
+    """Whether the real ``path`` has ``name`` (listed by dir(), or loaded lazily on access)."""
+    return name in names(path) or hasattr(namespace(path), name)
+
+
+def _from_docstring(obj: Any) -> inspect.Signature | None:
+    doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    if not doc:
+        return None
+    m = re.match(r"^[\w.]+\((.*)\)(\s*->.*)?$", doc[0].strip())
+    if not m:
+        return None
+    params = []
+    depth, cur = 0, ""
+    for ch in m.group(1):  # split on the commas at depth 0
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            params.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        params.append(cur.strip())
+    cleaned = []
+    for p in params:
+        if p in ("*", "/") or p.startswith("*"):
+            cleaned.append(p.replace("\\", ""))
+            continue
+        name, _, default = p.partition("=")
+        name = name.strip().split()[-1]  # drop a Cython type: "str code" -> "code"
+        cleaned.append(f"{name}=None" if default else name)
+    try:
+        fn = ast.parse(f"def f({', '.join(cleaned)}): pass").body[0]
+    except SyntaxError:
+        return None
+    ns: dict = {}
+    exec(compile(ast.Module([fn], []), "<sig>", "exec"), ns)  # noqa: S102 (a parameter list from CuPy's own docs)
+    return inspect.signature(ns["f"])
+
+
+@functools.lru_cache(maxsize=None)
+def signature(path: str, name: str) -> inspect.Signature | None:
+    """The signature of ``path.name`` (methods include ``self``), or None when CuPy gives none."""
+    obj = getattr(namespace(path), name)
+    if isinstance(obj, real_cupy().ufunc):
+        return _UFUNC_SIG
+    try:
+        return inspect.signature(obj)
+    except (TypeError, ValueError):
+        return _from_docstring(obj)
+
+
+def check_call(path: str, name: str, args: tuple, kwargs: dict, method: bool = False) -> None:
+    """Raise TypeError, as the real CuPy would, when ``args``/``kwargs`` do not fit ``path.name``."""
+    if not has(path, name):
+        raise AttributeError(f"{path} has no attribute {name!r} (the installed CuPy lacks it)")
+    sig = signature(path, name)
+    if sig is None:
+        return
+    try:
+        sig.bind(*((None,) + tuple(args) if method else args), **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{path}.{name}{sig}: {exc} (as the installed CuPy would refuse)") from None
+
+
+__all__ = ["namespace", "names", "has", "signature", "check_call", "real_cupy"]
