@@ -1,0 +1,265 @@
+"""The CuPy path through the CuPy stand-in (tests/standin), and the stand-in itself.
+
+Every test here has "standin" in its id (``pytest -k standin``). Tests of the library's CuPy path
+take the ``gpu_cupy`` fixture: the stand-in everywhere, and real CuPy on a machine with a GPU
+(marked ``gpu``), so scripts/gpu_check.sh runs the same tests on the real thing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cnn_gpu
+from cnn_gpu import cli, models, nn, optim
+from cnn_gpu.backend import cupy_available
+from cnn_gpu.checkpoint import load_checkpoint, restore, save_checkpoint
+from cnn_gpu.data import DataLoader
+from cnn_gpu.train import NonFiniteLossError, Position, fit, train_step
+
+standin = pytest.importorskip("standin", reason="tests/standin needs the cupy package installed")
+from standin import counting  # noqa: E402
+from standin.array import StandinGap  # noqa: E402
+
+
+@pytest.fixture(params=[pytest.param("standin", id="standin"),
+                        pytest.param("cupy", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                            not cupy_available(), reason="needs CuPy and a GPU")])])
+def gpu_cupy(request):
+    """The cupy module: the stand-in, or the real one on a GPU."""
+    if request.param == "standin":
+        return request.getfixturevalue("standin")
+    import cupy  # noqa: PLC0415
+
+    return cupy
+
+
+def _batch(cp, n=8, shape=(1, 28, 28), seed=0):
+    rng = np.random.default_rng(seed)
+    return cp.asarray(rng.standard_normal((n,) + shape).astype(np.float32)), cp.asarray(rng.integers(0, 10, n))
+
+
+# ======================================================================== the stand-in itself
+def test_standin_refuses_what_cupy_lacks(standin):
+    cp = standin
+    with pytest.raises(AttributeError, match="no attribute 'permutation'"):
+        cp.random.default_rng(0).permutation(5)  # the call that crashed `cnn-gpu train --backend cupy`
+    with pytest.raises(AttributeError, match="no attribute 'no_such_function'"):
+        cp.no_such_function
+    with pytest.raises(TypeError, match="dtyp"):
+        cp.zeros((2,), dtyp=np.float32)  # a keyword CuPy's signature does not have
+    with pytest.raises(TypeError, match="got an unexpected keyword argument 'kind'"):
+        cp.arange(3).argmax(kind="stable")
+    with pytest.raises(TypeError, match="Implicit conversion to a NumPy array is not allowed"):
+        np.asarray(cp.zeros(3))
+    with pytest.raises(TypeError, match="Unsupported type"):
+        cp.zeros(3) + np.zeros(3)  # CuPy does not mix host arrays into device arithmetic
+    assert type(cp.zeros(1)).__module__ == "cupy" and cnn_gpu.get_array_module(cp.zeros(1)) is cp
+
+
+def test_standin_counts_syncs_uploads_and_launches(standin):
+    cp = standin
+    with counting() as c:
+        a = cp.asarray(np.arange(6, dtype=np.float32))  # an upload
+        b = (a * 2 + 1).sum()  # two elementwise kernels and a reduction
+        float(b), int(a[1]), bool(a[2]), a[3].item(), a.get(), list(a[:2]), repr(a)
+    assert c.uploads == 1 and c.upload_bytes == 24
+    assert c.launches["elementwise"] == 2 and c.launches["reduction"] == 1
+    assert c.syncs == {"float": 1, "int": 1, "bool": 1, "item": 1, "get": 1, "iteration": 1, "print": 1}
+    with counting() as c:
+        t = cp.zeros((4, 5), dtype=np.float32).T
+        cp.ascontiguousarray(t)  # a layout-only copy
+        cp.matmul(cp.zeros((3, 5), np.float32), t)  # an F-contiguous operand: no copy (cuBLAS transposes)
+        cp.matmul(cp.zeros((2, 3, 4), np.float32), cp.zeros((2, 5, 4), np.float32).transpose(0, 2, 1))
+    assert c.layout_copies == 2 and c.launches["cublas"] == 2  # the batched matmul copied its operand
+
+
+def test_standin_kernel_arguments_follow_cupys_rules(standin):
+    """A Python int reaches a kernel as a 64-bit integer (CuPy's rule): the emulator refuses it
+    where the kernel takes an int, as a GPU would misread it."""
+    from cnn_gpu.cuda import build
+
+    out = standin.empty((8,), dtype=np.int64)
+    build.get_function("probe", "cnn_probe")((1,), (8,), (out, 8))  # 8 -> int64: the right type here
+    assert out.get().tolist() == [3 * i + 1 for i in range(8)]
+    harness_error = __import__("helpers").load_harness().EmulationError
+    with pytest.raises(harness_error, match="must be passed as int64"):
+        build.get_function("probe", "cnn_probe")((1,), (8,), (out, np.int32(8)))
+
+
+# ======================================================================== planted bugs
+def test_standin_catches_planted_bugs(standin, monkeypatch):
+    """Calls CuPy lacks, planted in the library, fail under the stand-in."""
+    from cnn_gpu.data import loader
+
+    x, y = _batch(standin, 16)
+    dl = DataLoader(x, y, 4, shuffle=True)
+    monkeypatch.setattr(loader.DataLoader, "order",
+                        lambda self, e: standin.random.default_rng(e).permutation(self.num_examples))
+    with pytest.raises(AttributeError, match="permutation"):
+        next(iter(dl.epoch(0)))
+    monkeypatch.undo()
+    from cnn_gpu.cuda import ops
+
+    monkeypatch.setattr(ops, "_i32", lambda *v: tuple(int(a) for a in v))  # plain ints for int params
+    with pytest.raises(Exception, match="must be passed as int32"):
+        cnn_gpu.functional.max_pool2d_forward(x, 2)
+    monkeypatch.undo()
+    monkeypatch.setattr(np, "isfinite", np.isfinite)  # (untouched) and a host read of a device array:
+    with pytest.raises(TypeError, match="Implicit conversion"):
+        np.asarray(cnn_gpu.functional.relu_forward(x)[0])
+
+
+def test_standin_sees_a_per_step_sync(standin, monkeypatch):
+    """A training loop that reads the loss every step (a planted float(loss)) shows in the counts."""
+    from cnn_gpu import train
+
+    x, y = _batch(standin, 32)
+    with cnn_gpu.use_backend("cupy"):
+        model = models.lenet5()
+        opt = optim.SGD(model, 0.01)
+        real_step = train.train_step
+
+        def chatty_step(*a, **k):
+            loss, logits = real_step(*a, **k)
+            float(loss)  # the bug: a host sync per step
+            return loss, logits
+
+        monkeypatch.setattr(train, "train_step", chatty_step)
+        with counting() as c:
+            fit(model, opt, DataLoader(x, y, 8), 1)
+    assert c.syncs["float"] == 4
+
+
+# ======================================================================== the GPU budget
+def _every_layer_net():
+    g = dict(generator=np.random.default_rng(1))
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, **g), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 6, 3, stride=2, bias=False, **g), nn.LeakyReLU(), nn.AvgPool2d(2),
+                         nn.Conv2d(6, 8, 1, **g), nn.Tanh(), nn.Flatten(), nn.Dropout(0.2, **g),
+                         nn.Linear(8 * 3 * 3, 16, **g), nn.ReLU(), nn.Linear(16, 10, **g), nn.Sigmoid(),
+                         nn.Linear(10, 10, **g))
+
+
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+@pytest.mark.parametrize("make,shape", [(models.lenet5, (1, 28, 28)), (models.vgg_small, (3, 32, 32)),
+                                        (_every_layer_net, (1, 28, 28))], ids=["lenet5", "vgg_small", "every-layer"])
+def test_standin_training_step_budget(standin, make, shape, engine):
+    """A training step on the GPU: no host sync, no upload, no layout copy -- on the CUDA engine
+    and on the reference engine (CNN_GPU_ENGINE=reference, once CNN_GPU_KERNELS=0)."""
+    x, y = _batch(standin, 4, shape)
+    with cnn_gpu.use_backend("cupy"), cnn_gpu.config.override(engine=engine):
+        cnn_gpu.manual_seed(0)
+        model = make()
+        opt = optim.Adam(model, 1e-3)
+        loss_fn = nn.CrossEntropyLoss(validate_range=False)
+        train_step(model, loss_fn, opt, x, y)
+        with counting() as c:
+            train_step(model, loss_fn, opt, x, y)
+    assert c.total_syncs == 0, c.syncs
+    assert c.uploads == 0 and c.download_bytes == 0
+    if engine == "auto":
+        assert c.layout_copies == 0, c.layout_copy_sites
+        assert c.kernels and c.launches["kernel"] >= 6
+
+
+def test_standin_cpu_engine_never_runs_on_the_gpu(standin, monkeypatch):
+    from cnn_gpu.cpu import parallel
+
+    def refuse(*a, **k):
+        raise AssertionError("the CPU engine's threads ran for CuPy arrays")
+
+    monkeypatch.setattr(parallel, "run", refuse)
+    monkeypatch.setattr(parallel, "single_threaded_blas", refuse)
+    x, y = _batch(standin, 4, (3, 32, 32))
+    with cnn_gpu.use_backend("cupy"):
+        model = models.vgg_small()
+        loss_fn = nn.CrossEntropyLoss(validate_range=False)
+        train_step(model, loss_fn, optim.SGD(model, 0.1, momentum=0.9), x, y)
+
+
+def test_standin_kernels_are_compiled_without_ftz(standin):
+    from standin import kernels
+
+    kernels.compile_log.clear()
+    x, _ = _batch(standin, 2)
+    cnn_gpu.functional.max_pool2d_forward(x, 2)
+    assert kernels.compile_log, "the pool kernels were compiled through NVRTC"
+    for name, options in kernels.compile_log:
+        assert "-ftz=true" not in options and "--ftz=false" in options and "--fmad=false" in options, (name, options)
+        assert any(o.startswith("--gpu-architecture=sm_90") for o in options), options
+
+
+def test_standin_availability_check_launches_the_probe(standin):
+    from standin import kernels
+
+    kernels.compile_log.clear()
+    cnn_gpu.backend._cupy_status.cache_clear()
+    assert cnn_gpu.cupy_available()
+    assert [n for n, _ in kernels.compile_log] == ["probe.cu"]
+
+
+# ======================================================================== the library on CuPy
+def test_standin_save_load_checkpoint_resume(gpu_cupy, tmp_path):
+    x, y = _batch(gpu_cupy, 24)
+    with cnn_gpu.use_backend("cupy"):
+        cnn_gpu.manual_seed(0)
+        model = models.lenet5()
+        opt = optim.SGD(model, 0.05, momentum=0.9)
+        loader = DataLoader(x, y, 8, shuffle=True, seed=3)
+        fit(model, opt, loader, 1)
+        save_checkpoint(tmp_path / "c.npz", model, opt, position=Position(1), loader=loader)
+        cnn_gpu.save(model, tmp_path / "m.npz")
+        fit(model, opt, loader, 2, position=Position(1))
+        want = {k: cnn_gpu.to_numpy(v) for k, v in model.state_dict().items()}
+        cnn_gpu.manual_seed(5)
+        m2 = models.lenet5()
+        o2 = optim.SGD(m2, 0.05, momentum=0.9)
+        l2 = DataLoader(x, y, 8, shuffle=True, seed=0)
+        pos = restore(load_checkpoint(tmp_path / "c.npz"), m2, o2, loader=l2)
+        fit(m2, o2, l2, 2, position=pos)
+        loaded = cnn_gpu.load(tmp_path / "m.npz", backend="cupy")
+    assert type(loaded.parameters()[0].data).__module__.startswith("cupy")
+    for k, v in m2.state_dict().items():
+        np.testing.assert_allclose(cnn_gpu.to_numpy(v), want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_standin_fit_shuffles_validates_and_stops_on_nan(gpu_cupy):
+    x, y = _batch(gpu_cupy, 32)
+    loader = DataLoader(x, y, 8, shuffle=True, seed=1)
+    np_order = DataLoader(np.zeros((32, 1)), np.zeros(32, np.int64), 8, shuffle=True, seed=1).order(2)
+    np.testing.assert_array_equal(cnn_gpu.to_numpy(loader.order(2)), np_order)  # the same order as on NumPy
+    with cnn_gpu.use_backend("cupy"):
+        model = models.lenet5()
+        from cnn_gpu.callbacks import Evaluate
+
+        hist = fit(model, optim.Adam(model, 1e-3), loader, 3, callbacks=[Evaluate((x[:8], y[:8]), "val")])
+        assert len(hist) == 3 and all(np.isfinite(h.train_loss) and h.val_accuracy is not None for h in hist)
+        with pytest.raises(NonFiniteLossError, match="epoch 1, step 2 of 4"):  # step 1 updates, step 2 overflows
+            fit(model, optim.SGD(model, 1e30), loader, 1)
+        with pytest.raises(ValueError, match="labels: expected class indices in \\[0, 9\\]"):
+            fit(model, optim.SGD(model, 0.1), DataLoader(x, y + 10, 8), 1)
+
+
+def test_standin_cli_train_evaluate_predict(gpu_cupy, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = cli.main(["train", "--backend", "cupy", "--epochs", "2", "--batch-size", "96", "--run-dir", str(run),
+                   "--progress", "plain"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "backend cupy" in out and out.strip().splitlines()[-1].startswith("test accuracy: ")
+    acc = float(out.strip().splitlines()[-1].split()[-1].rstrip("%"))
+    assert acc > 30.0  # two epochs of 14 steps on the digits: well above chance (10%)
+    assert cli.main(["evaluate", "--checkpoint", str(run), "--backend", "cupy"]) == 0
+    out, _ = capsys.readouterr()
+    assert "test accuracy:" in out
+    from cnn_gpu.data import get_dataset
+
+    np.save(tmp_path / "x.npy", get_dataset("digits").x_test[:3].astype(np.float64))
+    assert cli.main(["predict", "--checkpoint", str(run), "--backend", "cupy", str(tmp_path / "x.npy")]) == 0
+    out, _ = capsys.readouterr()
+    assert out.count("class") == 3
+
+
+def test_standin_gap_is_an_explicit_error(standin):
+    with pytest.raises(StandinGap, match="does not simulate"):
+        standin.fft  # real CuPy has it; the stand-in says so instead of pretending
