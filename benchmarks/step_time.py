@@ -92,6 +92,25 @@ class TorchStep:
             self.torch.cuda.synchronize()
 
 
+def torch_comparison(backend: str, requested: str | None) -> tuple[bool, str]:
+    """(compare with torch?, why not): torch must import, and for the cupy backend have CUDA
+    (a CPU build of torch cannot time the same device). ``requested`` "torch" that cannot be
+    honoured is an error; None means "when possible"."""
+    if requested == "none":
+        return False, "--compare none"
+    try:
+        import torch
+    except ImportError:
+        why = "torch is not installed"
+    else:
+        if backend != "cupy" or torch.cuda.is_available():
+            return True, ""
+        why = f"torch {torch.__version__} has no usable CUDA device, so it cannot run on the GPU beside cnn_gpu"
+    if requested == "torch":
+        raise SystemExit(f"--compare torch: {why}")
+    return False, why
+
+
 def bench_step(name: str, batch: int, backend: str, compare: bool, repeat: int, warmup: int,
                clock=time.perf_counter, block: int = 1) -> dict:
     """Median step times of cnn_gpu and torch, alternating in blocks of ``block`` timed steps,
@@ -169,20 +188,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.profile:
         return profile(args)
-    compare = args.compare
-    if compare is None:
-        try:
-            import torch  # noqa: F401
-
-            compare = "torch"
-        except ImportError:
-            compare = "none"
-    if compare == "torch":
+    cmp, why = torch_comparison(args.backend, args.compare)
+    if why:
+        print(f"# no torch comparison: {why}")
+    if cmp and args.backend == "numpy":
         import torch
 
-        if args.backend == "numpy":
-            torch.set_num_threads(os.cpu_count() or 1)
-    rows = [bench_step(m, b, args.backend, compare == "torch", args.repeat, args.warmup, block=3)
+        torch.set_num_threads(os.cpu_count() or 1)
+    rows = [bench_step(m, b, args.backend, cmp, args.repeat, args.warmup, block=3)
             for m in args.models for b in args.batch]
     if args.json:
         print(json.dumps({"machine": machine(), "rows": rows}, indent=2))

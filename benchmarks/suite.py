@@ -63,7 +63,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from step_time import SHAPES, OursStep, TorchStep, _sync, bench_step, machine  # noqa: E402
+from step_time import SHAPES, OursStep, TorchStep, _sync, bench_step, machine, torch_comparison  # noqa: E402
 
 import cnn_gpu  # noqa: E402
 from cnn_gpu import nn  # noqa: E402
@@ -76,14 +76,6 @@ _CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 def _median_ms(ts) -> float:
     return 1e3 * statistics.median(ts)
-
-
-def _torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _torch_setup(backend: str, threads: int | None = None) -> None:
@@ -348,10 +340,12 @@ def main(argv=None) -> int:
     if args.repeat < 1 or args.warmup < 0 or min(args.batch) < 1:
         ap.error("--repeat must be >= 1, --warmup >= 0 and batch sizes >= 1")
     clock = _CLOCKS[args.clock]
-    compare = args.compare or ("torch" if _torch_available() else "none")
-    if compare == "torch":
+    cmp, why = torch_comparison(args.backend, args.compare)
+    compare = "torch" if cmp else "none"
+    if why and not args.json:
+        print(f"# no torch comparison: {why}")
+    if cmp:
         _torch_setup(args.backend, args.threads)
-    cmp = compare == "torch"
     result = {"machine": machine(), "backend": args.backend, "threads": args.threads or os.cpu_count(),
               "clock": args.clock, "block": args.block,
               "repeat": args.repeat, "warmup": args.warmup, "compare": compare, "steps": []}

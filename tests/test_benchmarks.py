@@ -101,3 +101,18 @@ def test_step_time_profile_needs_cupy():
     res = subprocess.run([sys.executable, str(STEP_TIME), "--profile"], capture_output=True, text=True, timeout=60,
                          cwd=ROOT)
     assert res.returncode == 2 and "--profile needs --backend cupy" in res.stdout
+
+
+def test_no_torch_comparison_on_the_gpu_without_cuda_torch(monkeypatch):
+    """The cupy backend compares with torch only when torch has CUDA (a CPU torch cannot time the GPU)."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_time
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert step_time.torch_comparison("numpy", None) == (True, "")
+    cmp, why = step_time.torch_comparison("cupy", None)
+    assert not cmp and "no usable CUDA device" in why
+    with pytest.raises(SystemExit, match="--compare torch: torch .* has no usable CUDA"):
+        step_time.torch_comparison("cupy", "torch")
+    assert step_time.torch_comparison("cupy", "none") == (False, "--compare none")
