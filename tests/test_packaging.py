@@ -47,3 +47,12 @@ def test_installed_wheel_finds_its_kernels(wheel, tmp_path):
     kdir, names = r.stdout.splitlines()
     assert Path(kdir).resolve() == (target / "cnn_gpu" / "kernels").resolve()
     assert set(eval(names)) == {p.stem for p in (ROOT / "kernels").glob("*.cu")}
+
+
+def test_gpu_extras_bring_the_cuda_libraries():
+    """[cuda12]/[cuda13] install CuPy with its CUDA toolkit libraries (CuPy's ctk extra, which
+    CuPy >= 14 has), so a driver-only machine can compile cnn_gpu's kernels."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["cuda12"] == ["cupy-cuda12x[ctk]>=14"] and extras["cuda13"] == ["cupy-cuda13x[ctk]>=14"]

@@ -198,6 +198,34 @@ def test_standin_availability_check_launches_the_probe(standin):
     assert [n for n, _ in kernels.compile_log] == ["probe.cu"]
 
 
+def test_standin_broken_kernels_are_one_clear_error_at_the_start(standin, monkeypatch):
+    from cnn_gpu.cuda import build
+
+    def broken():
+        raise build.KernelCompileError("probe.cu failed to compile: libnvrtc.so.12 not found")
+
+    monkeypatch.setattr(build, "probe", broken)
+    cnn_gpu.backend._cupy_status.cache_clear()
+    assert not cnn_gpu.cupy_available()
+    with pytest.raises(cnn_gpu.BackendUnavailableError, match="cannot compile or run cnn_gpu's kernels.*libnvrtc"):
+        with cnn_gpu.use_backend("cupy"):
+            pass
+    cnn_gpu.backend._cupy_status.cache_clear()
+
+
+def test_standin_dropout_is_one_kernel_without_generator_state(standin):
+    """Dropout's mask: one launch of its kernel from (seed, call), no cuRAND generator per forward,
+    and the same mask as on NumPy."""
+    x, _ = _batch(standin, 4, (10,))
+    drop = nn.Dropout(0.5, generator=3)
+    with counting() as c:
+        y = drop(x)
+    assert c.launches["curand"] == 0 and c.kernels == {"dropout_forward_f32": 1} and c.total_launches == 1
+    cpu = nn.Dropout(0.5, generator=3)
+    np.testing.assert_array_equal(cnn_gpu.to_numpy(y), cpu(cnn_gpu.to_numpy(x)))
+    assert drop.calls == cpu.calls == 1
+
+
 # ======================================================================== the library on CuPy
 def test_standin_save_load_checkpoint_resume(gpu_cupy, tmp_path):
     x, y = _batch(gpu_cupy, 24)
