@@ -1,8 +1,9 @@
 """cnn_gpu: a from-scratch CNN training library with hand-written backprop on NumPy or CuPy."""
-from . import config, cpu, cuda, functional, models, nn, optim, textbook
+from . import config, cpu, cuda, functional, models, nn, onnx, optim, textbook
 from .backend import (
     BackendUnavailableError,
     asarray,
+    from_dlpack,
     cupy_available,
     current_backend,
     get_array_module,
@@ -22,7 +23,7 @@ _dispatch.register(cuda.ops)
 
 __all__ = [
     "config", "functional", "nn", "optim", "models", "textbook",
-    "use_backend", "set_backend", "current_backend", "get_array_module", "to_numpy", "asarray", "cupy_available",
+    "use_backend", "set_backend", "current_backend", "get_array_module", "to_numpy", "asarray", "from_dlpack", "onnx", "cupy_available",
     "BackendUnavailableError", "manual_seed", "save", "load",
     "Workspace", "set_workspace_limit", "get_workspace_limit", "use_workspace_limit",
 ]
