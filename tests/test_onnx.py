@@ -386,3 +386,20 @@ def test_cli_export_without_the_onnx_package(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
     assert cli.main(["export", str(run), str(tmp_path / "m.onnx")]) == 2
     assert "pip install 'cnn_gpu[onnx]'" in capsys.readouterr().err
+
+
+# --- the README ------------------------------------------------------------------------------------
+
+def test_readme_onnx_section_runs_as_written(tmp_path, monkeypatch, capsys):
+    from helpers import readme_blocks  # noqa: PLC0415
+
+    blocks = readme_blocks("### Export to ONNX and run it with ONNX Runtime")
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(CONVERTERS, "Swish", None)  # the second block registers one; removed afterwards
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+    assert float(capsys.readouterr().out.split()[-1]) < 1e-5
+    assert (tmp_path / "lenet5.onnx").is_file() and CONVERTERS["Swish"] is not None
+    bash = readme_blocks("### Export to ONNX and run it with ONNX Runtime", "bash")
+    assert "cnn-gpu export runs/digits digits.onnx" in bash[0]  # the CLI form is tested above
