@@ -288,7 +288,8 @@ def _adaptive_avg_pool(layer, ctx, x, shape):
 
 @register_converter("Residual")
 def _residual(layer, ctx, x, shape):
-    """body(x) + shortcut(x) (the shortcut is the identity when the layer has none)."""
+    """body(x) + shortcut(x) (the shortcut is the identity when the layer has none), then the
+    layer's ``activation`` where it has one ("relu")."""
     path = ctx.path
     y, yshape = convert_child(path, "body", layer.body, ctx, x, shape)
     shortcut = getattr(layer, "shortcut", None)
@@ -296,7 +297,13 @@ def _residual(layer, ctx, x, shape):
     if tuple(yshape) != tuple(sshape):
         raise ExportError(f"layer {path!r} (Residual): the body gives shape {tuple(yshape)} but the shortcut "
                           f"{tuple(sshape)}")
-    return ctx.node("Add", [y, s]), yshape
+    y = ctx.node("Add", [y, s])
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return y, yshape
+    if activation != "relu":
+        raise ExportError(f"layer {path!r} (Residual): expected activation None or 'relu', got {activation!r}")
+    return ctx.node("Relu", [y]), yshape
 
 
 # --- the model ------------------------------------------------------------------------------------

@@ -230,9 +230,9 @@ class AdaptiveAvgPool2d(Module):
 
 
 class Residual(Module):
-    def __init__(self, body, shortcut=None):
+    def __init__(self, body, shortcut=None, activation=None):
         super().__init__()
-        self.body, self.shortcut = body, shortcut
+        self.body, self.shortcut, self.activation = body, shortcut, activation
 
 
 def _ort_output(model, x):
@@ -263,6 +263,10 @@ def test_converters_of_batchnorm_gelu_adaptive_pool_and_residual_against_torch()
     assert_close(_ort_output(Residual(nn.Sequential(nn.ReLU(), conv)), x), (body + tx).numpy(), 1e-5, "Residual")
     assert_close(_ort_output(Residual(nn.Sequential(nn.ReLU(), conv), short), x),
                  (body + tF.conv2d(tx, ws, bs)).numpy(), 1e-5, "Residual with a shortcut")
+    assert_close(_ort_output(Residual(nn.Sequential(nn.ReLU(), conv), short, "relu"), x),
+                 torch.relu(body + tF.conv2d(tx, ws, bs)).numpy(), 1e-5, "Residual with a ReLU after the add")
+    with pytest.raises(ExportError, match=r"\(Residual\): expected activation None or 'relu', got 'gelu'"):
+        to_onnx(Residual(conv, None, "gelu"), (1, 4, 6, 6))
 
 
 def test_converter_reads_groups(monkeypatch):
