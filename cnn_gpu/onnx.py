@@ -118,7 +118,13 @@ def _param(layer, name: str):
 
 
 def _const_of(ctx: _Graph, layer, name: str) -> str:
-    return ctx.const(f"{ctx.path}.{name}" if ctx.path else name, _param(layer, name))
+    """The layer's parameter or buffer ``name`` as an initializer (in the graph's dtype, never cast)."""
+    arr = _param(layer, name)
+    if arr is None or arr.dtype != ctx.dtype:
+        got = "none" if arr is None else str(arr.dtype)
+        raise ExportError(f"layer {ctx.path!r} ({type(layer).__name__}): expected {name} as a {ctx.dtype} array "
+                          f"(the model's dtype), got {got}")
+    return ctx.const(f"{ctx.path}.{name}" if ctx.path else name, arr)
 
 
 def _convert(layer, ctx: _Graph, x: str, shape: tuple, path: str) -> tuple[str, tuple]:

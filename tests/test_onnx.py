@@ -280,6 +280,13 @@ def test_converter_reads_groups(monkeypatch):
     assert_close(_ort_output(conv, x), want.numpy(), 1e-5, "grouped Conv")
 
 
+def test_a_buffer_in_another_dtype_than_the_model_is_an_error_not_a_cast():
+    bn = BatchNorm2d(3, np.random.default_rng(0))
+    bn.running_var = bn.running_var.astype(np.float64)
+    with pytest.raises(ExportError, match=r"'0' \(BatchNorm2d\): expected running_var as a float32 array .*got float64"):
+        to_onnx(nn.Sequential(bn), (1, 3, 4, 4))
+
+
 def test_adaptive_pool_that_onnx_cannot_express_is_a_clear_error():
     model = nn.Sequential(OrderedDict(pool=AdaptiveAvgPool2d(4)))
     with pytest.raises(ExportError, match=r"'pool' \(AdaptiveAvgPool2d\).*output_size 4 along height.*size 6"):
