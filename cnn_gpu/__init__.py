@@ -1,5 +1,5 @@
 """cnn_gpu: a from-scratch CNN training library with hand-written backprop on NumPy or CuPy."""
-from . import config, cpu, cuda, functional, models, nn, onnx, optim, textbook
+from . import config, cpu, cuda, functional, models, nn, optim, textbook
 from .backend import (
     BackendUnavailableError,
     asarray,
@@ -15,6 +15,7 @@ from .functional import _dispatch
 from .random import manual_seed
 from .serialization import load, save
 from .workspace import Workspace, get_workspace_limit, set_workspace_limit, use_workspace_limit
+from . import onnx  # ONNX export; imports the onnx package only when exporting
 
 __version__ = "0.1.0"
 
