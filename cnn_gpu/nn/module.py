@@ -17,6 +17,18 @@ from ..functional import _dispatch
 from ..functional._checks import FLOAT_DTYPES
 
 
+def _state_array(name: str, src: Any, like: Any) -> Any:
+    """A value of a state dict for load_state_dict: a NumPy or CuPy array as it is; any DLPack
+    producer (a torch tensor, a JAX array, ...) read through DLPack onto ``like``'s backend, without
+    a copy where the device allows and without a cast (the caller checks shape and dtype)."""
+    if is_dlpack_producer(src):
+        src = from_dlpack(src, get_array_module(like))
+    if not hasattr(src, "shape") or not hasattr(src, "dtype"):
+        raise TypeError(f"state[{name!r}]: expected an array (NumPy, CuPy or a DLPack producer such as a torch "
+                        f"tensor), got {type(src).__name__}")
+    return src
+
+
 class Parameter:
     """A trainable array ``data`` and its accumulated gradient ``grad`` (same shape, dtype, device).
 
@@ -129,12 +141,7 @@ class Module:
         return OrderedDict((name, p.data) for name, p in self.named_parameters())
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Copy arrays into the parameters in place (shapes and dtypes must match exactly).
-
-        The arrays may be NumPy or CuPy arrays, or any DLPack producer (torch tensors, JAX
-        arrays, ...): they are read through DLPack without a copy where the device allows, and
-        nothing is cast (a float64 tensor for a float32 parameter is an error).
-        """
+        """Copy arrays into the parameters in place (shapes and dtypes must match exactly)."""
         if not isinstance(state, dict):
             raise TypeError(f"state: expected a dict of name -> array, got {type(state).__name__}")
         own = OrderedDict(self.named_parameters())
@@ -142,23 +149,16 @@ class Module:
         unexpected = [k for k in state if k not in own]
         if strict and (missing or unexpected):
             raise KeyError(f"state: parameter names do not match the model: missing {missing}, unexpected {unexpected}")
-        arrays = {}
-        for name, p in own.items():  # check everything first: a failed load changes nothing
-            if name not in state:
-                continue
-            src = state[name]
-            if is_dlpack_producer(src):
-                src = from_dlpack(src, get_array_module(p.data))
-            if not hasattr(src, "shape") or not hasattr(src, "dtype"):
-                raise TypeError(f"state[{name!r}]: expected an array (NumPy, CuPy or a DLPack producer such as a "
-                                f"torch tensor), got {type(src).__name__}")
+        present = [(name, p) for name, p in own.items() if name in state]
+        arrays = {}  # NumPy/CuPy arrays, DLPack producers (torch tensors, ...) read through DLPack: _state_array
+        for name, p in present:  # check everything first: a failed load changes nothing
+            src = arrays[name] = _state_array(name, state[name], p.data)
             if tuple(src.shape) != p.shape:
                 raise ValueError(f"state[{name!r}]: expected shape {p.shape}, got {tuple(src.shape)}")
             if np.dtype(src.dtype) != p.dtype:
                 raise TypeError(f"state[{name!r}]: expected dtype {p.dtype}, got {src.dtype}")
-            arrays[name] = src
-        for name, src in arrays.items():
-            own[name].data[...] = on_same_backend(src, own[name].data)
+        for name, p in present:
+            p.data[...] = on_same_backend(arrays[name], p.data)
 
     def to(self, backend: str | None = None, dtype: Any = None) -> "Module":
         """Move parameters to ``backend`` ("numpy"/"cupy"/"auto") and/or cast them to ``dtype``.
