@@ -4,6 +4,7 @@ from .cuda import ops as _cuda_ops
 from .backend import (
     BackendUnavailableError,
     asarray,
+    from_dlpack,
     cupy_available,
     current_backend,
     get_array_module,
@@ -15,6 +16,7 @@ from .functional import _dispatch
 from .random import manual_seed
 from .serialization import load, save
 from .workspace import Workspace, get_workspace_limit, set_workspace_limit, use_workspace_limit
+from . import onnx  # ONNX export; imports the onnx package only when exporting
 
 __version__ = "0.1.0"
 
@@ -23,7 +25,7 @@ _dispatch.register(_cuda_ops)
 
 __all__ = [
     "config", "functional", "nn", "optim", "models", "textbook",
-    "use_backend", "set_backend", "current_backend", "get_array_module", "to_numpy", "asarray", "cupy_available",
+    "use_backend", "set_backend", "current_backend", "get_array_module", "to_numpy", "asarray", "from_dlpack", "onnx", "cupy_available",
     "BackendUnavailableError", "manual_seed", "save", "load",
     "Workspace", "set_workspace_limit", "get_workspace_limit", "use_workspace_limit",
 ]

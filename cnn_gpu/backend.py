@@ -116,16 +116,63 @@ def get_array_module(*arrays: Any) -> ModuleType:
     return np
 
 
+# DLPack device types (dlpack.h DLDeviceType): arrays NumPy can read in place, and CUDA memory.
+_DLPACK_HOST = (1, 3)  # kDLCPU, kDLCUDAHost (pinned host memory)
+_DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
+
+
+def is_dlpack_producer(a: Any) -> bool:
+    """True for an array of another framework that exports DLPack (a torch tensor, a JAX array, ...);
+    False for NumPy and CuPy arrays, which cnn_gpu uses as they are."""
+    return hasattr(a, "__dlpack__") and hasattr(a, "__dlpack_device__") and not (
+        isinstance(a, np.ndarray) or is_cupy_array(a))
+
+
+def _dlpack_source(a: Any) -> Any:
+    # torch refuses to export a tensor that records gradients; reading its values needs no autograd
+    if getattr(a, "requires_grad", False) and callable(getattr(a, "detach", None)):
+        return a.detach()
+    return a
+
+
+def from_dlpack(a: Any, xp: ModuleType | None = None) -> Any:
+    """``a`` (any DLPack producer) as an array of ``xp`` (NumPy by default), sharing its memory
+    whenever the device allows: host memory becomes a NumPy view, GPU memory a CuPy view. Across
+    devices it is copied (what moving between backends means). The dtype is kept as it is."""
+    xp = np if xp is None else xp
+    a = _dlpack_source(a)
+    try:
+        device = int(a.__dlpack_device__()[0])
+        if xp is np:
+            return np.from_dlpack(a) if device in _DLPACK_HOST else np.from_dlpack(a, device="cpu")
+        if device in _DLPACK_CUDA:
+            return xp.from_dlpack(a)
+        return xp.asarray(np.from_dlpack(a, device="cpu" if device not in _DLPACK_HOST else None))
+    except (BufferError, TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
+        raise TypeError(f"a: cannot read the {type(a).__name__} through DLPack as a {xp.__name__} array "
+                        f"({type(exc).__name__}: {exc})") from None
+
+
 def to_numpy(a: Any) -> np.ndarray:
-    """A NumPy copy (or view) of ``a``, which may live on either backend."""
+    """A NumPy copy (or view) of ``a``, which may live on either backend or be any DLPack producer
+    (a view of its memory when it is on the host)."""
     if is_cupy_array(a):
         return a.get()
+    if is_dlpack_producer(a):
+        return from_dlpack(a, np)
     return np.asarray(a)
 
 
 def asarray(a: Any, dtype: Any = None) -> Any:
-    """``a`` as an array of the current backend (moving it across devices if needed)."""
+    """``a`` as an array of the current backend, moving it across devices if needed.
+
+    ``a`` may be any DLPack producer (a torch tensor, a JAX array, CuPy, NumPy): on the same
+    device it is not copied (the result shares its memory: writes through either side show on
+    the other), and its dtype is kept unless ``dtype`` asks for another (which copies).
+    """
     xp = current_xp()
+    if is_dlpack_producer(a):
+        a = from_dlpack(a, xp)
     if xp is np:
         return np.asarray(to_numpy(a), dtype=dtype)
     return xp.asarray(a, dtype=dtype)
@@ -134,6 +181,8 @@ def asarray(a: Any, dtype: Any = None) -> Any:
 def on_same_backend(a: Any, like: Any) -> Any:
     """``a`` moved to the backend that array ``like`` lives on."""
     xp = get_array_module(like)
+    if is_dlpack_producer(a):
+        return from_dlpack(a, xp)
     if xp is np:
         return to_numpy(a)
     return xp.asarray(a)

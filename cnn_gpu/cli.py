@@ -1,4 +1,4 @@
-"""The ``cnn-gpu`` command line: train, evaluate, predict, plot, models, info."""
+"""The ``cnn-gpu`` command line: train, evaluate, predict, plot, models, export, info."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,18 @@ _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
 _fraction = _number(float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
+
+
+def _input_shape(text: str) -> tuple:
+    """C,H,W (or CxHxW) -> a tuple of positive ints."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,28,28 (one input, no batch), got {text!r}")
+    return shape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="the model zoo: parameters and per-layer output shapes")
     m.add_argument("names", nargs="*", metavar="NAME", help="only these models")
+
+    x = sub.add_parser("export", help="write a saved model as ONNX (needs the onnx package: cnn_gpu[onnx])",
+                       description="Write a saved model as ONNX: eval mode (no dropout), dynamic batch size.")
+    x.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="a model file, a checkpoint.npz or a run folder (its best.npz)")
+    x.add_argument("out", metavar="OUT.onnx")
+    x.add_argument("--input-shape", type=_input_shape, default=None, metavar="C,H,W",
+                   help="one input's shape (default: the shape recorded in the model file by cnn-gpu train)")
+    x.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default: cnn_gpu.onnx.DEFAULT_OPSET)")
 
     sub.add_parser("info", help="backends, versions, GPUs and kernels")
     return parser
@@ -227,6 +247,22 @@ def cmd_predict(args, out=print) -> list:
                 out(f"{label}: class {top[0]}  (" + ", ".join(f"{c}: {row[c]:.3f}" for c in top) + ")")
                 results.append(int(top[0]))
     return results
+
+
+def cmd_export(args, out=print) -> Path:
+    """Write the model of ``args.source`` as ONNX to ``args.out`` (batch dimension dynamic)."""
+    from .onnx import export  # noqa: PLC0415
+
+    model, meta = _load_checkpoint(args.source)
+    shape = args.input_shape or tuple(meta.get("input_shape", ()))
+    if not shape:
+        raise ValueError(f"input shape: {args.source} records none (it was not saved by cnn-gpu train); "
+                         "pass --input-shape C,H,W")
+    proto = export(model, args.out, (1,) + tuple(shape), opset=args.opset)
+    outputs = [d.dim_param or str(d.dim_value) for d in proto.graph.output[0].type.tensor_type.shape.dim]
+    out(f"wrote {args.out}: opset {proto.opset_import[0].version}, input [batch, {', '.join(map(str, shape))}], "
+        f"output [{', '.join(outputs)}]")
+    return Path(args.out)
 
 
 def cmd_plot(args, out=print) -> Path:
@@ -382,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_plot(args)
         elif args.command == "models":
             cmd_models(args)
+        elif args.command == "export":
+            cmd_export(args)
         elif args.command == "info":
             cmd_info()
     except RunStopped as exc:

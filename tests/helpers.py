@@ -389,3 +389,19 @@ def load_harness():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+# --- the README -----------------------------------------------------------------------
+def readme_blocks(heading: str, lang: str = "python") -> list[str]:
+    """The ```lang code blocks of the README section whose heading line is ``heading``
+    (up to the next heading of the same or a higher level)."""
+    import re  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    level = heading.split(" ", 1)[0]
+    start = text.index("\n" + heading + "\n")
+    rest = text[start + len(heading) + 2:]
+    end = re.search(rf"^#{{1,{len(level)}}} ", rest, flags=re.M)
+    section = rest[: end.start()] if end else rest
+    return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)

@@ -12,9 +12,21 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..backend import backend_module, get_array_module, on_same_backend, to_numpy
+from ..backend import backend_module, from_dlpack, get_array_module, is_dlpack_producer, on_same_backend, to_numpy
 from ..functional import _dispatch
 from ..functional._checks import FLOAT_DTYPES
+
+
+def _state_array(name: str, src: Any, like: Any) -> Any:
+    """A value of a state dict for load_state_dict: a NumPy or CuPy array as it is; any DLPack
+    producer (a torch tensor, a JAX array, ...) read through DLPack onto ``like``'s backend, without
+    a copy where the device allows and without a cast (the caller checks shape and dtype)."""
+    if is_dlpack_producer(src):
+        src = from_dlpack(src, get_array_module(like))
+    if not hasattr(src, "shape") or not hasattr(src, "dtype"):
+        raise TypeError(f"state[{name!r}]: expected an array (NumPy, CuPy or a DLPack producer such as a torch "
+                        f"tensor), got {type(src).__name__}")
+    return src
 
 
 class Parameter:
@@ -138,14 +150,15 @@ class Module:
         if strict and (missing or unexpected):
             raise KeyError(f"state: parameter names do not match the model: missing {missing}, unexpected {unexpected}")
         present = [(name, p) for name, p in own.items() if name in state]
+        arrays = {}  # NumPy/CuPy arrays, DLPack producers (torch tensors, ...) read through DLPack: _state_array
         for name, p in present:  # check everything first: a failed load changes nothing
-            src = state[name]
+            src = arrays[name] = _state_array(name, state[name], p.data)
             if tuple(src.shape) != p.shape:
                 raise ValueError(f"state[{name!r}]: expected shape {p.shape}, got {tuple(src.shape)}")
             if np.dtype(src.dtype) != p.dtype:
                 raise TypeError(f"state[{name!r}]: expected dtype {p.dtype}, got {src.dtype}")
         for name, p in present:
-            p.data[...] = on_same_backend(state[name], p.data)
+            p.data[...] = on_same_backend(arrays[name], p.data)
 
     def to(self, backend: str | None = None, dtype: Any = None) -> "Module":
         """Move parameters to ``backend`` ("numpy"/"cupy"/"auto") and/or cast them to ``dtype``.
