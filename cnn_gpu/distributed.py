@@ -10,7 +10,7 @@ so the weights stay identical without ever being sent again::
     opt = DistributedOptimizer(SGD(model, 0.1), comm)
     loader = ShardedLoader(x, y, 256, comm, shuffle=True, seed=0)   # 256: the global batch
 
-Engines: NumPy arrays travel through MPI (mpi4py, non-blocking calls polled against a deadline:
+Engines: NumPy arrays travel through MPI (mpi4py, non-blocking calls polled against a deadline,
 ``CNN_GPU_TIMEOUT_S``, after which every rank is aborted with a message); CuPy arrays through NCCL
 (``cupy.cuda.nccl``: the unique id is broadcast over MPI, each rank uses GPU ``local_rank``,
 collectives run on the current stream). Host scalars (metrics, the stop vote) go through MPI.
@@ -126,14 +126,17 @@ class Communicator:
 
 def _wait(request: Any, comm: "MPICommunicator", what: str) -> None:
     """Poll a non-blocking MPI request until it completes; past the deadline, abort every rank."""
-    deadline = time.monotonic() + comm.timeout_s
-    pause, polls = 0.0, 0
+    start, pause = time.monotonic(), 0.0
     while not request.Test():
-        polls += 1
-        if polls > 200:  # after a short spin, sleep (up to 1 ms) so that a waiting rank leaves the cores
-            pause = min(1e-3, max(pause * 2, 1e-5))
+        waited = time.monotonic() - start
+        if waited < 2e-4:
+            continue  # spin: a collective between healthy ranks usually completes here
+        if waited < 5e-3:
+            time.sleep(0)  # yield the core (the peer may share it) but come back at once
+        else:  # a long wait (a slow peer, or a dead one): sleep up to 1 ms between polls
+            pause = min(1e-3, max(pause * 2, 2e-5))
             time.sleep(pause)
-        if time.monotonic() > deadline:
+        if waited > comm.timeout_s:
             comm.abort(1, f"cnn_gpu.distributed: rank {comm.rank} of {comm.size}: {what} did not complete within "
                           f"{comm.timeout_s:g} s (CNN_GPU_TIMEOUT_S); another rank died or hangs; aborting every rank")
 
