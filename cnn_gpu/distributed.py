@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -93,8 +94,8 @@ class Communicator:
         self._check_root(root)
         return array
 
-    def barrier(self) -> None:
-        pass
+    def barrier(self, timeout_s: float | None = None) -> None:
+        """Wait until every rank is here (at most ``timeout_s``, default CNN_GPU_TIMEOUT_S)."""
 
     def sum_host(self, values: list[float]) -> list[float]:
         """Element-wise sum over the ranks of a few host numbers (metrics, votes)."""
@@ -124,8 +125,10 @@ class Communicator:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size}, local_rank={self.local_rank})"
 
 
-def _wait(request: Any, comm: "MPICommunicator", what: str) -> None:
-    """Poll a non-blocking MPI request until it completes; past the deadline, abort every rank."""
+def _wait(request: Any, comm: "MPICommunicator", what: str, timeout_s: float | None = None) -> None:
+    """Poll a non-blocking MPI request until it completes; past the deadline (``timeout_s``, by
+    default CNN_GPU_TIMEOUT_S), abort every rank."""
+    timeout_s = comm.timeout_s if timeout_s is None else timeout_s
     start, pause = time.monotonic(), 0.0
     while not request.Test():
         waited = time.monotonic() - start
@@ -136,9 +139,9 @@ def _wait(request: Any, comm: "MPICommunicator", what: str) -> None:
         else:  # a long wait (a slow peer, or a dead one): sleep up to 1 ms between polls
             pause = min(1e-3, max(pause * 2, 2e-5))
             time.sleep(pause)
-        if waited > comm.timeout_s:
+        if waited > timeout_s:
             comm.abort(1, f"cnn_gpu.distributed: rank {comm.rank} of {comm.size}: {what} did not complete within "
-                          f"{comm.timeout_s:g} s (CNN_GPU_TIMEOUT_S); another rank died or hangs; aborting every rank")
+                          f"{timeout_s:g} s (CNN_GPU_TIMEOUT_S); another rank died or hangs; aborting every rank")
 
 
 class MPICommunicator(Communicator):
@@ -173,8 +176,8 @@ class MPICommunicator(Communicator):
         _wait(self.comm.Ibcast(array, root=root), self, f"broadcast of {array.size} {array.dtype} values")
         return array
 
-    def barrier(self) -> None:
-        _wait(self.comm.Ibarrier(), self, "barrier")
+    def barrier(self, timeout_s: float | None = None) -> None:
+        _wait(self.comm.Ibarrier(), self, "barrier", timeout_s)
 
     def sum_host(self, values: list[float]) -> list[float]:
         buf = np.asarray(values, dtype=np.float64)
@@ -187,6 +190,7 @@ class MPICommunicator(Communicator):
 
     def abort(self, code: int, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
+        time.sleep(0.3)  # let the launcher forward the message before MPI_Abort tears the job down
         self.comm.Abort(int(code))
 
     def select_device(self) -> None:
@@ -474,6 +478,17 @@ def resumed_position(position: Position, comm: Communicator) -> Position:
     return dataclasses.replace(position, loss_sum=0.0, correct=0, seen=0)
 
 
+@contextlib.contextmanager
+def rank_zero_first(comm: Communicator) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. a download into a shared folder), then the others. Rank 0
+    failing ends them all (fail_together), so their wait has no deadline of its own."""
+    if comm.rank != 0:
+        comm.barrier(math.inf)
+    yield
+    if comm.rank == 0:
+        comm.barrier(math.inf)
+
+
 def decorrelate_dropout(model: Any, comm: Communicator) -> None:
     """Rank r > 0 draws other dropout masks than rank 0 (the same seed would repeat rank 0's masks
     on each rank's shard): its Dropout seeds become rank 0's plus r times an odd constant. Call it
@@ -512,4 +527,4 @@ def fail_together(comm: Communicator, what: str = "cnn-gpu") -> Iterator[None]:
 __all__ = ["init", "Communicator", "MPICommunicator", "NcclChannel", "DistributedError", "DistributedOptimizer",
            "ShardedLoader", "CollectiveStop", "GlobalMetrics", "ShardedEvaluate", "broadcast_parameters",
            "launched_size", "shard_bounds", "lead_only", "global_position", "resumed_position", "fail_together",
-           "decorrelate_dropout", "check_resume"]
+           "decorrelate_dropout", "check_resume", "rank_zero_first"]

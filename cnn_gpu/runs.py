@@ -614,14 +614,15 @@ def _train_run(cfg: TrainConfig, out: Callable[[str], None], resume, callbacks: 
     backend_module(cfg.backend)  # an unusable backend is an error before anything is written
     quiet = cfg.quiet or cfg.progress == "none" or not comm.is_lead
     say = (lambda msg: None) if quiet else out
-    data = _load_data(cfg, ckpt)
+    with distributed.rank_zero_first(comm):  # one download into a shared data folder, not one per rank
+        data = _load_data(cfg, ckpt)
     if run is None:
         path = str(RunDir.create(cfg.dataset, cfg.model, cfg.run_dir)) if comm.is_lead else None
         run = RunDir(comm.broadcast_object(path))  # rank 0 alone creates (and writes) the run folder
         cfg = dataclasses.replace(cfg, run_dir=str(run))
-    with use_backend(cfg.backend):
-        if cfg.backend != "numpy":
-            comm.select_device()
+    with use_backend(cfg.backend) as xp:
+        if xp is not np and comm.size > 1:
+            comm.select_device()  # GPU local_rank, before anything is allocated
         s = _build(cfg, data, ckpt)
         if comm.is_lead:
             run.write_config(dict(_config_doc(cfg, data, s, run, ckpt is not None), ranks=comm.size))

@@ -335,12 +335,12 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_and_resume_finishes(tmp_path):
 @pytest.mark.parametrize("how, expect", [
     ("raise", "rank 1 of 2 failed: RuntimeError: injected failure"),
     ("kill", ""),  # the launcher ends the job when a rank's process dies
-    ("hang", "did not complete within 3 s"),  # the collective's deadline (CNN_GPU_TIMEOUT_S) ends it
+    ("hang", "did not complete within 10 s"),  # the collective's deadline (CNN_GPU_TIMEOUT_S) ends it
 ])
 def test_a_failing_rank_ends_every_rank_in_bounded_time(how, expect, tmp_path):
     t0 = time.monotonic()
     res = _run([str(SCRIPTS / "failing_rank.py"), how, str(tmp_path / "run")], tmp_path, timeout=90,
-               CNN_GPU_TIMEOUT_S="3")
+               CNN_GPU_TIMEOUT_S="10")  # not less: a loaded CI machine may take seconds to start a rank
     seconds = time.monotonic() - t0
     assert res.returncode != 0 and "training finished" not in res.stdout
     assert f"rank 1: failing ({how})" in res.stdout and expect in res.stderr, res.stdout + res.stderr
