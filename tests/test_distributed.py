@@ -253,6 +253,19 @@ def test_nccl_channel_call_sequence(rank):
         ch.allreduce_(FakeDeviceArray(3, np.complex64), "sum")
 
 
+def test_mpi_communicator_sends_cupy_arrays_through_nccl():
+    log = []
+    comm = FakeMPIRanks(1, 2)
+    comm._nccl = distributed.NcclChannel(comm, FakeNccl(log), FakeCuda(log))
+    DeviceArray = type("ndarray", (FakeDeviceArray,), {"__module__": "cupy._core.core"})  # is_cupy_array: True
+    a = DeviceArray(8, np.float32)
+    a.flags = type("Flags", (), {"c_contiguous": True})()
+    log.clear()
+    assert comm.allreduce_(a, op="mean") is a and comm.broadcast_(a, root=0) is a
+    assert [e[0] for e in log] == ["allReduce", "record", "bcast", "record"]
+    assert log[0][5] == FakeNccl.NCCL_AVG  # the mean in one NCCL call, no extra scaling kernel
+
+
 def test_nccl_channel_aborts_when_the_previous_collective_never_completes():
     log = []
     comm = FakeMPIRanks(0, 2, timeout_s=0.2)
