@@ -137,10 +137,12 @@ def cmd_train(cfg: TrainConfig, out=print, *, resume: str | None = None, callbac
 
     Raises RunStopped (after saving a checkpoint where possible) on Ctrl-C or a non-finite loss.
     """
+    from .distributed import init
     from .runs import train_run
 
     result = train_run(cfg, out, resume=resume, callbacks=callbacks)
-    out(f"test accuracy: {100 * result.test_accuracy:.2f}%")
+    if init().is_lead:  # under mpiexec only rank 0 prints
+        out(f"test accuracy: {100 * result.test_accuracy:.2f}%")
     return result.test_accuracy
 
 

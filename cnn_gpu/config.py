@@ -18,6 +18,8 @@ context) changes them for the current thread or task only, since the active Conf
 | ``CNN_GPU_KERNELS_DIR``| ``kernels_dir``| where the CUDA sources are (default: found next to the code) |
 | ``CNN_GPU_DATA``       | ``data_dir``   | dataset folder (default ~/.cache/cnn_gpu)                    |
 | ``CNN_GPU_MIRROR``     | ``mirror``     | one base URL to download datasets from                       |
+| ``CNN_GPU_TIMEOUT_S``  | ``timeout_s``  | data-parallel runs: seconds a collective may wait for the    |
+|                        |                | other ranks before every rank is aborted (default 300)       |
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from typing import Any, Iterator
 BACKENDS = ("numpy", "cupy", "auto")
 ENGINES = ("auto", "reference", "cpu", "cuda")
 DEFAULT_WORKSPACE_MB = 1024.0
+DEFAULT_TIMEOUT_S = 300.0
 
 # field -> environment variable
 ENV = {
@@ -41,6 +44,7 @@ ENV = {
     "kernels_dir": "CNN_GPU_KERNELS_DIR",
     "data_dir": "CNN_GPU_DATA",
     "mirror": "CNN_GPU_MIRROR",
+    "timeout_s": "CNN_GPU_TIMEOUT_S",
 }
 
 
@@ -53,6 +57,7 @@ class Config:
     kernels_dir: str | None = None
     data_dir: str | None = None
     mirror: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
 
 def _choice(name: str, value: Any, choices: tuple) -> str:
@@ -75,6 +80,12 @@ def _positive_mb(name: str, value: Any) -> float:
     return float(value)
 
 
+def _positive_seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a positive number of seconds, got {value!r}")
+    return float(value)
+
+
 def _text_or_none(name: str, value: Any) -> str | None:
     if value is not None and not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{name}: expected a str or None, got {type(value).__name__}")
@@ -89,6 +100,7 @@ _CHECKS = {
     "kernels_dir": _text_or_none,
     "data_dir": _text_or_none,
     "mirror": _text_or_none,
+    "timeout_s": _positive_seconds,
 }
 
 
@@ -106,11 +118,12 @@ def _parse_env(field: str, text: str) -> Any:
             return check(field, int(text), var)
         except ValueError:
             raise ValueError(f"{var}: expected a positive int, got {text!r}") from None
-    if field == "workspace_mb":
+    if field in ("workspace_mb", "timeout_s"):
         try:
             return check(field, float(text), var)
         except ValueError:
-            raise ValueError(f"{var}: expected a positive number of MiB, got {text!r}") from None
+            unit = "MiB" if field == "workspace_mb" else "seconds"
+            raise ValueError(f"{var}: expected a positive number of {unit}, got {text!r}") from None
     return check(field, text, var)
 
 
@@ -158,4 +171,4 @@ def update(**changes: Any) -> Config:
 
 
 __all__ = ["Config", "get", "override", "update", "check", "from_environment", "ENV", "BACKENDS", "ENGINES",
-           "DEFAULT_WORKSPACE_MB"]
+           "DEFAULT_WORKSPACE_MB", "DEFAULT_TIMEOUT_S"]

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__, optim
+from . import __version__, distributed, optim
 from .backend import backend_module, current_xp, use_backend
 from .callbacks import Evaluate, PrintLog, ProgressBar, StopRequest
 from .checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint
@@ -402,7 +402,8 @@ class SaveCheckpoint(Callback):
 
     def save(self, loop, position: Position) -> None:
         save_checkpoint(self.path, loop.model, loop.optimizer, loop.scheduler, position=position, loader=loop.loader,
-                        config=self.cfg.as_dict(), metadata=self.metadata, extra={"best": self.best})
+                        config=self.cfg.as_dict(), metadata=self.metadata,
+                        extra={"best": self.best, "ranks": distributed.init().size})
 
     def on_epoch_end(self, loop, stats) -> None:
         self.save(loop, Position(stats.epoch))
@@ -507,13 +508,21 @@ def _build(cfg: TrainConfig, data: _Data, ckpt: Checkpoint | None) -> _Session:
     def upload(pair):
         return None if pair is None else (xp.asarray(pair[0]), xp.asarray(pair[1]))
 
-    meta = data.metadata
+    meta, comm = data.metadata, distributed.init()
     model = get_model(cfg.model, in_channels=meta["input_shape"][0], num_classes=meta["num_classes"])
     opt = make_optimizer(cfg, model)
     x_train, y_train = upload(data.train)
-    loader = DataLoader(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    if comm.size > 1:  # data-parallel: each rank its shard of every global batch, gradients averaged
+        loader = distributed.ShardedLoader(x_train, y_train, cfg.batch_size, comm, shuffle=True, seed=cfg.seed)
+        opt = distributed.DistributedOptimizer(opt, comm, loader)
+    else:
+        loader = DataLoader(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     sched = make_schedule(cfg, opt, len(loader))
     position = restore(ckpt, model, opt, sched, loader) if ckpt is not None else Position()
+    if comm.size > 1:
+        distributed.broadcast_parameters(model, comm)
+        distributed.decorrelate_dropout(model, comm)
+        position = distributed.resumed_position(position, comm)
     return _Session(model, opt, sched, loader, position, upload(data.val), upload(data.test),
                     "numpy" if xp is np else "cupy")
 
@@ -564,14 +573,16 @@ def _fit(s: _Session, cfg: TrainConfig, callbacks: list, saver: SaveCheckpoint, 
             fit(s.model, s.optimizer, s.loader, cfg.epochs, scheduler=s.scheduler, callbacks=callbacks,
                 position=s.position)
     except TrainingInterrupted as exc:
-        pos = exc.position
+        pos = distributed.global_position(exc.position, distributed.init())  # every rank stopped at this step
         if pos.step > 0:
             saver.save(s, pos)  # the session has what a loop has: model, optimizer, scheduler, loader
             where = f"during epoch {pos.epoch + 1} after step {pos.step} of {len(s.loader)}"
         else:
             where = f"at the end of epoch {pos.epoch}"
         recorder.plot()
-        raise RunStopped(f"interrupted {where}; checkpoint saved to {saver.path}\n{resume_hint}", 130) from None
+        stopped = RunStopped(f"interrupted {where}; checkpoint saved to {saver.path}\n{resume_hint}", 130)
+        stopped.collective = True  # the same on every rank (see distributed.fail_together)
+        raise stopped from None
     except NonFiniteLossError as exc:
         recorder.plot()
         raise RunStopped(f"training stopped: {exc}; {_kept(saver)}. Try a lower --lr.", 1) from None
@@ -587,18 +598,34 @@ def train_run(cfg: TrainConfig, out: Callable[[str], None] = print, *, resume: s
               callbacks: list | tuple = ()) -> RunResult:
     """Train as ``cnn-gpu train`` does: a fresh run from ``cfg``, or continue the run in ``resume``.
     ``callbacks`` run after the run's own. Raises RunStopped on an interrupt or a non-finite loss
-    (after saving what can be saved), ValueError / FileNotFoundError on bad input."""
+    (after saving what can be saved), ValueError / FileNotFoundError on bad input.
+
+    Under mpiexec (cnn_gpu.distributed) every rank trains its shard of each batch; only rank 0
+    prints and writes the run folder; an error on one rank aborts them all with its message."""
+    comm = distributed.init()
+    with distributed.fail_together(comm, "cnn-gpu train"):
+        return _train_run(cfg, out, resume, list(callbacks), comm)
+
+
+def _train_run(cfg: TrainConfig, out: Callable[[str], None], resume, callbacks: list, comm) -> RunResult:
     cfg, ckpt, run = _settings(cfg, resume)
+    if ckpt is not None:
+        distributed.check_resume(ckpt.extra.get("ranks"), comm, str(run))
     backend_module(cfg.backend)  # an unusable backend is an error before anything is written
-    quiet = cfg.quiet or cfg.progress == "none"
+    quiet = cfg.quiet or cfg.progress == "none" or not comm.is_lead
     say = (lambda msg: None) if quiet else out
-    data = _load_data(cfg, ckpt)
+    with distributed.rank_zero_first(comm):  # one download into a shared data folder, not one per rank
+        data = _load_data(cfg, ckpt)
     if run is None:
-        run = RunDir.create(cfg.dataset, cfg.model, cfg.run_dir)
+        path = str(RunDir.create(cfg.dataset, cfg.model, cfg.run_dir)) if comm.is_lead else None
+        run = RunDir(comm.broadcast_object(path))  # rank 0 alone creates (and writes) the run folder
         cfg = dataclasses.replace(cfg, run_dir=str(run))
-    with use_backend(cfg.backend):
+    with use_backend(cfg.backend) as xp:
+        if xp is not np and comm.size > 1:
+            comm.select_device()  # GPU local_rank, before anything is allocated
         s = _build(cfg, data, ckpt)
-        run.write_config(_config_doc(cfg, data, s, run, ckpt is not None))
+        if comm.is_lead:
+            run.write_config(dict(_config_doc(cfg, data, s, run, ckpt is not None), ranks=comm.size))
         say(_banner(cfg, data, s, run, ckpt is not None))
         say(f"run folder: {run}")
         rows = [r for r in run.metrics() if r["epoch"] <= s.position.epoch] if ckpt is not None else []
@@ -608,16 +635,25 @@ def train_run(cfg: TrainConfig, out: Callable[[str], None] = print, *, resume: s
         if ckpt is not None:
             at = f"epoch {s.position.epoch}" + (f" and step {s.position.step} of the next" if s.position.step else "")
             kept = f"the checkpoint this run resumed from ({at}) is kept in {run.file(CHECKPOINT_FILE)}"
-        recorder, stop = RecordMetrics(run, rows, say), StopRequest()
-        saver = SaveCheckpoint(run, cfg, data.metadata, best, kept)
-        evals = ([Evaluate(s.val, "val")] if s.val is not None else []) + [Evaluate(s.test, "test")]
-        cbs = [stop, *evals, *_progress(cfg, out, quiet), recorder, SaveModels(run, cfg, data.metadata, best), saver,
-               *callbacks]
+        recorder = distributed.lead_only(RecordMetrics(run, rows, say), comm)
+        saver = distributed.lead_only(SaveCheckpoint(run, cfg, data.metadata, best, kept), comm)
+        models = distributed.lead_only(SaveModels(run, cfg, data.metadata, best), comm)
+        stop, evals = _parallel_callbacks(s, comm)
+        cbs = [stop, *evals, *_progress(cfg, out, quiet), recorder, models, saver, *callbacks]
         t0 = time.perf_counter()
         _fit(s, cfg, cbs, saver, recorder, stop)
         seconds = time.perf_counter() - t0
         recorder.plot()
         return _finish(cfg, s, run, rows, best, seconds, say, data.metadata)
+
+
+def _parallel_callbacks(s: _Session, comm) -> tuple[StopRequest, list]:
+    """The stop request and the evaluations: plain alone; agreed and sharded over several ranks."""
+    if comm.size == 1:
+        return StopRequest(), ([Evaluate(s.val, "val")] if s.val is not None else []) + [Evaluate(s.test, "test")]
+    evals = [distributed.ShardedEvaluate(s.val, comm, "val")] if s.val is not None else []
+    evals.append(distributed.ShardedEvaluate(s.test, comm, "test"))
+    return distributed.CollectiveStop(comm), [distributed.GlobalMetrics(comm), *evals]
 
 
 def _finish(cfg, s: _Session, run: RunDir, rows: list, best: dict, seconds: float, say, metadata: dict) -> RunResult:
@@ -628,7 +664,7 @@ def _finish(cfg, s: _Session, run: RunDir, rows: list, best: dict, seconds: floa
         test_loss, test_acc = evaluate(s.model, *s.test)
     shown = f"{100 * best['value']:.2f}% (epoch {best['epoch']})" if best["value"] is not None else "n/a"
     say(f"trained in {seconds:.1f} s; test loss {test_loss:.4f}; best {best['metric'].replace('_', ' ')} {shown}")
-    if cfg.save:
+    if cfg.save and distributed.init().is_lead:
         save_model(s.model, cfg.save, metadata=dict(metadata, epoch=cfg.epochs, config=cfg.as_dict()))
         say(f"saved model to {cfg.save}")
     return RunResult(run.path, cfg, rows, test_loss, test_acc, best)

@@ -16,9 +16,9 @@ from cnn_gpu import config
 def test_from_environment_reads_every_variable():
     env = {"CNN_GPU_BACKEND": "auto", "CNN_GPU_ENGINE": "Reference", "CNN_GPU_THREADS": "3",
            "CNN_GPU_WORKSPACE_MB": "16.5", "CNN_GPU_KERNELS_DIR": "/k", "CNN_GPU_DATA": "/d",
-           "CNN_GPU_MIRROR": "http://m", "UNRELATED": "x"}
+           "CNN_GPU_MIRROR": "http://m", "CNN_GPU_TIMEOUT_S": "30", "UNRELATED": "x"}
     cfg = config.from_environment(env)
-    assert cfg == config.Config("auto", "reference", 3, 16.5, "/k", "/d", "http://m")
+    assert cfg == config.Config("auto", "reference", 3, 16.5, "/k", "/d", "http://m", 30.0)
     assert config.from_environment({"CNN_GPU_THREADS": ""}) == config.Config()  # empty: the default
     assert set(config.ENV.values()) == set(k for k in env if k.startswith("CNN_GPU_"))
 
@@ -30,6 +30,8 @@ def test_from_environment_reads_every_variable():
     ("CNN_GPU_WORKSPACE_MB", "-1", "CNN_GPU_WORKSPACE_MB: expected a positive number of MiB"),
     ("CNN_GPU_WORKSPACE_MB", "nan", "CNN_GPU_WORKSPACE_MB: expected a positive number of MiB"),
     ("CNN_GPU_BACKEND", "tpu", "CNN_GPU_BACKEND: expected one of"),
+    ("CNN_GPU_TIMEOUT_S", "0", "CNN_GPU_TIMEOUT_S: expected a positive number of seconds, got '0'"),
+    ("CNN_GPU_TIMEOUT_S", "soon", "CNN_GPU_TIMEOUT_S: expected a positive number of seconds"),
 ])
 def test_bad_variables_name_themselves(var, value, expected):
     with pytest.raises(ValueError, match=expected):
