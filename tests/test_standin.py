@@ -226,6 +226,17 @@ def test_standin_dropout_is_one_kernel_without_generator_state(standin):
     assert drop.calls == cpu.calls == 1
 
 
+def test_standin_cnn_gpu_info_compiles_every_kernel(standin, capsys, monkeypatch):
+    from cnn_gpu.cuda import build
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU 0: cnn_gpu CuPy stand-in" in out and "compiled all kernels for this GPU" in out
+    assert build.device_arch() == "sm_90"
+    monkeypatch.setattr(type(standin.cuda.Device()), "compute_capability", "120")  # newer than NVRTC knows
+    assert build.device_arch() == "compute_90"  # PTX, for the driver to JIT
+
+
 # ======================================================================== the library on CuPy
 def test_standin_save_load_checkpoint_resume(gpu_cupy, tmp_path):
     x, y = _batch(gpu_cupy, 24)
