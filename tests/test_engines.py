@@ -204,10 +204,11 @@ def test_dropout_softmax_and_the_loss(engine, rng, dtype):
     same(F.softmax(x), on_reference(F.softmax, x), dtype, "softmax")
     same(F.log_softmax(x), on_reference(F.log_softmax, x), dtype, "log_softmax")
     for labels in (rng.integers(0, 10, 6), np.eye(10, dtype=dtype)[rng.integers(0, 10, 6)]):
-        loss, d = F.softmax_cross_entropy(x, labels)
-        loss_ref, d_ref = on_reference(F.softmax_cross_entropy, x, labels)
-        same(loss, loss_ref, dtype, "loss")
-        same(d, d_ref, dtype, "dlogits")
+        for eps in (0.0, 0.1, 1.0):
+            loss, d = F.softmax_cross_entropy(x, labels, label_smoothing=eps)
+            loss_ref, d_ref = on_reference(F.softmax_cross_entropy, x, labels, label_smoothing=eps)
+            same(loss, loss_ref, dtype, f"loss eps={eps}")
+            same(d, d_ref, dtype, f"dlogits eps={eps}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

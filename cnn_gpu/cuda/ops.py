@@ -270,13 +270,14 @@ def linear_backward(dy, cache, input_grad=True):
 
 
 # ------------------------------------------------------------------------------ loss
-def softmax_cross_entropy(logits, labels, *, grid=None, block=None, return_per_sample=False):
-    """Mean softmax cross-entropy -> (loss 0-d array, dlogits (N, K) = (softmax - onehot) / N) for
-    integer labels, in two launches (per-sample loss + dlogits, then the batch mean on the device).
-    A label outside [0, K) gives a NaN loss (the caller validates the range). One-hot labels: the
+def softmax_cross_entropy(logits, labels, label_smoothing=0.0, *, grid=None, block=None, return_per_sample=False):
+    """Mean softmax cross-entropy -> (loss 0-d array, dlogits (N, K) = (softmax - t) / N) for
+    integer labels, t the one-hot smoothed by ``label_smoothing`` eps ((1 - eps) * onehot + eps/K),
+    in two launches (per-sample loss + dlogits, then the batch mean on the device). A label
+    outside [0, K) gives a NaN loss (the caller validates the range). One-hot labels: the
     reference."""
     if labels.dtype.kind not in "iu":
-        return reference.softmax_cross_entropy(logits, labels)
+        return reference.softmax_cross_entropy(logits, labels, label_smoothing)
     T = np.float32 if _suffix("logits", logits) == "f32" else np.float64
     N, K = (int(s) for s in logits.shape)
     labels = labels.astype(np.int32, copy=False)
@@ -284,9 +285,10 @@ def softmax_cross_entropy(logits, labels, *, grid=None, block=None, return_per_s
     if block is None:
         block = min(DEFAULT_BLOCK, max(32, 1 << (K - 1).bit_length()))  # one block per row
     inv_n = T(1.0 / N)
+    on, off = (T(1), T(0)) if label_smoothing == 0 else (T(1.0 - label_smoothing), T(label_smoothing / K))
     _launch("loss", "softmax_cross_entropy", logits, N * block,
-            (_contiguous("logits", logits), _contiguous("labels", labels), per_sample, dlogits, *_i32(N, K), inv_n),
-            grid, block, "logits")
+            (_contiguous("logits", logits), _contiguous("labels", labels), per_sample, dlogits, *_i32(N, K), inv_n,
+             on, off), grid, block, "logits")
     _launch("loss", "scaled_sum", logits, block, (per_sample, loss, np.int64(N), inv_n), 1, block, "logits")
     return (loss, dlogits, per_sample) if return_per_sample else (loss, dlogits)
 

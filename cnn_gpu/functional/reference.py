@@ -263,21 +263,37 @@ def softmax(x, axis=-1):
     return e
 
 
-def softmax_cross_entropy(logits, labels):
+def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
     """-> (loss, dlogits): the mean cross-entropy (a 0-d array on logits' device) and dL/dlogits.
-    ``labels``: int class indices (N,) or float one-hot / probability rows (N, K)."""
+    ``labels``: int class indices (N,) or float one-hot / probability rows (N, K).
+
+    Label smoothing eps (torch's): the target is t = (1 - eps) * onehot + eps / K (or
+    (1 - eps) * labels + eps / K for probability rows), so with on = 1 - eps, off = eps / K:
+        loss[n] = -(on * logp[n, label] + off * sum_k logp[n, k])
+        dlogits = (softmax - t) / N
+    """
     xp = get_array_module(logits)
-    N = logits.shape[0]
+    N, K = logits.shape
     logp = log_softmax(logits)  # (N, K)
     p = xp.exp(logp)  # softmax
-    inv_n = logits.dtype.type(1.0 / N)
+    T = logits.dtype.type
+    inv_n = T(1.0 / N)
     if labels.dtype.kind in "iu":
         rows = xp.arange(N)
-        loss = -logp[rows, labels].sum() * inv_n
-        p[rows, labels] -= 1  # softmax - onehot
+        if label_smoothing == 0:
+            loss = -logp[rows, labels].sum() * inv_n
+            p[rows, labels] -= 1  # softmax - onehot
+        else:
+            on, off = T(1.0 - label_smoothing), T(label_smoothing / K)
+            per = on * logp[rows, labels] + off * logp.sum(axis=1)  # (N,)
+            loss = -per.sum() * inv_n
+            t = xp.full(p.shape, off, dtype=p.dtype)  # (N, K) the smoothed one-hot
+            t[rows, labels] += on
+            p -= t
     else:
-        loss = -(labels * logp).sum() * inv_n
-        p -= labels
+        t = labels if label_smoothing == 0 else labels * T(1.0 - label_smoothing) + T(label_smoothing / K)
+        loss = -(t * logp).sum() * inv_n
+        p -= t
     p *= inv_n
     return xp.asarray(loss, dtype=logits.dtype), p
 

@@ -252,15 +252,18 @@ class Dropout(Module):
 
 class CrossEntropyLoss(Module):
     """Softmax + mean cross-entropy. ``forward(logits, labels) -> loss`` (0-d array, stays on
-    the device); ``backward(dloss=1) -> dlogits``."""
+    the device); ``backward(dloss=1) -> dlogits``. ``label_smoothing`` eps in [0, 1]: the target
+    is (1 - eps) * onehot + eps / K, as torch.nn.CrossEntropyLoss(label_smoothing=eps)."""
 
-    def __init__(self, validate_range: bool = True):
+    def __init__(self, validate_range: bool = True, label_smoothing: float = 0.0):
         super().__init__()
         self.validate_range = bool(validate_range)
+        self.label_smoothing = F.check_label_smoothing(label_smoothing)
         self._dlogits = None
 
     def forward(self, logits, labels):
-        loss, self._dlogits = F.softmax_cross_entropy(logits, labels, validate_range=self.validate_range)
+        loss, self._dlogits = F.softmax_cross_entropy(logits, labels, validate_range=self.validate_range,
+                                                      label_smoothing=self.label_smoothing)
         return loss
 
     def backward(self, dy=None, input_grad=True):
@@ -269,4 +272,4 @@ class CrossEntropyLoss(Module):
         return self._dlogits if dy is None else self._dlogits * dy
 
     def config(self) -> dict:
-        return {}
+        return {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
