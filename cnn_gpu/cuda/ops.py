@@ -293,6 +293,23 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0, *, grid=None, blo
     return (loss, dlogits, per_sample) if return_per_sample else (loss, dlogits)
 
 
+# ------------------------------------------------------------------------- augmentation
+def _as_int64(key: int) -> np.int64:
+    """A 64-bit key's bits as the kernel's long long."""
+    return np.int64(key - (1 << 64) if key >= 1 << 63 else key)
+
+
+def crop_flip(x, a, *, grid=None, block=None):
+    """Random crop + horizontal flip of a batch (a: functional.geometry.CropFlip) -> y (N, C, OH, OW):
+    one gather kernel, the draws recomputed on the device from the keys (no upload)."""
+    y = _empty(a.y_shape, x.dtype)
+    if y.size:
+        _launch("augment", "crop_flip", x, y.size,
+                (_contiguous("x", x), y, *_i32(a.N, a.C, a.H, a.W, a.OH, a.OW, a.PH, a.PW, a.reflect),
+                 _as_int64(a.crop_key), _as_int64(a.flip_key), np.int64(a.flip_threshold)), grid, block)
+    return y
+
+
 # ------------------------------------------------------------------------- optimizers
 def sgd_update_(p, g, buf, lr, momentum, weight_decay, nesterov, first_step, *, grid=None, block=None):
     """One SGD step in place over flat buffers, one launch (the reference's formulas)."""
@@ -316,5 +333,5 @@ def adam_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bc1
 
 __all__ = ["NAME", "FUSED_ACTIVATIONS", "im2col", "col2im", "bias_act_forward", "act_backward_bias_grad",
            "conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
-           "avg_pool2d_backward", "linear_forward", "linear_backward", "softmax_cross_entropy", "sgd_update_",
+           "avg_pool2d_backward", "linear_forward", "linear_backward", "softmax_cross_entropy", "crop_flip", "sgd_update_",
            "adam_update_"]
