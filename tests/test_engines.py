@@ -114,6 +114,57 @@ def test_conv2d_in_chunks_with_a_workspace(engine, rng, case):
             same(g, r, np.float64, f"{what} in chunks of {samples}")
 
 
+CPU_GROUPED_ENGINE = "reference"  # the cpu engine runs grouped convolutions on the reference (measured: README)
+# N, C, H, W, F, kernel, stride, padding, dilation, groups
+GROUPED_CASES = [
+    (2, 4, 7, 7, 6, 3, 1, 1, 1, 2),  # general groups: batched GEMMs on the CUDA engine
+    (2, 6, 8, 7, 9, (3, 2), (2, 1), (1, 0), (1, 2), 3),  # strided, dilated
+    (3, 4, 6, 6, 4, 3, 1, 1, 1, 4),  # depthwise: direct kernels
+    (2, 3, 9, 8, 6, 3, 2, 1, 1, 3),  # depthwise, 2 filters per channel, strided
+    (2, 5, 7, 9, 5, (2, 3), (1, 2), (2, 1), (2, 1), 5),  # depthwise, dilated, wide padding
+    (1, 3, 4, 4, 3, 5, 1, 2, 1, 3),  # depthwise, the kernel wider than the input (padded)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias,activation", [(True, None), (True, "relu"), (False, None)])
+@pytest.mark.parametrize("case", GROUPED_CASES)
+def test_grouped_conv2d(engine, rng, case, bias, activation, dtype):
+    N, C, H, W, Fo, k, s, p, d, G = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x, w = data(rng, (N, C, H, W), dtype), data(rng, (Fo, C // G, kh, kw), dtype)
+    b = data(rng, (Fo,), dtype) if bias else None
+    y, cache = F.conv2d_forward(x, w, b, s, p, d, G, activation=activation)
+    assert cache.engine == (CPU_GROUPED_ENGINE if engine == "cpu" else engine)
+    y_ref, cache_ref = on_reference(F.conv2d_forward, x, w, b, s, p, d, G, activation=activation)
+    same(y, y_ref, dtype, "y")
+    dy = data(rng, y_ref.shape, dtype)
+    want = on_reference(F.conv2d_backward, dy, cache_ref)
+    for g, r, what in zip(F.conv2d_backward(dy, cache), want, ("dx", "dw", "db")):
+        same(g, r, dtype, what)
+    y, cache = F.conv2d_forward(x, w, b, s, p, d, G, activation=activation)
+    none, dw, db = F.conv2d_backward(dy, cache, input_grad=False)
+    assert none is None
+    same(dw, want[1], dtype, "dw without dx")
+    same(db, want[2], dtype, "db without dx")
+
+
+def test_grouped_conv2d_in_chunks_with_a_workspace(engine, rng):
+    N, C, H, W, Fo, k, s, p, d, G = GROUPED_CASES[1]
+    x, w, b = data(rng, (N, C, H, W), np.float64), data(rng, (Fo, C // G, *k), np.float64), data(rng, (Fo,), np.float64)
+    y_ref, cache = on_reference(F.conv2d_forward, x, w, b, s, p, d, G, activation="relu")
+    dy = data(rng, y_ref.shape, np.float64)
+    want = on_reference(F.conv2d_backward, dy, cache)
+    ws = cnn_gpu.Workspace()
+    with cnn_gpu.use_workspace_limit(C * k[0] * k[1] * y_ref.shape[2] * y_ref.shape[3] * 8 / 2**20):  # one sample
+        for _ in range(2):
+            y, cache = F.conv2d_forward(x, w, b, s, p, d, G, activation="relu", workspace=ws)
+            got = F.conv2d_backward(dy, cache)
+            same(y, y_ref, np.float64, "y in chunks")
+            for g, r, what in zip(got, want, ("dx", "dw", "db")):
+                same(g, r, np.float64, f"{what} in chunks")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_im2col_col2im(engine, rng, dtype):
     x = data(rng, (2, 3, 9, 8), dtype)
