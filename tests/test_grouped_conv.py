@@ -26,6 +26,7 @@ CASES = [
     ((2, 3, 6, 5), 6, (3, 2), (2, 1), (1, 0), (1, 2), 3),  # depthwise with 2 filters per channel
     ((1, 4, 5, 6), 4, 3, 2, 2, 1, 4),  # depthwise, padding wider than half the kernel
     ((2, 6, 4, 4), 3, 1, 1, 0, 1, 3),  # 1x1, one filter per group of two channels
+    ((2, 8, 5, 6), 6, 3, (2, 1), 1, 1, 2),  # 4 channels per group: the cpu engine's group-by-group path
 ]
 
 
@@ -60,6 +61,17 @@ def test_grouped_conv_gradcheck(xp, rng, case):
         return F.conv2d_forward(x_, w_, b_, s, p, d, G)
 
     gradcheck(fwd, F.conv2d_backward, [xp.asarray(x), xp.asarray(w), xp.asarray(b)], tol=1e-6)
+
+
+def test_cpu_engine_runs_wide_groups_group_by_group(rng):
+    x, w, b, (s, p, d, G) = make(rng, CASES[-1])
+    with cnn_gpu.config.override(engine="cpu"):
+        y, cache = F.conv2d_forward(x, w, b, s, p, d, G, activation="relu")
+        assert cache.engine == "cpu" and len(cache.aux.caches) == G
+        x2, w2, b2, (s2, p2, d2, G2) = make(rng, CASES[0])  # 2 channels per group: the reference
+        assert F.conv2d_forward(x2, w2, b2, s2, p2, d2, G2)[1].engine == "reference"
+    y_ref = grouped_ref(x, w, b, s, p, d, G)
+    assert_close(y, np.maximum(y_ref, 0), 1e-12, "y")
 
 
 @pytest.mark.parametrize("case", CASES)
