@@ -119,6 +119,7 @@ GROUPED_CASES = [
     (2, 8, 7, 7, 6, 3, 1, 1, 1, 2),  # general groups: batched GEMMs on the CUDA engine, per group on the CPU's
     (2, 12, 8, 7, 9, (3, 2), (2, 1), (1, 0), (1, 2), 3),  # strided, dilated
     (2, 4, 7, 7, 6, 3, 1, 1, 1, 2),  # 2 channels per group: the reference on the cpu engine
+    (2, 6, 5, 6, 6, 3, 2, 0, 1, 3),  # the same, strided
     (3, 4, 6, 6, 4, 3, 1, 1, 1, 4),  # depthwise: direct kernels
     (2, 3, 9, 8, 6, 3, 2, 1, 1, 3),  # depthwise, 2 filters per channel, strided
     (2, 5, 7, 9, 5, (2, 3), (1, 2), (2, 1), (2, 1), 5),  # depthwise, dilated, wide padding
@@ -135,7 +136,7 @@ def test_grouped_conv2d(engine, rng, case, bias, activation, dtype):
     x, w = data(rng, (N, C, H, W), dtype), data(rng, (Fo, C // G, kh, kw), dtype)
     b = data(rng, (Fo,), dtype) if bias else None
     y, cache = F.conv2d_forward(x, w, b, s, p, d, G, activation=activation)
-    narrow = C // G < cnn_gpu.cpu.conv.GROUPED_MIN_CHANNELS  # the cpu engine runs those on the reference
+    narrow = G < C and C // G < cnn_gpu.cpu.conv.GROUPED_MIN_CHANNELS  # the cpu engine runs those on the reference
     assert cache.engine == ("reference" if engine == "cpu" and narrow else engine)
     y_ref, cache_ref = on_reference(F.conv2d_forward, x, w, b, s, p, d, G, activation=activation)
     same(y, y_ref, dtype, "y")

@@ -70,6 +70,10 @@ def test_cpu_engine_runs_wide_groups_group_by_group(rng):
         assert cache.engine == "cpu" and len(cache.aux.caches) == G
         x2, w2, b2, (s2, p2, d2, G2) = make(rng, CASES[0])  # 2 channels per group: the reference
         assert F.conv2d_forward(x2, w2, b2, s2, p2, d2, G2)[1].engine == "reference"
+        x3, w3, b3, (s3, p3, d3, G3) = make(rng, CASES[1])  # depthwise: the cpu engine's direct path
+        y3, cache3 = F.conv2d_forward(x3, w3, b3, s3, p3, d3, G3)
+        assert cache3.engine == "cpu" and type(cache3.aux).__name__ == "DepthwiseAux"
+        assert_close(y3, grouped_ref(x3, w3, b3, s3, p3, d3, G3), 1e-12, "depthwise y")
     y_ref = grouped_ref(x, w, b, s, p, d, G)
     assert_close(y, np.maximum(y_ref, 0), 1e-12, "y")
 

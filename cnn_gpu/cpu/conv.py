@@ -38,7 +38,7 @@ from ..functional import reference
 from ..functional.caches import Conv2dCache
 from ..functional.geometry import ConvGeometry, clipped_taps
 from ..workspace import chunk_size, scratch, workspace_limit_bytes
-from . import parallel
+from . import depthwise, parallel
 from .layout import to_channels_last
 
 _MIB = 1 << 20
@@ -49,9 +49,9 @@ KEEP_BYTES = 32 * _MIB  # forward keeps the batch's columns for backward up to t
 _TRANSPOSED_MAX_RATIO = 1.5
 _PARALLEL_MIN_BYTES = 1 << 18  # below this many bytes of columns: one chunk, on the calling thread
 # Grouped convolutions with at least this many channels per group run group by group on the dense
-# path below; fewer (depthwise included) run on the reference. Measured (README, "Grouped
-# convolution"): 64 channels 16x16, batch 32, 3x3: 3-5x faster than the reference for 4-32
-# channels per group, slower for 2.
+# path below; depthwise ones on cpu/depthwise.py; the rest on the reference. Measured (README,
+# "Grouped convolution", benchmarks/grouped_conv.py): 64 channels 16x16, batch 32, 3x3: 4-30x
+# faster than the reference for 4-32 channels per group, slower for 2.
 GROUPED_MIN_CHANNELS = 4
 
 
@@ -258,7 +258,9 @@ def conv2d_forward(x, w, b, g, activation=None, workspace=None):
     small, the columns of the whole batch are kept for it. ``workspace``: a cnn_gpu.Workspace
     for the scratch buffers (the cache may refer to it: valid until the next call with it).
     """
-    if g.G != 1:  # grouped convolutions: group by group, or the reference for narrow groups
+    if g.G != 1:  # grouped convolutions: depthwise, group by group, or the reference for narrow groups
+        if g.G == g.C:
+            return depthwise.conv2d_forward(x, w, b, g, activation)
         if g.C // g.G < GROUPED_MIN_CHANNELS:
             return reference.conv2d_forward(x, w, b, g, activation)
         return _grouped_forward(x, w, b, g, activation)
@@ -377,6 +379,8 @@ def conv2d_backward(dy, cache, input_grad=True):
     """
     if isinstance(cache.aux, _GroupedAux):
         return _grouped_backward(dy, cache, input_grad)
+    if isinstance(cache.aux, depthwise.DepthwiseAux):
+        return depthwise.conv2d_backward(dy, cache, input_grad)
     g, w = cache.g, cache.w
     plan = _plan(g)
     cols = cache.aux.cols
