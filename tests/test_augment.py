@@ -62,9 +62,16 @@ CASES = [  # (x shape, size, padding, mode)
 ]
 
 
+@pytest.fixture(params=["auto", "reference"])
+def engine(request):
+    """auto: the cpu engine's window gather on NumPy (the kernel on CuPy); reference: the definition."""
+    with cnn_gpu.config.override(engine=request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES)
-def test_crop_flip_matches_the_naive_reference_bitwise(xp, rng, case, dtype):
+def test_crop_flip_matches_the_naive_reference_bitwise(xp, engine, rng, case, dtype):
     shape, size, padding, mode = case
     x = images(rng, shape, dtype)
     crop, flip = RandomCrop(size, padding, mode), RandomHorizontalFlip(0.5)
@@ -137,7 +144,8 @@ def test_emul_crop_flip_kernel_equals_the_reference(cuda_emulation, rng, case, d
 
 
 def test_emul_augmented_batches_are_the_same_on_cpu_and_gpu(cuda_emulation, rng):
-    """One launch per batch on the CUDA engine, the same bits as the CPU's NumPy gather."""
+    """One launch per batch on the CUDA engine, the same bits as the CPU engine's window gather
+    (cpu/augment.py) and the reference's element gather."""
     x = images(rng, (16, 3, 8, 8))
     aug = Compose([RandomCrop(8, 2, "reflect"), RandomHorizontalFlip()])
     before = len(cuda_emulation.log)
@@ -145,7 +153,10 @@ def test_emul_augmented_batches_are_the_same_on_cpu_and_gpu(cuda_emulation, rng)
     assert [e for e in cuda_emulation.log[before:]] and len(cuda_emulation.log) - before == 1
     with cnn_gpu.config.override(engine="cpu"):
         cpu = aug(x, seed=4, epoch=1, step=2)
+    with cnn_gpu.config.override(engine="reference"):
+        ref = aug(x, seed=4, epoch=1, step=2)
     np.testing.assert_array_equal(gpu, cpu)
+    np.testing.assert_array_equal(gpu, ref)
     # extreme keys (high bit set) travel to the kernel as long long
     a = CropFlip(16, 3, 8, 8, 6, 6, 1, 1, 0, M64, (1 << 63) + 5, 1 << 52)
     np.testing.assert_array_equal(ops.crop_flip(x, a), R.crop_flip(x, a))

@@ -11,8 +11,9 @@ offsets) and n (flip). So the same (seed, epoch, step) gives the same batch on a
 after a resume, and the GPU needs no upload: the CUDA engine's kernel (kernels/augment.cu,
 ``crop_flip``) hashes the key itself. A RandomCrop directly followed by a RandomHorizontalFlip
 in a Compose runs as one launch (with each transform's own key, so the result is the one the two
-would give one after the other). On NumPy the reference's vectorised gather runs (no loop over
-samples): engine dispatch as for every op (cnn_gpu/functional/_dispatch.py).
+would give one after the other). On NumPy the CPU engine's window gather runs (cpu/augment.py;
+no loop over samples): engine dispatch as for every op (cnn_gpu/functional/_dispatch.py), the
+reference (functional/reference.py crop_flip) being the definition all engines match bit for bit.
 
 The DataLoader applies a transform to each training batch with its (epoch, step)
 (``DataLoader(..., transform=aug)``); ``cnn-gpu train --augment crop-flip`` builds one (see
