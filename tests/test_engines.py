@@ -297,7 +297,20 @@ def _every_layer_net(dtype):
         nn.Linear(8, 5, **g), nn.Sigmoid(), nn.Linear(5, 4, **g))
 
 
+def _separable_net(dtype):
+    """Depthwise-separable and grouped convolutions with fused ReLUs (every grouped path of each engine)."""
+    g = dict(dtype=dtype, generator=cnn_gpu.random.resolve_generator(3))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, **g), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, **g), nn.ReLU(),  # depthwise
+        nn.Conv2d(8, 8, 1, groups=2, bias=False, **g), nn.ReLU(),  # 4 channels per group
+        nn.Conv2d(8, 16, 3, stride=2, groups=8, **g),  # depthwise, 2 filters per channel
+        nn.Conv2d(16, 8, 3, groups=8, **g), nn.ReLU(), nn.MaxPool2d(2),  # 2 channels per group
+        nn.Flatten(), nn.Linear(8, 4, **g))
+
+
 MODELS = [pytest.param(lambda dtype: models.lenet5(dtype=dtype, generator=0), (3, 1, 28, 28), id="lenet5"),
+          pytest.param(_separable_net, (2, 3, 12, 12), id="separable"),
           pytest.param(lambda dtype: models.vgg_small(dtype=dtype, generator=0), (2, 3, 32, 32), id="vgg_small"),
           pytest.param(_every_layer_net, (3, 2, 11, 11), id="every-layer")]
 
