@@ -260,3 +260,32 @@ def test_interrupted_augmented_run_resumes_bitwise(tmp_path):
     cli.cmd_train(runs.TrainConfig(run_dir=str(plain), **dict(cfg, augment="none")), out=lambda s: None)
     c = cnn_gpu.load(plain / "last.npz").state_dict()
     assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
+def _fit_tiny(seed=0):
+    """Two epochs of fit on 16 tiny images with crop-flip, label smoothing and a depthwise layer."""
+    from cnn_gpu import nn, optim
+    from cnn_gpu.random import resolve_generator
+    from cnn_gpu.train import fit
+
+    rng = np.random.default_rng(seed)
+    x, y = rng.standard_normal((16, 3, 8, 8)), rng.integers(0, 4, 16)
+    g = dict(dtype=np.float64, generator=resolve_generator(1))
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, **g), nn.ReLU(), nn.Conv2d(6, 6, 3, groups=6, **g), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(54, 4, **g))
+    loader = DataLoader(x, y, 8, shuffle=True, seed=seed, transform=from_name("crop-flip", (3, 8, 8)))
+    history = fit(model, optim.SGD(model, 0.1, momentum=0.9), loader, 2, label_smoothing=0.1)
+    return [h.train_loss for h in history], model.state_dict()
+
+
+def test_emul_fit_with_augmentation_and_label_smoothing_on_the_cuda_engine(cuda_emulation):
+    """A whole fit through the kernels (crop_flip, the smoothed loss, depthwise convolution) gives
+    the reference engine's losses and weights."""
+    got = _fit_tiny()
+    used = {k.rsplit("_f", 1)[0] for k, _, _ in cuda_emulation.log}
+    assert {"crop_flip", "softmax_cross_entropy", "depthwise_conv_forward", "depthwise_conv_weight_grad"} <= used
+    with cnn_gpu.config.override(engine="reference"):
+        want = _fit_tiny()
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
+    for k in want[1]:
+        np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-9, atol=1e-12, err_msg=k)
