@@ -289,3 +289,10 @@ def test_emul_fit_with_augmentation_and_label_smoothing_on_the_cuda_engine(cuda_
     np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
     for k in want[1]:
         np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+def test_a_run_saved_before_these_settings_resumes_with_the_defaults():
+    old = {k: v for k, v in runs.TrainConfig().resolved().as_dict().items() if k not in ("augment", "label_smoothing")}
+    cfg = runs.TrainConfig.from_dict(old).with_defaults()
+    assert (cfg.augment, cfg.label_smoothing) == ("none", 0.0)
+    cfg.check()
