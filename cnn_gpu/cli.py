@@ -256,6 +256,7 @@ def _describe_layer(m) -> str:
         for label, v, default in (("stride", m.stride, (1, 1)), ("pad", m.padding, (0, 0)), ("dilation", m.dilation, (1, 1))):
             if tuple(v) != default:
                 text += f" {label} {pair(v)}"
+        text += f" groups {m.groups}" if getattr(m, "groups", 1) != 1 else ""
         return text + ("" if m.bias is not None else " no bias")
     if kind == "Linear":
         return f"Linear {m.in_features}->{m.out_features}" + ("" if m.bias is not None else " no bias")

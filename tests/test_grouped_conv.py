@@ -188,3 +188,10 @@ def test_groups_that_do_not_divide_the_channels():
         F.conv2d_forward(x, w, None, groups=4)
     with pytest.raises(ValueError, match="w"):  # weights of the wrong group width
         F.conv2d_forward(x, np.zeros((6, 2, 3, 3)), None, groups=6)
+
+
+def test_models_command_describes_groups():
+    from cnn_gpu import cli
+
+    assert cli._describe_layer(nn.Conv2d(8, 16, 3, padding=1, groups=8)) == "Conv2d 8->16 3x3 pad 1 groups 8"
+    assert "groups" not in cli._describe_layer(nn.Conv2d(8, 16, 3))
