@@ -14,6 +14,7 @@ import numpy as np
 
 from . import __version__
 from .backend import BackendUnavailableError, use_backend
+from .data.augment import AUGMENTATIONS
 from .runs import PROGRESS_MODES, RECIPES, RUN_SETTINGS, RunStopped, TrainConfig
 
 
@@ -36,6 +37,7 @@ _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
 _fraction = _number(float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
+_unit = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
 def _input_shape(text: str) -> tuple:
@@ -76,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--momentum", type=_fraction, default=None, help="SGD momentum (default 0.9)")
     t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="SGD with Nesterov momentum")
     t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                   help="training-batch augmentation on the device: random crop (padding H/8) and/or "
+                        "horizontal flip (default: the recipe's, else none)")
+    t.add_argument("--label-smoothing", type=_unit, default=None, metavar="EPS",
+                   help="label smoothing of the loss, in [0, 1] (default: the recipe's, else 0)")
     t.add_argument("--val-fraction", type=_fraction, default=None,
                    help="hold out this fraction of the training set (stratified, fixed) for validation; default 0")
     t.add_argument("--backend", choices=["numpy", "cupy", "auto"], default=None, help="default: numpy")
@@ -287,6 +294,7 @@ def _describe_layer(m) -> str:
         for label, v, default in (("stride", m.stride, (1, 1)), ("pad", m.padding, (0, 0)), ("dilation", m.dilation, (1, 1))):
             if tuple(v) != default:
                 text += f" {label} {pair(v)}"
+        text += f" groups {m.groups}" if getattr(m, "groups", 1) != 1 else ""
         return text + ("" if m.bias is not None else " no bias")
     if kind == "Linear":
         return f"Linear {m.in_features}->{m.out_features}" + ("" if m.bias is not None else " no bias")

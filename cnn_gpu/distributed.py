@@ -368,8 +368,8 @@ class ShardedLoader(DataLoader):
     batch yielded last (see DistributedOptimizer)."""
 
     def __init__(self, x: Any, y: Any, batch_size: int, comm: Communicator, shuffle: bool = False,
-                 drop_last: bool = False, seed: int = 0):
-        super().__init__(x, y, batch_size, shuffle, drop_last, seed)
+                 drop_last: bool = False, seed: int = 0, transform: Any = None):
+        super().__init__(x, y, batch_size, shuffle, drop_last, seed, transform)
         if not isinstance(comm, Communicator):
             raise TypeError(f"comm: expected a cnn_gpu.distributed communicator (init()), got {type(comm).__name__}")
         if self.batch_size < comm.size:

@@ -37,6 +37,7 @@ from .backend import backend_module, current_xp, use_backend
 from .callbacks import Evaluate, PrintLog, ProgressBar, StopRequest
 from .checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint
 from .data import channel_stats, get_dataset, normalize, split_validation
+from .data.augment import AUGMENTATIONS, from_name as augmentation
 from .data.loader import DataLoader
 from .io import atomic_write
 from .models import MODELS, get_model
@@ -67,9 +68,13 @@ RECIPES = {
                     warmup=0.3, nesterov=False, weight_decay=0.0),
 }
 
+# What a run uses when neither the flags nor the dataset's recipe say (a recipe may set these too,
+# e.g. augment="crop-flip", label_smoothing=0.1); also what a run saved before they existed used.
+RECIPE_DEFAULTS = dict(augment="none", label_smoothing=0.0)
+
 # Settings that shape the trained weights: fixed for a run (``--resume`` keeps them).
 RUN_SETTINGS = ("dataset", "model", "epochs", "batch_size", "optimizer", "lr", "schedule", "warmup", "momentum",
-                "nesterov", "weight_decay", "seed", "val_fraction")
+                "nesterov", "weight_decay", "seed", "val_fraction", "augment", "label_smoothing")
 PROGRESS_MODES = ("auto", "bar", "plain", "none")
 
 
@@ -97,13 +102,19 @@ class TrainConfig:
     progress: str = "auto"
     quiet: bool = False
     workspace_mb: float | None = None  # cap on one convolution's im2col workspace (cnn_gpu.set_workspace_limit)
+    augment: str | None = None  # training-batch augmentation, one of data.augment.AUGMENTATIONS
+    label_smoothing: float | None = None  # the loss's label smoothing, in [0, 1]
+
+    def with_defaults(self) -> "TrainConfig":
+        """A copy with the settings still None after the recipe taken from RECIPE_DEFAULTS."""
+        return dataclasses.replace(self, **{k: v for k, v in RECIPE_DEFAULTS.items() if getattr(self, k) is None})
 
     def resolved(self) -> "TrainConfig":
         """A copy with every None filled from the dataset's recipe, checked."""
         if self.dataset not in RECIPES:
             raise ValueError(f"dataset: expected one of {sorted(RECIPES)}, got {self.dataset!r}")
         recipe = RECIPES[self.dataset]
-        cfg = dataclasses.replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
+        cfg = dataclasses.replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None}).with_defaults()
         cfg.check()
         return cfg
 
@@ -137,6 +148,11 @@ class TrainConfig:
             raise bad("seed", "a non-negative int", self.seed)
         if self.progress not in PROGRESS_MODES:
             raise bad("progress", f"one of {PROGRESS_MODES}", self.progress)
+        if self.augment not in AUGMENTATIONS:
+            raise bad("augment", f"one of {AUGMENTATIONS}", self.augment)
+        ls = self.label_smoothing
+        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0.0 <= ls <= 1.0:
+            raise bad("label_smoothing", "a number in [0, 1]", ls)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -468,7 +484,7 @@ def _settings(cfg: TrainConfig, resume) -> tuple[TrainConfig, Checkpoint | None,
         return cfg.resolved(), None, None
     run = RunDir.resumable(resume)
     ckpt = load_checkpoint(run.file(CHECKPOINT_FILE))
-    saved = TrainConfig.from_dict(ckpt.config)
+    saved = TrainConfig.from_dict(ckpt.config).with_defaults()
     cfg = dataclasses.replace(saved, data_dir=cfg.data_dir if cfg.data_dir is not None else saved.data_dir,
                               backend=cfg.backend, save=cfg.save, progress=cfg.progress, quiet=cfg.quiet,
                               run_dir=str(run))
@@ -512,11 +528,13 @@ def _build(cfg: TrainConfig, data: _Data, ckpt: Checkpoint | None) -> _Session:
     model = get_model(cfg.model, in_channels=meta["input_shape"][0], num_classes=meta["num_classes"])
     opt = make_optimizer(cfg, model)
     x_train, y_train = upload(data.train)
+    transform = augmentation(cfg.augment, meta["input_shape"])
     if comm.size > 1:  # data-parallel: each rank its shard of every global batch, gradients averaged
-        loader = distributed.ShardedLoader(x_train, y_train, cfg.batch_size, comm, shuffle=True, seed=cfg.seed)
+        loader = distributed.ShardedLoader(x_train, y_train, cfg.batch_size, comm, shuffle=True, seed=cfg.seed,
+                                           transform=transform)
         opt = distributed.DistributedOptimizer(opt, comm, loader)
     else:
-        loader = DataLoader(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        loader = DataLoader(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed, transform=transform)
     sched = make_schedule(cfg, opt, len(loader))
     position = restore(ckpt, model, opt, sched, loader) if ckpt is not None else Position()
     if comm.size > 1:
@@ -551,7 +569,9 @@ def _banner(cfg: TrainConfig, data: _Data, s: _Session, run: RunDir, resumed: bo
     sizes = f"{len(data.train[1])} train{f' / {n_val} val' if n_val else ''} / {len(data.test[1])} test"
     return (f"cnn_gpu {__version__}: training {cfg.model} ({s.model.num_parameters():,} parameters) on {cfg.dataset} "
             f"({sizes}) with {_describe_optimizer(cfg)}, {cfg.schedule} schedule, batch {cfg.batch_size}, "
-            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, backend {s.backend}")
+            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, backend {s.backend}"
+            + (f", augmentation {cfg.augment}" if cfg.augment != "none" else "")
+            + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else ""))
 
 
 def _progress(cfg: TrainConfig, out: Callable, quiet: bool) -> list:
@@ -571,7 +591,7 @@ def _fit(s: _Session, cfg: TrainConfig, callbacks: list, saver: SaveCheckpoint, 
     try:
         with _sigint_requests_stop(stop, _stderr):
             fit(s.model, s.optimizer, s.loader, cfg.epochs, scheduler=s.scheduler, callbacks=callbacks,
-                position=s.position)
+                position=s.position, label_smoothing=cfg.label_smoothing)
     except TrainingInterrupted as exc:
         pos = distributed.global_position(exc.position, distributed.init())  # every rank stopped at this step
         if pos.step > 0:
@@ -670,6 +690,6 @@ def _finish(cfg, s: _Session, run: RunDir, rows: list, best: dict, seconds: floa
     return RunResult(run.path, cfg, rows, test_loss, test_acc, best)
 
 
-__all__ = ["TrainConfig", "RECIPES", "train_run", "RunResult", "RunStopped", "PlotUnavailable", "plot_run", "RunDir",
+__all__ = ["TrainConfig", "RECIPES", "RECIPE_DEFAULTS", "train_run", "RunResult", "RunStopped", "PlotUnavailable", "plot_run", "RunDir",
            "RecordMetrics", "SaveModels", "SaveCheckpoint", "load_metrics", "make_optimizer", "make_schedule",
            "environment"]

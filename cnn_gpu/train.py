@@ -270,13 +270,15 @@ def _run_epoch(loop: Loop, loss_fn: CrossEntropyLoss, max_label: int | None) -> 
 
 
 def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,
-        scheduler: LRSchedule | None = None, callbacks: Sequence = (), position: Position | None = None):
+        scheduler: LRSchedule | None = None, callbacks: Sequence = (), position: Position | None = None,
+        label_smoothing: float = 0.0):
     """Train from ``position`` (default: the start) to the end of epoch ``epochs``; -> the EpochStats
     of the epochs run. ``callbacks`` (cnn_gpu.callbacks) run in order at each hook; a
     StopOnNonFinite is added first unless one is given. The labels' range is checked once (one
     host read), against the model's outputs at the first step. Raises NonFiniteLossError (naming
     the epoch and step) and TrainingInterrupted (with the position to resume from) when a
-    callback stops the loop."""
+    callback stops the loop. ``label_smoothing``: the loss's (nn.CrossEntropyLoss); the loader's
+    ``transform`` augments the batches."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs: expected a non-negative int, got {epochs!r}")
     max_label = _check_labels(loader)
@@ -287,7 +289,7 @@ def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,
     if not any(isinstance(cb, StopOnNonFinite) for cb in cbs):
         cbs.insert(0, StopOnNonFinite())
     loop = Loop(model, optimizer, loader, epochs, scheduler, cbs, [])
-    loss_fn = CrossEntropyLoss(validate_range=False)
+    loss_fn = CrossEntropyLoss(validate_range=False, label_smoothing=label_smoothing)
     xp = get_array_module(loader.x)
     model.train()
     loop.call("on_train_begin")

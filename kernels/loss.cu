@@ -1,12 +1,14 @@
 // loss.cu: softmax cross-entropy with integer class labels, forward and backward fused.
 //
-// logits z (N, K), labels (N,) int32 in [0, K):
+// logits z (N, K), labels (N,) int32 in [0, K), label smoothing eps as on = 1 - eps, off = eps/K:
 //   m = max_k z[n, k]                      (stable: every exp argument is <= 0)
 //   lse = log(sum_k exp(z[n, k] - m))
 //   logp[n, k] = (z[n, k] - m) - lse
-//   loss[n] = -logp[n, label[n]]           per sample
-//   dlogits[n, k] = (exp(logp[n, k]) - [k == label[n]]) * inv_n,   inv_n = 1/N
-// Same operation order as cnn_gpu/functional/loss.py. A label outside [0, K) gives
+//   loss[n] = -logp[n, label[n]]                                         (off == 0)
+//           = -(on * logp[n, label[n]] + off * sum_k logp[n, k])         (off != 0)
+//   dlogits[n, k] = (exp(logp[n, k]) - t[n, k]) * inv_n,   inv_n = 1/N
+//   t[n, k] = [k == label[n]] * on + off      (the smoothed one-hot; with eps = 0, the one-hot)
+// Same formulas as softmax_cross_entropy in cnn_gpu/functional/reference.py. A label outside [0, K) gives
 // NaN in that sample's loss and dlogits row (never an out-of-bounds read).
 // scaled_sum then reduces the per-sample losses to the batch mean in one block.
 #include "common.cuh"
@@ -14,8 +16,8 @@
 // ---- one block per row (grid-stride over rows), deterministic block reductions -------
 #define SCE_PARAMS(T)                                                                  \
     const T* __restrict__ logits, const int* __restrict__ labels, T* __restrict__ loss, \
-    T* __restrict__ dlogits, int N, int K, T inv_n
-#define SCE_ARGS logits, labels, loss, dlogits, N, K, inv_n
+    T* __restrict__ dlogits, int N, int K, T inv_n, T on, T off
+#define SCE_ARGS logits, labels, loss, dlogits, N, K, inv_n, on, off
 
 template <typename T>
 __device__ __forceinline__ void softmax_cross_entropy_body(SCE_PARAMS(T)) {
@@ -30,13 +32,22 @@ __device__ __forceinline__ void softmax_cross_entropy_body(SCE_PARAMS(T)) {
         for (int k = threadIdx.x; k < K; k += blockDim.x) s += cnn_exp(z[k] - m);
         s = cnn_block_sum(s, sh);
         const T lse = cnn_log(s);
+        T slp = T(0);  // sum_k logp[n, k], needed with smoothing only (off is uniform across the grid)
+        if (off != T(0)) {
+            for (int k = threadIdx.x; k < K; k += blockDim.x) slp += (z[k] - m) - lse;
+            slp = cnn_block_sum(slp, sh);
+        }
         const int label = labels[n];
         const bool ok = label >= 0 && label < K;
+        const T hit = on + off;  // t at the label
         for (int k = threadIdx.x; k < K; k += blockDim.x) {
             const T p = cnn_exp((z[k] - m) - lse);
-            d[k] = ok ? (p - (k == label ? T(1) : T(0))) * inv_n : cnn_limits<T>::nan();
+            d[k] = ok ? (p - (k == label ? hit : off)) * inv_n : cnn_limits<T>::nan();
         }
-        if (threadIdx.x == 0) loss[n] = ok ? -((z[label] - m) - lse) : cnn_limits<T>::nan();
+        if (threadIdx.x == 0) {
+            const T lp = ok ? (z[label] - m) - lse : cnn_limits<T>::nan();
+            loss[n] = off != T(0) ? -(on * lp + off * slp) : -lp;
+        }
     }
 }
 CNN_ENTRY_POINTS(softmax_cross_entropy, SCE_PARAMS, SCE_ARGS)

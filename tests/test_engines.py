@@ -114,6 +114,59 @@ def test_conv2d_in_chunks_with_a_workspace(engine, rng, case):
             same(g, r, np.float64, f"{what} in chunks of {samples}")
 
 
+# N, C, H, W, F, kernel, stride, padding, dilation, groups
+GROUPED_CASES = [
+    (2, 8, 7, 7, 6, 3, 1, 1, 1, 2),  # general groups: batched GEMMs on the CUDA engine, per group on the CPU's
+    (2, 12, 8, 7, 9, (3, 2), (2, 1), (1, 0), (1, 2), 3),  # strided, dilated
+    (2, 4, 7, 7, 6, 3, 1, 1, 1, 2),  # 2 channels per group: the reference on the cpu engine
+    (2, 6, 5, 6, 6, 3, 2, 0, 1, 3),  # the same, strided
+    (3, 4, 6, 6, 4, 3, 1, 1, 1, 4),  # depthwise: direct kernels
+    (2, 3, 9, 8, 6, 3, 2, 1, 1, 3),  # depthwise, 2 filters per channel, strided
+    (2, 5, 7, 9, 5, (2, 3), (1, 2), (2, 1), (2, 1), 5),  # depthwise, dilated, wide padding
+    (1, 3, 4, 4, 3, 5, 1, 2, 1, 3),  # depthwise, the kernel wider than the input (padded)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias,activation", [(True, None), (True, "relu"), (False, None)])
+@pytest.mark.parametrize("case", GROUPED_CASES)
+def test_grouped_conv2d(engine, rng, case, bias, activation, dtype):
+    N, C, H, W, Fo, k, s, p, d, G = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x, w = data(rng, (N, C, H, W), dtype), data(rng, (Fo, C // G, kh, kw), dtype)
+    b = data(rng, (Fo,), dtype) if bias else None
+    y, cache = F.conv2d_forward(x, w, b, s, p, d, G, activation=activation)
+    narrow = G < C and C // G < cnn_gpu.cpu.conv.GROUPED_MIN_CHANNELS  # the cpu engine runs those on the reference
+    assert cache.engine == ("reference" if engine == "cpu" and narrow else engine)
+    y_ref, cache_ref = on_reference(F.conv2d_forward, x, w, b, s, p, d, G, activation=activation)
+    same(y, y_ref, dtype, "y")
+    dy = data(rng, y_ref.shape, dtype)
+    want = on_reference(F.conv2d_backward, dy, cache_ref)
+    for g, r, what in zip(F.conv2d_backward(dy, cache), want, ("dx", "dw", "db")):
+        same(g, r, dtype, what)
+    y, cache = F.conv2d_forward(x, w, b, s, p, d, G, activation=activation)
+    none, dw, db = F.conv2d_backward(dy, cache, input_grad=False)
+    assert none is None
+    same(dw, want[1], dtype, "dw without dx")
+    same(db, want[2], dtype, "db without dx")
+
+
+def test_grouped_conv2d_in_chunks_with_a_workspace(engine, rng):
+    N, C, H, W, Fo, k, s, p, d, G = GROUPED_CASES[1]
+    x, w, b = data(rng, (N, C, H, W), np.float64), data(rng, (Fo, C // G, *k), np.float64), data(rng, (Fo,), np.float64)
+    y_ref, cache = on_reference(F.conv2d_forward, x, w, b, s, p, d, G, activation="relu")
+    dy = data(rng, y_ref.shape, np.float64)
+    want = on_reference(F.conv2d_backward, dy, cache)
+    ws = cnn_gpu.Workspace()
+    with cnn_gpu.use_workspace_limit(C * k[0] * k[1] * y_ref.shape[2] * y_ref.shape[3] * 8 / 2**20):  # one sample
+        for _ in range(2):
+            y, cache = F.conv2d_forward(x, w, b, s, p, d, G, activation="relu", workspace=ws)
+            got = F.conv2d_backward(dy, cache)
+            same(y, y_ref, np.float64, "y in chunks")
+            for g, r, what in zip(got, want, ("dx", "dw", "db")):
+                same(g, r, np.float64, f"{what} in chunks")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_im2col_col2im(engine, rng, dtype):
     x = data(rng, (2, 3, 9, 8), dtype)
@@ -210,10 +263,11 @@ def test_dropout_softmax_and_the_loss(engine, rng, dtype):
     same(F.softmax(x), on_reference(F.softmax, x), dtype, "softmax")
     same(F.log_softmax(x), on_reference(F.log_softmax, x), dtype, "log_softmax")
     for labels in (rng.integers(0, 10, 6), np.eye(10, dtype=dtype)[rng.integers(0, 10, 6)]):
-        loss, d = F.softmax_cross_entropy(x, labels)
-        loss_ref, d_ref = on_reference(F.softmax_cross_entropy, x, labels)
-        same(loss, loss_ref, dtype, "loss")
-        same(d, d_ref, dtype, "dlogits")
+        for eps in (0.0, 0.1, 1.0):
+            loss, d = F.softmax_cross_entropy(x, labels, label_smoothing=eps)
+            loss_ref, d_ref = on_reference(F.softmax_cross_entropy, x, labels, label_smoothing=eps)
+            same(loss, loss_ref, dtype, f"loss eps={eps}")
+            same(d, d_ref, dtype, f"dlogits eps={eps}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -249,7 +303,20 @@ def _every_layer_net(dtype):
         nn.Linear(8, 5, **g), nn.Sigmoid(), nn.Linear(5, 4, **g))
 
 
+def _separable_net(dtype):
+    """Depthwise-separable and grouped convolutions with fused ReLUs (every grouped path of each engine)."""
+    g = dict(dtype=dtype, generator=cnn_gpu.random.resolve_generator(3))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, **g), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, **g), nn.ReLU(),  # depthwise
+        nn.Conv2d(8, 8, 1, groups=2, bias=False, **g), nn.ReLU(),  # 4 channels per group
+        nn.Conv2d(8, 16, 3, stride=2, groups=8, **g),  # depthwise, 2 filters per channel
+        nn.Conv2d(16, 8, 3, groups=8, **g), nn.ReLU(), nn.MaxPool2d(2),  # 2 channels per group
+        nn.Flatten(), nn.Linear(8, 4, **g))
+
+
 MODELS = [pytest.param(lambda dtype: models.lenet5(dtype=dtype, generator=0), (3, 1, 28, 28), id="lenet5"),
+          pytest.param(_separable_net, (2, 3, 12, 12), id="separable"),
           pytest.param(lambda dtype: models.vgg_small(dtype=dtype, generator=0), (2, 3, 32, 32), id="vgg_small"),
           pytest.param(_every_layer_net, (3, 2, 11, 11), id="every-layer")]
 

@@ -576,6 +576,29 @@ def test_emul_softmax_cross_entropy_large_logits(emul, dtype):
     np.testing.assert_allclose(d.sum(axis=1), 0, atol=1e-6)
 
 
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("eps", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("case", [(1, 1), (4, 10), (33, 100), (3, 257)])
+def test_emul_softmax_cross_entropy_label_smoothing(emul, case, eps, dtype, launch):
+    N, K = case
+    rng = rng_for("sce-smooth", case)
+    logits = (3 * rng.standard_normal((N, K))).astype(dtype)
+    labels = rng.integers(0, K, size=N)
+    loss, dlogits, per = ops.softmax_cross_entropy(logits, labels, eps, return_per_sample=True, **launch_kw(launch))
+    assert loss.dtype == dtype and dlogits.dtype == dtype
+    ref_loss, ref_d = R.softmax_cross_entropy(logits, labels, eps)
+    close(loss, ref_loss, dtype, "loss vs cnn_gpu.functional")
+    close(dlogits, ref_d, dtype, "dlogits vs cnn_gpu.functional")
+    # naive float64 reference, one sample and one class at a time: t = (1 - eps) onehot + eps / K
+    z = logits.astype(np.float64)
+    for n in range(N):
+        lse = math.log(sum(math.exp(v) for v in z[n]))
+        t = [(1 - eps) * (k == labels[n]) + eps / K for k in range(K)]
+        close(per[n], -sum(t[k] * (z[n, k] - lse) for k in range(K)), dtype, "per-sample loss vs naive")
+        close(dlogits[n], (np.exp(z[n] - lse) - np.array(t)) / N, dtype, "dlogits vs naive")
+
+
 def test_emul_softmax_cross_entropy_per_sample_and_bad_label(emul):
     logits = rng_for("sce-bad").standard_normal((4, 5))
     labels = np.array([0, 4, 5, -1], dtype=np.int32)  # the last two are out of range

@@ -8,6 +8,7 @@ inside it (``activation="relu"``): in place on each chunk of the output, and as 
 each chunk of the gradient; a ReLU followed by a max pool runs after the pool instead (the
 same numbers, on a 4x smaller array). Ops this engine does not list run the reference.
 """
+from .augment import crop_flip
 from .conv import conv2d_backward, conv2d_forward
 from .elementwise import relu_backward, relu_forward
 from .linear import linear_backward, linear_forward
@@ -21,4 +22,4 @@ POOL_BEFORE_ACTIVATION = True
 
 __all__ = ["NAME", "FUSED_ACTIVATIONS", "POOL_BEFORE_ACTIVATION", "conv2d_forward", "conv2d_backward", "max_pool2d_forward",
            "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward", "linear_forward", "linear_backward",
-           "relu_forward", "relu_backward"]
+           "relu_forward", "relu_backward", "crop_flip"]

@@ -163,26 +163,65 @@ def _w2(w, g):
     return w.reshape(g.F, g.K)  # (F, C*KH*KW): a view
 
 
+def _rows(g: ConvGeometry) -> int:
+    return g.G * g.K  # C*KH*KW: the rows of the channel-major columns (group gi's are rows gi*K ...)
+
+
+def _forward_gemm(xp, w, cols, out, g: ConvGeometry):
+    """y_cm (F, n*P) = W2 @ cols; with groups one batched GEMM (G, F/G, K) @ (G, K, n*P) on
+    contiguous views (group gi's filters read its K rows of the columns)."""
+    if g.G == 1:
+        return xp.matmul(_w2(w, g), cols, out=out)
+    xp.matmul(w.reshape(g.G, g.F // g.G, g.K), cols.reshape(g.G, g.K, -1), out=out.reshape(g.G, g.F // g.G, -1))
+    return out
+
+
+def _weight_grad_gemm(xp, delta, cols, g: ConvGeometry):
+    """dW2 (F, K) = delta_cm @ cols^T per group. With groups, one 2-D GEMM per group (a loop over
+    groups, not channels; a transposed 2-D view goes to cuBLAS as it is, where a batched matmul
+    would copy the columns' transpose)."""
+    if g.G == 1:
+        return xp.matmul(delta, cols.T)  # (F, n*P) @ (n*P, K)
+    Fg = g.F // g.G
+    d3, c3 = delta.reshape(g.G, Fg, -1), cols.reshape(g.G, g.K, -1)  # (G, F/G, n*P), (G, K, n*P)
+    dw = xp.empty((g.G, Fg, g.K), dtype=delta.dtype)
+    for gi in range(g.G):
+        xp.matmul(d3[gi], c3[gi].T, out=dw[gi])
+    return dw.reshape(g.F, g.K)
+
+
+def _input_grad_gemm(xp, w, delta, out, g: ConvGeometry):
+    """dcols (C*KH*KW, n*P) = W2^T @ delta_cm per group; with groups one batched GEMM
+    (G, K, F/G) @ (G, F/G, n*P), the weights' transpose made contiguous (a copy of w only)."""
+    if g.G == 1:
+        return xp.matmul(_w2(w, g).T, delta, out=out)
+    wt = xp.ascontiguousarray(w.reshape(g.G, g.F // g.G, g.K).transpose(0, 2, 1))  # (G, K, F/G)
+    xp.matmul(wt, delta.reshape(g.G, g.F // g.G, -1), out=out.reshape(g.G, g.K, -1))
+    return out
+
+
 def _sub(g: ConvGeometry, n: int) -> ConvGeometry:
     return g._replace(N=n)
 
 
 def conv2d_forward(x, w, b, g, activation=None, workspace=None):
-    """-> (y (N, F, OH, OW), cache): im2col_cm, one GEMM, the epilogue; per chunk of samples when
-    the columns exceed the workspace limit."""
-    if g.G != 1:
-        return reference.conv2d_forward(x, w, b, g, activation)
+    """-> (y (N, F, OH, OW), cache): im2col_cm, one GEMM (one batched GEMM with groups), the
+    epilogue; per chunk of samples when the columns exceed the workspace limit. Depthwise
+    (groups = C): the direct kernels of depthwise.cu."""
+    if _is_depthwise(g):
+        y = depthwise_conv2d_forward(x, w, b, g, activation)
+        return y, Conv2dCache(NAME, g, x, w, b is not None, activation, y if activation else None, None)
     xp = get_array_module(x)
     _contiguous("x", x)
-    nb = chunk_size(g.N, g.K * g.P * x.dtype.itemsize)
+    R = _rows(g)
+    nb = chunk_size(g.N, R * g.P * x.dtype.itemsize)
     y = xp.empty(g.y_shape, dtype=x.dtype)
-    w2 = _w2(w, g)
     cols = None
     for n0 in range(0, g.N, nb):
         n = min(nb, g.N - n0)
         gc = _sub(g, n)
-        cols = im2col(x[n0 : n0 + n], gc, cm=True, out=scratch(workspace, "cols", (g.K, n * g.P), x.dtype, xp))
-        y_cm = xp.matmul(w2, cols, out=scratch(workspace, "y_cm", (g.F, n * g.P), x.dtype, xp))  # (F, n*P)
+        cols = im2col(x[n0 : n0 + n], gc, cm=True, out=scratch(workspace, "cols", (R, n * g.P), x.dtype, xp))
+        y_cm = _forward_gemm(xp, w, cols, scratch(workspace, "y_cm", (g.F, n * g.P), x.dtype, xp), g)  # (F, n*P)
         bias_act_forward(y_cm, y[n0 : n0 + n], b, n, g.F, g.P, cm=True, relu=activation == "relu")
     kept = cols if nb >= g.N else None
     return y, Conv2dCache(NAME, g, x, w, b is not None, activation, y if activation else None,
@@ -192,10 +231,12 @@ def conv2d_forward(x, w, b, g, activation=None, workspace=None):
 def conv2d_backward(dy, cache, input_grad=True):
     """-> (dx or None, dw, db or None), per chunk as the forward ran."""
     g, aux = cache.g, cache.aux
+    if _is_depthwise(g):
+        return depthwise_conv2d_backward(dy, cache, input_grad)
     xp = get_array_module(dy)
     _contiguous("dy", dy)
     relu = cache.activation == "relu"
-    w2 = _w2(cache.w, g)
+    R = _rows(g)
     dw2 = db = None
     dxs = []
     for n0 in range(0, g.N, aux.chunk):
@@ -205,14 +246,55 @@ def conv2d_backward(dy, cache, input_grad=True):
         y = cache.y[n0 : n0 + n] if relu else None
         db_c = act_backward_bias_grad(dy[n0 : n0 + n], y, delta, n, g.F, g.P, cm=True, relu=relu, bias=cache.has_bias)
         cols = aux.cols if aux.cols is not None else im2col(
-            cache.x[n0 : n0 + n], gc, cm=True, out=scratch(aux.workspace, "cols", (g.K, n * g.P), dy.dtype, xp))
-        dw_c = xp.matmul(delta, cols.T)  # (F, n*P) @ (n*P, K)
+            cache.x[n0 : n0 + n], gc, cm=True, out=scratch(aux.workspace, "cols", (R, n * g.P), dy.dtype, xp))
+        dw_c = _weight_grad_gemm(xp, delta, cols, g)  # (F, K)
         dw2, db = (dw_c, db_c) if dw2 is None else (dw2 + dw_c, None if db is None else db + db_c)
         if input_grad:
-            dcols = xp.matmul(w2.T, delta, out=scratch(aux.workspace, "dcols", (g.K, n * g.P), dy.dtype, xp))
+            dcols = _input_grad_gemm(xp, cache.w, delta, scratch(aux.workspace, "dcols", (R, n * g.P), dy.dtype, xp), g)
             dxs.append(col2im(dcols, gc, cm=True))
     dx = None if not input_grad else dxs[0] if len(dxs) == 1 else xp.concatenate(dxs)
     return dx, dw2.reshape(cache.w.shape), db
+
+
+# ------------------------------------------------------------------- depthwise convolution
+def _is_depthwise(g: ConvGeometry) -> bool:
+    return g.G > 1 and g.G == g.C
+
+
+def _dw_args(g: ConvGeometry) -> tuple:
+    return _i32(g.N, g.C, g.H, g.W, g.F, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.OH, g.OW)
+
+
+def depthwise_conv2d_forward(x, w, b, g, activation=None, *, grid=None, block=None):
+    """Depthwise convolution (groups = C, F = C*M) -> y (N, F, OH, OW): one direct kernel with the
+    bias and the ReLU fused (no columns, no GEMM, no loop over channels)."""
+    y = _empty(g.y_shape, x.dtype)
+    if y.size:
+        _launch("depthwise", "depthwise_conv_forward", x, y.size,
+                (_contiguous("x", x), _contiguous("w", w), x if b is None else _contiguous("b", b), y, *_dw_args(g),
+                 *_i32(b is not None, activation == "relu")), grid, block)
+    return y
+
+
+def depthwise_conv2d_backward(dy, cache, input_grad=True, *, grid=None, block=None):
+    """-> (dx or None, dw, db or None): delta and db from the epilogue kernel (when there is a ReLU
+    or a bias; else delta = dy), dw by a deterministic block reduction per weight, dx by a gather."""
+    g, relu = cache.g, cache.activation == "relu"
+    _contiguous("dy", dy)
+    delta, db = dy, None
+    if relu or cache.has_bias:
+        delta = _empty(g.y_shape, dy.dtype)
+        db = act_backward_bias_grad(dy, cache.y, delta, g.N, g.F, g.P, cm=False, relu=relu, bias=cache.has_bias)
+    dw = _empty(cache.w.shape, dy.dtype)
+    threads = DEFAULT_BLOCK if block is None else int(block)
+    _launch("depthwise", "depthwise_conv_weight_grad", dy, dw.size * threads,  # a block per weight
+            (delta, _contiguous("x", cache.x), dw, *_dw_args(g)), grid, block, "dy")
+    dx = None
+    if input_grad:
+        dx = _empty(g.x_shape, dy.dtype)
+        _launch("depthwise", "depthwise_conv_input_grad", dy, dx.size, (delta, cache.w, dx, *_dw_args(g)), grid, block,
+                "dy")
+    return dx, dw, db
 
 
 # ------------------------------------------------------------------- pooling
@@ -295,13 +377,14 @@ def dropout_forward(x, p, training, rng=None, key=None, *, grid=None, block=None
 
 
 # ------------------------------------------------------------------------------ loss
-def softmax_cross_entropy(logits, labels, *, grid=None, block=None, return_per_sample=False):
-    """Mean softmax cross-entropy -> (loss 0-d array, dlogits (N, K) = (softmax - onehot) / N) for
-    integer labels, in two launches (per-sample loss + dlogits, then the batch mean on the device).
-    A label outside [0, K) gives a NaN loss (the caller validates the range). One-hot labels: the
+def softmax_cross_entropy(logits, labels, label_smoothing=0.0, *, grid=None, block=None, return_per_sample=False):
+    """Mean softmax cross-entropy -> (loss 0-d array, dlogits (N, K) = (softmax - t) / N) for
+    integer labels, t the one-hot smoothed by ``label_smoothing`` eps ((1 - eps) * onehot + eps/K),
+    in two launches (per-sample loss + dlogits, then the batch mean on the device). A label
+    outside [0, K) gives a NaN loss (the caller validates the range). One-hot labels: the
     reference."""
     if labels.dtype.kind not in "iu":
-        return reference.softmax_cross_entropy(logits, labels)
+        return reference.softmax_cross_entropy(logits, labels, label_smoothing)
     T = np.float32 if _suffix("logits", logits) == "f32" else np.float64
     N, K = (int(s) for s in logits.shape)
     labels = labels.astype(np.int32, copy=False)
@@ -309,11 +392,29 @@ def softmax_cross_entropy(logits, labels, *, grid=None, block=None, return_per_s
     if block is None:
         block = min(DEFAULT_BLOCK, max(32, 1 << (K - 1).bit_length()))  # one block per row
     inv_n = T(1.0 / N)
+    on, off = (T(1), T(0)) if label_smoothing == 0 else (T(1.0 - label_smoothing), T(label_smoothing / K))
     _launch("loss", "softmax_cross_entropy", logits, N * block,
-            (_contiguous("logits", logits), _contiguous("labels", labels), per_sample, dlogits, *_i32(N, K), inv_n),
-            grid, block, "logits")
+            (_contiguous("logits", logits), _contiguous("labels", labels), per_sample, dlogits, *_i32(N, K), inv_n,
+             on, off), grid, block, "logits")
     _launch("loss", "scaled_sum", logits, block, (per_sample, loss, np.int64(N), inv_n), 1, block, "logits")
     return (loss, dlogits, per_sample) if return_per_sample else (loss, dlogits)
+
+
+# ------------------------------------------------------------------------- augmentation
+def _as_int64(key: int) -> np.int64:
+    """A 64-bit key's bits as the kernel's long long."""
+    return np.int64(key - (1 << 64) if key >= 1 << 63 else key)
+
+
+def crop_flip(x, a, *, grid=None, block=None):
+    """Random crop + horizontal flip of a batch (a: functional.geometry.CropFlip) -> y (N, C, OH, OW):
+    one gather kernel, the draws recomputed on the device from the keys (no upload)."""
+    y = _empty(a.y_shape, x.dtype)
+    if y.size:
+        _launch("augment", "crop_flip", x, y.size,
+                (_contiguous("x", x), y, *_i32(a.N, a.C, a.H, a.W, a.OH, a.OW, a.PH, a.PW, a.reflect),
+                 _as_int64(a.crop_key), _as_int64(a.flip_key), np.int64(a.flip_threshold)), grid, block)
+    return y
 
 
 # ------------------------------------------------------------------------- optimizers
@@ -338,6 +439,7 @@ def adam_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bc1
 
 
 __all__ = ["NAME", "FUSED_ACTIVATIONS", "im2col", "col2im", "bias_act_forward", "act_backward_bias_grad",
-           "conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
-           "avg_pool2d_backward", "linear_forward", "linear_backward", "dropout_forward", "softmax_cross_entropy", "sgd_update_",
+           "conv2d_forward", "conv2d_backward", "depthwise_conv2d_forward", "depthwise_conv2d_backward",
+           "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward", "linear_forward",
+           "linear_backward", "dropout_forward", "softmax_cross_entropy", "crop_flip", "sgd_update_",
            "adam_update_"]

@@ -69,10 +69,14 @@ class DataLoader:
     """Mini-batches of (x, y) arrays already on their backend.
 
     ``for xb, yb in loader.epoch(e)`` yields the batches of epoch ``e``; the order is a
-    permutation drawn from (seed, e) when ``shuffle`` (on the arrays' backend).
+    permutation drawn from (seed, e) when ``shuffle`` (on the arrays' backend). ``transform``
+    (e.g. cnn_gpu.data.augment.Compose) is applied to each batch's x as
+    ``transform(xb, seed=seed, epoch=e, step=batch number)``: a pure function of those, so a
+    resumed epoch sees the same batches.
     """
 
-    def __init__(self, x: Any, y: Any, batch_size: int, shuffle: bool = False, drop_last: bool = False, seed: int = 0):
+    def __init__(self, x: Any, y: Any, batch_size: int, shuffle: bool = False, drop_last: bool = False, seed: int = 0,
+                 transform: Any = None):
         if not hasattr(x, "shape") or not hasattr(y, "shape"):
             raise TypeError(f"x, y: expected arrays, got {type(x).__name__} and {type(y).__name__}")
         if x.shape[0] != y.shape[0]:
@@ -85,6 +89,9 @@ class DataLoader:
             raise ValueError(f"batch_size: {batch_size} is larger than the {x.shape[0]} examples with drop_last=True")
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.drop_last, self.seed = int(batch_size), bool(shuffle), bool(drop_last), int(seed)
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform: expected a callable (x, seed=, epoch=, step=) -> x, got {transform!r}")
+        self.transform = transform
 
     @property
     def num_examples(self) -> int:
@@ -107,7 +114,12 @@ class DataLoader:
         """The batches of epoch ``epoch``, from batch number ``start`` on (to resume mid-epoch)."""
         if not isinstance(start, (int, np.integer)) or isinstance(start, bool) or not 0 <= start <= len(self):
             raise ValueError(f"start: expected a batch index in [0, {len(self)}], got {start!r}")
-        return self._batches(self.order(epoch), int(start))
+        batches = self._batches(self.order(epoch), int(start))
+        return batches if self.transform is None else self._transformed(batches, int(epoch), int(start))
+
+    def _transformed(self, batches, epoch: int, start: int) -> Iterator[tuple[Any, Any]]:
+        for step, (xb, yb) in enumerate(batches, start):
+            yield self.transform(xb, seed=self.seed, epoch=epoch, step=step), yb
 
     def _batches(self, idx, start: int) -> Iterator[tuple[Any, Any]]:
         n, b = self.num_examples, self.batch_size

@@ -24,7 +24,7 @@ from .activation import (
 from .caches import AvgPool2dCache, Conv2dCache, LinearCache, MaxPool2dCache
 from .conv import col2im, conv2d_backward, conv2d_forward, im2col
 from .linear import linear_backward, linear_forward
-from .loss import log_softmax, softmax, softmax_cross_entropy
+from .loss import check_label_smoothing, log_softmax, softmax, softmax_cross_entropy
 from .pool import avg_pool2d_backward, avg_pool2d_forward, max_pool2d_backward, max_pool2d_forward
 
 __all__ = [
@@ -36,5 +36,5 @@ __all__ = [
     "relu_forward", "relu_backward", "leaky_relu_forward", "leaky_relu_backward",
     "sigmoid_forward", "sigmoid_backward", "tanh_forward", "tanh_backward",
     "flatten_forward", "flatten_backward", "dropout_forward", "dropout_backward", "DropoutCache",
-    "softmax", "log_softmax", "softmax_cross_entropy",
+    "softmax", "log_softmax", "softmax_cross_entropy", "check_label_smoothing",
 ]

@@ -155,5 +155,18 @@ def clipped_taps(g) -> Iterator[tuple[int, int, slice, slice, slice, slice]]:
                 yield kh, kw, r[0], c[0], r[1], c[1]
 
 
-__all__ = ["ConvGeometry", "PoolGeometry", "conv_geometry", "pool_geometry", "out_size", "tap_slices",
+class CropFlip(namedtuple("CropFlip", "N C H W OH OW PH PW reflect crop_key flip_key flip_threshold")):
+    """One batch's random crop + horizontal flip (cnn_gpu.data.augment; reference.crop_flip):
+    x (N, C, H, W) padded by (PH, PW) (zeros, or ``reflect``), an (OH, OW) window per sample at
+    offsets drawn from ``crop_key``, mirrored when (bits(flip_key, n) >> 11) < ``flip_threshold``.
+    The keys are 64-bit counter_rng keys (Python ints); flip_threshold = ceil(p * 2**53)."""
+
+    __slots__ = ()
+
+    @property
+    def y_shape(self) -> tuple:
+        return (self.N, self.C, self.OH, self.OW)
+
+
+__all__ = ["CropFlip", "ConvGeometry", "PoolGeometry", "conv_geometry", "pool_geometry", "out_size", "tap_slices",
            "clipped_range", "clipped_taps"]

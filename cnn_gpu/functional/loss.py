@@ -1,6 +1,8 @@
 """Softmax and softmax cross-entropy, the public API (the math: functional/reference.py)."""
 from __future__ import annotations
 
+import numpy as np
+
 from . import _dispatch
 from ._checks import check_float, check_same_dtype, describe, same_xp
 
@@ -41,18 +43,30 @@ def check_labels(labels, logits, validate_range=True):
     raise TypeError(f"labels: expected integer class indices or float one-hot rows, got {describe(labels)}")
 
 
-def softmax_cross_entropy(logits, labels, validate_range=True):
+def check_label_smoothing(label_smoothing) -> float:
+    """-> ``label_smoothing`` as a float, or raise unless it is a number in [0, 1]."""
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float, np.floating, np.integer)) \
+            or not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+def softmax_cross_entropy(logits, labels, validate_range=True, *, label_smoothing=0.0):
     """Mean cross-entropy of softmax(logits) against labels -> (loss, dlogits).
+
+    ``label_smoothing`` eps in [0, 1] (torch's semantics): the target becomes
+    (1 - eps) * onehot + eps / K, or (1 - eps) * labels + eps / K for probability rows.
 
     ``loss`` is a 0-d array of logits' dtype on logits' device (reading it is the caller's
     choice of host sync). ``validate_range=False`` skips the labels' range check, which
     reads the labels on the host; pass it only for labels checked once beforehand.
     """
     check_float("logits", logits, ndim=2)
+    eps = check_label_smoothing(label_smoothing)
     check_labels(labels, logits, validate_range)
     if logits.shape[0] == 0:
         raise ValueError(f"logits: expected at least one row, got {describe(logits)}")
-    return _dispatch.impl("softmax_cross_entropy", logits)(logits, labels)
+    return _dispatch.impl("softmax_cross_entropy", logits)(logits, labels, eps)
 
 
-__all__ = ["softmax", "log_softmax", "softmax_cross_entropy", "check_labels"]
+__all__ = ["softmax", "log_softmax", "softmax_cross_entropy", "check_labels", "check_label_smoothing"]

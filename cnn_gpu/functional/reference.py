@@ -21,6 +21,7 @@ import numpy as np
 from ..backend import get_array_module
 from . import counter_rng
 from .caches import AvgPool2dCache, Conv2dCache, DropoutCache, LinearCache, MaxPool2dCache
+from . import counter_rng
 from .geometry import tap_slices
 
 NAME = "reference"
@@ -268,23 +269,78 @@ def softmax(x, axis=-1):
     return e
 
 
-def softmax_cross_entropy(logits, labels):
+def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
     """-> (loss, dlogits): the mean cross-entropy (a 0-d array on logits' device) and dL/dlogits.
-    ``labels``: int class indices (N,) or float one-hot / probability rows (N, K)."""
+    ``labels``: int class indices (N,) or float one-hot / probability rows (N, K).
+
+    Label smoothing eps (torch's): the target is t = (1 - eps) * onehot + eps / K (or
+    (1 - eps) * labels + eps / K for probability rows), so with on = 1 - eps, off = eps / K:
+        loss[n] = -(on * logp[n, label] + off * sum_k logp[n, k])
+        dlogits = (softmax - t) / N
+    """
     xp = get_array_module(logits)
-    N = logits.shape[0]
+    N, K = logits.shape
     logp = log_softmax(logits)  # (N, K)
     p = xp.exp(logp)  # softmax
-    inv_n = logits.dtype.type(1.0 / N)
+    T = logits.dtype.type
+    inv_n = T(1.0 / N)
     if labels.dtype.kind in "iu":
         rows = xp.arange(N)
-        loss = -logp[rows, labels].sum() * inv_n
-        p[rows, labels] -= 1  # softmax - onehot
+        if label_smoothing == 0:
+            loss = -logp[rows, labels].sum() * inv_n
+            p[rows, labels] -= 1  # softmax - onehot
+        else:
+            on, off = T(1.0 - label_smoothing), T(label_smoothing / K)
+            per = on * logp[rows, labels] + off * logp.sum(axis=1)  # (N,)
+            loss = -per.sum() * inv_n
+            t = xp.full(p.shape, off, dtype=p.dtype)  # (N, K) the smoothed one-hot
+            t[rows, labels] += on
+            p -= t
     else:
-        loss = -(labels * logp).sum() * inv_n
-        p -= labels
+        t = labels if label_smoothing == 0 else labels * T(1.0 - label_smoothing) + T(label_smoothing / K)
+        loss = -(t * logp).sum() * inv_n
+        p -= t
     p *= inv_n
     return xp.asarray(loss, dtype=logits.dtype), p
+
+
+# ================================================================== augmentation (a gather, no gradient)
+def crop_flip_draws(xp, a):
+    """Sample n's crop offsets and flip, from the counter-based generator (functional/counter_rng.py;
+    kernels/augment.cu draws the same): oy, ox (N,) int64 and flip (N,) bool."""
+    n = xp.arange(a.N, dtype=xp.uint64)
+    two_n = n * np.uint64(2)
+    oy = counter_rng.bits(xp, a.crop_key, two_n) % np.uint64(a.H + 2 * a.PH - a.OH + 1)
+    ox = counter_rng.bits(xp, a.crop_key, two_n + np.uint64(1)) % np.uint64(a.W + 2 * a.PW - a.OW + 1)
+    flip = (counter_rng.bits(xp, a.flip_key, n) >> np.uint64(11)) < np.uint64(a.flip_threshold)
+    return oy.astype(xp.int64), ox.astype(xp.int64), flip
+
+
+def _reflect(xp, r, size):
+    """torch's reflect padding of indices in [-size + 1, 2 * size - 1): -1 -> 1, size -> size - 2."""
+    return xp.where(r < 0, -r, xp.where(r >= size, 2 * (size - 1) - r, r))
+
+
+def crop_flip(x, a):
+    """x (N, C, H, W) -> y (N, C, OH, OW) (a: functional.geometry.CropFlip):
+        y[n, c, i, j] = x_padded[n, c, oy[n] + i, ox[n] + (OW - 1 - j if flip[n] else j)]
+    one fancy-indexing gather for the whole batch (no loop over samples)."""
+    xp = get_array_module(x)
+    oy, ox, flip = crop_flip_draws(xp, a)
+    j = xp.arange(a.OW)
+    rows = oy[:, None] + xp.arange(a.OH)[None, :] - a.PH  # (N, OH) rows of x
+    cols = ox[:, None] + xp.where(flip[:, None], a.OW - 1 - j[None, :], j[None, :]) - a.PW  # (N, OW)
+    if a.reflect:
+        rows, cols = _reflect(xp, rows, a.H), _reflect(xp, cols, a.W)
+    else:
+        inside = ((rows >= 0) & (rows < a.H))[:, :, None] & ((cols >= 0) & (cols < a.W))[:, None, :]  # (N, OH, OW)
+        rows, cols = xp.clip(rows, 0, a.H - 1), xp.clip(cols, 0, a.W - 1)
+    n = xp.arange(a.N)[:, None, None, None]
+    c = xp.arange(a.C)[None, :, None, None]
+    y = x[n, c, rows[:, None, :, None], cols[:, None, None, :]]  # (N, C, OH, OW)
+    if not a.reflect:
+        y[~xp.broadcast_to(inside[:, None], y.shape)] = 0
+    return y
 
 
 # ================================================================== optimizers (in place, on flat buffers)

@@ -49,23 +49,30 @@ class Conv2d(Module):
     cnn_gpu.workspace). The cache holds the input, so it must not change between forward and
     backward, and may refer to the workspace, so a cache serves one backward: every backward
     needs its own forward. ``forward(x, activation="relu")`` returns relu(conv(x)) (how
-    nn.Sequential fuses a following ReLU)."""
+    nn.Sequential fuses a following ReLU). ``groups``: the channels split into that many groups,
+    each convolved with its own out_channels/groups filters; weight (out_channels,
+    in_channels/groups, KH, KW); groups = in_channels is a depthwise convolution."""
 
     takes_activation = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
-                 dtype=np.float32, generator=None):
+                 dtype=np.float32, generator=None, groups=1):
         super().__init__()
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
+        self.groups = _positive_int("groups", groups)
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups: expected a divisor of in_channels ({self.in_channels}) and out_channels "
+                             f"({self.out_channels}), got {groups}")
         self.kernel_size = pair("kernel_size", kernel_size, minimum=1)
         self.stride = pair("stride", stride, minimum=1)
         self.padding = pair("padding", padding, minimum=0)
         self.dilation = pair("dilation", dilation, minimum=1)
         dt = _check_dtype(dtype)
         KH, KW = self.kernel_size
-        fan_in = self.in_channels * KH * KW
-        self.weight = Parameter(kaiming_normal((self.out_channels, self.in_channels, KH, KW), fan_in, generator, dt))
+        cg = self.in_channels // self.groups  # channels per group
+        fan_in = cg * KH * KW
+        self.weight = Parameter(kaiming_normal((self.out_channels, cg, KH, KW), fan_in, generator, dt))
         self.bias = Parameter(current_xp().zeros((self.out_channels,), dtype=dt)) if bias else None
         self._cache = None
         self._ws = Workspace()
@@ -73,7 +80,7 @@ class Conv2d(Module):
     def forward(self, x, activation=None):
         b = self.bias.data if self.bias is not None else None
         y, self._cache = F.conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self.dilation,
-                                          activation=activation, workspace=self._ws)
+                                          self.groups, activation=activation, workspace=self._ws)
         return y
 
     def backward(self, dy, input_grad=True):
@@ -89,7 +96,7 @@ class Conv2d(Module):
     def config(self) -> dict:
         return dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=list(self.kernel_size),
                     stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
-                    bias=self.bias is not None)
+                    bias=self.bias is not None, **({"groups": self.groups} if self.groups != 1 else {}))
 
 
 class Linear(Module):
@@ -252,15 +259,18 @@ class Dropout(Module):
 
 class CrossEntropyLoss(Module):
     """Softmax + mean cross-entropy. ``forward(logits, labels) -> loss`` (0-d array, stays on
-    the device); ``backward(dloss=1) -> dlogits``."""
+    the device); ``backward(dloss=1) -> dlogits``. ``label_smoothing`` eps in [0, 1]: the target
+    is (1 - eps) * onehot + eps / K, as torch.nn.CrossEntropyLoss(label_smoothing=eps)."""
 
-    def __init__(self, validate_range: bool = True):
+    def __init__(self, validate_range: bool = True, label_smoothing: float = 0.0):
         super().__init__()
         self.validate_range = bool(validate_range)
+        self.label_smoothing = F.check_label_smoothing(label_smoothing)
         self._dlogits = None
 
     def forward(self, logits, labels):
-        loss, self._dlogits = F.softmax_cross_entropy(logits, labels, validate_range=self.validate_range)
+        loss, self._dlogits = F.softmax_cross_entropy(logits, labels, validate_range=self.validate_range,
+                                                      label_smoothing=self.label_smoothing)
         return loss
 
     def backward(self, dy=None, input_grad=True):
@@ -269,4 +279,4 @@ class CrossEntropyLoss(Module):
         return self._dlogits if dy is None else self._dlogits * dy
 
     def config(self) -> dict:
-        return {}
+        return {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
