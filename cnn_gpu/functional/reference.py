@@ -268,6 +268,8 @@ def softmax_cross_entropy(logits, labels):
     ``labels``: int class indices (N,) or float one-hot / probability rows (N, K)."""
     xp = get_array_module(logits)
     N = logits.shape[0]
+    if N == 0:  # the mean over no rows: NaN, as torch's; no row gets a gradient
+        return xp.asarray(float("nan"), dtype=logits.dtype), xp.zeros_like(logits)
     logp = log_softmax(logits)  # (N, K)
     p = xp.exp(logp)  # softmax
     inv_n = logits.dtype.type(1.0 / N)
