@@ -210,11 +210,12 @@ def _read_npy(path: Path, input_shape: tuple, scale: float) -> np.ndarray:
         raise ValueError(f"{path}: not a readable .npy array of numbers (object arrays are refused): {exc}") from None
     if a.dtype.kind not in "uif":
         raise ValueError(f"{path}: expected integer or real pixel values (uint8, float32, ...), got dtype {a.dtype}")
-    if a.ndim in (2, 3):
+    given = a.shape
+    if a.ndim in (2, 3) and a.shape == (C, H, W)[3 - a.ndim:]:
         a = a.reshape((1,) * (4 - a.ndim) + a.shape)
     if a.ndim != 4 or tuple(a.shape[1:]) != (C, H, W) or a.shape[0] < 1:
         raise ValueError(f"{path}: expected an array of shape ({C}, {H}, {W}) or (N, {C}, {H}, {W}) with N >= 1, "
-                         f"got {a.shape}")
+                         f"got {given}")
     a = np.asarray(a, dtype=np.float64)
     if not np.isfinite(a).all():
         raise ValueError(f"{path}: expected finite pixel values, got {int((~np.isfinite(a)).sum())} NaN or infinite")
@@ -454,7 +455,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``cnn-gpu`` command. Exit status: 0 done, 1 training failed (a non-finite loss),
     2 usage or input error (a bad argument, file or folder; one line on stderr, no traceback),
     130 interrupted."""
-    parser = build_parser()
+    try:
+        parser = build_parser()  # reads the settings: a bad CNN_GPU_* variable is a usage error
+    except ValueError as exc:
+        print(f"cnn-gpu: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     args = parser.parse_args(argv)  # a usage error exits with 2 (argparse)
     try:
         _run(args, parser)
