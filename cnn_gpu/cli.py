@@ -444,10 +444,8 @@ def describe_error(exc: BaseException) -> str:
         first = str(exc).splitlines()[0].rstrip(":")
         return (f"{first} (offline? put the dataset's files in --data-dir, or set CNN_GPU_MIRROR; "
                 f"{len(str(exc).splitlines()) - 1} mirror(s) failed)")
-    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, FileNotFoundError) or (
-            isinstance(exc, FileNotFoundError) and exc.filename is not None):
-        where = exc.filename if exc.filename is not None else ""
-        return f"{where}: {exc.strerror}" if where else str(exc.strerror)
+    if isinstance(exc, OSError) and exc.strerror:  # from the system: "PATH: Permission denied"
+        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else str(exc.strerror)
     return str(exc)
 
 

@@ -77,7 +77,7 @@ def test_full_disk_leaves_nothing_half_written(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(io.os, "fsync", full)
     code, _, err = run_cli(capsys, "train", *QUICK, "--run-dir", str(tmp_path / "run"))
-    one_line_error(code, err, "No space left on device")
+    one_line_error(code, err, "config.json: No space left on device")
     assert [p.name for p in (tmp_path / "run").iterdir()] == []  # no config.json, no .tmp file
 
 
