@@ -189,3 +189,16 @@ def test_only_the_batch_may_be_empty(what, call):
 def test_odd_shapes_and_dtypes_are_clear_errors(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_training_and_evaluation_need_at_least_one_example():
+    from cnn_gpu import optim
+    from cnn_gpu.data import DataLoader
+    from cnn_gpu.train import evaluate, fit
+
+    model = models.lenet_digits()
+    x, y = np.zeros((0, 1, 8, 8), np.float32), np.zeros(0, np.int64)
+    with pytest.raises(ValueError, match=r"^x: expected at least one example to evaluate, got an array of shape \(0, 1, 8, 8\)"):
+        evaluate(model, x, y)
+    with pytest.raises(ValueError, match="^loader: expected at least one batch, got a loader of 0 examples"):
+        fit(model, optim.SGD(model, 0.1), DataLoader(x, y, 4), 1)
