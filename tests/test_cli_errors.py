@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,50 @@ def test_no_traceback_from_a_subprocess_for_user_errors(tmp_path):
         r = subprocess_cli(*argv)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+KILLED_WRITER = """
+import sys, numpy as np
+import cnn_gpu
+from cnn_gpu import nn
+cnn_gpu.manual_seed(0)
+model = nn.Sequential(nn.Linear(1000, 2000), nn.ReLU(), nn.Linear(2000, 10))   # ~8 MB of float32
+print("ready", flush=True)
+for i in range(10**6):
+    model[0].weight.data[...] = i % 7                  # a different file each time
+    cnn_gpu.save(model, sys.argv[1])
+"""
+
+
+def kill_mid_write(target: Path) -> list[Path]:
+    """Start a process that rewrites ``target`` (a model file) in a loop; SIGKILL it while a write is
+    under way, after one completed; -> the temporary files left behind (empty if the write won the race)."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 120
+        while not (target.exists() and list(target.parent.glob(f".{target.name}.*.tmp"))) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    return list(target.parent.glob(f".{target.name}.*.tmp"))
+
+
+def test_a_write_killed_by_sigkill_leaves_a_whole_file_and_the_orphan_is_cleaned(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    target = run / "last.npz"
+    for _ in range(5):  # the kill may land just after a write finished: try again
+        orphans = kill_mid_write(target)
+        if orphans:
+            break
+    assert target.exists() and orphans, "the writer was never caught mid-write"
+    model = cnn_gpu.load(target)  # the last completed write, whole
+    w = model[0].weight.data
+    assert w.shape == (2000, 1000) and np.all(w == w.flat[0])
+    removed = runs.RunDir(run).clean_orphans()
+    assert sorted(removed) == sorted(orphans)
+    assert [p.name for p in run.iterdir()] == ["last.npz"]
