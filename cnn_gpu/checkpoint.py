@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Any
 
@@ -42,7 +41,10 @@ from .io import atomic_write
 from .nn import Dropout, Module
 from .optim import LRSchedule, Optimizer
 from .random import default_generator
-from .serialization import HEADER_KEY, build, describe, encode_header, model_dtype, read_file, read_npz
+from .archive import Archive
+from .serialization import (HEADER_KEY, build, check_header, describe, encode_header, field_error, model_dtype,
+                            parameter_shapes, read_weights)
+from .serialization import read_header as _read_header
 from .train import Position
 
 FORMAT = "cnn_gpu.checkpoint"
@@ -91,7 +93,7 @@ class Checkpoint:
 
     def build_model(self, backend: str | None = None) -> Module:
         """A model of the saved architecture holding the saved weights."""
-        model = build(self.header["architecture"], dtype=np.dtype(self.header["dtype"]))
+        model = build(self.header["architecture"], dtype=np.dtype(self.header["dtype"]), path=self.path)
         if backend is not None:
             model.to(backend)
         _load_weights(model, self)
@@ -163,12 +165,65 @@ def save_checkpoint(path: str | os.PathLike, model: Module, optimizer: Optimizer
         np.savez(f, **arrays)
 
 
+def _check_checkpoint_header(h: dict, path: Any) -> None:
+    """The checkpoint's own fields (types and ranges), before any array is read."""
+    def need(key, ok, expected, where=None):
+        if not ok:
+            raise field_error(path, where or key, expected, h.get(key) if where is None else None)
+
+    for key in ("position", "rng", "config", "extra"):
+        need(key, isinstance(h.get(key, {}), dict), "a JSON object")
+    pos = h.get("position")
+    need("position", isinstance(pos, dict), "a JSON object")
+    for key in ("epoch", "step", "correct", "seen"):
+        v = pos.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 2**53:
+            raise field_error(path, f"position.{key}", "a non-negative int", v)
+    for key in ("loss_sum", "seconds"):
+        v = pos.get(key, 0.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise field_error(path, f"position.{key}", "a number", v)
+    opt = h.get("optimizer")
+    if opt is not None and not (isinstance(opt, dict) and isinstance(opt.get("type"), str)
+                                and isinstance(opt.get("step"), int) and isinstance(opt.get("hyper"), dict)):
+        raise field_error(path, "optimizer", "null or {type: str, step: int, hyper: {...}}", opt)
+    if h.get("schedule") is not None and not isinstance(h.get("schedule"), dict):
+        raise field_error(path, "schedule", "null or a JSON object", h.get("schedule"))
+    sha = h.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise field_error(path, "sha256", "a hex SHA-256 digest", sha)
+
+
+def _read_optimizer_state(archive: Archive, shapes: dict, dtype: str) -> dict:
+    """optim/<parameter>/<buffer> members: each of its parameter's shape and the model's dtype."""
+    arrays = {}
+    for member in archive.names:
+        if not member.startswith(OPTIM_PREFIX):
+            continue
+        name, _, buf = member[len(OPTIM_PREFIX):].rpartition("/")
+        if name not in shapes or not buf.isidentifier():
+            raise ValueError(f"{archive.path}: member {member!r}: expected optim/<parameter name>/<buffer>")
+        arrays[member] = archive.read(member, shapes[name], dtype)
+    return arrays
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read and verify a checkpoint (format, version, checksum); nothing is built yet."""
-    header, arrays = read_file(path, FORMAT, VERSION, "checkpoint")
-    missing = [k for k in ("architecture", "dtype", "position", "sha256") if k not in header]
-    if missing:
-        raise ValueError(f"{path}: the checkpoint header lacks {missing} (truncated or corrupted?)")
+    """Read and verify a checkpoint (header fields, array shapes, checksum); nothing is built yet.
+    Only the members the header implies are read, each after its declared shape and size are checked."""
+    with Archive(path) as archive:
+        header = _read_header(archive)
+        check_header(header, path, FORMAT, VERSION, "checkpoint")
+        missing = [k for k in ("architecture", "dtype", "position", "sha256") if k not in header]
+        if missing:
+            raise ValueError(f"{path}: the checkpoint header lacks {missing} (truncated or corrupted?)")
+        _check_checkpoint_header(header, path)
+        shapes = parameter_shapes(header["architecture"], path)
+        others = [n for n in archive.names if n != HEADER_KEY and not n.startswith((MODEL_PREFIX, OPTIM_PREFIX))]
+        if others:
+            raise ValueError(f"{path}: unexpected members {sorted(others)[:10]} (expected model/..., optim/...)")
+        weights = read_weights(archive, shapes, header["dtype"], MODEL_PREFIX)
+        arrays = {MODEL_PREFIX + n: a for n, a in weights.items()}
+        arrays.update(_read_optimizer_state(archive, shapes, header["dtype"]))
     if _digest(arrays) != header["sha256"]:
         raise ValueError(f"{path}: checksum mismatch: the checkpoint's arrays are corrupted")
     return Checkpoint(str(path), header, arrays)
@@ -226,14 +281,9 @@ def restore(ckpt: Checkpoint, model: Module, optimizer: Optimizer | None = None,
 
 
 def read_header(path: str | os.PathLike) -> dict:
-    """The JSON header of any cnn_gpu .npz file (model or checkpoint), for inspection."""
-    arrays = read_npz(path)
-    if HEADER_KEY not in arrays:
-        raise ValueError(f"{path}: missing the {HEADER_KEY} header; not a file written by cnn_gpu")
-    try:
-        return json.loads(arrays[HEADER_KEY].tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: the {HEADER_KEY} header is not valid JSON ({exc})") from None
+    """The JSON header of any cnn_gpu .npz file (model or checkpoint), for inspection; no array is read."""
+    with Archive(path) as archive:
+        return _read_header(archive)
 
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "restore", "read_header", "dropout_states",

@@ -14,8 +14,10 @@ import numpy as np
 
 from . import __version__
 from .backend import BackendUnavailableError, use_backend
+from .config import BACKENDS, DEFAULT_WORKSPACE_MB
+from .config import get as get_config
 from .data.augment import AUGMENTATIONS
-from .runs import PROGRESS_MODES, RECIPES, RUN_SETTINGS, RunStopped, TrainConfig
+from .runs import PROGRESS_MODES, RECIPES, RUN_SETTINGS, RunStopped, TrainConfig, default_backend
 
 
 def _number(convert, accept, expected: str):
@@ -34,8 +36,9 @@ def _number(convert, accept, expected: str):
 
 
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-_non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
-_positive_float = _number(float, lambda v: v > 0, "a positive number")
+_non_negative_int = _number(int, lambda v: 0 <= v < 2**63, "a non-negative integer below 2**63")
+_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive finite number")
+_non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a non-negative finite number")
 _fraction = _number(float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
 _unit = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
@@ -54,6 +57,7 @@ def _input_shape(text: str) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASET_NAMES
+    from .data.datasets import data_dir
     from .models import MODELS
     from .optim import OPTIMIZERS, SCHEDULES
 
@@ -61,54 +65,76 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cnn_gpu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_train_parser(sub, DATASET_NAMES, MODELS, OPTIMIZERS, SCHEDULES, data_dir())
+    _add_other_parsers(sub, DATASET_NAMES)
+    return parser
+
+
+def _add_train_parser(sub, DATASET_NAMES, MODELS, OPTIMIZERS, SCHEDULES, default_data_dir) -> None:
     # Defaults are None here so that --resume can tell which settings were given; TrainConfig
     # and the dataset's recipe (RECIPES) fill in the rest.
     t = sub.add_parser("train", help="train a model (default: a LeNet-style CNN on the bundled digits)",
                        description="Train a model. Unset options come from the dataset's recipe.")
+    def recipe(key: str) -> str:
+        return "default: the dataset's recipe (" + ", ".join(f"{d} {r[key]}" for d, r in RECIPES.items()) + ")"
+
     t.add_argument("--dataset", choices=DATASET_NAMES, default=None, help="default: digits (bundled)")
-    t.add_argument("--data-dir", default=None, help="folder holding (or caching) the dataset files")
-    t.add_argument("--model", choices=sorted(MODELS), default=None, help="default: the dataset's recipe")
-    t.add_argument("--epochs", type=_positive_int, default=None)
-    t.add_argument("--batch-size", type=_positive_int, default=None)
-    t.add_argument("--lr", type=_positive_float, default=None, help="(peak) learning rate")
-    t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None)
-    t.add_argument("--schedule", choices=sorted(SCHEDULES) + ["none"], default=None)
+    t.add_argument("--data-dir", default=None,
+                   help=f"folder holding (or caching) the dataset files (default: $CNN_GPU_DATA, else {default_data_dir})")
+    t.add_argument("--model", choices=sorted(MODELS), default=None, help=recipe("model"))
+    t.add_argument("--epochs", type=_positive_int, default=None, help=recipe("epochs"))
+    t.add_argument("--batch-size", type=_positive_int, default=None, help=recipe("batch_size"))
+    t.add_argument("--lr", type=_positive_float, default=None, help="(peak) learning rate; " + recipe("lr"))
+    t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help=recipe("optimizer"))
+    t.add_argument("--schedule", choices=sorted(SCHEDULES) + ["none"], default=None, help=recipe("schedule"))
     t.add_argument("--warmup", type=_fraction, default=None,
-                   help="fraction of the steps spent warming up (one-cycle: rising to the peak lr; cosine: linear warm-up)")
-    t.add_argument("--momentum", type=_fraction, default=None, help="SGD momentum (default 0.9)")
-    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="SGD with Nesterov momentum")
-    t.add_argument("--weight-decay", type=float, default=None)
+                   help="fraction of the steps spent warming up (one-cycle: rising to the peak lr; cosine: linear "
+                        "warm-up); " + recipe("warmup"))
+    t.add_argument("--momentum", type=_fraction, default=None, help=f"SGD momentum (default {TrainConfig.momentum})")
+    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help="SGD with Nesterov momentum; " + recipe("nesterov"))
+    t.add_argument("--weight-decay", type=_non_negative_float, default=None, help=recipe("weight_decay"))
     t.add_argument("--augment", choices=AUGMENTATIONS, default=None,
                    help="training-batch augmentation on the device: random crop (padding H/8) and/or "
                         "horizontal flip (default: the recipe's, else none)")
     t.add_argument("--label-smoothing", type=_unit, default=None, metavar="EPS",
                    help="label smoothing of the loss, in [0, 1] (default: the recipe's, else 0)")
     t.add_argument("--val-fraction", type=_fraction, default=None,
-                   help="hold out this fraction of the training set (stratified, fixed) for validation; default 0")
-    t.add_argument("--backend", choices=["numpy", "cupy", "auto"], default=None, help="default: numpy")
+                   help="hold out this fraction of the training set (stratified, fixed) for validation "
+                        f"(default {TrainConfig.val_fraction})")
+    t.add_argument("--backend", choices=list(BACKENDS), default=None,
+                   help=f"default: $CNN_GPU_BACKEND, else auto (the GPU when one is usable, else numpy); now {default_backend()}")
     t.add_argument("--workspace-mb", type=_positive_float, default=None, metavar="MB",
                    help="cap one convolution's im2col workspace; larger batches are processed in chunks "
-                        "(default: $CNN_GPU_WORKSPACE_MB, else cnn_gpu.workspace.DEFAULT_LIMIT_MB)")
-    t.add_argument("--seed", type=_non_negative_int, default=None, help="default: 0")
+                        f"(default: $CNN_GPU_WORKSPACE_MB, else {DEFAULT_WORKSPACE_MB:g}; now {get_config().workspace_mb:g})")
+    t.add_argument("--seed", type=_non_negative_int, default=None, help=f"default: {TrainConfig.seed}")
     t.add_argument("--run-dir", default=None, metavar="DIR", help="the run folder (default: runs/DATASET-MODEL-TIME)")
-    t.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR exactly where it stopped")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR (or given by a file in it, e.g. its checkpoint.npz) "
+                        "exactly where it stopped")
     t.add_argument("--save", default=None, metavar="PATH", help="also write the final model here (.npz)")
     t.add_argument("--progress", choices=PROGRESS_MODES, default=None,
-                   help="auto (default): a progress bar on a terminal, one line per epoch otherwise")
+                   help=f"default {TrainConfig.progress}: a progress bar on a terminal, one line per epoch otherwise")
     t.add_argument("--quiet", "-q", action="store_true", default=None, help="print only the final test accuracy")
 
+
+
+def _add_other_parsers(sub, DATASET_NAMES) -> None:
     e = sub.add_parser("evaluate", help="evaluate a saved model on its dataset's test split")
     e.add_argument("--checkpoint", required=True, metavar="PATH", help="a model file, a checkpoint.npz or a run folder (its best.npz)")
     e.add_argument("--dataset", choices=DATASET_NAMES, default=None, help="default: the dataset it was trained on")
     e.add_argument("--data-dir", default=None)
-    e.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy")
-    e.add_argument("--batch-size", type=_positive_int, default=512)
+    e.add_argument("--backend", choices=list(BACKENDS), default=None,
+                   help=f"default: $CNN_GPU_BACKEND, else auto; now {default_backend()}")
+    e.add_argument("--batch-size", type=_positive_int, default=512, help="default: 512")
 
     p = sub.add_parser("predict", help="classify images (.png/.jpg with Pillow, or .npy arrays)")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a model file, a checkpoint.npz or a run folder (its best.npz)")
-    p.add_argument("inputs", nargs="+", metavar="FILE")
+    p.add_argument("inputs", nargs="+", metavar="FILE",
+                   help=".npy arrays (C, H, W) or (N, C, H, W) of raw pixel values in [0, scale] (the dataset's range: "
+                        "16 for digits, 255 for the others), or .png/.jpg images")
     p.add_argument("--top", type=_positive_int, default=3, help="how many classes to show (default 3)")
-    p.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy")
+    p.add_argument("--backend", choices=list(BACKENDS), default=None,
+                   help=f"default: $CNN_GPU_BACKEND, else auto; now {default_backend()}")
 
     pl = sub.add_parser("plot", help="(re)draw a run's curves.png from its metrics.jsonl (needs matplotlib)")
     pl.add_argument("run_dir", metavar="RUN_DIR")
@@ -126,7 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default: cnn_gpu.onnx.DEFAULT_OPSET)")
 
     sub.add_parser("info", help="backends, versions, GPUs and kernels")
-    return parser
 
 
 def _prepare_data(ds, mean=None, std=None):
@@ -191,9 +216,10 @@ def cmd_evaluate(args, out=print) -> float:
     if dataset is None:
         raise ValueError(f"dataset: {args.checkpoint} records no dataset; pass --dataset")
     ds = get_dataset(dataset, args.data_dir)
-    with use_backend(args.backend):
+    backend = args.backend or default_backend()
+    with use_backend(backend):
         xp = current_xp()
-        model.to(args.backend)
+        model.to(backend)
         _, xte, _, _ = _prepare_data(ds, meta.get("mean"), meta.get("std"))
         loss, acc = evaluate(model, xp.asarray(xte), xp.asarray(ds.y_test), args.batch_size)
     out(f"test loss: {loss:.4f}")
@@ -201,17 +227,40 @@ def cmd_evaluate(args, out=print) -> float:
     return acc
 
 
-def _read_input(path: Path, input_shape: tuple) -> np.ndarray:
+def _read_npy(path: Path, input_shape: tuple, scale: float) -> np.ndarray:
+    """A .npy of raw pixel values in [0, scale] (the dataset's range), checked: real numbers, finite,
+    in range, of the model's input shape (C, H, W) or (N, C, H, W) with N >= 1."""
     C, H, W = input_shape
+    try:
+        a = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a readable .npy array of numbers (object arrays are refused): {exc}") from None
+    if a.dtype.kind not in "uif":
+        raise ValueError(f"{path}: expected integer or real pixel values (uint8, float32, ...), got dtype {a.dtype}")
+    given = a.shape
+    if a.ndim in (2, 3) and a.shape == (C, H, W)[3 - a.ndim:]:
+        a = a.reshape((1,) * (4 - a.ndim) + a.shape)
+    if a.ndim != 4 or tuple(a.shape[1:]) != (C, H, W) or a.shape[0] < 1:
+        raise ValueError(f"{path}: expected an array of shape ({C}, {H}, {W}) or (N, {C}, {H}, {W}) with N >= 1, "
+                         f"got {given}")
+    a = np.asarray(a, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{path}: expected finite pixel values, got {int((~np.isfinite(a)).sum())} NaN or infinite")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0 or hi > scale:
+        raise ValueError(f"{path}: expected raw pixel values in [0, {scale:g}] (the dataset's range, before "
+                         f"normalisation), got values in [{lo:g}, {hi:g}]")
+    return a
+
+
+def _read_input(path: Path, input_shape: tuple, scale: float = 255.0) -> np.ndarray:
+    C, H, W = input_shape
+    if not path.is_file():
+        raise FileNotFoundError(f"input: no such file: {path}")
     if path.suffix.lower() == ".npy":
-        a = np.load(path, allow_pickle=False)
-        if a.ndim == 2:
-            a = a[None, None]
-        elif a.ndim == 3:
-            a = a[None]
-        if a.ndim != 4 or tuple(a.shape[1:]) != (C, H, W):
-            raise ValueError(f"{path}: expected an array of shape ({C}, {H}, {W}) or (N, {C}, {H}, {W}), got {a.shape}")
-        return a
+        return _read_npy(path, input_shape, scale)
     try:
         from PIL import Image  # noqa: PLC0415 (optional)
     except ImportError:
@@ -241,11 +290,12 @@ def cmd_predict(args, out=print) -> list:
         raise ValueError(f"checkpoint: {args.checkpoint} records no input shape (was it saved by cnn-gpu train?)")
     scale = float(meta.get("scale", 255.0))
     results = []
-    with use_backend(args.backend):
-        model.to(args.backend).eval()
+    backend = args.backend or default_backend()
+    with use_backend(backend):
+        model.to(backend).eval()
         dtype = next(iter(model.parameters())).dtype
         for name in args.inputs:
-            raw = _read_input(Path(name), shape)
+            raw = _read_input(Path(name), shape, scale)
             if Path(name).suffix.lower() != ".npy":
                 raw = raw * (scale / 255.0)  # image pixels 0..255 -> the dataset's range
             x = normalize(current_xp().asarray(raw), meta["mean"], meta["std"], scale, dtype)
@@ -409,47 +459,73 @@ def _train_config(args, parser) -> tuple[TrainConfig, str | None]:
     return TrainConfig(**given), args.resume
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "train":
-            cfg, resume = _train_config(args, parser)
-            from .workspace import use_workspace_limit  # noqa: PLC0415
+EXIT_OK, EXIT_TRAINING_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-            limit = use_workspace_limit(cfg.workspace_mb) if cfg.workspace_mb else contextlib.nullcontext()
-            with limit:
-                cmd_train(cfg, resume=resume)
-        elif args.command == "evaluate":
-            cmd_evaluate(args)
-        elif args.command == "predict":
-            cmd_predict(args)
-        elif args.command == "plot":
-            cmd_plot(args)
-        elif args.command == "models":
-            cmd_models(args)
-        elif args.command == "export":
-            cmd_export(args)
-        elif args.command == "info":
-            cmd_info()
+
+def _run(args, parser) -> None:
+    if args.command == "train":
+        cfg, resume = _train_config(args, parser)
+        from .workspace import use_workspace_limit  # noqa: PLC0415
+
+        limit = use_workspace_limit(cfg.workspace_mb) if cfg.workspace_mb else contextlib.nullcontext()
+        with limit:
+            cmd_train(cfg, resume=resume)
+    elif args.command == "evaluate":
+        cmd_evaluate(args)
+    elif args.command == "predict":
+        cmd_predict(args)
+    elif args.command == "plot":
+        cmd_plot(args)
+    elif args.command == "models":
+        cmd_models(args)
+    elif args.command == "export":
+        cmd_export(args)
+    elif args.command == "info":
+        cmd_info()
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a user error: what failed, on which file, and what to do where that is known."""
+    from .data.datasets import DownloadError  # noqa: PLC0415
+
+    if isinstance(exc, DownloadError):
+        first = str(exc).splitlines()[0].rstrip(":")
+        return (f"{first} (offline? put the dataset's files in --data-dir, or set CNN_GPU_MIRROR; "
+                f"{len(str(exc).splitlines()) - 1} mirror(s) failed)")
+    if isinstance(exc, OSError) and exc.strerror:  # from the system: "PATH: Permission denied"
+        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else str(exc.strerror)
+    return str(exc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``cnn-gpu`` command. Exit status: 0 done, 1 training failed (a non-finite loss),
+    2 usage or input error (a bad argument, file or folder; one line on stderr, no traceback),
+    130 interrupted."""
+    try:
+        parser = build_parser()  # reads the settings: a bad CNN_GPU_* variable is a usage error
+    except ValueError as exc:
+        print(f"cnn-gpu: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)  # a usage error exits with 2 (argparse)
+    try:
+        _run(args, parser)
     except RunStopped as exc:
         print(f"cnn-gpu {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except ImportError as exc:  # an optional extra (matplotlib, Pillow) is missing
-        print(f"cnn-gpu {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"cnn-gpu {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `cnn-gpu ... | head`: stop quietly, like other command-line tools
         import os  # noqa: PLC0415
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except (BackendUnavailableError, FileNotFoundError, ValueError, TypeError) as exc:
-        print(f"cnn-gpu {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    # ImportError: an optional extra (matplotlib, Pillow) is missing; OSError: a file or folder that
+    # cannot be read or written (permissions, a path below a regular file, a full disk, a failed download)
+    except (ImportError, BackendUnavailableError, OSError, ValueError, TypeError) as exc:
+        print(f"cnn-gpu {args.command}: error: {describe_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
 
 
-__all__ = ["main", "TrainConfig", "RECIPES", "build_parser", "cmd_train", "summarize"]
+__all__ = ["main", "describe_error", "TrainConfig", "RECIPES", "build_parser", "cmd_train", "summarize"]

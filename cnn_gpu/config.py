@@ -138,6 +138,17 @@ _active: contextvars.ContextVar[Config | None] = contextvars.ContextVar("cnn_gpu
 _from_env: list[Config] = []  # the environment, read once
 
 
+_env_given: list[frozenset] = []  # the fields the environment sets, read once
+
+
+def given_by_environment() -> frozenset:
+    """The fields whose ``CNN_GPU_*`` variable is set (non-empty) in the environment, e.g. so that
+    a front end can tell ``CNN_GPU_BACKEND=numpy`` from the default."""
+    if not _env_given:
+        _env_given.append(frozenset(f for f, v in ENV.items() if os.environ.get(v)))
+    return _env_given[0]
+
+
 def get() -> Config:
     """The settings in effect here."""
     cfg = _active.get()
@@ -170,5 +181,5 @@ def update(**changes: Any) -> Config:
     return cfg
 
 
-__all__ = ["Config", "get", "override", "update", "check", "from_environment", "ENV", "BACKENDS", "ENGINES",
-           "DEFAULT_WORKSPACE_MB", "DEFAULT_TIMEOUT_S"]
+__all__ = ["Config", "get", "override", "update", "check", "from_environment", "given_by_environment", "ENV",
+           "BACKENDS", "ENGINES", "DEFAULT_WORKSPACE_MB", "DEFAULT_TIMEOUT_S"]

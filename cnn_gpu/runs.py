@@ -32,8 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__, distributed, optim
-from .backend import backend_module, current_xp, use_backend
+from . import __version__, config, distributed, optim
+from .backend import _cupy_status, backend_module, current_xp, use_backend
 from .callbacks import Evaluate, PrintLog, ProgressBar, StopRequest
 from .checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint
 from .data import channel_stats, get_dataset, normalize, split_validation
@@ -51,6 +51,7 @@ PLOT_FILE = "curves.png"
 CHECKPOINT_FILE = "checkpoint.npz"
 LAST_FILE = "last.npz"
 BEST_FILE = "best.npz"
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, PLOT_FILE, CHECKPOINT_FILE, LAST_FILE, BEST_FILE)
 RUNS_ROOT = "runs"
 PLOT_EVERY_S = 60.0  # curves.png is redrawn at the end of a run, and at most this often during it
 
@@ -95,7 +96,7 @@ class TrainConfig:
     nesterov: bool | None = None
     weight_decay: float | None = None
     val_fraction: float = 0.0
-    backend: str = "numpy"
+    backend: str | None = None  # None: $CNN_GPU_BACKEND (through cnn_gpu.config), else auto (default_backend)
     seed: int = 0
     save: str | None = None
     run_dir: str | None = None
@@ -115,6 +116,7 @@ class TrainConfig:
             raise ValueError(f"dataset: expected one of {sorted(RECIPES)}, got {self.dataset!r}")
         recipe = RECIPES[self.dataset]
         cfg = dataclasses.replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None}).with_defaults()
+        cfg = dataclasses.replace(cfg, backend=cfg.backend or default_backend())
         cfg.check()
         return cfg
 
@@ -146,6 +148,8 @@ class TrainConfig:
             raise bad("weight_decay", "a non-negative float", self.weight_decay)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise bad("seed", "a non-negative int", self.seed)
+        if self.backend not in config.BACKENDS:
+            raise bad("backend", f"one of {config.BACKENDS}", self.backend)
         if self.progress not in PROGRESS_MODES:
             raise bad("progress", f"one of {PROGRESS_MODES}", self.progress)
         if self.augment not in AUGMENTATIONS:
@@ -161,6 +165,13 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def default_backend() -> str:
+    """The backend of a run that names none: the ``backend`` setting when the environment
+    (``CNN_GPU_BACKEND``) or the code (``cnn_gpu.config.override``) sets it, else ``auto``."""
+    setting = config.get().backend
+    return setting if "backend" in config.given_by_environment() or setting != config.Config.backend else "auto"
 
 
 class RunStopped(Exception):
@@ -311,14 +322,18 @@ class RunDir:
 
     @classmethod
     def create(cls, dataset: str, model: str, path: str | os.PathLike | None = None) -> "RunDir":
-        """``path`` (a new folder, or one that holds no run yet), or a fresh runs/<dataset>-<model>-<time>."""
+        """``path`` (a new folder, or one that holds no run yet: nothing, or only the config.json of a
+        run that stopped before its first epoch ended), or a fresh runs/<dataset>-<model>-<time>."""
         if path is not None:
             run = cls(path)
-            taken = [n for n in (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE) if run.file(n).exists()]
+            if run.path.exists() and not run.path.is_dir():
+                raise ValueError(f"run_dir: expected a folder, got {run}, which is a file")
+            taken = [n for n in (CHECKPOINT_FILE, METRICS_FILE) if run.file(n).exists()]
             if taken:
                 raise ValueError(f"run_dir: expected a new or empty folder, got {run}, which already holds a run "
                                  f"({', '.join(taken)}); continue it with --resume {run} or choose another --run-dir")
             run.path.mkdir(parents=True, exist_ok=True)
+            run.clean_orphans()
             return run
         base = Path(RUNS_ROOT) / f"{dataset}-{model}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         path, n = base, 1
@@ -330,14 +345,37 @@ class RunDir:
 
     @classmethod
     def resumable(cls, path: str | os.PathLike) -> "RunDir":
-        """An existing run folder with a checkpoint to continue from."""
-        run = cls(path)
+        """An existing run folder with a checkpoint to continue from. ``path`` may also be a file
+        in it (checkpoint.npz, last.npz, best.npz, config.json, ...): its folder is the run."""
+        given = Path(path)
+        run = cls(given.parent if given.is_file() and (given.parent / CHECKPOINT_FILE).is_file() else given)
+        if given.is_file() and run.path == given:
+            raise ValueError(f"resume: expected a run folder (or its {CHECKPOINT_FILE}), got {given}, a file outside "
+                             f"any run folder; a model file can be evaluated (cnn-gpu evaluate --checkpoint {given}) "
+                             "but holds no training state to continue from")
         if not run.path.is_dir():
-            raise FileNotFoundError(f"resume: expected a run folder, got {run}, which does not exist")
+            parent = given.parent if given.suffix else given
+            raise FileNotFoundError(f"resume: expected a run folder, got {given}, which does not exist"
+                                    + (f" (nor does {parent})" if parent != given and not parent.exists() else ""))
         if not run.file(CHECKPOINT_FILE).is_file():
-            raise FileNotFoundError(f"resume: expected {run.file(CHECKPOINT_FILE)} (a run folder with a checkpoint); "
-                                    "it does not exist")
+            hint = (f"the run stopped before its first epoch ended; start it again with --run-dir {run}"
+                    if run.file(CONFIG_FILE).is_file() and not run.file(METRICS_FILE).exists()
+                    else "is it a run folder written by cnn-gpu train?")
+            raise FileNotFoundError(f"resume: expected {run.file(CHECKPOINT_FILE)} (a run folder with a checkpoint), "
+                                    f"which does not exist: {hint}")
+        run.clean_orphans()
         return run
+
+    def clean_orphans(self) -> list[Path]:
+        """Remove the temporary files (``.NAME.*.tmp``) that a killed atomic write of one of the run's
+        files left behind; -> those removed."""
+        removed = []
+        for name in RUN_FILES:
+            for tmp in self.path.glob(f".{name}.*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                    removed.append(tmp)
+        return removed
 
     def read_config(self) -> dict:
         path = self.file(CONFIG_FILE)
@@ -486,7 +524,7 @@ def _settings(cfg: TrainConfig, resume) -> tuple[TrainConfig, Checkpoint | None,
     ckpt = load_checkpoint(run.file(CHECKPOINT_FILE))
     saved = TrainConfig.from_dict(ckpt.config).with_defaults()
     cfg = dataclasses.replace(saved, data_dir=cfg.data_dir if cfg.data_dir is not None else saved.data_dir,
-                              backend=cfg.backend, save=cfg.save, progress=cfg.progress, quiet=cfg.quiet,
+                              backend=cfg.backend or default_backend(), save=cfg.save, progress=cfg.progress, quiet=cfg.quiet,
                               run_dir=str(run))
     cfg.check()
     return cfg, ckpt, run
@@ -559,6 +597,14 @@ def _config_doc(cfg: TrainConfig, data: _Data, s: _Session, run: RunDir, resumed
     return {"config": cfg.as_dict(), "seed": cfg.seed, "environment": env, "data": {**sizes, **data.metadata},
             "parameters": s.model.num_parameters(), "command": sys.argv,
             "started": _dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def _backend_line(asked: str, used: str) -> str:
+    """The first line of a run: which backend and device compute it, and why (for ``auto``)."""
+    line = f"backend: {used} on {environment(used)['device']}"
+    if asked == "auto":
+        line += " (auto: " + ("a GPU is usable)" if used == "cupy" else f"no usable GPU: {_cupy_status()[1]})")
+    return line
 
 
 def _banner(cfg: TrainConfig, data: _Data, s: _Session, run: RunDir, resumed: bool) -> str:
@@ -646,6 +692,7 @@ def _train_run(cfg: TrainConfig, out: Callable[[str], None], resume, callbacks: 
         s = _build(cfg, data, ckpt)
         if comm.is_lead:
             run.write_config(dict(_config_doc(cfg, data, s, run, ckpt is not None), ranks=comm.size))
+        say(_backend_line(cfg.backend, s.backend))
         say(_banner(cfg, data, s, run, ckpt is not None))
         say(f"run folder: {run}")
         rows = [r for r in run.metrics() if r["epoch"] <= s.position.epoch] if ckpt is not None else []
@@ -690,6 +737,7 @@ def _finish(cfg, s: _Session, run: RunDir, rows: list, best: dict, seconds: floa
     return RunResult(run.path, cfg, rows, test_loss, test_acc, best)
 
 
-__all__ = ["TrainConfig", "RECIPES", "RECIPE_DEFAULTS", "train_run", "RunResult", "RunStopped", "PlotUnavailable", "plot_run", "RunDir",
+__all__ = ["TrainConfig", "RECIPES", "RECIPE_DEFAULTS", "default_backend", "train_run", "RunResult", "RunStopped",
+           "PlotUnavailable", "plot_run", "RunDir",
            "RecordMetrics", "SaveModels", "SaveCheckpoint", "load_metrics", "make_optimizer", "make_schedule",
            "environment"]

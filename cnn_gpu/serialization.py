@@ -14,13 +14,16 @@ without the code that built it.
 """
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
-import zipfile
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
+from .archive import MAX_HEADER_BYTES, Archive
 from .backend import to_numpy
 from .io import atomic_write
 from .nn import LAYER_TYPES, Module, Sequential
@@ -40,22 +43,18 @@ def describe(module: Module) -> dict:
     return {"type": name, "config": module.config()}
 
 
-def build(desc: dict, dtype: Any = np.float32) -> Module:
-    """A freshly initialised module from a description (the inverse of :func:`describe`)."""
-    if not isinstance(desc, dict) or "type" not in desc:
-        raise ValueError(f"architecture: expected a dict with a 'type' key, got {desc!r}")
-    kind = desc["type"]
-    if kind == "Sequential":
-        from collections import OrderedDict
+def build(desc: dict, dtype: Any = np.float32, path: Any = "model") -> Module:
+    """A freshly initialised module from a description (the inverse of :func:`describe`);
+    the description is checked first (:func:`parameter_shapes`)."""
+    parameter_shapes(desc, path)
 
-        return Sequential(OrderedDict((n, build(c, dtype)) for n, c in desc["children"]))
-    if kind not in LAYER_TYPES:
-        raise ValueError(f"architecture: unknown layer type {kind!r}; known: {sorted(LAYER_TYPES)}")
-    cls = LAYER_TYPES[kind]
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in desc.get("config", {}).items()}
-    if kind in ("Conv2d", "Linear"):
-        cfg.update(dtype=dtype, generator=np.random.default_rng(0))  # weights are overwritten by load
-    return cls(**cfg)
+    def make(d: dict, where: str) -> Module:
+        if d["type"] == "Sequential":
+            return Sequential(OrderedDict((n, make(c, f"{where}.children[{i}][1]"))
+                                          for i, (n, c) in enumerate(d["children"])))
+        return _build_leaf(d["type"], d.get("config", {}), dtype, path, f"{where}.config")
+
+    return make(desc, "architecture")
 
 
 def model_dtype(model: Module) -> np.dtype:
@@ -69,42 +68,169 @@ def encode_header(obj: dict) -> np.ndarray:
     return np.frombuffer(json.dumps(obj, sort_keys=True).encode("utf-8"), dtype=np.uint8)
 
 
-def decode_header(arr: np.ndarray, path: Any, expected_format: str) -> dict:
+# ---------------------------------------------------------------------------- reading, checked first
+MAX_DEPTH = 32  # nesting of Sequential containers
+MAX_CHILDREN = 10_000  # leaves and containers in one architecture
+MAX_INT = 2**31 - 1  # any size in a layer's config
+MAX_UNKNOWN_SIZE = 2**16  # sizes of layers without a shape rule below, which are built to read their shapes
+DTYPES = ("float32", "float64")
+
+
+def field_error(path: Any, where: str, expected: str, got: Any) -> ValueError:
+    text = repr(got)
+    return ValueError(f"{path}: {where}: expected {expected}, got {text if len(text) <= 80 else text[:77] + '...'}")
+
+
+def read_header(archive: Archive) -> dict:
+    """The JSON header of an open archive, as a dict; nothing else is read."""
+    path = archive.path
+    if HEADER_KEY not in archive.names:
+        raise ValueError(f"{path}: missing the {HEADER_KEY} header; not a file written by cnn_gpu")
+    arr = archive.read(HEADER_KEY, dtype=np.uint8, max_bytes=MAX_HEADER_BYTES)
     try:
         header = json.loads(arr.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: the {HEADER_KEY} header is not valid JSON ({exc})") from None
-    if header.get("format") != expected_format:
-        raise ValueError(f"{path}: expected a {expected_format!r} file, got format {header.get('format')!r}")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: the {HEADER_KEY} header is not valid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(header, dict):
+        raise field_error(path, HEADER_KEY, "a JSON object", type(header).__name__)
     return header
 
 
+def check_header(header: dict, path: Any, expected_format: str, version: int, what: str) -> None:
+    """The fields every cnn_gpu file has: format, version, dtype, metadata (architecture: below)."""
+    if header.get("format") != expected_format:
+        raise ValueError(f"{path}: expected a {expected_format!r} file, got format {header.get('format')!r}")
+    v = header.get("version")
+    if v != version or isinstance(v, bool):
+        raise ValueError(f"{path}: expected format version {version}, got {v!r} (a {what})")
+    if header.get("dtype") not in DTYPES:
+        raise field_error(path, "dtype", f"one of {list(DTYPES)}", header.get("dtype"))
+    if not isinstance(header.get("metadata", {}), dict):
+        raise field_error(path, "metadata", "a JSON object", header.get("metadata"))
+
+
+def _check_value(path: Any, where: str, v: Any) -> None:
+    if isinstance(v, bool) or v is None or (isinstance(v, str) and len(v) <= 64):
+        return
+    if isinstance(v, int):
+        if not 0 <= v <= MAX_INT:
+            raise field_error(path, where, f"an int in [0, {MAX_INT}]", v)
+        return
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise field_error(path, where, "a finite number", v)
+        return
+    if isinstance(v, list) and 1 <= len(v) <= 4:
+        for i, item in enumerate(v):
+            if not isinstance(item, int) or isinstance(item, bool):
+                raise field_error(path, f"{where}[{i}]", "an int", item)
+            _check_value(path, f"{where}[{i}]", item)
+        return
+    raise field_error(path, where, "a number, a bool, a short string or a list of 1 to 4 ints", v)
+
+
+def _size(cfg: dict, key: str, path: Any, where: str) -> int:
+    v = cfg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise field_error(path, f"{where}.{key}", "a positive int", v)
+    return v
+
+
+def _leaf_shapes(kind: str, cfg: dict, path: Any, where: str) -> dict[str, tuple]:
+    """The parameter shapes of one layer, from its config; nothing large is allocated."""
+    allowed = set(inspect.signature(LAYER_TYPES[kind].__init__).parameters) - {"self", "dtype", "generator"}
+    for key, v in cfg.items():
+        if key not in allowed:
+            raise field_error(path, f"{where}.{key}", f"a setting of {kind} (one of {sorted(allowed)})", key)
+        _check_value(path, f"{where}.{key}", v)
+    bias = cfg.get("bias", True)
+    if kind == "Conv2d":
+        i, o = _size(cfg, "in_channels", path, where), _size(cfg, "out_channels", path, where)
+        k = cfg.get("kernel_size")
+        kh, kw = (k, k) if isinstance(k, int) else (tuple(k) if isinstance(k, list) and len(k) == 2 else (0, 0))
+        if kh < 1 or kw < 1:
+            raise field_error(path, f"{where}.kernel_size", "a positive int or a pair of them", k)
+        groups = cfg.get("groups", 1)
+        if not isinstance(groups, int) or groups < 1 or i % groups or o % groups:
+            raise field_error(path, f"{where}.groups", f"a positive divisor of in_channels {i} and out_channels {o}", groups)
+        return {"weight": (o, i // groups, kh, kw), **({"bias": (o,)} if bias else {})}
+    if kind == "Linear":
+        i, o = _size(cfg, "in_features", path, where), _size(cfg, "out_features", path, where)
+        return {"weight": (o, i), **({"bias": (o,)} if bias else {})}
+    for key, v in cfg.items():  # another layer type: built (small) to read its shapes
+        if any(isinstance(n, int) and n > MAX_UNKNOWN_SIZE for n in (v if isinstance(v, list) else [v])):
+            raise field_error(path, f"{where}.{key}", f"at most {MAX_UNKNOWN_SIZE}", v)
+    module = _build_leaf(kind, cfg, np.float32, path, where)
+    return {name: tuple(a.shape) for name, a in module.state_dict().items()}
+
+
+def parameter_shapes(desc: Any, path: Any = "model", where: str = "architecture") -> dict[str, tuple]:
+    """{parameter name: shape} of an architecture description, checked field by field (types,
+    ranges, nesting depth, layer types and settings) without building anything large."""
+    shapes: dict[str, tuple] = {}
+    count = [0]
+
+    def visit(d: Any, prefix: str, where: str, depth: int) -> None:
+        count[0] += 1
+        if depth > MAX_DEPTH or count[0] > MAX_CHILDREN:
+            raise field_error(path, where, f"at most {MAX_DEPTH} levels and {MAX_CHILDREN} modules", "more")
+        if not isinstance(d, dict) or not isinstance(d.get("type"), str):
+            raise field_error(path, where, "an object with a 'type' string", d)
+        kind = d["type"]
+        if kind == "Sequential":
+            children = d.get("children")
+            if not isinstance(children, list):
+                raise field_error(path, f"{where}.children", "a list of [name, module] pairs", children)
+            names = set()
+            for i, item in enumerate(children):
+                if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str) or not item[0]
+                        or "." in item[0] or len(item[0]) > 64 or item[0] in names):
+                    raise field_error(path, f"{where}.children[{i}]", "a [unique name without dots, module] pair", item)
+                names.add(item[0])
+                visit(item[1], f"{prefix}{item[0]}.", f"{where}.children[{i}][1]", depth + 1)
+            return
+        if kind not in LAYER_TYPES:
+            raise field_error(path, f"{where}.type", f"a layer type (one of {sorted(LAYER_TYPES)})", kind)
+        cfg = d.get("config", {})
+        if not isinstance(cfg, dict):
+            raise field_error(path, f"{where}.config", "an object of constructor arguments", cfg)
+        for name, shape in _leaf_shapes(kind, cfg, path, f"{where}.config").items():
+            shapes[prefix + name] = shape
+
+    visit(desc, "", where, 0)
+    return shapes
+
+
+def read_weights(archive: Archive, shapes: dict[str, tuple], dtype: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """The arrays ``prefix + name`` of ``shapes``, each checked (shape, dtype, declared size) before
+    it is read; a member that is missing, of another shape, or not expected is a ValueError."""
+    path = archive.path
+    stored = {n[len(prefix):] for n in archive.names if n.startswith(prefix) and n != HEADER_KEY}
+    missing, unexpected = sorted(set(shapes) - stored), sorted(stored - set(shapes))
+    wrong = sorted(n for n in set(shapes) & stored if archive.info(prefix + n)[0] != shapes[n])
+    if missing or unexpected or wrong:
+        want = sum(math.prod(s) for s in shapes.values())
+        have = sum(math.prod(archive.info(prefix + n)[0]) for n in stored)
+        detail = "; ".join(f"{prefix}{n}: expected shape {shapes[n]}, got {archive.info(prefix + n)[0]}" for n in wrong[:5])
+        raise ValueError(f"{path}: weights do not match the saved architecture ({want:,} parameters; the file stores "
+                         f"{have:,}): missing {missing[:10]}, unexpected {unexpected[:10]}" + (f"; {detail}" if detail else ""))
+    return {n: archive.read(prefix + n, shapes[n], dtype) for n in shapes}
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All arrays of an .npz file, with a clear error for a missing, truncated or corrupt file."""
+    """Every array of an .npz file (for inspection and tests; loading reads only what it expects)."""
+    with Archive(path) as archive:
+        return {name: archive.read(name) for name in archive.names}
+
+
+def _build_leaf(kind: str, cfg: dict, dtype: Any, path: Any, where: str) -> Module:
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    if "dtype" in inspect.signature(LAYER_TYPES[kind].__init__).parameters:
+        args.update(dtype=dtype, generator=np.random.default_rng(0))  # weights are overwritten by load
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise
-    # NotImplementedError: a corrupted compression method; RuntimeError: a corrupted 'encrypted' flag
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, NotImplementedError, RuntimeError) as exc:
-        raise ValueError(f"{path}: not a readable cnn_gpu file (truncated or corrupted?): {type(exc).__name__}: {exc}") from None
-    # np.load returns raw bytes for a member whose name does not end in .npy (a corrupted directory entry)
-    odd = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
-    if odd:
-        raise ValueError(f"{path}: not a readable cnn_gpu file (truncated or corrupted?): members {odd} are not arrays")
-    return arrays
-
-
-def read_file(path: str | os.PathLike, expected_format: str, version: int, what: str) -> tuple[dict, dict]:
-    """(header, arrays) of a cnn_gpu .npz file of ``expected_format``, checked for its header and version."""
-    arrays = read_npz(path)
-    if HEADER_KEY not in arrays:
-        raise ValueError(f"{path}: missing the {HEADER_KEY} header; not a {what} written by cnn_gpu")
-    header = decode_header(arrays.pop(HEADER_KEY), path, expected_format)
-    if header.get("version") != version:
-        raise ValueError(f"{path}: expected format version {version}, got {header.get('version')!r} (a {what})")
-    return header, arrays
+        return LAYER_TYPES[kind](**args)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: {where}: {exc}") from None
 
 
 def save(model: Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
@@ -120,9 +246,14 @@ def save(model: Module, path: str | os.PathLike, metadata: dict | None = None) -
 
 
 def load(path: str | os.PathLike, backend: str | None = None) -> Module:
-    """Rebuild a model saved by :func:`save` (on the current backend, or ``backend``)."""
-    header, arrays = read_file(path, FORMAT, VERSION, "model file")
-    model = build(header["architecture"], dtype=np.dtype(header["dtype"]))
+    """Rebuild a model saved by :func:`save` (on the current backend, or ``backend``). The header
+    is checked and the weights' shapes matched against the stored arrays before anything is built."""
+    with Archive(path) as archive:
+        header = read_header(archive)
+        check_header(header, path, FORMAT, VERSION, "model file")
+        shapes = parameter_shapes(header.get("architecture"), path)
+        arrays = read_weights(archive, shapes, header["dtype"])
+    model = build(header["architecture"], dtype=np.dtype(header["dtype"]), path=path)
     if backend is not None:
         model.to(backend)
     try:

@@ -207,6 +207,8 @@ class StopOnNonFinite(Callback):
 
 def evaluate(model: Module, x: Any, y: Any, batch_size: int = 512) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` on (x, y) in eval mode; restores the model's mode."""
+    if int(x.shape[0]) == 0:  # the mean over no examples is undefined
+        raise ValueError(f"x: expected at least one example to evaluate, got an array of shape {tuple(x.shape)}")
     was_training = model.training
     model.eval()
     loss_fn = CrossEntropyLoss(validate_range=False)
@@ -281,6 +283,8 @@ def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,
     ``transform`` augments the batches."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs: expected a non-negative int, got {epochs!r}")
+    if len(loader) == 0:  # an epoch of no steps has no mean loss to report
+        raise ValueError(f"loader: expected at least one batch, got a loader of {loader.num_examples} examples")
     max_label = _check_labels(loader)
     position = position or Position()
     if not 0 <= position.step <= len(loader):

@@ -362,11 +362,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; -> the folders it created, outermost first."""
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
 def _download(entry: DatasetFile, dest: Path, mirrors, timeout: float) -> Path:
     urls = _mirror_urls(entry, mirrors)
     if not urls:
         raise DownloadError(f"{entry.name}: no mirror URL to download it from")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_dirs(dest.parent)
     failures = []
     for url in urls:
         log.info("downloading %s -> %s", url, dest)
@@ -379,6 +390,11 @@ def _download(entry: DatasetFile, dest: Path, mirrors, timeout: float) -> Path:
             # URLError covers HTTPError (404...); HTTPException covers IncompleteRead;
             # OSError covers timeouts and resets; ValueError a malformed URL.
             failures.append(f"{entry.name}: {url}: {type(e).__name__}: {e}")
+    for d in reversed(created):  # a failed download leaves no empty folder behind
+        try:
+            d.rmdir()
+        except OSError:
+            break
     raise DownloadError(
         f"could not download {entry.name} (expected {entry.size} bytes, SHA-256 "
         f"{entry.sha256}) into {dest.parent}:\n  " + "\n  ".join(failures))

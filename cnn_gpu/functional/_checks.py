@@ -91,6 +91,9 @@ def check_weights(x: Any, w: Any, b: Any, in_features: int, what: str) -> None:
     check_float("w", w, ndim=2 if what == "linear" else 4)
     same_xp("w", w, "x", x)
     check_same_dtype("w", w, "x", x)
+    if w.size == 0:  # only the batch may be empty: a layer has at least one output and one input feature
+        unit = "output and one input feature" if what == "linear" else "filter and one input channel"
+        raise ValueError(f"w: expected at least one {unit}, got {describe(w)}")
     if w.shape[1] != in_features:
         if what == "linear":
             raise ValueError(f"w: expected shape (out, {in_features}) to match x of shape {tuple(x.shape)}, got {describe(w)}")

@@ -60,12 +60,12 @@ def softmax_cross_entropy(logits, labels, validate_range=True, *, label_smoothin
     ``loss`` is a 0-d array of logits' dtype on logits' device (reading it is the caller's
     choice of host sync). ``validate_range=False`` skips the labels' range check, which
     reads the labels on the host; pass it only for labels checked once beforehand.
+    An empty batch (N = 0) gives a NaN loss (the mean over no rows, as torch's) and an empty
+    (0, K) dlogits.
     """
     check_float("logits", logits, ndim=2)
     eps = check_label_smoothing(label_smoothing)
     check_labels(labels, logits, validate_range)
-    if logits.shape[0] == 0:
-        raise ValueError(f"logits: expected at least one row, got {describe(logits)}")
     return _dispatch.impl("softmax_cross_entropy", logits)(logits, labels, eps)
 
 

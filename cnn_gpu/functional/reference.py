@@ -280,6 +280,8 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
     """
     xp = get_array_module(logits)
     N, K = logits.shape
+    if N == 0:  # the mean over no rows: NaN, as torch's; no row gets a gradient
+        return xp.asarray(float("nan"), dtype=logits.dtype), xp.zeros_like(logits)
     logp = log_softmax(logits)  # (N, K)
     p = xp.exp(logp)  # softmax
     T = logits.dtype.type
