@@ -6,8 +6,10 @@ File format (a NumPy ``.npz`` archive, readable with ``numpy.load(path, allow_pi
 - ``__cnn_gpu__``: a uint8 array holding UTF-8 JSON:
   ``{"format": "cnn_gpu.model", "version": 1, "dtype": "float32",
      "architecture": <module description>, "metadata": {...}}``.
-  A module description is ``{"type": "Sequential", "children": [[name, description], ...]}``
+  A module description is ``{"type": "Sequential", "children": [[name, description], ...]}``,
+  ``{"type": "Residual", "body": description, "shortcut": description or null}``
   or ``{"type": "<Layer class>", "config": {constructor arguments}}``.
+- buffers (BatchNorm's running statistics) are stored like parameters, under their names.
 
 ``load`` rebuilds the model from the description alone, so a saved model can be evaluated
 without the code that built it.
@@ -23,7 +25,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .io import atomic_write
-from .nn import LAYER_TYPES, Module, Sequential
+from .nn import LAYER_TYPES, Module, Residual, Sequential
 
 FORMAT = "cnn_gpu.model"
 VERSION = 1
@@ -34,6 +36,9 @@ def describe(module: Module) -> dict:
     """The JSON-serialisable architecture of ``module``."""
     if isinstance(module, Sequential):
         return {"type": "Sequential", "children": [[n, describe(c)] for n, c in module.named_children()]}
+    if isinstance(module, Residual):
+        return {"type": "Residual", "body": describe(module.body),
+                "shortcut": describe(module.shortcut) if module.shortcut is not None else None}
     name = type(module).__name__
     if name not in LAYER_TYPES:
         raise TypeError(f"module: {name} is not a cnn_gpu layer type and cannot be described; known: {sorted(LAYER_TYPES)}")
@@ -49,12 +54,17 @@ def build(desc: dict, dtype: Any = np.float32) -> Module:
         from collections import OrderedDict
 
         return Sequential(OrderedDict((n, build(c, dtype)) for n, c in desc["children"]))
+    if kind == "Residual":
+        shortcut = desc.get("shortcut")
+        return Residual(build(desc["body"], dtype), build(shortcut, dtype) if shortcut is not None else None)
     if kind not in LAYER_TYPES:
         raise ValueError(f"architecture: unknown layer type {kind!r}; known: {sorted(LAYER_TYPES)}")
     cls = LAYER_TYPES[kind]
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in desc.get("config", {}).items()}
     if kind in ("Conv2d", "Linear"):
         cfg.update(dtype=dtype, generator=np.random.default_rng(0))  # weights are overwritten by load
+    if kind in ("BatchNorm1d", "BatchNorm2d"):
+        cfg.update(dtype=dtype)
     return cls(**cfg)
 
 
