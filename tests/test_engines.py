@@ -220,7 +220,7 @@ def test_adaptive_avg_pool2d(engine, rng, shape, out, dtype):
 # (shape, training, affine, running statistics)
 BN_CASES = [((6, 5), True, True, True), ((4, 3, 5, 4), True, True, True), ((4, 3, 5, 4), False, True, True),
             ((3, 2, 3, 3), True, False, False), ((3, 2, 3, 3), False, False, False), ((2, 3, 17, 9), True, True, True),
-            ((5, 4), False, True, True)]
+            ((5, 4), False, True, True), ((4, 16, 33, 33), True, True, True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

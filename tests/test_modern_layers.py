@@ -461,3 +461,27 @@ def test_evaluate_runs_in_eval_mode_and_keeps_the_running_stats():
     assert model.training
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+# ============================================================ the CPU engine's BatchNorm on channels-last memory
+@pytest.mark.parametrize("training", [True, False])
+def test_cpu_batch_norm_channels_last_and_float32_accuracy(rng, training):
+    """Channels-last in, channels-last out (several row blocks and a remainder: M = 2*37*29), the
+    values of the float64 reference to float32 accuracy even with a mean far from zero."""
+    from cnn_gpu.cpu.layout import is_channels_last, to_channels_last
+
+    x64 = rng.standard_normal((2, 16, 37, 29)) * 0.5 + 50.0
+    x = to_channels_last(x64.astype(np.float32))
+    gamma, beta = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    rm, rv = np.full(16, 50, np.float32), np.full(16, 0.3, np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)  # NCHW: the engine takes it into x's layout
+    with cnn_gpu.config.override(engine="cpu"):
+        y, cache = F.batch_norm_forward(x, gamma, beta, rm.copy(), rv.copy(), training)
+        dx, dg, db = F.batch_norm_backward(dy, cache)
+    assert cache.engine == "cpu" and is_channels_last(y) and is_channels_last(dx) and y.dtype == np.float32
+    f64 = [a.astype(np.float64) for a in (gamma, beta, rm, rv)]
+    y_ref, c_ref = F.batch_norm_forward(x64, f64[0], f64[1], f64[2], f64[3], training)
+    want = F.batch_norm_backward(dy.astype(np.float64), c_ref)
+    assert_close(y, y_ref, 2e-5, "y")
+    for got, ref, what in zip((dx, dg, db), want, ("dx", "dgamma", "dbeta")):
+        assert_close(got, ref, 2e-5, what)

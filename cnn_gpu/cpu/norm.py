@@ -2,11 +2,14 @@
 engine's channels-last memory.
 
 A channels-last activation x (N, C, H, W) is, in memory, a C-contiguous (M, C) matrix of rows
-(M = N*H*W): a channel's statistics are column sums of that matrix, which NumPy adds row by row,
-vectorised along the channels. An (N, C) input is already such a matrix; an NCHW one is seen as
-(N, C, H*W). The sums run in fixed blocks of rows (each block's column sums, then those partial
-sums in block order), spread over the cores: the result does not depend on the thread count,
-and float32 sums gather less rounding than one long running sum. The output keeps x's layout.
+(M = N*H*W), and an (N, C) input already is one; an NCHW input is first copied channels-last (the
+engine's convolutions never hand one over). A channel's statistics are then column sums. With
+few channels (ResNet's 16) a row is too short for NumPy's vectorised loops, so each block of rows
+is seen as a wider matrix of k rows side by side, (rows/k, k*C), and its k*C column sums are
+folded back to C: 3x faster at C = 16. The sums run in fixed blocks of rows (each block's column
+sums, then those partial sums in block order), spread over the cores: the result does not depend
+on the thread count, and float32 sums gather less rounding than one long running sum. The
+elementwise passes use the same wide view. The output keeps the channels-last layout.
 """
 from __future__ import annotations
 
@@ -14,66 +17,95 @@ import numpy as np
 
 from ..functional.caches import BatchNormCache
 from . import parallel
-from .layout import empty_like_layout, is_channels_last
+from .layout import empty_like_layout, is_channels_last, to_channels_last
 
 NAME = "cpu"
 _BLOCK_ELEMENTS = 1 << 15  # elements per block of rows whose column sums are one partial sum
+_WIDE = 128  # the wide view has at least this many columns
 
 
-def _view(x):
-    """x as a 3-D (R, C, Q) view: (M, C, 1) for channels-last or (N, C) memory, (N, C, H*W) for NCHW."""
-    N, C = x.shape[:2]
-    if x.ndim == 2:
-        return x[:, :, None]  # (N, C, 1)
-    if is_channels_last(x):
-        return x.transpose(0, 2, 3, 1).reshape(-1, C)[:, :, None]  # (N*H*W, C, 1), a view
-    return x.reshape(N, C, -1)  # (N, C, H*W)
+def _matrix(x):
+    """x (N, C) or channels-last (N, C, H, W) as its (M, C) memory (a view)."""
+    return x if x.ndim == 2 else x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])  # (N*H*W, C)
 
 
-def _blocks(v) -> list[tuple[int, int]]:
-    rows = max(1, _BLOCK_ELEMENTS // max(1, v.shape[1] * v.shape[2]))
-    return [(r, min(r + rows, v.shape[0])) for r in range(0, v.shape[0], rows)]
+class _Rows:
+    """The blocks of rows of an (M, C) matrix and their wide views (rows/k, k*C)."""
+
+    def __init__(self, M: int, C: int):
+        self.C, self.k = C, max(1, -(-_WIDE // C))
+        rows = max(self.k, (_BLOCK_ELEMENTS // max(1, C)) // self.k * self.k)  # a multiple of k
+        self.blocks = [(r, min(r + rows, M)) for r in range(0, M, rows)]
+
+    def split(self, a):
+        """a block (r, C) -> (its first r//k*k rows as (r//k, k*C), the other r%k rows (r%k, C))."""
+        q = a.shape[0] // self.k
+        return a[: q * self.k].reshape(q, self.k * self.C), a[q * self.k :]
+
+    def tile(self, v):
+        return np.tile(v, self.k)  # (k*C,): a per-channel vector for the wide view
+
+    def fold(self, wide_sums, rest_sums):
+        return wide_sums.reshape(self.k, self.C).sum(axis=0) + rest_sums
+
+    def over(self, fn) -> None:
+        """fn(r0, r1) for every block, the blocks spread over the cores."""
+        blocks = self.blocks
+        parallel.over_range(len(blocks), lambda b0, b1: [fn(*blocks[b]) for b in range(b0, b1)])
+
+    def sums(self, fn, n: int, dtype) -> list:
+        """The n per-channel sums (C,) of fn(r0, r1) -> n arrays (C,) over the blocks, the blocks'
+        partial sums added in block order in float64, returned in ``dtype``."""
+        partial = np.empty((n, len(self.blocks), self.C), dtype=np.float64)
+
+        def part(b0, b1):
+            for b in range(b0, b1):
+                for i, s in enumerate(fn(*self.blocks[b])):
+                    partial[i, b] = s
+
+        parallel.over_range(len(self.blocks), part)
+        return [partial[i].sum(axis=0).astype(dtype) for i in range(n)]
 
 
-def _over_blocks(v, fn) -> None:
-    """fn(r0, r1) for every block of rows of v, the blocks spread over the cores."""
-    blocks = _blocks(v)
-
-    def part(b0, b1):
-        for r0, r1 in blocks[b0:b1]:
-            fn(r0, r1)
-
-    parallel.over_range(len(blocks), part)
+def _colsum(rows: _Rows, a):
+    w, rest = rows.split(a)
+    return rows.fold(w.sum(axis=0), rest.sum(axis=0))
 
 
-def _column_sums(v, fn, k: int) -> list:
-    """The k per-channel sums (C,) of fn(r0, r1) -> k arrays (C,) over the blocks, added in block order."""
-    blocks = _blocks(v)
-    partial = np.empty((k, len(blocks), v.shape[1]), dtype=v.dtype)
+def _coldot_centred(rows: _Rows, a, b, mean, mean_wide):
+    """The per-channel sums of a * (b - mean) over a block."""
+    wa, ra = rows.split(a)
+    wb, rb = rows.split(b)
+    return rows.fold(np.einsum("ij,ij->j", wa, wb - mean_wide), np.einsum("ij,ij->j", ra, rb - mean))
 
-    def part(b0, b1):
-        for b in range(b0, b1):
-            for i, s in enumerate(fn(*blocks[b])):
-                partial[i, b] = s
 
-    parallel.over_range(len(blocks), part)
-    return [partial[i].sum(axis=0) for i in range(k)]
+def _affine(rows: _Rows, out, a, s, t, s_wide, t_wide) -> None:
+    """out = a * s + t per channel, on a block (wide view, then the rest)."""
+    (ow, orest), (aw, arest) = rows.split(out), rows.split(a)
+    for o, v, ss, tt in ((ow, aw, s_wide, t_wide), (orest, arest, s, t)):
+        np.multiply(v, ss, out=o)
+        o += tt
 
 
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps):
-    v = _view(x)
-    t, M = x.dtype.type, v.shape[0] * v.shape[2]
+    if x.ndim == 4 and not is_channels_last(x):
+        x = to_channels_last(x)
+    elif x.ndim == 2:
+        x = np.ascontiguousarray(x)
+    xm = _matrix(x)  # (M, C)
+    M, C = xm.shape
+    rows, t = _Rows(M, C), x.dtype.type
     batch_stats = training or running_mean is None
     if batch_stats:
-        (total,) = _column_sums(v, lambda r0, r1: (v[r0:r1].sum(axis=(0, 2)),), 1)
-        mean = total / t(M)
-        mean3 = mean.reshape(1, -1, 1)
+        mean = rows.sums(lambda r0, r1: (_colsum(rows, xm[r0:r1]),), 1, x.dtype)[0] / t(M)
+        mean_wide = rows.tile(mean)
 
         def squares(r0, r1):
-            d = v[r0:r1] - mean3
-            return (np.einsum("rcq,rcq->c", d, d),)
+            w, rest = rows.split(xm[r0:r1])
+            dw, dr = w - mean_wide, rest - mean
+            return (rows.fold(np.einsum("ij,ij->j", dw, dw), np.einsum("ij,ij->j", dr, dr)),)
 
-        var = _column_sums(v, squares, 1)[0] / t(M)
+        var = rows.sums(squares, 1, x.dtype)[0] / t(M)
         if training and running_mean is not None:
             running_mean *= t(1.0 - momentum)
             running_mean += t(momentum) * mean
@@ -83,57 +115,44 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
         mean, var = running_mean, running_var
     invstd = 1 / np.sqrt(var + t(eps))
     scale = invstd * gamma if gamma is not None else invstd
-    shift = -mean * scale + beta if beta is not None else -mean * scale
+    shift = -mean * scale + beta if beta is not None else -mean * scale  # y = x scale + shift
     y = empty_like_layout(x, x.shape, x.dtype)
-    yv = _view(y)
-    scale3, shift3 = scale.reshape(1, -1, 1), shift.reshape(1, -1, 1)
-
-    def normalise(r0, r1):
-        np.multiply(v[r0:r1], scale3, out=yv[r0:r1])  # y = x * gamma * invstd + (beta - mean * gamma * invstd)
-        yv[r0:r1] += shift3
-
-    _over_blocks(v, normalise)
+    ym, scale_w, shift_w = _matrix(y), rows.tile(scale), rows.tile(shift)
+    rows.over(lambda r0, r1: _affine(rows, ym[r0:r1], xm[r0:r1], scale, shift, scale_w, shift_w))
     return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None)
 
 
-def _in_layout_of(a, x):
-    """a (x's shape) in x's memory layout (a itself, or a copy)."""
-    if a.strides == x.strides or (a.flags.c_contiguous and x.flags.c_contiguous):
-        return a
-    out = empty_like_layout(x, x.shape, a.dtype)
-    out[...] = a
-    return out
-
-
 def batch_norm_backward(dy, cache):
-    """dx = dy a + x b + c per channel, with a = gamma invstd, and for batch statistics
-    b = -gamma invstd^2 sum(dy xhat) / M, c = -gamma invstd sum(dy) / M - mean b (the reference's
-    formula expanded; xhat = (x - mean) invstd)."""
+    """dx = dy a + (x - mean) b + c per channel, with a = gamma invstd, and for batch statistics
+    b = -a invstd sum(dy xhat) / M, c = -a sum(dy) / M (the reference's formula expanded;
+    xhat = (x - mean) invstd)."""
     x, mean, invstd = cache.x, cache.mean, cache.invstd
-    v, dv = _view(x), _view(_in_layout_of(dy, x))
-    t, M = x.dtype.type, v.shape[0] * v.shape[2]
-    mean3, invstd3 = mean.reshape(1, -1, 1), invstd.reshape(1, -1, 1)
-
-    def sums(r0, r1):
-        xhat = (v[r0:r1] - mean3) * invstd3
-        return dv[r0:r1].sum(axis=(0, 2)), np.einsum("rcq,rcq->c", dv[r0:r1], xhat)
-
-    sum_dy, sum_dyx = _column_sums(v, sums, 2)
+    if dy.strides != x.strides:
+        dy = to_channels_last(dy, copy=True) if x.ndim == 4 else np.ascontiguousarray(dy)
+    xm, dym = _matrix(x), _matrix(dy)
+    M, C = xm.shape
+    rows, t = _Rows(M, C), x.dtype.type
+    mean_wide = rows.tile(mean)
+    sum_dy, sum_dyc = rows.sums(lambda r0, r1: (_colsum(rows, dym[r0:r1]),
+                                                _coldot_centred(rows, dym[r0:r1], xm[r0:r1], mean, mean_wide)), 2, x.dtype)
+    sum_dyxhat = sum_dyc * invstd  # sum(dy (x - mean)) invstd
     dbeta = sum_dy if cache.has_beta else None
-    dgamma = sum_dyx if cache.gamma is not None else None
-    g = cache.gamma if cache.gamma is not None else np.ones_like(invstd)
-    a = g * invstd
-    b = -a * invstd * sum_dyx * t(1.0 / M) if cache.batch_stats else np.zeros_like(a)
-    c = -a * sum_dy * t(1.0 / M) - mean * b if cache.batch_stats else np.zeros_like(a)
-    a3, b3, c3 = a.reshape(1, -1, 1), b.reshape(1, -1, 1), c.reshape(1, -1, 1)
+    dgamma = sum_dyxhat if cache.gamma is not None else None
+    a = cache.gamma * invstd if cache.gamma is not None else invstd
     dx = empty_like_layout(x, x.shape, x.dtype)
-    dxv = _view(dx)
+    dxm = _matrix(dx)
+    if not cache.batch_stats:
+        a_w = rows.tile(a)
+        rows.over(lambda r0, r1: _affine(rows, dxm[r0:r1], dym[r0:r1], a, 0, a_w, 0))
+        return dx, dgamma, dbeta
+    b = -a * invstd * sum_dyxhat * t(1.0 / M)
+    c = -a * sum_dy * t(1.0 / M)
+    a_w, b_w, c_w = rows.tile(a), rows.tile(b), rows.tile(c)
 
     def step(r0, r1):
-        np.multiply(dv[r0:r1], a3, out=dxv[r0:r1])
-        if cache.batch_stats:
-            dxv[r0:r1] += v[r0:r1] * b3
-            dxv[r0:r1] += c3
+        _affine(rows, dxm[r0:r1], dym[r0:r1], a, c, a_w, c_w)  # dy a + c
+        for o, v, mm, bb in zip(rows.split(dxm[r0:r1]), rows.split(xm[r0:r1]), (mean_wide, mean), (b_w, b)):
+            o += (v - mm) * bb  # + (x - mean) b
 
-    _over_blocks(v, step)
+    rows.over(step)
     return dx, dgamma, dbeta
