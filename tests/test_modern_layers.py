@@ -485,3 +485,18 @@ def test_cpu_batch_norm_channels_last_and_float32_accuracy(rng, training):
     assert_close(y, y_ref, 2e-5, "y")
     for got, ref, what in zip((dx, dg, db), want, ("dx", "dgamma", "dbeta")):
         assert_close(got, ref, 2e-5, what)
+
+
+@pytest.mark.parametrize("out", [1, (2, 3)])
+def test_cpu_adaptive_pool_gradient_keeps_the_input_layout(rng, out):
+    from cnn_gpu.cpu.layout import is_channels_last, to_channels_last
+
+    x = to_channels_last(rng.standard_normal((3, 5, 7, 6)))
+    with cnn_gpu.config.override(engine="cpu"):
+        y, cache = F.adaptive_avg_pool2d_forward(x, out)
+        dy = rng.standard_normal(y.shape)
+        dx = F.adaptive_avg_pool2d_backward(dy, cache)
+    assert cache.engine == "cpu" and is_channels_last(dx) and not dx.flags.c_contiguous
+    y_ref, c_ref = F.adaptive_avg_pool2d_forward(np.ascontiguousarray(x), out)
+    assert_close(y, y_ref, 1e-14, "y")
+    assert_close(dx, F.adaptive_avg_pool2d_backward(dy, c_ref), 1e-14, "dx")

@@ -7,8 +7,10 @@ held to one thread (parallel.py). A ReLU after a convolution or a fully connecte
 inside it (``activation="relu"``): in place on each chunk of the output, and as a mask on
 each chunk of the gradient; a ReLU followed by a max pool runs after the pool instead (the
 same numbers, on a 4x smaller array). Batch normalisation reduces the channels-last memory
-as an (N*H*W, C) matrix (norm.py). Ops this engine does not list run the reference.
+as an (N*H*W, C) matrix (norm.py); adaptive average pooling returns its gradient in the
+input's layout (adaptive_pool.py). Ops this engine does not list run the reference.
 """
+from .adaptive_pool import adaptive_avg_pool2d_backward, adaptive_avg_pool2d_forward
 from .conv import conv2d_backward, conv2d_forward
 from .elementwise import relu_backward, relu_forward
 from .linear import linear_backward, linear_forward
@@ -23,4 +25,5 @@ POOL_BEFORE_ACTIVATION = True
 
 __all__ = ["NAME", "FUSED_ACTIVATIONS", "POOL_BEFORE_ACTIVATION", "conv2d_forward", "conv2d_backward", "max_pool2d_forward",
            "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward", "linear_forward", "linear_backward",
-           "relu_forward", "relu_backward", "batch_norm_forward", "batch_norm_backward"]
+           "relu_forward", "relu_backward", "batch_norm_forward", "batch_norm_backward",
+           "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward"]

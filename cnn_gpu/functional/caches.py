@@ -95,6 +95,7 @@ class AdaptivePool2dCache(NamedTuple):
     x_shape: tuple  # (N, C, H, W)
     dtype: Any
     output_size: tuple  # (OH, OW)
+    aux: Any = None  # engine-private (the CPU engine: whether x was channels-last)
 
 
 class GeluCache(NamedTuple):
