@@ -134,6 +134,16 @@ def test_batch_norm_torch_oracle(rng, shape, training):
         assert_close(got, want.numpy(), 1e-10, what)
 
 
+def test_batch_norm_of_an_empty_batch_is_empty_and_learns_nothing(rng):
+    bn = nn.BatchNorm2d(3, dtype=np.float64)
+    y = bn.forward(np.zeros((0, 3, 4, 4)))
+    assert y.shape == (0, 3, 4, 4)
+    np.testing.assert_array_equal(bn.running_mean, np.zeros(3))
+    np.testing.assert_array_equal(bn.running_var, np.ones(3))
+    assert bn.backward(np.zeros((0, 3, 4, 4))).shape == (0, 3, 4, 4)
+    np.testing.assert_array_equal(bn.weight.grad, np.zeros(3))
+
+
 def test_batch_norm_bad_input(rng):
     x = rng.standard_normal((4, 3, 2, 2))
     ones, zeros = np.ones(3), np.zeros(3)

@@ -9,7 +9,8 @@ normalises each channel c of x (N, C) or (N, C, H, W) over its M = N*H*W values:
 * ``training=False``: with ``running_mean`` / ``running_var``; without them (None), with the
   batch's statistics (torch's track_running_stats=False).
 
-``gamma`` / ``beta`` (C,) may be None (no affine step). The cache refers to x and to the
+``gamma`` / ``beta`` (C,) may be None (no affine step). An empty batch gives an empty y and
+leaves the running statistics alone (as torch). The cache refers to x and to the
 statistics used: they must not change between forward and backward.
 """
 from __future__ import annotations
@@ -52,12 +53,10 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
         raise ValueError("running_mean, running_var: expected both arrays or both None, got "
                          f"{'None' if running_mean is None else 'an array'} and {'None' if running_var is None else 'an array'}")
     _check_scalars(training, momentum, eps)
-    per_channel = x.size // x.shape[1] if x.shape[1] else 0
+    per_channel = math.prod(x.shape) // x.shape[1] if x.shape[1] else 0
     if (training or running_mean is None) and per_channel == 1:
         raise ValueError(f"x: expected more than 1 value per channel to compute batch statistics (training), got "
                          f"{describe(x)}; a batch of one sample cannot be normalised by its own statistics")
-    if per_channel == 0:
-        raise ValueError(f"x: expected a non-empty batch, got {describe(x)}")
     return _dispatch.impl("batch_norm_forward", x)(x, gamma, beta, running_mean, running_var, training,
                                                    float(momentum), float(eps))
 

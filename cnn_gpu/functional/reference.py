@@ -218,6 +218,9 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     xp = get_array_module(x)
     t = x.dtype.type
     axes = _channel_axes(x)
+    if x.size == 0:  # an empty batch: nothing to normalise, no statistics to learn from
+        zeros = xp.zeros(x.shape[1], dtype=x.dtype)
+        return x.copy(), BatchNormCache(NAME, x, gamma, zeros, zeros, False, beta is not None)
     batch_stats = training or running_mean is None
     if batch_stats:
         mean = x.mean(axis=axes)
