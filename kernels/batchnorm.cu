@@ -9,8 +9,10 @@
 //                        rm = rm*keep + m*mean, rv = rv*keep + m_unbiased*var  (m_unbiased = m*M/(M-1));
 //                        else mean, var = rm, rv. invstd = 1 / sqrt(var + eps); then, fused in the same
 //                        block, y = (x - mean) * invstd (* gamma) (+ beta). mean and invstd go to
-//                        mean_out / invstd_out for the backward.
-//   batch_norm_backward  xhat = (x - mean) * invstd; dbeta = sum(dy), dgamma = sum(dy * xhat) (two block
+//                        mean_out / invstd_out for the backward. relu: y = max(y, 0) too (a NaN stays NaN), the
+//                        ReLU that follows in nn.Sequential fused.
+//   batch_norm_backward  (relu: dy * (y > 0) in place of dy throughout, y the forward's output)
+//                        xhat = (x - mean) * invstd; dbeta = sum(dy), dgamma = sum(dy * xhat) (two block
 //                        sums in one pass), then, fused: g = dy (* gamma),
 //                        dx = (g - (sum(g) + xhat * sum(g xhat)) / M) * invstd   (batch statistics)
 //                        dx = g * invstd                                          (fixed statistics)
@@ -25,11 +27,11 @@ __device__ __forceinline__ long long cnn_bn_offset(long long j, int c, int C, in
 #define BN_FWD_PARAMS(T)                                                                         \
     const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ gamma, const T* __restrict__ beta, \
     T* running_mean, T* running_var, T* __restrict__ mean_out, T* __restrict__ invstd_out,         \
-    int N, int C, int P, int has_gamma, int has_beta, int batch_stats, int update_running,          \
+    int N, int C, int P, int has_gamma, int has_beta, int batch_stats, int update_running, int relu, \
     T keep, T m, T m_unbiased, T eps
 #define BN_FWD_ARGS \
     x, y, gamma, beta, running_mean, running_var, mean_out, invstd_out, N, C, P, has_gamma, has_beta, \
-    batch_stats, update_running, keep, m, m_unbiased, eps
+    batch_stats, update_running, relu, keep, m, m_unbiased, eps
 
 template <typename T>
 __device__ __forceinline__ void batch_norm_forward_body(BN_FWD_PARAMS(T)) {
@@ -67,18 +69,24 @@ __device__ __forceinline__ void batch_norm_forward_body(BN_FWD_PARAMS(T)) {
             T v = (x[o] - mean) * invstd;
             if (has_gamma) v = v * g;
             if (has_beta) v = v + b;
-            y[o] = v;
+            y[o] = (relu && v < T(0)) ? T(0) : v;
         }
     }
 }
 CNN_ENTRY_POINTS(batch_norm_forward, BN_FWD_PARAMS, BN_FWD_ARGS)
 
 #define BN_BWD_PARAMS(T)                                                                            \
-    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ gamma,                 \
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ gamma, \
     const T* __restrict__ mean, const T* __restrict__ invstd, T* __restrict__ dx,                   \
     T* __restrict__ dgamma, T* __restrict__ dbeta, int N, int C, int P, int has_gamma, int has_beta, \
-    int batch_stats
-#define BN_BWD_ARGS dy, x, gamma, mean, invstd, dx, dgamma, dbeta, N, C, P, has_gamma, has_beta, batch_stats
+    int batch_stats, int relu
+#define BN_BWD_ARGS dy, x, y, gamma, mean, invstd, dx, dgamma, dbeta, N, C, P, has_gamma, has_beta, batch_stats, relu
+
+// dy, or dy * relu'(y) with the fused ReLU (a product: a NaN in dy stays NaN, as in the reference)
+template <typename T>
+__device__ __forceinline__ T cnn_bn_delta(const T* dy, const T* y, long long o, int relu) {
+    return relu ? dy[o] * (y[o] > T(0) ? T(1) : T(0)) : dy[o];
+}
 
 template <typename T>
 __device__ __forceinline__ void batch_norm_backward_body(BN_BWD_PARAMS(T)) {
@@ -90,8 +98,9 @@ __device__ __forceinline__ void batch_norm_backward_body(BN_BWD_PARAMS(T)) {
         T part_dy = T(0), part_dyx = T(0);
         for (long long j = threadIdx.x; j < M; j += blockDim.x) {
             const long long o = cnn_bn_offset(j, c, C, P);
-            part_dy += dy[o];
-            part_dyx += dy[o] * ((x[o] - mu) * s);
+            const T d = cnn_bn_delta(dy, y, o, relu);
+            part_dy += d;
+            part_dyx += d * ((x[o] - mu) * s);
         }
         const T sum_dy = cnn_block_sum(part_dy, sh);
         const T sum_dyx = cnn_block_sum(part_dyx, sh);
@@ -104,7 +113,8 @@ __device__ __forceinline__ void batch_norm_backward_body(BN_BWD_PARAMS(T)) {
         const T inv_m = T(1) / T(M);
         for (long long j = threadIdx.x; j < M; j += blockDim.x) {
             const long long o = cnn_bn_offset(j, c, C, P);
-            const T gj = has_gamma ? dy[o] * g : dy[o];
+            const T d = cnn_bn_delta(dy, y, o, relu);
+            const T gj = has_gamma ? d * g : d;
             if (batch_stats) {
                 const T xhat = (x[o] - mu) * s;
                 dx[o] = (gj - (sum_g + xhat * sum_gx) * inv_m) * s;

@@ -226,7 +226,8 @@ BN_CASES = [((6, 5), True, True, True), ((4, 3, 5, 4), True, True, True), ((4, 3
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", BN_CASES, ids=lambda c: f"{c[0]}-{'train' if c[1] else 'eval'}"
                          f"{'-affine' if c[2] else ''}{'-running' if c[3] else ''}")
-def test_batch_norm(engine, rng, case, dtype):
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_batch_norm(engine, rng, case, activation, dtype):
     shape, training, affine, running = case
     C = shape[1]
     x = data(rng, shape, dtype) * dtype(2) + dtype(1)
@@ -237,10 +238,11 @@ def test_batch_norm(engine, rng, case, dtype):
         return (rm0.copy(), rv0.copy()) if running else (None, None)
 
     rm, rv = stats()
-    y, cache = F.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.2, 1e-4)
+    y, cache = F.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.2, 1e-4, activation=activation)
     assert cache.engine == engine
     rm_ref, rv_ref = stats()
-    y_ref, cache_ref = on_reference(F.batch_norm_forward, x, gamma, beta, rm_ref, rv_ref, training, 0.2, 1e-4)
+    y_ref, cache_ref = on_reference(F.batch_norm_forward, x, gamma, beta, rm_ref, rv_ref, training, 0.2, 1e-4,
+                                    activation=activation)
     same(y, y_ref, dtype, "y")
     same(rm, rm_ref, dtype, "running_mean")
     same(rv, rv_ref, dtype, "running_var")

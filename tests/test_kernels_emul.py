@@ -972,8 +972,10 @@ def naive_batch_norm(x, gamma, beta, mean=None, var=None, eps=1e-5):
 @pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("case", BN_KERNEL_CASES, ids=lambda c: f"{c[0]}-{int(c[1])}{int(c[2])}{int(c[3])}")
-def test_emul_batch_norm(emul, case, dtype, launch):
+@pytest.mark.parametrize("relu", [False, True], ids=["", "relu"])
+def test_emul_batch_norm(emul, case, dtype, launch, relu):
     shape, training, affine, running = case
+    act = "relu" if relu else None
     C = shape[1]
     rng = rng_for("bn", case, dtype)
     x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
@@ -981,11 +983,12 @@ def test_emul_batch_norm(emul, case, dtype, launch):
     rm0, rv0 = rng.standard_normal(C).astype(dtype), (rng.random(C) + 0.5).astype(dtype)
     rm, rv = (rm0.copy(), rv0.copy()) if running else (None, None)
     rm_ref, rv_ref = (rm0.copy(), rv0.copy()) if running else (None, None)
-    y, cache = ops.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.25, 1e-5, **launch_kw(launch))
-    y_ref, cache_ref = R.batch_norm_forward(x, gamma, beta, rm_ref, rv_ref, training, 0.25, 1e-5)
+    y, cache = ops.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.25, 1e-5, act, **launch_kw(launch))
+    y_ref, cache_ref = R.batch_norm_forward(x, gamma, beta, rm_ref, rv_ref, training, 0.25, 1e-5, act)
     close(y, y_ref, dtype, "y")
     stats = (None, None) if training or not running else (rm0, rv0)
-    close(y, naive_batch_norm(x, gamma, beta, *stats), dtype, "y (naive)")
+    naive = naive_batch_norm(x, gamma, beta, *stats)
+    close(y, np.maximum(naive, 0) if relu else naive, dtype, "y (naive)")
     if running:
         close(rm, rm_ref, dtype, "running_mean")
         close(rv, rv_ref, dtype, "running_var")

@@ -77,6 +77,25 @@ def test_batch_norm_gradcheck_training(rng, shape, affine):
                   lambda dy, c: F.batch_norm_backward(dy, c)[:1], [x], tol=1e-6)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_with_the_fused_relu(rng, training):
+    """activation="relu": relu(batch_norm(x)) in one op, its gradient checked, and the same numbers as
+    the two layers one by one (how nn.Sequential runs BatchNorm2d + ReLU on the fast engines)."""
+    x = rng.standard_normal((4, 3, 3, 2))
+    gamma, beta = rng.standard_normal(3), rng.standard_normal(3)
+    rm, rv = rng.standard_normal(3), rng.random(3) + 0.5
+    fwd = lambda x, g, b: F.batch_norm_forward(x, g, b, rm.copy(), rv.copy(), training, activation="relu")  # noqa: E731
+    gradcheck(fwd, F.batch_norm_backward, [x, gamma, beta], tol=1e-6)
+    y, cache = fwd(x, gamma, beta)
+    y0, c0 = F.batch_norm_forward(x, gamma, beta, rm.copy(), rv.copy(), training)
+    np.testing.assert_array_equal(y, np.maximum(y0, 0))
+    dy = rng.standard_normal(x.shape)
+    for got, want in zip(F.batch_norm_backward(dy, cache), F.batch_norm_backward(dy * (y0 > 0), c0)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        F.batch_norm_forward(x, gamma, beta, None, None, True, activation="gelu")
+
+
 @pytest.mark.parametrize("shape", BN_SHAPES[:2])
 def test_batch_norm_gradcheck_eval(rng, shape):
     C = shape[1]

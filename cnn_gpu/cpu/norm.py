@@ -87,7 +87,7 @@ def _affine(rows: _Rows, out, a, s, t, s_wide, t_wide) -> None:
         o += tt
 
 
-def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps):
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, activation=None):
     if x.ndim == 4 and not is_channels_last(x):
         x = to_channels_last(x)
     elif x.ndim == 2:
@@ -118,8 +118,16 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     shift = -mean * scale + beta if beta is not None else -mean * scale  # y = x scale + shift
     y = empty_like_layout(x, x.shape, x.dtype)
     ym, scale_w, shift_w = _matrix(y), rows.tile(scale), rows.tile(shift)
-    rows.over(lambda r0, r1: _affine(rows, ym[r0:r1], xm[r0:r1], scale, shift, scale_w, shift_w))
-    return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None)
+    relu = activation == "relu"
+
+    def normalise(r0, r1):
+        _affine(rows, ym[r0:r1], xm[r0:r1], scale, shift, scale_w, shift_w)
+        if relu:
+            np.maximum(ym[r0:r1], 0, out=ym[r0:r1])  # the fused ReLU, on the block while it is in cache
+
+    rows.over(normalise)
+    return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None, None, activation,
+                             y if relu else None)
 
 
 def batch_norm_backward(dy, cache):
@@ -129,6 +137,11 @@ def batch_norm_backward(dy, cache):
     x, mean, invstd = cache.x, cache.mean, cache.invstd
     if dy.strides != x.strides:
         dy = to_channels_last(dy, copy=True) if x.ndim == 4 else np.ascontiguousarray(dy)
+    if cache.activation == "relu":  # the fused ReLU's backward: delta = dy * (y > 0), in x's layout
+        delta = empty_like_layout(x, x.shape, x.dtype)
+        dm, gm, ym = _matrix(delta), _matrix(dy), _matrix(cache.y)
+        _Rows(*gm.shape).over(lambda r0, r1: np.multiply(gm[r0:r1], ym[r0:r1] > 0, out=dm[r0:r1]))
+        dy = delta
     xm, dym = _matrix(x), _matrix(dy)
     M, C = xm.shape
     rows, t = _Rows(M, C), x.dtype.type

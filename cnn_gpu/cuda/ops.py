@@ -257,9 +257,11 @@ def _ncp(x) -> tuple:
     return N, C, int(math.prod(x.shape[2:]))
 
 
-def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, *, grid=None, block=None):
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, activation=None, *,
+                       grid=None, block=None):
     """One launch: a block per channel computes its statistics (or reads the running ones), updates
-    the running statistics in place (training) and writes y; see kernels/batchnorm.cu."""
+    the running statistics in place (training) and writes y (relu(y) with ``activation="relu"``);
+    see kernels/batchnorm.cu."""
     N, C, P = _ncp(x)
     t, M = x.dtype.type, N * P
     batch_stats = training or running_mean is None
@@ -269,24 +271,27 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
             x if beta is None else _contiguous("beta", beta),
             mean if running_mean is None else _contiguous("running_mean", running_mean),
             invstd if running_var is None else _contiguous("running_var", running_var), mean, invstd,
-            *_i32(N, C, P, gamma is not None, beta is not None, batch_stats, update),
+            *_i32(N, C, P, gamma is not None, beta is not None, batch_stats, update, activation == "relu"),
             t(1.0 - momentum), t(momentum), t(momentum * M / (M - 1) if M > 1 else 0.0), t(eps))
     if x.size:
         block = _BN_BLOCK if block is None else block
         _launch("batchnorm", "batch_norm_forward", x, C * block, args, grid, block)  # a block per channel
-    return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None)
+    return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None, None, activation,
+                             y if activation else None)
 
 
 def batch_norm_backward(dy, cache, *, grid=None, block=None):
-    """One launch: a block per channel sums dy and dy*xhat (dbeta, dgamma) and writes dx."""
+    """One launch: a block per channel sums dy and dy*xhat (dbeta, dgamma; dy masked by y > 0 with the
+    fused ReLU) and writes dx."""
     x = cache.x
     N, C, P = _ncp(x)
     dx = _empty(x.shape, x.dtype)
     dgamma = _empty((C,), x.dtype) if cache.gamma is not None else None
     dbeta = _empty((C,), x.dtype) if cache.has_beta else None
-    args = (_contiguous("dy", dy), x, x if cache.gamma is None else cache.gamma, cache.mean, cache.invstd, dx,
-            dx if dgamma is None else dgamma, dx if dbeta is None else dbeta,
-            *_i32(N, C, P, cache.gamma is not None, cache.has_beta, cache.batch_stats))
+    relu = cache.activation == "relu"
+    args = (_contiguous("dy", dy), x, cache.y if relu else x, x if cache.gamma is None else cache.gamma, cache.mean,
+            cache.invstd, dx, dx if dgamma is None else dgamma, dx if dbeta is None else dbeta,
+            *_i32(N, C, P, cache.gamma is not None, cache.has_beta, cache.batch_stats, relu))
     if x.size:
         block = _BN_BLOCK if block is None else block
         _launch("batchnorm", "batch_norm_backward", dy, C * block, args, grid, block, "dy")

@@ -88,6 +88,8 @@ class BatchNormCache(NamedTuple):
     batch_stats: bool  # True: mean and invstd came from x itself (their gradient flows into dx)
     has_beta: bool
     aux: Any = None  # engine-private
+    activation: str | None = None  # "relu" when forward returned relu(batch_norm(x))
+    y: Any = None  # the output, kept when an activation was applied (its backward needs y > 0)
 
 
 class AdaptivePool2dCache(NamedTuple):

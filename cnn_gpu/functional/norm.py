@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from . import _dispatch
-from ._checks import check_dy, check_float, check_same_dtype, describe, same_xp
+from ._checks import check_activation, check_dy, check_float, check_same_dtype, describe, same_xp
 from .caches import BatchNormCache
 
 
@@ -42,8 +42,9 @@ def _check_scalars(training, momentum, eps):
         raise ValueError(f"eps: expected a positive float, got {eps!r}")
 
 
-def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5):
-    """x (N, C) or (N, C, H, W) -> (y of x's shape, cache)."""
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5, *,
+                       activation=None):
+    """x (N, C) or (N, C, H, W) -> (y of x's shape, cache); ``activation="relu"``: relu(y), one op."""
     check_float("x", x)
     if x.ndim not in (2, 4):
         raise ValueError(f"x: expected a 2-D (N, C) or 4-D (N, C, H, W) array, got {describe(x)}")
@@ -53,12 +54,13 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
         raise ValueError("running_mean, running_var: expected both arrays or both None, got "
                          f"{'None' if running_mean is None else 'an array'} and {'None' if running_var is None else 'an array'}")
     _check_scalars(training, momentum, eps)
+    check_activation(activation)
     per_channel = math.prod(x.shape) // x.shape[1] if x.shape[1] else 0
     if (training or running_mean is None) and per_channel == 1:
         raise ValueError(f"x: expected more than 1 value per channel to compute batch statistics (training), got "
                          f"{describe(x)}; a batch of one sample cannot be normalised by its own statistics")
     return _dispatch.impl("batch_norm_forward", x)(x, gamma, beta, running_mean, running_var, training,
-                                                   float(momentum), float(eps))
+                                                   float(momentum), float(eps), activation)
 
 
 def batch_norm_backward(dy, cache: BatchNormCache):

@@ -214,7 +214,8 @@ def _per_channel(v, x):
     return v.reshape((1, -1) + (1,) * (x.ndim - 2))
 
 
-def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps):
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, activation=None):
+    """(then relu(y) with ``activation="relu"``: how nn.Sequential fuses a following ReLU)"""
     xp = get_array_module(x)
     t = x.dtype.type
     axes = _channel_axes(x)
@@ -239,12 +240,17 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
         y *= _per_channel(gamma, x)
     if beta is not None:
         y += _per_channel(beta, x)
-    return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None)
+    if activation == "relu":
+        y = xp.maximum(y, 0)
+    return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None, None, activation,
+                             y if activation else None)
 
 
 def batch_norm_backward(dy, cache):
-    """-> (dx, dgamma or None, dbeta or None)."""
+    """-> (dx, dgamma or None, dbeta or None); with the fused ReLU, dy * relu'(y) first."""
     x, axes = cache.x, _channel_axes(cache.x)
+    if cache.activation == "relu":
+        dy = dy * (cache.y > 0)
     xhat = (x - _per_channel(cache.mean, x)) * _per_channel(cache.invstd, x)
     dbeta = dy.sum(axis=axes) if cache.has_beta else None
     dgamma = (dy * xhat).sum(axis=axes) if cache.gamma is not None else None

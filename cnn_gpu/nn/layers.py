@@ -244,9 +244,11 @@ class _BatchNorm(Module):
     batch's statistics normalise and the running statistics (buffers ``running_mean``,
     ``running_var``, ``num_batches_tracked``) are updated; in eval mode the running statistics
     normalise. ``affine``: learn ``weight`` (gamma, ones) and ``bias`` (beta, zeros).
-    ``track_running_stats=False``: no buffers, the batch's statistics in both modes."""
+    ``track_running_stats=False``: no buffers, the batch's statistics in both modes.
+    ``forward(x, activation="relu")`` returns relu(bn(x)) (how nn.Sequential fuses a following ReLU)."""
 
     _ndim = 4
+    takes_activation = True
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, dtype=np.float32):
         super().__init__()
@@ -266,7 +268,7 @@ class _BatchNorm(Module):
         self.register_buffer("num_batches_tracked", xp.zeros((), dtype=np.int64) if tracked else None)
         self._cache = None
 
-    def forward(self, x):
+    def forward(self, x, activation=None):
         if getattr(x, "ndim", None) != self._ndim:
             want = "(N, C)" if self._ndim == 2 else "(N, C, H, W)"
             raise ValueError(f"x: {type(self).__name__} expected a {self._ndim}-D {want} array, got "
@@ -277,7 +279,7 @@ class _BatchNorm(Module):
         gamma = self.weight.data if self.affine else None
         beta = self.bias.data if self.affine else None
         y, self._cache = F.batch_norm_forward(x, gamma, beta, self.running_mean, self.running_var, self.training,
-                                              self.momentum, self.eps)
+                                              self.momentum, self.eps, activation=activation)
         if self.training and self.track_running_stats:
             self.num_batches_tracked += 1  # in place, on the device
         return y
