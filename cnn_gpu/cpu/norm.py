@@ -131,39 +131,41 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
 
 
 def batch_norm_backward(dy, cache):
-    """dx = dy a + (x - mean) b + c per channel, with a = gamma invstd, and for batch statistics
-    b = -a invstd sum(dy xhat) / M, c = -a sum(dy) / M (the reference's formula expanded;
-    xhat = (x - mean) invstd)."""
+    """dx = delta a + (x - mean) b + c per channel, delta = dy (* (y > 0) with the fused ReLU), with
+    a = gamma invstd, and for batch statistics b = -a invstd sum(delta xhat) / M, c = -a sum(delta) / M
+    (the reference's formula expanded; xhat = (x - mean) invstd). Two sweeps over the row blocks: the
+    sums (with the fused ReLU, delta is written into dx's memory on the way), then dx in place."""
     x, mean, invstd = cache.x, cache.mean, cache.invstd
     if dy.strides != x.strides:
         dy = to_channels_last(dy, copy=True) if x.ndim == 4 else np.ascontiguousarray(dy)
-    if cache.activation == "relu":  # the fused ReLU's backward: delta = dy * (y > 0), in x's layout
-        delta = empty_like_layout(x, x.shape, x.dtype)
-        dm, gm, ym = _matrix(delta), _matrix(dy), _matrix(cache.y)
-        _Rows(*gm.shape).over(lambda r0, r1: np.multiply(gm[r0:r1], ym[r0:r1] > 0, out=dm[r0:r1]))
-        dy = delta
     xm, dym = _matrix(x), _matrix(dy)
     M, C = xm.shape
     rows, t = _Rows(M, C), x.dtype.type
-    mean_wide = rows.tile(mean)
-    sum_dy, sum_dyc = rows.sums(lambda r0, r1: (_colsum(rows, dym[r0:r1]),
-                                                _coldot_centred(rows, dym[r0:r1], xm[r0:r1], mean, mean_wide)), 2, x.dtype)
-    sum_dyxhat = sum_dyc * invstd  # sum(dy (x - mean)) invstd
+    dx = empty_like_layout(x, x.shape, x.dtype)
+    dxm, mean_wide = _matrix(dx), rows.tile(mean)
+    relu = cache.activation == "relu"
+    ym, src = (_matrix(cache.y), dxm) if relu else (None, dym)  # src: delta, in dx's memory with the ReLU
+
+    def sums(r0, r1):
+        if relu:
+            np.multiply(dym[r0:r1], ym[r0:r1] > 0, out=dxm[r0:r1])
+        return _colsum(rows, src[r0:r1]), _coldot_centred(rows, src[r0:r1], xm[r0:r1], mean, mean_wide)
+
+    sum_dy, sum_dyc = rows.sums(sums, 2, x.dtype)
+    sum_dyxhat = sum_dyc * invstd  # sum(delta (x - mean)) invstd
     dbeta = sum_dy if cache.has_beta else None
     dgamma = sum_dyxhat if cache.gamma is not None else None
     a = cache.gamma * invstd if cache.gamma is not None else invstd
-    dx = empty_like_layout(x, x.shape, x.dtype)
-    dxm = _matrix(dx)
+    a_w = rows.tile(a)
     if not cache.batch_stats:
-        a_w = rows.tile(a)
-        rows.over(lambda r0, r1: _affine(rows, dxm[r0:r1], dym[r0:r1], a, 0, a_w, 0))
+        rows.over(lambda r0, r1: _affine(rows, dxm[r0:r1], src[r0:r1], a, 0, a_w, 0))
         return dx, dgamma, dbeta
     b = -a * invstd * sum_dyxhat * t(1.0 / M)
     c = -a * sum_dy * t(1.0 / M)
-    a_w, b_w, c_w = rows.tile(a), rows.tile(b), rows.tile(c)
+    b_w, c_w = rows.tile(b), rows.tile(c)
 
     def step(r0, r1):
-        _affine(rows, dxm[r0:r1], dym[r0:r1], a, c, a_w, c_w)  # dy a + c
+        _affine(rows, dxm[r0:r1], src[r0:r1], a, c, a_w, c_w)  # delta a + c (in place over delta)
         for o, v, mm, bb in zip(rows.split(dxm[r0:r1]), rows.split(xm[r0:r1]), (mean_wide, mean), (b_w, b)):
             o += (v - mm) * bb  # + (x - mean) b
 
