@@ -529,3 +529,16 @@ def test_cpu_adaptive_pool_gradient_keeps_the_input_layout(rng, out):
     y_ref, c_ref = F.adaptive_avg_pool2d_forward(np.ascontiguousarray(x), out)
     assert_close(y, y_ref, 1e-14, "y")
     assert_close(dx, F.adaptive_avg_pool2d_backward(dy, c_ref), 1e-14, "dx")
+
+
+def test_resnet_save_load_round_trip(rng, tmp_path):
+    model = models.resnet(8, num_classes=4, generator=1)
+    x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
+    model.forward(x)  # one training step's statistics in the buffers
+    cnn_gpu.save(model, tmp_path / "r8.npz")
+    loaded = cnn_gpu.load(tmp_path / "r8.npz")
+    assert isinstance(loaded.features[3], nn.Residual) and loaded.features[3].shortcut is None
+    assert isinstance(loaded.features[5].shortcut, nn.Sequential)
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    model.eval(), loaded.eval()
+    np.testing.assert_array_equal(loaded.forward(x), model.forward(x))

@@ -3,9 +3,9 @@
 A Module owns Parameters, buffers and child Modules; names are derived from the tree
 ("features.0.weight"). Buffers (``register_buffer``) are state that is not trained: BatchNorm's
 running statistics. They travel with the parameters through state_dict / load_state_dict,
-cnn_gpu.save / load, checkpoints and ``.to()``, and optimizers never see them. Layers are thin wrappers around the functional pairs:
-``forward`` keeps the cache, ``backward`` uses it and *adds* into each
-``Parameter.grad`` (gradients accumulate until ``zero_grad()``).
+cnn_gpu.save / load, checkpoints and ``.to()``, and optimizers never see them. Layers are thin
+wrappers around the functional pairs: ``forward`` keeps the cache, ``backward`` uses it and
+*adds* into each ``Parameter.grad`` (gradients accumulate until ``zero_grad()``).
 """
 from __future__ import annotations
 
