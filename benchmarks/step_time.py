@@ -1,4 +1,4 @@
-"""Time one training step (forward, backward, SGD-momentum update) of lenet5 and vgg_small.
+"""Time one training step (forward, backward, SGD-momentum update) of lenet5, vgg_small and resnet20.
 
     python benchmarks/step_time.py [--backend numpy|cupy] [--batch 128 ...] [--models lenet5 vgg_small]
                                    [--repeat 20] [--warmup 3] [--compare torch] [--json]
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cnn_gpu  # noqa: E402
 from cnn_gpu import models, nn, optim  # noqa: E402
 
-SHAPES = {"lenet5": (1, 28, 28), "vgg_small": (3, 32, 32)}
+SHAPES = {"lenet5": (1, 28, 28), "vgg_small": (3, 32, 32), "resnet20": (3, 32, 32)}
 
 
 def _sync(backend: str) -> None:
@@ -61,6 +61,32 @@ class OursStep:
         _sync(self.backend)
 
 
+def torch_resnet(depth: int = 20, num_classes: int = 10):
+    """models.resnet(depth) in torch: the same layers in the same order (conv3x3 without bias, BN, ReLU;
+    basic blocks with a 1x1 conv + BN projection where the shape changes; global average pooling; FC)."""
+    from torch import nn as tnn
+
+    class Block(tnn.Module):
+        def __init__(self, c_in, c_out, stride):
+            super().__init__()
+            self.body = tnn.Sequential(tnn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), tnn.BatchNorm2d(c_out),
+                                       tnn.ReLU(), tnn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), tnn.BatchNorm2d(c_out))
+            self.shortcut = (tnn.Sequential(tnn.Conv2d(c_in, c_out, 1, stride, bias=False), tnn.BatchNorm2d(c_out))
+                             if stride != 1 or c_in != c_out else None)
+            self.relu = tnn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.body(x) + (self.shortcut(x) if self.shortcut is not None else x))
+
+    n = (depth - 2) // 6
+    layers, c_in = [tnn.Conv2d(3, 16, 3, 1, 1, bias=False), tnn.BatchNorm2d(16), tnn.ReLU()], 16
+    for stage, width in enumerate((16, 32, 64)):
+        for i in range(n):
+            layers.append(Block(c_in, width, 2 if stage > 0 and i == 0 else 1))
+            c_in = width
+    return tnn.Sequential(*layers, tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(64, num_classes))
+
+
 class TorchStep:
     def __init__(self, name: str, batch: int, device: str, seed: int = 0):
         import torch
@@ -71,6 +97,8 @@ class TorchStep:
             net = tnn.Sequential(tnn.Conv2d(1, 6, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(6, 16, 5),
                                  tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(400, 120), tnn.ReLU(),
                                  tnn.Linear(120, 84), tnn.ReLU(), tnn.Linear(84, 10))
+        elif name == "resnet20":
+            net = torch_resnet(20)
         else:
             net = tnn.Sequential(tnn.Conv2d(3, 32, 3, padding=1), tnn.ReLU(), tnn.Conv2d(32, 32, 3, padding=1), tnn.ReLU(),
                                  tnn.MaxPool2d(2), tnn.Conv2d(32, 64, 3, padding=1), tnn.ReLU(),

@@ -1,7 +1,7 @@
-"""The benchmark suite: training-step time, per-layer time and peak memory of lenet5 and
-vgg_small, against torch on the same device.
+"""The benchmark suite: training-step time, per-layer time and peak memory of lenet5,
+vgg_small and resnet20 (the last on request: ``--models resnet20``), against torch on the same device.
 
-    python benchmarks/suite.py [--backend numpy|cupy] [--models lenet5 vgg_small] [--batch 32 128 256]
+    python benchmarks/suite.py [--backend numpy|cupy] [--models lenet5 vgg_small resnet20] [--batch 32 128 256]
                                [--repeat 20] [--warmup 3] [--compare torch|none] [--layers] [--memory]
                                [--json] [--out FILE]
 
@@ -135,8 +135,8 @@ def _instrument_torch(step: TorchStep, times: dict, clock) -> list:
             torch.cuda.synchronize()
         return clock()
 
-    for idx, m in enumerate(step.net):
-        key = str(idx)
+    leaves = [(n, m) for n, m in step.net.named_modules() if not list(m.children())]  # in our leaves' order
+    for key, m in leaves:
         times[key] = {"forward": 0.0, "backward": 0.0}
 
         def fpre(mod, inp, key=key):
@@ -318,7 +318,7 @@ def main(argv=None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
-    ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["lenet5", "vgg_small"])
+    ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["lenet5", "vgg_small", "resnet20"])
     ap.add_argument("--batch", nargs="+", type=int, default=[32, 128, 256])
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)

@@ -232,6 +232,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def _arch_summary(desc: dict) -> str:
     if desc.get("type") == "Sequential":
         return "[" + ", ".join(_arch_summary(c) for _, c in desc.get("children", [])) + "]"
+    if desc.get("type") == "Residual":
+        shortcut = desc.get("shortcut")
+        return f"Residual({_arch_summary(desc.get('body', {}))}, {_arch_summary(shortcut) if shortcut else 'identity'})"
     cfg = desc.get("config", {})
     return desc.get("type", "?") + ("(" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")" if cfg else "")
 

@@ -357,27 +357,44 @@ def _describe_layer(m) -> str:
         return text
     if kind == "Dropout":
         return f"Dropout p={m.p:g}"
+    if kind in ("BatchNorm1d", "BatchNorm2d"):
+        return f"{kind} {m.num_features}" + ("" if m.affine else " no affine")
+    if kind == "AdaptiveAvgPool2d":
+        return f"AdaptiveAvgPool2d {m.output_size[0]}x{m.output_size[1]}"
     extra = m.extra_repr()
     return kind + (f"({extra})" if extra else "")
 
 
 def summarize(model, input_shape: tuple) -> list[tuple[str, str, tuple, int]]:
     """(name, layer, output shape without the batch, parameters) for each leaf layer, in order,
-    by running a zero batch of one through the model."""
+    by running a zero batch of one through the model (eval mode, the reference engine, so every
+    leaf runs on its own; each leaf's output is recorded, also inside a Residual's branches)."""
+    from . import config  # noqa: PLC0415
+
     x = np.zeros((1,) + tuple(input_shape), dtype=np.float32)
-    rows = []
+    leaves = [(name, m) for name, m in model.named_modules() if not m._modules]  # containers: their leaves are listed
+    shapes = {}
+
+    def recording(name, forward):
+        def run(*args, **kwargs):
+            y = forward(*args, **kwargs)
+            shapes[name] = tuple(y.shape[1:])
+            return y
+        return run
+
     was_training = model.training
     model.eval()
     try:
-        for name, m in model.named_modules():
-            if m._modules:  # a container: its leaves are listed
-                continue
-            x = m.forward(x)
-            n = int(sum(int(np.prod(p.shape)) for p in m.parameters()))
-            rows.append((name, _describe_layer(m), tuple(x.shape[1:]), n))
+        for name, m in leaves:
+            object.__setattr__(m, "forward", recording(name, m.forward))
+        with config.override(engine="reference"):
+            model.forward(x)
     finally:
+        for _, m in leaves:
+            m.__dict__.pop("forward", None)
         model.train(was_training)
-    return rows
+    return [(name, _describe_layer(m), shapes[name], int(sum(int(np.prod(p.shape)) for p in m.parameters())))
+            for name, m in leaves]
 
 
 def cmd_models(args, out=print) -> None:

@@ -1,12 +1,25 @@
 """The model zoo. Every model is a Sequential of ``features`` (conv/pool), ``flatten`` and
-``classifier`` (fully connected), so parameters are named like ``features.0.weight``."""
+``classifier`` (fully connected), so parameters are named like ``features.0.weight``.
+The ResNets' residual blocks are ``Residual`` modules inside ``features``
+(``features.3.body.0.weight``, ``features.9.shortcut.1.running_mean``)."""
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import numpy as np
 
-from .nn import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from .nn import (
+    AdaptiveAvgPool2d,
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Residual,
+    Sequential,
+)
 from .random import resolve_generator
 
 
@@ -46,10 +59,45 @@ def lenet_digits(in_channels=1, num_classes=10, dtype=np.float32, generator=None
     )
 
 
+def _basic_block(c_in, c_out, stride, g) -> list:
+    """He et al.'s basic block: Residual(conv3x3 BN ReLU conv3x3 BN, shortcut), then ReLU. The shortcut is
+    the identity, or a 1x1 convolution + BN (a projection) where the stride or the width changes."""
+    body = Sequential(Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False, **g), BatchNorm2d(c_out, dtype=g["dtype"]),
+                      ReLU(), Conv2d(c_out, c_out, 3, padding=1, bias=False, **g), BatchNorm2d(c_out, dtype=g["dtype"]))
+    shortcut = None
+    if stride != 1 or c_in != c_out:
+        shortcut = Sequential(Conv2d(c_in, c_out, 1, stride=stride, bias=False, **g), BatchNorm2d(c_out, dtype=g["dtype"]))
+    return [Residual(body, shortcut), ReLU()]
+
+
+def resnet(depth=20, in_channels=3, num_classes=10, dtype=np.float32, generator=None) -> Sequential:
+    """The CIFAR ResNets of He et al. 2016 (section 4.2), depth = 6n + 2: conv3x3 16 + BN + ReLU, three stages
+    of n basic blocks with 16, 32 and 64 channels (the 2nd and 3rd start with stride 2 and a 1x1 conv + BN
+    projection shortcut), global average pooling, a fully connected layer. Convolutions have no bias (BN follows)."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth: expected 6n + 2 for n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {depth!r}")
+    n = (depth - 2) // 6
+    g = dict(dtype=dtype, generator=resolve_generator(generator))  # one stream for all layers
+    features = [Conv2d(in_channels, 16, 3, padding=1, bias=False, **g), BatchNorm2d(16, dtype=dtype), ReLU()]
+    c_in = 16
+    for stage, width in enumerate((16, 32, 64)):
+        for i in range(n):
+            features += _basic_block(c_in, width, 2 if stage > 0 and i == 0 else 1, g)
+            c_in = width
+    features.append(AdaptiveAvgPool2d(1))  # (N, 64, 1, 1): global average pooling
+    return _net(features, [Linear(64, num_classes, **g)])
+
+
+def resnet20(in_channels=3, num_classes=10, dtype=np.float32, generator=None) -> Sequential:
+    """ResNet-20 for 3x32x32 inputs (CIFAR-10): resnet(20), about 0.27 M parameters."""
+    return resnet(20, in_channels, num_classes, dtype, generator)
+
+
 MODELS = {
     "lenet5": (lenet5, (1, 28, 28)),
     "vgg_small": (vgg_small, (3, 32, 32)),
     "lenet_digits": (lenet_digits, (1, 8, 8)),
+    "resnet20": (resnet20, (3, 32, 32)),
 }
 
 

@@ -6,8 +6,10 @@ File format (a NumPy ``.npz`` archive, readable with ``numpy.load(path, allow_pi
 - ``__cnn_gpu__``: a uint8 array holding UTF-8 JSON:
   ``{"format": "cnn_gpu.model", "version": 1, "dtype": "float32",
      "architecture": <module description>, "metadata": {...}}``.
-  A module description is ``{"type": "Sequential", "children": [[name, description], ...]}``
+  A module description is ``{"type": "Sequential", "children": [[name, description], ...]}``,
+  ``{"type": "Residual", "body": description, "shortcut": description or null}``
   or ``{"type": "<Layer class>", "config": {constructor arguments}}``.
+- buffers (BatchNorm's running statistics) are stored like parameters, under their names.
 
 ``load`` rebuilds the model from the description alone, so a saved model can be evaluated
 without the code that built it.
@@ -26,7 +28,7 @@ import numpy as np
 from .archive import MAX_HEADER_BYTES, Archive
 from .backend import to_numpy
 from .io import atomic_write
-from .nn import LAYER_TYPES, Module, Sequential
+from .nn import LAYER_TYPES, Module, Residual, Sequential
 
 FORMAT = "cnn_gpu.model"
 VERSION = 1
@@ -37,6 +39,9 @@ def describe(module: Module) -> dict:
     """The JSON-serialisable architecture of ``module``."""
     if isinstance(module, Sequential):
         return {"type": "Sequential", "children": [[n, describe(c)] for n, c in module.named_children()]}
+    if isinstance(module, Residual):
+        return {"type": "Residual", "body": describe(module.body),
+                "shortcut": describe(module.shortcut) if module.shortcut is not None else None}
     name = type(module).__name__
     if name not in LAYER_TYPES:
         raise TypeError(f"module: {name} is not a cnn_gpu layer type and cannot be described; known: {sorted(LAYER_TYPES)}")
@@ -52,6 +57,10 @@ def build(desc: dict, dtype: Any = np.float32, path: Any = "model") -> Module:
         if d["type"] == "Sequential":
             return Sequential(OrderedDict((n, make(c, f"{where}.children[{i}][1]"))
                                           for i, (n, c) in enumerate(d["children"])))
+        if d["type"] == "Residual":
+            shortcut = d.get("shortcut")
+            return Residual(make(d["body"], f"{where}.body"),
+                            make(shortcut, f"{where}.shortcut") if shortcut is not None else None)
         return _build_leaf(d["type"], d.get("config", {}), dtype, path, f"{where}.config")
 
     return make(desc, "architecture")
@@ -189,6 +198,12 @@ def parameter_shapes(desc: Any, path: Any = "model", where: str = "architecture"
                 names.add(item[0])
                 visit(item[1], f"{prefix}{item[0]}.", f"{where}.children[{i}][1]", depth + 1)
             return
+        if kind == "Residual":
+            shortcut = d.get("shortcut")
+            visit(d.get("body"), f"{prefix}body.", f"{where}.body", depth + 1)
+            if shortcut is not None:
+                visit(shortcut, f"{prefix}shortcut.", f"{where}.shortcut", depth + 1)
+            return
         if kind not in LAYER_TYPES:
             raise field_error(path, f"{where}.type", f"a layer type (one of {sorted(LAYER_TYPES)})", kind)
         cfg = d.get("config", {})
@@ -214,7 +229,15 @@ def read_weights(archive: Archive, shapes: dict[str, tuple], dtype: Any, prefix:
         detail = "; ".join(f"{prefix}{n}: expected shape {shapes[n]}, got {archive.info(prefix + n)[0]}" for n in wrong[:5])
         raise ValueError(f"{path}: weights do not match the saved architecture ({want:,} parameters; the file stores "
                          f"{have:,}): missing {missing[:10]}, unexpected {unexpected[:10]}" + (f"; {detail}" if detail else ""))
-    return {n: archive.read(prefix + n, shapes[n], dtype) for n in shapes}
+    return {n: archive.read(prefix + n, shapes[n], member_dtype(n, dtype)) for n in shapes}
+
+
+INTEGER_STATE = {"num_batches_tracked": np.int64}  # buffers that are counters, not weights
+
+
+def member_dtype(name: str, dtype: Any) -> np.dtype:
+    """The stored dtype of state ``name``: the model's dtype, or int64 for counters."""
+    return np.dtype(INTEGER_STATE.get(name.rpartition(".")[2], dtype))
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -225,8 +248,11 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def _build_leaf(kind: str, cfg: dict, dtype: Any, path: Any, where: str) -> Module:
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-    if "dtype" in inspect.signature(LAYER_TYPES[kind].__init__).parameters:
-        args.update(dtype=dtype, generator=np.random.default_rng(0))  # weights are overwritten by load
+    accepted = inspect.signature(LAYER_TYPES[kind].__init__).parameters
+    if "dtype" in accepted:
+        args.update(dtype=dtype)
+    if "generator" in accepted and "dtype" in accepted:
+        args.update(generator=np.random.default_rng(0))  # weights are overwritten by load
     try:
         return LAYER_TYPES[kind](**args)
     except (ValueError, TypeError) as exc:

@@ -38,7 +38,7 @@ timeout 120 "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_kernels_nvrt
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 section "Training step time against torch (CUDA, cuDNN) on the same GPU"
-timeout 180 "$PY" benchmarks/step_time.py --backend cupy --batch 128 512 --repeat 20 --warmup 5 2>&1 \
+timeout 240 "$PY" benchmarks/step_time.py --backend cupy --models lenet5 vgg_small resnet20 --batch 128 512 --repeat 20 --warmup 5 2>&1 \
     | tee "$OUT/step_time.log" >>"$REPORT" || status=1
 
 section "Where the time goes (cupyx.profiler, one vgg_small step at batch 128)"

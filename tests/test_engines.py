@@ -236,7 +236,7 @@ def test_linear(engine, rng, bias, activation, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("op", ["relu", "leaky_relu", "sigmoid", "tanh", "flatten"])
+@pytest.mark.parametrize("op", ["relu", "leaky_relu", "sigmoid", "tanh", "flatten", "gelu"])
 def test_activations(engine, rng, op, dtype):
     fwd, bwd = getattr(F, f"{op}_forward"), getattr(F, f"{op}_backward")
     x = data(rng, (3, 4, 5, 2), dtype)
@@ -245,6 +245,64 @@ def test_activations(engine, rng, op, dtype):
     same(y, y_ref, dtype, "y")
     dy = data(rng, y_ref.shape, dtype)
     same(bwd(dy, cache), on_reference(bwd, dy, cache_ref), dtype, "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu(engine, rng, approximate, dtype):
+    x = data(rng, (3, 4, 5, 2), dtype)
+    y, cache = F.gelu_forward(x, approximate)
+    y_ref, cache_ref = on_reference(F.gelu_forward, x, approximate)
+    same(y, y_ref, dtype, "y")
+    dy = data(rng, y_ref.shape, dtype)
+    same(F.gelu_backward(dy, cache), on_reference(F.gelu_backward, dy, cache_ref), dtype, "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,out", [((2, 3, 7, 5), (3, 2)), ((3, 4, 4, 4), 1), ((1, 2, 3, 3), (4, 5))])
+def test_adaptive_avg_pool2d(engine, rng, shape, out, dtype):
+    x = data(rng, shape, dtype)
+    y, cache = F.adaptive_avg_pool2d_forward(x, out)
+    y_ref, cache_ref = on_reference(F.adaptive_avg_pool2d_forward, x, out)
+    same(y, y_ref, dtype, "y")
+    dy = data(rng, y_ref.shape, dtype)
+    same(F.adaptive_avg_pool2d_backward(dy, cache), on_reference(F.adaptive_avg_pool2d_backward, dy, cache_ref),
+         dtype, "dx")
+
+
+# (shape, training, affine, running statistics)
+BN_CASES = [((6, 5), True, True, True), ((4, 3, 5, 4), True, True, True), ((4, 3, 5, 4), False, True, True),
+            ((3, 2, 3, 3), True, False, False), ((3, 2, 3, 3), False, False, False), ((2, 3, 17, 9), True, True, True),
+            ((5, 4), False, True, True), ((4, 16, 33, 33), True, True, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", BN_CASES, ids=lambda c: f"{c[0]}-{'train' if c[1] else 'eval'}"
+                         f"{'-affine' if c[2] else ''}{'-running' if c[3] else ''}")
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_batch_norm(engine, rng, case, activation, dtype):
+    shape, training, affine, running = case
+    C = shape[1]
+    x = data(rng, shape, dtype) * dtype(2) + dtype(1)
+    gamma, beta = (data(rng, (C,), dtype), data(rng, (C,), dtype)) if affine else (None, None)
+    rm0, rv0 = data(rng, (C,), dtype), (rng.random(C) + 0.5).astype(dtype)
+
+    def stats():
+        return (rm0.copy(), rv0.copy()) if running else (None, None)
+
+    rm, rv = stats()
+    y, cache = F.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.2, 1e-4, activation=activation)
+    assert cache.engine == engine
+    rm_ref, rv_ref = stats()
+    y_ref, cache_ref = on_reference(F.batch_norm_forward, x, gamma, beta, rm_ref, rv_ref, training, 0.2, 1e-4,
+                                    activation=activation)
+    same(y, y_ref, dtype, "y")
+    same(rm, rm_ref, dtype, "running_mean")
+    same(rv, rv_ref, dtype, "running_var")
+    dy = data(rng, shape, dtype)
+    got, want = F.batch_norm_backward(dy, cache), on_reference(F.batch_norm_backward, dy, cache_ref)
+    for g, r, what in zip(got, want, ("dx", "dgamma", "dbeta")):
+        same(g, r, dtype, what)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -318,7 +376,8 @@ def _separable_net(dtype):
 MODELS = [pytest.param(lambda dtype: models.lenet5(dtype=dtype, generator=0), (3, 1, 28, 28), id="lenet5"),
           pytest.param(_separable_net, (2, 3, 12, 12), id="separable"),
           pytest.param(lambda dtype: models.vgg_small(dtype=dtype, generator=0), (2, 3, 32, 32), id="vgg_small"),
-          pytest.param(_every_layer_net, (3, 2, 11, 11), id="every-layer")]
+          pytest.param(_every_layer_net, (3, 2, 11, 11), id="every-layer"),
+          pytest.param(lambda dtype: models.resnet(8, dtype=dtype, generator=0), (3, 3, 8, 8), id="resnet8")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -972,3 +972,87 @@ def test_emul_matches_the_gpu(dtype):
             close(gpu[k], cpu[k], dtype, k)
         else:
             exact(gpu[k], cpu[k], k)
+
+
+# ----------------------------------------------------------------- batch normalisation (batchnorm.cu)
+# (shape, training, affine, running statistics)
+BN_KERNEL_CASES = [((5, 3, 4, 3), True, True, True), ((7, 4), True, True, True), ((3, 2, 5, 5), False, True, True),
+                   ((2, 5, 3, 1), True, False, False), ((4, 3), False, False, True), ((2, 3, 23, 7), True, True, True)]
+
+
+def naive_batch_norm(x, gamma, beta, mean=None, var=None, eps=1e-5):
+    """Per channel, from the definition with Python floats: y = gamma (x - mean) / sqrt(var + eps) + beta."""
+    C = x.shape[1]
+    y = np.empty(x.shape)
+    for c in range(C):
+        vals = [float(v) for v in np.take(x, c, axis=1).ravel()]
+        m = sum(vals) / len(vals) if mean is None else float(mean[c])
+        v = sum((a - m) ** 2 for a in vals) / len(vals) if var is None else float(var[c])
+        gc, bc = (float(gamma[c]), float(beta[c])) if gamma is not None else (1.0, 0.0)
+        y[:, c] = gc * (np.take(x, c, axis=1).astype(np.float64) - m) / math.sqrt(v + eps) + bc
+    return y
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", BN_KERNEL_CASES, ids=lambda c: f"{c[0]}-{int(c[1])}{int(c[2])}{int(c[3])}")
+@pytest.mark.parametrize("relu", [False, True], ids=["", "relu"])
+def test_emul_batch_norm(emul, case, dtype, launch, relu):
+    shape, training, affine, running = case
+    act = "relu" if relu else None
+    C = shape[1]
+    rng = rng_for("bn", case, dtype)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    gamma, beta = (rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)) if affine else (None, None)
+    rm0, rv0 = rng.standard_normal(C).astype(dtype), (rng.random(C) + 0.5).astype(dtype)
+    rm, rv = (rm0.copy(), rv0.copy()) if running else (None, None)
+    rm_ref, rv_ref = (rm0.copy(), rv0.copy()) if running else (None, None)
+    y, cache = ops.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.25, 1e-5, act, **launch_kw(launch))
+    y_ref, cache_ref = R.batch_norm_forward(x, gamma, beta, rm_ref, rv_ref, training, 0.25, 1e-5, act)
+    close(y, y_ref, dtype, "y")
+    stats = (None, None) if training or not running else (rm0, rv0)
+    naive = naive_batch_norm(x, gamma, beta, *stats)
+    close(y, np.maximum(naive, 0) if relu else naive, dtype, "y (naive)")
+    if running:
+        close(rm, rm_ref, dtype, "running_mean")
+        close(rv, rv_ref, dtype, "running_var")
+    else:
+        assert rm is None
+    dy = rng.standard_normal(shape).astype(dtype)
+    got = ops.batch_norm_backward(dy, cache, **launch_kw(launch))
+    want = R.batch_norm_backward(dy, cache_ref)
+    for g, r, what in zip(got, want, ("dx", "dgamma", "dbeta")):
+        if r is None:
+            assert g is None, what
+        else:
+            assert g.dtype == np.dtype(dtype), what
+            close(g, r, dtype, what)
+
+
+def test_emul_batch_norm_torch_oracle(emul):
+    torch = pytest.importorskip("torch")
+    rng = rng_for("bn-torch")
+    x, dy = rng.standard_normal((4, 3, 5, 5)), rng.standard_normal((4, 3, 5, 5))
+    gamma, beta, rm, rv = rng.standard_normal(3), rng.standard_normal(3), np.zeros(3), np.ones(3)
+    tx, tg, tb = (torch.tensor(a, requires_grad=True) for a in (x, gamma, beta))
+    trm, trv = torch.tensor(rm), torch.tensor(rv)
+    ty = torch.nn.functional.batch_norm(tx, trm, trv, tg, tb, training=True, momentum=0.1, eps=1e-5)
+    ty.backward(torch.tensor(dy))
+    y, cache = ops.batch_norm_forward(x, gamma, beta, rm, rv, True, 0.1, 1e-5, grid=2, block=32)
+    dx, dg, db = ops.batch_norm_backward(dy, cache, grid=2, block=32)
+    for got, want, what in [(y, ty, "y"), (rm, trm, "rm"), (rv, trv, "rv"), (dx, tx.grad, "dx"), (dg, tg.grad, "dg"),
+                            (db, tb.grad, "db")]:
+        close(got, want.detach().numpy(), np.float64, what)
+
+
+def test_emul_batch_norm_is_bitwise_reproducible(emul):
+    """Two runs with the same launch configuration give identical bits (the emulator also reruns
+    every launch in reverse block and thread order and requires the same bits)."""
+    rng = rng_for("bn-repro")
+    x, dy = rng.standard_normal((8, 4, 6, 6)).astype(np.float32), rng.standard_normal((8, 4, 6, 6)).astype(np.float32)
+    runs = []
+    for _ in range(2):
+        y, cache = ops.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5, grid=3, block=64)
+        runs.append((y, *ops.batch_norm_backward(dy, cache, grid=3, block=64)[:1]))
+    for a, b in zip(*runs):
+        exact(a, b, "rerun")

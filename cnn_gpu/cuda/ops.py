@@ -29,7 +29,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..functional import reference
-from ..functional.caches import AvgPool2dCache, Conv2dCache, DropoutCache, LinearCache, MaxPool2dCache
+from ..functional.caches import AvgPool2dCache, BatchNormCache, Conv2dCache, DropoutCache, LinearCache, MaxPool2dCache
 from ..functional.geometry import ConvGeometry, PoolGeometry
 from ..workspace import chunk_size, scratch
 from .build import get_launcher
@@ -334,6 +334,59 @@ def avg_pool2d_backward(dy, cache, *, grid=None, block=None):
         _launch("pool", "avg_pool2d_backward", dy, dx.size, (_contiguous("dy", dy), dx, *_pool_args(g)), grid, block,
                 "dy")
     return dx
+
+
+# ------------------------------------------------------------------- batch normalisation
+#: BatchNorm runs one block per channel (C blocks, 16-64 in a ResNet): a large block gives each
+#: channel more threads (the CPU emulation of the tests pays for every thread, hence not 1024)
+_BN_BLOCK = 512
+
+
+def _ncp(x) -> tuple:
+    """(N, C, P) of x (N, C) or (N, C, H, W): P = H*W, or 1."""
+    N, C = int(x.shape[0]), int(x.shape[1])
+    return N, C, int(math.prod(x.shape[2:]))
+
+
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, activation=None, *,
+                       grid=None, block=None):
+    """One launch: a block per channel computes its statistics (or reads the running ones), updates
+    the running statistics in place (training) and writes y (relu(y) with ``activation="relu"``);
+    see kernels/batchnorm.cu."""
+    N, C, P = _ncp(x)
+    t, M = x.dtype.type, N * P
+    batch_stats = training or running_mean is None
+    update = training and running_mean is not None
+    y, mean, invstd = _empty(x.shape, x.dtype), _empty((C,), x.dtype), _empty((C,), x.dtype)
+    args = (_contiguous("x", x), y, x if gamma is None else _contiguous("gamma", gamma),
+            x if beta is None else _contiguous("beta", beta),
+            mean if running_mean is None else _contiguous("running_mean", running_mean),
+            invstd if running_var is None else _contiguous("running_var", running_var), mean, invstd,
+            *_i32(N, C, P, gamma is not None, beta is not None, batch_stats, update, activation == "relu"),
+            t(1.0 - momentum), t(momentum), t(momentum * M / (M - 1) if M > 1 else 0.0), t(eps))
+    if x.size:
+        block = _BN_BLOCK if block is None else block
+        _launch("batchnorm", "batch_norm_forward", x, C * block, args, grid, block)  # a block per channel
+    return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None, None, activation,
+                             y if activation else None)
+
+
+def batch_norm_backward(dy, cache, *, grid=None, block=None):
+    """One launch: a block per channel sums dy and dy*xhat (dbeta, dgamma; dy masked by y > 0 with the
+    fused ReLU) and writes dx."""
+    x = cache.x
+    N, C, P = _ncp(x)
+    dx = _empty(x.shape, x.dtype)
+    dgamma = _empty((C,), x.dtype) if cache.gamma is not None else None
+    dbeta = _empty((C,), x.dtype) if cache.has_beta else None
+    relu = cache.activation == "relu"
+    args = (_contiguous("dy", dy), x, cache.y if relu else x, x if cache.gamma is None else cache.gamma, cache.mean,
+            cache.invstd, dx, dx if dgamma is None else dgamma, dx if dbeta is None else dbeta,
+            *_i32(N, C, P, cache.gamma is not None, cache.has_beta, cache.batch_stats, relu))
+    if x.size:
+        block = _BN_BLOCK if block is None else block
+        _launch("batchnorm", "batch_norm_backward", dy, C * block, args, grid, block, "dy")
+    return dx, dgamma, dbeta
 
 
 # ------------------------------------------------------------------- fully connected

@@ -4,6 +4,8 @@ delta = dL/dy, each backward returning delta * f'(x):
     leaky_relu  f'(x) = 1 if x > 0 else slope
     sigmoid     f'(x) = y (1 - y)
     tanh        f'(x) = 1 - y^2
+    gelu        f'(x) = Phi(x) + x phi(x)  (Phi, phi: the standard normal's cdf and density), or the
+                derivative of torch's tanh approximation with approximate="tanh"
     dropout     y = x * mask / (1 - p), dx = dy * mask / (1 - p) (inverted dropout)
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 
 from . import _dispatch
 from ._checks import check_dy, check_float, check_shape
-from .caches import DropoutCache
+from .caches import DropoutCache, GeluCache
 
 
 def _elementwise(op, x):
@@ -60,6 +62,23 @@ def tanh_backward(dy, cache):
     return _backward("tanh_backward", dy, cache, cache)
 
 
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def gelu_forward(x, approximate="none"):
+    """GELU as torch: x * Phi(x) (``approximate="none"``, with erf) or the tanh approximation."""
+    check_float("x", x)
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate: expected one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+    return _dispatch.impl("gelu_forward", x)(x, approximate)
+
+
+def gelu_backward(dy, cache: GeluCache):
+    if not isinstance(cache, GeluCache):
+        raise TypeError(f"cache: expected the GeluCache of gelu_forward, got {type(cache).__name__}")
+    return _backward("gelu_backward", dy, cache, cache.x)
+
+
 def flatten_forward(x):
     """(N, ...) -> (N, prod(...)); the cache is the input shape."""
     check_float("x", x)
@@ -104,5 +123,5 @@ def dropout_backward(dy, cache: DropoutCache):
 
 
 __all__ = ["relu_forward", "relu_backward", "leaky_relu_forward", "leaky_relu_backward", "sigmoid_forward",
-           "sigmoid_backward", "tanh_forward", "tanh_backward", "flatten_forward", "flatten_backward",
+           "sigmoid_backward", "tanh_forward", "tanh_backward", "gelu_forward", "gelu_backward", "flatten_forward", "flatten_backward",
            "dropout_forward", "dropout_backward", "DropoutCache"]

@@ -79,6 +79,32 @@ class LinearCache(NamedTuple):
     y: Any = None  # kept when an activation was applied
 
 
+class BatchNormCache(NamedTuple):
+    engine: str
+    x: Any  # the input (N, C) or (N, C, H, W), in the engine's memory layout
+    gamma: Any  # (C,), or None without the affine step (then gamma = 1)
+    mean: Any  # (C,): the mean that normalised x (the batch's, or the running mean)
+    invstd: Any  # (C,): 1 / sqrt(var + eps) that normalised x
+    batch_stats: bool  # True: mean and invstd came from x itself (their gradient flows into dx)
+    has_beta: bool
+    aux: Any = None  # engine-private
+    activation: str | None = None  # "relu" when forward returned relu(batch_norm(x))
+    y: Any = None  # the output, kept when an activation was applied (its backward needs y > 0)
+
+
+class AdaptivePool2dCache(NamedTuple):
+    engine: str
+    x_shape: tuple  # (N, C, H, W)
+    dtype: Any
+    output_size: tuple  # (OH, OW)
+    aux: Any = None  # engine-private (the CPU engine: whether x was channels-last)
+
+
+class GeluCache(NamedTuple):
+    x: Any
+    approximate: str  # "none" (the erf form) or "tanh"
+
+
 class DropoutCache(NamedTuple):
     mask: Any  # the scaled mask (0 or 1/(1-p), x's dtype), or None when dropout was inactive
 
@@ -94,4 +120,5 @@ def tap_to_flat(tap, g: PoolGeometry):
     return base + xp.take(offset, tap)  # (N, C, OH, OW)
 
 
-__all__ = ["Conv2dCache", "MaxPool2dCache", "AvgPool2dCache", "LinearCache", "DropoutCache", "tap_to_flat"]
+__all__ = ["Conv2dCache", "MaxPool2dCache", "AvgPool2dCache", "LinearCache", "DropoutCache", "BatchNormCache",
+           "AdaptivePool2dCache", "GeluCache", "tap_to_flat"]

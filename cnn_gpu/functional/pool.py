@@ -8,8 +8,8 @@ and divides by KH*KW (torch's count_include_pad=True).
 from __future__ import annotations
 
 from . import _dispatch
-from ._checks import check_dy, check_float
-from .caches import AvgPool2dCache, MaxPool2dCache
+from ._checks import check_dy, check_float, pair
+from .caches import AdaptivePool2dCache, AvgPool2dCache, MaxPool2dCache
 from .geometry import pool_geometry
 
 
@@ -43,5 +43,22 @@ def avg_pool2d_backward(dy, cache: AvgPool2dCache):
     return _dispatch.impl_for("avg_pool2d_backward", cache)(dy, cache)
 
 
-__all__ = ["max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
+def adaptive_avg_pool2d_forward(x, output_size):
+    """x (N, C, H, W) -> (y (N, C, OH, OW), cache): torch's adaptive windows, output (i, j) averaging
+    rows [floor(i*H/OH), ceil((i+1)*H/OH)) and the columns likewise. output_size: an int or (OH, OW)."""
+    check_float("x", x, ndim=4)
+    out = pair("output_size", output_size, minimum=1)
+    return _dispatch.impl("adaptive_avg_pool2d_forward", x)(x, out)
+
+
+def adaptive_avg_pool2d_backward(dy, cache: AdaptivePool2dCache):
+    """dy (N, C, OH, OW) -> dx (N, C, H, W)."""
+    if not isinstance(cache, AdaptivePool2dCache):
+        raise TypeError(f"cache: expected the AdaptivePool2dCache of adaptive_avg_pool2d_forward, got "
+                        f"{type(cache).__name__}")
+    check_dy(dy, tuple(cache.x_shape[:2]) + tuple(cache.output_size), cache.dtype)
+    return _dispatch.impl_for("adaptive_avg_pool2d_backward", cache)(dy, cache)
+
+
+__all__ = ["adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward", "AdaptivePool2dCache","max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
            "MaxPool2dCache", "AvgPool2dCache"]

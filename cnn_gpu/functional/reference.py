@@ -20,8 +20,16 @@ import numpy as np
 
 from ..backend import get_array_module
 from . import counter_rng
-from .caches import AvgPool2dCache, Conv2dCache, DropoutCache, LinearCache, MaxPool2dCache
-from . import counter_rng
+from .caches import (
+    AdaptivePool2dCache,
+    AvgPool2dCache,
+    BatchNormCache,
+    Conv2dCache,
+    DropoutCache,
+    GeluCache,
+    LinearCache,
+    MaxPool2dCache,
+)
 from .geometry import tap_slices
 
 NAME = "reference"
@@ -158,6 +166,107 @@ def avg_pool2d_backward(dy, cache):
     return xp.ascontiguousarray(_crop(dxpad, g))
 
 
+def adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
+    """torch's adaptive window rule: output i averages [floor(i*size/out), ceil((i+1)*size/out))."""
+    return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+
+
+def adaptive_avg_pool2d_forward(x, output_size):
+    """y[n, c, i, j] = the mean of x[n, c, rows_i, cols_j] over the adaptive windows (they may overlap)."""
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    OH, OW = output_size
+    y = xp.empty((N, C, OH, OW), dtype=x.dtype)
+    for i, (h0, h1) in enumerate(adaptive_windows(H, OH)):
+        for j, (w0, w1) in enumerate(adaptive_windows(W, OW)):
+            y[:, :, i, j] = x[:, :, h0:h1, w0:w1].mean(axis=(2, 3))
+    return y, AdaptivePool2dCache(NAME, tuple(x.shape), x.dtype, (OH, OW))
+
+
+def adaptive_avg_pool2d_backward(dy, cache):
+    """dx[n, c, h, w] = the sum over the windows (i, j) containing (h, w) of dy[n, c, i, j] / |window|."""
+    xp = get_array_module(dy)
+    N, C, H, W = cache.x_shape
+    OH, OW = cache.output_size
+    dx = xp.zeros(cache.x_shape, dtype=dy.dtype)
+    for i, (h0, h1) in enumerate(adaptive_windows(H, OH)):
+        for j, (w0, w1) in enumerate(adaptive_windows(W, OW)):
+            area = dy.dtype.type(1.0 / ((h1 - h0) * (w1 - w0)))
+            dx[:, :, h0:h1, w0:w1] += (dy[:, :, i, j] * area)[:, :, None, None]
+    return dx
+
+
+# ================================================================== batch normalisation
+# Per channel c, over the M = N*H*W values x[:, c] (M = N for (N, C) inputs):
+#   training (batch statistics): mu = mean(x), var = mean((x - mu)^2) (biased), and in place
+#     running_mean = (1 - m) running_mean + m mu,  running_var = (1 - m) running_var + m var M/(M-1)
+#   evaluation: mu, var = running_mean, running_var
+#   xhat = (x - mu) / sqrt(var + eps),  y = gamma xhat + beta
+# Backward, with g = dy * gamma:  dbeta = sum(dy),  dgamma = sum(dy xhat), and
+#   batch statistics:  dx = invstd / M * (M g - sum(g) - xhat sum(g xhat))
+#   fixed statistics:  dx = invstd g
+def _channel_axes(x):
+    """The axes a per-channel statistic reduces: (0,) for (N, C), (0, 2, 3) for (N, C, H, W)."""
+    return (0,) if x.ndim == 2 else (0, 2, 3)
+
+
+def _per_channel(v, x):
+    """(C,) -> a shape that broadcasts against x along its axis 1."""
+    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, activation=None):
+    """(then relu(y) with ``activation="relu"``: how nn.Sequential fuses a following ReLU)"""
+    xp = get_array_module(x)
+    t = x.dtype.type
+    axes = _channel_axes(x)
+    if x.size == 0:  # an empty batch: nothing to normalise, no statistics to learn from
+        zeros = xp.zeros(x.shape[1], dtype=x.dtype)
+        return x.copy(), BatchNormCache(NAME, x, gamma, zeros, zeros, False, beta is not None)
+    batch_stats = training or running_mean is None
+    if batch_stats:
+        mean = x.mean(axis=axes)
+        var = ((x - _per_channel(mean, x)) ** 2).mean(axis=axes)
+        if training and running_mean is not None:
+            M = x.size // x.shape[1]
+            running_mean *= t(1.0 - momentum)
+            running_mean += t(momentum) * mean
+            running_var *= t(1.0 - momentum)
+            running_var += t(momentum * M / (M - 1)) * var
+    else:
+        mean, var = running_mean, running_var
+    invstd = 1 / xp.sqrt(var + t(eps))
+    y = (x - _per_channel(mean, x)) * _per_channel(invstd, x)  # xhat
+    if gamma is not None:
+        y *= _per_channel(gamma, x)
+    if beta is not None:
+        y += _per_channel(beta, x)
+    if activation == "relu":
+        y = xp.maximum(y, 0)
+    return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None, None, activation,
+                             y if activation else None)
+
+
+def batch_norm_backward(dy, cache):
+    """-> (dx, dgamma or None, dbeta or None); with the fused ReLU, dy * relu'(y) first."""
+    x, axes = cache.x, _channel_axes(cache.x)
+    if cache.activation == "relu":
+        dy = dy * (cache.y > 0)
+    xhat = (x - _per_channel(cache.mean, x)) * _per_channel(cache.invstd, x)
+    dbeta = dy.sum(axis=axes) if cache.has_beta else None
+    dgamma = (dy * xhat).sum(axis=axes) if cache.gamma is not None else None
+    g = dy * _per_channel(cache.gamma, x) if cache.gamma is not None else dy
+    scale = _per_channel(cache.invstd, x)
+    if not cache.batch_stats:
+        return g * scale, dgamma, dbeta
+    M = x.size // x.shape[1]
+    t = dy.dtype.type
+    sum_g = _per_channel(g.sum(axis=axes), x)
+    sum_gx = _per_channel((g * xhat).sum(axis=axes), x)
+    dx = (g - (sum_g + xhat * sum_gx) * t(1.0 / M)) * scale
+    return dx, dgamma, dbeta
+
+
 # ================================================================== fully connected
 def linear_forward(x, w, b, activation=None):
     """y = x @ w^T + b (then relu(y) with ``activation="relu"``). x (N, in), w (out, in)."""
@@ -223,6 +332,47 @@ def tanh_forward(x):
 
 def tanh_backward(dy, y):
     return dy * (1 - y * y)
+
+
+def _erf(x):
+    """The error function, elementwise, in x's dtype: scipy.special.erf (NumPy) or
+    cupyx.scipy.special.erf (CuPy), both accurate to a few ulp."""
+    if get_array_module(x) is np:
+        from scipy.special import erf
+    else:
+        from cupyx.scipy.special import erf
+    return erf(x)
+
+
+_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+_TANH_C = 0.7978845608028654  # sqrt(2 / pi)
+_TANH_K = 0.044715
+
+
+def gelu_forward(x, approximate):
+    """approximate="none": y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2;
+    approximate="tanh": y = x (1 + tanh(u)) / 2, u = sqrt(2/pi) (x + 0.044715 x^3)."""
+    xp = get_array_module(x)
+    t = x.dtype.type
+    if approximate == "tanh":
+        y = t(0.5) * x * (1 + xp.tanh(t(_TANH_C) * (x + t(_TANH_K) * x * x * x)))
+    else:
+        y = t(0.5) * x * (1 + _erf(x * t(_SQRT_HALF)))
+    return y.astype(x.dtype, copy=False), GeluCache(x, approximate)
+
+
+def gelu_backward(dy, cache):
+    """f'(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi)  (erf form);
+    f'(x) = (1 + tanh(u)) / 2 + x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2) / 2  (tanh form)."""
+    xp = get_array_module(dy)
+    x, t = cache.x, dy.dtype.type
+    if cache.approximate == "tanh":
+        th = xp.tanh(t(_TANH_C) * (x + t(_TANH_K) * x * x * x))
+        d = t(0.5) * (1 + th) + t(0.5) * x * (1 - th * th) * t(_TANH_C) * (1 + t(3 * _TANH_K) * x * x)
+    else:
+        d = t(0.5) * (1 + _erf(x * t(_SQRT_HALF))) + x * t(_INV_SQRT_2PI) * xp.exp(t(-0.5) * x * x)
+    return dy * d
 
 
 def flatten_forward(x):

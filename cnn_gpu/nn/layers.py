@@ -9,7 +9,8 @@ import numpy as np
 from .. import functional as F
 from ..backend import current_xp, get_array_module
 from ..functional import counter_rng
-from ..functional._checks import FLOAT_DTYPES, pair
+from ..functional._checks import FLOAT_DTYPES, describe, pair
+from ..functional.activation import GELU_APPROXIMATIONS
 from ..random import resolve_generator
 from ..workspace import Workspace
 from .module import Module, Parameter
@@ -207,6 +208,152 @@ class Tanh(_Activation):
 class Flatten(_Activation):
     _forward = staticmethod(F.flatten_forward)
     _backward = staticmethod(F.flatten_backward)
+
+
+class GELU(_Activation):
+    """GELU as torch: x * Phi(x), or its tanh approximation with ``approximate="tanh"``."""
+
+    _backward = staticmethod(F.gelu_backward)
+
+    def __init__(self, approximate="none"):
+        super().__init__()
+        if approximate not in GELU_APPROXIMATIONS:
+            raise ValueError(f"approximate: expected one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x):
+        y, self._cache = F.gelu_forward(x, self.approximate)
+        return y
+
+    def config(self) -> dict:
+        return dict(approximate=self.approximate)
+
+
+class AdaptiveAvgPool2d(_Activation):
+    """Average pooling to a fixed output size (torch's windows). ``AdaptiveAvgPool2d(1)`` followed
+    by ``Flatten`` is global average pooling."""
+
+    _backward = staticmethod(F.adaptive_avg_pool2d_backward)
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = pair("output_size", output_size, minimum=1)
+
+    def forward(self, x):
+        y, self._cache = F.adaptive_avg_pool2d_forward(x, self.output_size)
+        return y
+
+    def config(self) -> dict:
+        return dict(output_size=list(self.output_size))
+
+
+class _BatchNorm(Module):
+    """Batch normalisation over the channels (axis 1), torch's semantics: in training mode the
+    batch's statistics normalise and the running statistics (buffers ``running_mean``,
+    ``running_var``, ``num_batches_tracked``) are updated; in eval mode the running statistics
+    normalise. ``affine``: learn ``weight`` (gamma, ones) and ``bias`` (beta, zeros).
+    ``track_running_stats=False``: no buffers, the batch's statistics in both modes.
+    ``forward(x, activation="relu")`` returns relu(bn(x)) (how nn.Sequential fuses a following ReLU)."""
+
+    _ndim = 4
+    takes_activation = True
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, dtype=np.float32):
+        super().__init__()
+        self.num_features = _positive_int("num_features", num_features)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps: expected a positive float, got {eps!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+            raise ValueError(f"momentum: expected a float in [0, 1], got {momentum!r}")
+        self.eps, self.momentum = float(eps), float(momentum)
+        self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
+        dt, xp, C = _check_dtype(dtype), current_xp(), self.num_features
+        self.weight = Parameter(xp.ones((C,), dtype=dt)) if self.affine else None
+        self.bias = Parameter(xp.zeros((C,), dtype=dt)) if self.affine else None
+        tracked = self.track_running_stats
+        self.register_buffer("running_mean", xp.zeros((C,), dtype=dt) if tracked else None)
+        self.register_buffer("running_var", xp.ones((C,), dtype=dt) if tracked else None)
+        self.register_buffer("num_batches_tracked", xp.zeros((), dtype=np.int64) if tracked else None)
+        self._cache = None
+
+    def forward(self, x, activation=None):
+        if getattr(x, "ndim", None) != self._ndim:
+            want = "(N, C)" if self._ndim == 2 else "(N, C, H, W)"
+            raise ValueError(f"x: {type(self).__name__} expected a {self._ndim}-D {want} array, got "
+                             f"{describe(x)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"x: {type(self).__name__}({self.num_features}) expected {self.num_features} channels "
+                             f"(axis 1), got {describe(x)}")
+        gamma = self.weight.data if self.affine else None
+        beta = self.bias.data if self.affine else None
+        y, self._cache = F.batch_norm_forward(x, gamma, beta, self.running_mean, self.running_var, self.training,
+                                              self.momentum, self.eps, activation=activation)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1  # in place, on the device
+        return y
+
+    def backward(self, dy, input_grad=True):
+        if self._cache is None:
+            raise _not_run(self)
+        dx, dgamma, dbeta = F.batch_norm_backward(dy, self._cache)
+        if self.affine:
+            _accumulate(self.weight, dgamma)
+            _accumulate(self.bias, dbeta)
+        return dx if input_grad else None
+
+    def config(self) -> dict:
+        return dict(num_features=self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
+                    track_running_stats=self.track_running_stats)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation of (N, C, H, W) inputs, per channel over N, H and W."""
+
+    _ndim = 4
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation of (N, C) inputs, per feature over the batch."""
+
+    _ndim = 2
+
+
+class Residual(Module):
+    """y = body(x) + shortcut(x), or body(x) + x without a shortcut (a residual block).
+    backward sends dy through both branches and adds the input gradients. Parameters are named
+    ``body.*`` then ``shortcut.*``."""
+
+    def __init__(self, body, shortcut=None):
+        super().__init__()
+        if not isinstance(body, Module):
+            raise TypeError(f"body: expected a Module, got {type(body).__name__}")
+        if shortcut is not None and not isinstance(shortcut, Module):
+            raise TypeError(f"shortcut: expected a Module or None, got {type(shortcut).__name__}")
+        self.body = body
+        if shortcut is not None:
+            self.shortcut = shortcut
+        else:
+            object.__setattr__(self, "shortcut", None)
+        self._ran = False
+
+    def forward(self, x):
+        y = self.body.forward(x)
+        s = self.shortcut.forward(x) if self.shortcut is not None else x
+        if tuple(y.shape) != tuple(s.shape):
+            raise ValueError(f"Residual: the body's output {tuple(y.shape)} and the shortcut's "
+                             f"{tuple(s.shape)} differ; give a shortcut that maps x to the body's output shape")
+        self._ran = True
+        return y + s
+
+    def backward(self, dy, input_grad=True):
+        if not self._ran:
+            raise _not_run(self)
+        dx = self.body.backward(dy, input_grad)
+        ds = self.shortcut.backward(dy, input_grad) if self.shortcut is not None else dy
+        return dx + ds if input_grad else None
+
+    def config(self) -> dict:
+        raise NotImplementedError("Residual is described by its children")
 
 
 class LeakyReLU(_Activation):

@@ -1,9 +1,11 @@
 """Parameter, Module and Sequential.
 
-A Module owns Parameters and child Modules; names are derived from the tree
-("features.0.weight"). Layers are thin wrappers around the functional pairs:
-``forward`` keeps the cache, ``backward`` uses it and *adds* into each
-``Parameter.grad`` (gradients accumulate until ``zero_grad()``).
+A Module owns Parameters, buffers and child Modules; names are derived from the tree
+("features.0.weight"). Buffers (``register_buffer``) are state that is not trained: BatchNorm's
+running statistics. They travel with the parameters through state_dict / load_state_dict,
+cnn_gpu.save / load, checkpoints and ``.to()``, and optimizers never see them. Layers are thin
+wrappers around the functional pairs: ``forward`` keeps the cache, ``backward`` uses it and
+*adds* into each ``Parameter.grad`` (gradients accumulate until ``zero_grad()``).
 """
 from __future__ import annotations
 
@@ -83,10 +85,15 @@ class Module:
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
         object.__setattr__(self, "training", True)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, Parameter):
+        if name in self.__dict__.get("_buffers", {}):
+            if value is not None and not hasattr(value, "dtype"):
+                raise TypeError(f"{name}: expected an array for the buffer, got {type(value).__name__}")
+            self._buffers[name] = value
+        elif isinstance(value, Parameter):
             self._parameters[name] = value
         elif isinstance(value, Module):
             self._modules[name] = value
@@ -117,6 +124,38 @@ class Module:
         for name, child in self._modules.items():
             yield from child.named_parameters(f"{prefix}.{name}" if prefix else name)
 
+    def register_buffer(self, name: str, value: Any) -> None:
+        """Keep array ``value`` (or None: absent) as state named ``name``: saved and loaded with the
+        parameters, moved by ``.to()``, not trained. Assign ``self.name = array`` to replace it."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"name: expected an identifier, got {name!r}")
+        if name in self._parameters or name in self._modules:
+            raise KeyError(f"name: {name!r} is already a parameter or a child module")
+        if value is not None and not hasattr(value, "dtype"):
+            raise TypeError(f"value: expected a NumPy or CuPy array or None, got {type(value).__name__}")
+        self._buffers[name] = value
+        object.__setattr__(self, name, value)
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        """(name, array) of every buffer in the tree (buffers set to None are left out)."""
+        for name, b in self._buffers.items():
+            if b is not None:
+                yield (f"{prefix}.{name}" if prefix else name), b
+        for name, child in self._modules.items():
+            yield from child.named_buffers(f"{prefix}.{name}" if prefix else name)
+
+    def _named_state(self, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+        """(name, array, owner) of every parameter and buffer: per module its parameters, its
+        buffers, then its children (torch's state_dict order). owner: the Parameter, or
+        (module, buffer name)."""
+        for name, p in self._parameters.items():
+            yield (f"{prefix}.{name}" if prefix else name), p.data, p
+        for name, b in self._buffers.items():
+            if b is not None:
+                yield (f"{prefix}.{name}" if prefix else name), b, (self, name)
+        for name, child in self._modules.items():
+            yield from child._named_state(f"{prefix}.{name}" if prefix else name)
+
     def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
 
@@ -137,18 +176,19 @@ class Module:
 
     # --- state -------------------------------------------------------------------
     def state_dict(self) -> "OrderedDict[str, Any]":
-        """Parameter name -> array (references, like PyTorch; copy before mutating)."""
-        return OrderedDict((name, p.data) for name, p in self.named_parameters())
+        """Parameter and buffer name -> array (references, like PyTorch; copy before mutating)."""
+        return OrderedDict((name, a) for name, a, _ in self._named_state())
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Copy arrays into the parameters in place (shapes and dtypes must match exactly)."""
+        """Copy arrays into the parameters and buffers in place (shapes and dtypes must match exactly)."""
         if not isinstance(state, dict):
             raise TypeError(f"state: expected a dict of name -> array, got {type(state).__name__}")
-        own = OrderedDict(self.named_parameters())
+        own = OrderedDict((name, _Slot(a)) for name, a, _ in self._named_state())
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if strict and (missing or unexpected):
-            raise KeyError(f"state: parameter names do not match the model: missing {missing}, unexpected {unexpected}")
+            raise KeyError(f"state: parameter and buffer names do not match the model: missing {missing}, "
+                           f"unexpected {unexpected}")
         present = [(name, p) for name, p in own.items() if name in state]
         arrays = {}  # NumPy/CuPy arrays, DLPack producers (torch tensors, ...) read through DLPack: _state_array
         for name, p in present:  # check everything first: a failed load changes nothing
@@ -168,14 +208,17 @@ class Module:
         if dtype is not None and np.dtype(dtype) not in FLOAT_DTYPES:
             raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}")
         xp = backend_module(backend) if backend is not None else None
-        for _, p in self.named_parameters():
-            data = p.data
+        for _, data, owner in list(self._named_state()):
             if xp is not None:
                 data = xp.asarray(to_numpy(data)) if xp is np else xp.asarray(data)
-            if dtype is not None:
+            if dtype is not None and data.dtype.kind == "f":  # integer buffers (counters) keep their type
                 data = data.astype(dtype)
-            p.data = data
-            p.grad = get_array_module(data).zeros_like(data)
+            if isinstance(owner, Parameter):
+                owner.data = data
+                owner.grad = get_array_module(data).zeros_like(data)
+            else:
+                module, name = owner
+                setattr(module, name, data)
         return self
 
     # --- description -------------------------------------------------------------
@@ -198,6 +241,23 @@ class Module:
             lines.append(f"  ({name}): {body}")
         lines.append(")")
         return "\n".join(lines)
+
+
+class _Slot:
+    """What load_state_dict needs of a parameter or a buffer: its array, shape and dtype."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any):
+        self.data = data
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
 
 
 class _Fused:

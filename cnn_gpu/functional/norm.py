@@ -1,0 +1,74 @@
+"""Batch normalisation, the public API (torch's semantics). The math is in functional/reference.py.
+
+``batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5)``
+normalises each channel c of x (N, C) or (N, C, H, W) over its M = N*H*W values:
+
+* ``training=True``: with the batch's mean and biased variance; ``running_mean`` and
+  ``running_var`` (if given) are updated in place, the variance as its unbiased estimate
+  var * M / (M - 1), as torch does. M = 1 (one value per channel) is an error, as in torch.
+* ``training=False``: with ``running_mean`` / ``running_var``; without them (None), with the
+  batch's statistics (torch's track_running_stats=False).
+
+``gamma`` / ``beta`` (C,) may be None (no affine step). An empty batch gives an empty y and
+leaves the running statistics alone (as torch). The cache refers to x and to the
+statistics used: they must not change between forward and backward.
+"""
+from __future__ import annotations
+
+import math
+
+from . import _dispatch
+from ._checks import check_activation, check_dy, check_float, check_same_dtype, describe, same_xp
+from .caches import BatchNormCache
+
+
+def _check_channel_vector(name, v, x):
+    if v is None:
+        return
+    check_float(name, v, ndim=1)
+    same_xp(name, v, "x", x)
+    check_same_dtype(name, v, "x", x)
+    if v.shape[0] != x.shape[1]:
+        raise ValueError(f"{name}: expected shape ({x.shape[1]},), one value per channel of x of shape "
+                         f"{tuple(x.shape)}, got {describe(v)}")
+
+
+def _check_scalars(training, momentum, eps):
+    if not isinstance(training, bool):
+        raise TypeError(f"training: expected a bool, got {training!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum: expected a float in [0, 1], got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+
+
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5, *,
+                       activation=None):
+    """x (N, C) or (N, C, H, W) -> (y of x's shape, cache); ``activation="relu"``: relu(y), one op."""
+    check_float("x", x)
+    if x.ndim not in (2, 4):
+        raise ValueError(f"x: expected a 2-D (N, C) or 4-D (N, C, H, W) array, got {describe(x)}")
+    for name, v in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_vector(name, v, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean, running_var: expected both arrays or both None, got "
+                         f"{'None' if running_mean is None else 'an array'} and {'None' if running_var is None else 'an array'}")
+    _check_scalars(training, momentum, eps)
+    check_activation(activation)
+    per_channel = math.prod(x.shape) // x.shape[1] if x.shape[1] else 0
+    if (training or running_mean is None) and per_channel == 1:
+        raise ValueError(f"x: expected more than 1 value per channel to compute batch statistics (training), got "
+                         f"{describe(x)}; a batch of one sample cannot be normalised by its own statistics")
+    return _dispatch.impl("batch_norm_forward", x)(x, gamma, beta, running_mean, running_var, training,
+                                                   float(momentum), float(eps), activation)
+
+
+def batch_norm_backward(dy, cache: BatchNormCache):
+    """dy (x's shape) -> (dx, dgamma or None, dbeta or None)."""
+    if not isinstance(cache, BatchNormCache):
+        raise TypeError(f"cache: expected the BatchNormCache of batch_norm_forward, got {type(cache).__name__}")
+    check_dy(dy, tuple(cache.x.shape), cache.x.dtype)
+    return _dispatch.impl_for("batch_norm_backward", cache)(dy, cache)
+
+
+__all__ = ["batch_norm_forward", "batch_norm_backward", "BatchNormCache"]
