@@ -140,9 +140,21 @@ def _every_layer_net():
                          nn.Linear(10, 10, **g))
 
 
+def _modern_net():
+    """BatchNorm (2d, fused ReLU, 1d), a residual block with a projection, GELU, global pooling."""
+    g = dict(generator=np.random.default_rng(2))
+    block = nn.Residual(nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False, **g), nn.BatchNorm2d(8),
+                                      nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False, **g), nn.BatchNorm2d(8)),
+                        shortcut=nn.Sequential(nn.Conv2d(6, 8, 1, stride=2, bias=False, **g), nn.BatchNorm2d(8)))
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False, **g), nn.BatchNorm2d(6), nn.ReLU(), block,
+                         nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 12, **g),
+                         nn.BatchNorm1d(12), nn.GELU(approximate="tanh"), nn.Linear(12, 10, **g))
+
+
 @pytest.mark.parametrize("engine", ["auto", "reference"])
 @pytest.mark.parametrize("make,shape", [(models.lenet5, (1, 28, 28)), (models.vgg_small, (3, 32, 32)),
-                                        (_every_layer_net, (1, 28, 28))], ids=["lenet5", "vgg_small", "every-layer"])
+                                        (_every_layer_net, (1, 28, 28)), (_modern_net, (3, 12, 12))],
+                         ids=["lenet5", "vgg_small", "every-layer", "modern"])
 def test_standin_training_step_budget(standin, make, shape, engine):
     """A training step on the GPU: no host sync, no upload, no layout copy -- on the CUDA engine
     and on the reference engine (CNN_GPU_ENGINE=reference, once CNN_GPU_KERNELS=0)."""
@@ -160,6 +172,34 @@ def test_standin_training_step_budget(standin, make, shape, engine):
     if engine == "auto":
         assert c.layout_copies == 0, c.layout_copy_sites
         assert c.kernels and c.launches["kernel"] >= 6
+
+
+def test_standin_modern_layers_train_like_numpy(standin):
+    """Two SGD steps of BatchNorm/Residual/GELU/global pooling on the CuPy path match NumPy's:
+    the weights, the running statistics (updated on the device) and the int64 batch counter;
+    eval mode then uses the running statistics on both."""
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((6, 3, 12, 12)).astype(np.float32), rng.integers(0, 10, 6)
+    states, outputs = [], []
+    for backend in ("numpy", "cupy"):
+        with cnn_gpu.use_backend(backend):
+            model = _modern_net()
+            xp_x = standin.asarray(x) if backend == "cupy" else x
+            xp_y = standin.asarray(y) if backend == "cupy" else y
+            opt = optim.SGD(model, 0.1, momentum=0.9)
+            for _ in range(2):
+                train_step(model, nn.CrossEntropyLoss(), opt, xp_x, xp_y)
+            model.eval()
+            outputs.append(cnn_gpu.to_numpy(model(xp_x)))
+            states.append({k: cnn_gpu.to_numpy(v) for k, v in model.state_dict().items()})
+            if backend == "cupy":
+                assert all(isinstance(v, standin.ndarray) for v in model.state_dict().values())
+    assert states[1]["1.num_batches_tracked"].dtype == np.int64 and int(states[1]["1.num_batches_tracked"]) == 2
+    assert set(states[0]) == set(states[1])
+    for k in states[0]:
+        assert states[1][k].dtype == states[0][k].dtype, k
+        np.testing.assert_allclose(states[1][k], states[0][k], rtol=1e-4, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
 
 
 def test_standin_cpu_engine_never_runs_on_the_gpu(standin, monkeypatch):

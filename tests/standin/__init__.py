@@ -94,8 +94,20 @@ def make() -> types.ModuleType:
     cuda.function = _submodule("cupy.cuda.function", "cupy.cuda.function", vars(kernels.function_namespace()))
     cuda.compiler = _submodule("cupy.cuda.compiler", "cupy.cuda.compiler", {"CompileException": _CompileException})
     cp.cuda = cuda
+    cp._standin_cupyx = _cupyx()
     _MODULE = cp
     return cp
+
+
+def _cupyx() -> dict[str, types.ModuleType]:
+    """The stand-in's cupyx: only cupyx.scipy.special.erf (GELU), an elementwise launch."""
+    from scipy import special  # noqa: PLC0415  (scipy comes with scikit-learn)
+
+    special_mod = _submodule("cupyx.scipy.special", "cupyx.scipy.special",
+                             {"erf": module.elementwise_from("cupyx.scipy.special.erf", special.erf)})
+    scipy_mod = _submodule("cupyx.scipy", "cupyx.scipy", {"special": special_mod})
+    root = _submodule("cupyx", "cupyx", {"scipy": scipy_mod})
+    return {"cupyx": root, "cupyx.scipy": scipy_mod, "cupyx.scipy.special": special_mod}
 
 
 def active_module() -> types.ModuleType:
@@ -109,18 +121,21 @@ def activated() -> Iterator[types.ModuleType]:
     from cnn_gpu.cuda import build  # noqa: PLC0415
 
     cp = make()
-    # cupy is the stand-in; cupyx (real CuPy's extras, which import CuPy's internals) is hidden:
-    # a library probing for it (scipy, torch) gets an ImportError, as without CuPy
+    # cupy is the stand-in; real cupyx (CuPy's extras, which import CuPy's internals) is replaced
+    # by the stand-in's few members: any other cupyx module gets an ImportError
     hidden = {k: v for k, v in sys.modules.items() if k == "cupyx" or k.startswith("cupyx.")}
+    for k in hidden:
+        del sys.modules[k]
     saved = sys.modules.get("cupy")
     sys.modules["cupy"] = cp
-    sys.modules["cupyx"] = None
+    sys.modules.update(cp._standin_cupyx)
     backend._cupy_status.cache_clear()
     build.clear_caches()
     try:
         yield cp
     finally:
-        sys.modules.pop("cupyx", None)
+        for k in cp._standin_cupyx:
+            sys.modules.pop(k, None)
         sys.modules.update(hidden)
         if saved is None:
             sys.modules.pop("cupy", None)

@@ -175,6 +175,16 @@ def _generic(name):
     return call
 
 
+def elementwise_from(site: str, fn):
+    """A CuPy elementwise function computed by the NumPy-compatible ``fn`` (one launch)."""
+    def call(x, *args, **kwargs):
+        if args or kwargs:
+            raise StandinGap(f"{site}: the stand-in simulates one array argument, got more")
+        current().launch("elementwise")
+        return wrap(fn(unwrap(x, site)))
+    return call
+
+
 # ------------------------------------------------------------------ random
 class Generator:
     """cupy.random.Generator (the methods the installed CuPy has), simulated with NumPy: the

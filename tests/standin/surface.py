@@ -21,6 +21,7 @@ _UFUNC_SIG = inspect.Signature(
 
 
 _REAL = importlib.import_module("cupy")  # captured before any stand-in takes its place in sys.modules
+_REAL_X = importlib.import_module("cupyx.scipy.special")  # (and cupyx, which imports cupy's internals)
 
 
 def real_cupy():
@@ -31,9 +32,9 @@ def real_cupy():
 def namespace(path: str):
     """The real object at ``path`` ("cupy", "cupy.random", "cupy.ndarray", ...)."""
     parts = path.split(".")
-    if parts[0] != "cupy":
-        raise ValueError(f"path: expected a name under cupy, got {path!r}")
-    obj = _REAL
+    if parts[0] not in ("cupy", "cupyx"):
+        raise ValueError(f"path: expected a name under cupy or cupyx, got {path!r}")
+    obj = _REAL if parts[0] == "cupy" else importlib.import_module("cupyx")
     for p in parts[1:]:
         obj = getattr(obj, p)
     return obj
