@@ -542,3 +542,54 @@ def test_resnet_save_load_round_trip(rng, tmp_path):
     assert list(loaded.state_dict()) == list(model.state_dict())
     model.eval(), loaded.eval()
     np.testing.assert_array_equal(loaded.forward(x), model.forward(x))
+
+
+# ------------------------------------------------------------------ the CIFAR-10 recipe
+def test_cifar10_recipe_is_resnet20_sgd_nesterov_smoothing_augmentation():
+    from cnn_gpu import runs  # noqa: PLC0415
+
+    cfg = runs.TrainConfig(dataset="cifar10", backend="numpy").resolved()
+    assert (cfg.model, cfg.optimizer, cfg.nesterov, cfg.schedule) == ("resnet20", "sgd", True, "onecycle")
+    assert (cfg.augment, cfg.label_smoothing, cfg.lr, cfg.weight_decay) == ("crop-flip", 0.1, 0.1, 5e-4)
+    same = runs.TrainConfig(dataset="cifar10", model="resnet20", backend="numpy").resolved()
+    assert same == cfg
+    vgg = runs.TrainConfig(dataset="cifar10", model="vgg_small", backend="numpy").resolved()
+    assert (vgg.optimizer, vgg.lr, vgg.nesterov, vgg.augment) == ("adam", 2e-3, False, "crop-flip")
+    flags = runs.TrainConfig(dataset="cifar10", model="vgg_small", optimizer="sgd", lr=0.02, backend="numpy").resolved()
+    assert (flags.optimizer, flags.lr) == ("sgd", 0.02)  # the flags still win over both recipes
+
+
+def test_cifar10_resnet20_recipe_trains_from_the_command_line(tmp_path, monkeypatch):
+    """`cnn-gpu train --dataset cifar10 --model resnet20` end to end on a small CIFAR-shaped set
+    (the real files are not downloaded in the tests): the recipe's settings are recorded, the
+    BatchNorm statistics are saved with the model, and the loss falls on a learnable task."""
+    import json  # noqa: PLC0415
+
+    from cnn_gpu import cli  # noqa: PLC0415
+    from cnn_gpu.data import datasets  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+
+    def fake(n):  # class k: a bright k-th band of rows in channel k % 3, on noise
+        y = rng.integers(0, 10, n)
+        x = rng.integers(0, 90, (n, 3, 32, 32)).astype(np.uint8)
+        for i, k in enumerate(y):
+            x[i, k % 3, 3 * k:3 * k + 3] = 250
+        return x, y.astype(np.int64)
+
+    train, test = fake(192), fake(64)
+    monkeypatch.setattr(datasets, "load_cifar10", lambda root=None, download=True: (train, test))
+    run = tmp_path / "run"
+    code = cli.main(["train", "--dataset", "cifar10", "--model", "resnet20", "--epochs", "3", "--batch-size", "32",
+                     "--run-dir", str(run), "--progress", "none", "--backend", "numpy"])
+    assert code == 0
+    saved = json.loads((run / "config.json").read_text())
+    settings = saved["config"]
+    for key, want in dict(model="resnet20", optimizer="sgd", nesterov=True, augment="crop-flip",
+                          label_smoothing=0.1, schedule="onecycle").items():
+        assert settings[key] == want, key
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    model = cnn_gpu.load(run / "last.npz")
+    assert int(model.state_dict()["features.1.num_batches_tracked"]) == 3 * 6
