@@ -29,7 +29,7 @@ from cnn_gpu.callbacks import Evaluate  # noqa: E402
 from cnn_gpu.data import DataLoader  # noqa: E402
 from cnn_gpu.train import fit, train_step  # noqa: E402
 
-SHAPES = {"lenet5": (1, 28, 28), "vgg_small": (3, 32, 32)}
+SHAPES = {"lenet5": (1, 28, 28), "vgg_small": (3, 32, 32), "resnet20": (3, 32, 32)}
 _MB = 1e6
 
 
