@@ -1,7 +1,7 @@
 """What one GPU training step costs, counted through the CuPy stand-in (tests/standin): launches by
 kind, host syncs, host-to-device and device-to-host bytes, device bytes allocated, layout-only copies.
 
-    python benchmarks/gpu_budget.py [--models lenet5 vgg_small] [--batch 128] [--epoch-steps 8] [--json]
+    python benchmarks/gpu_budget.py [--models lenet5 vgg_small resnet20] [--batch 128] [--epoch-steps 8] [--json]
 
 No GPU is needed: the stand-in runs CuPy's API on the CPU (our kernels in the g++ emulation) and
 counts what a GPU would be asked to do. Launches, not FLOPs, bound small CNNs on a GPU, so the
@@ -71,7 +71,7 @@ def line(name, batch, c, what) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--models", nargs="+", default=["lenet5", "vgg_small"], choices=list(SHAPES))
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--epoch-steps", type=int, default=8, help="steps in the fit epoch that is counted")
     ap.add_argument("--json", action="store_true")
