@@ -9,6 +9,7 @@ import math
 from typing import Callable, Sequence
 
 import numpy as np
+import pytest
 
 from cnn_gpu.backend import to_numpy
 
@@ -405,3 +406,22 @@ def readme_blocks(heading: str, lang: str = "python") -> list[str]:
     end = re.search(rf"^#{{1,{len(level)}}} ", rest, flags=re.M)
     section = rest[: end.start()] if end else rest
     return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+
+
+# ------------------------------------------------------------------ the engines under test
+ENGINES = [pytest.param("reference", id="reference"), pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda-emul")]
+DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
+
+
+def force_engine(request):
+    """For a fixture parametrized by ENGINES: the engine forced for the test's ops (cuda: the
+    kernels launched into the CPU emulator, through the cuda_emulation fixture)."""
+    import cnn_gpu  # noqa: PLC0415
+
+    if request.param == "cuda":
+        request.getfixturevalue("cuda_emulation")
+        yield "cuda"
+    else:
+        with cnn_gpu.config.override(engine=request.param):
+            yield request.param

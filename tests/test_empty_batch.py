@@ -11,20 +11,13 @@ import cnn_gpu
 import cnn_gpu.functional as F
 from cnn_gpu import models, nn
 from cnn_gpu.backend import to_numpy
-
-ENGINES = [pytest.param("reference", id="reference"), pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda-emul")]
-DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
+from helpers import DTYPES, ENGINES, force_engine
 
 
 @pytest.fixture(params=ENGINES)
 def engine(request):
-    if request.param == "cuda":
-        request.getfixturevalue("cuda_emulation")
-        yield "cuda"
-    else:
-        with cnn_gpu.config.override(engine=request.param):
-            yield request.param
+    """The engine under test, forced for the test's ops."""
+    yield from force_engine(request)
 
 
 def empty(shape, dtype):

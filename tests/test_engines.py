@@ -17,22 +17,13 @@ import cnn_gpu
 import cnn_gpu.functional as F
 from cnn_gpu import models, nn, optim
 from cnn_gpu.backend import to_numpy
-from helpers import assert_close
-
-ENGINES = [pytest.param("reference", id="reference"), pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda-emul")]
-DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
+from helpers import DTYPES, ENGINES, assert_close, force_engine
 
 
 @pytest.fixture(params=ENGINES)
 def engine(request):
     """The engine under test, forced for the test's ops."""
-    if request.param == "cuda":
-        request.getfixturevalue("cuda_emulation")  # engine="cuda", launches into the emulator
-        yield "cuda"
-    else:
-        with cnn_gpu.config.override(engine=request.param):
-            yield request.param
+    yield from force_engine(request)
 
 
 def on_reference(fn, *args, **kwargs):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..functional import reference
 from ..functional.caches import BatchNormCache
 from . import parallel
 from .layout import empty_like_layout, is_channels_last, to_channels_last
@@ -107,10 +108,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
 
         var = rows.sums(squares, 1, x.dtype)[0] / t(M)
         if training and running_mean is not None:
-            running_mean *= t(1.0 - momentum)
-            running_mean += t(momentum) * mean
-            running_var *= t(1.0 - momentum)
-            running_var += t(momentum * M / (M - 1)) * var
+            reference.update_running_stats(running_mean, running_var, mean, var, momentum, M)
     else:
         mean, var = running_mean, running_var
     invstd = 1 / np.sqrt(var + t(eps))

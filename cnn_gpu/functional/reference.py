@@ -215,6 +215,16 @@ def _per_channel(v, x):
     return v.reshape((1, -1) + (1,) * (x.ndim - 2))
 
 
+def update_running_stats(running_mean, running_var, mean, var, momentum, M):
+    """In place: running = (1 - momentum) running + momentum batch, the variance unbiased
+    (var M / (M - 1), M values per channel), as torch does."""
+    t = running_mean.dtype.type
+    running_mean *= t(1.0 - momentum)
+    running_mean += t(momentum) * mean
+    running_var *= t(1.0 - momentum)
+    running_var += t(momentum * M / (M - 1)) * var
+
+
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, activation=None):
     """(then relu(y) with ``activation="relu"``: how nn.Sequential fuses a following ReLU)"""
     xp = get_array_module(x)
@@ -228,11 +238,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
         mean = x.mean(axis=axes)
         var = ((x - _per_channel(mean, x)) ** 2).mean(axis=axes)
         if training and running_mean is not None:
-            M = x.size // x.shape[1]
-            running_mean *= t(1.0 - momentum)
-            running_mean += t(momentum) * mean
-            running_var *= t(1.0 - momentum)
-            running_var += t(momentum * M / (M - 1)) * var
+            update_running_stats(running_mean, running_var, mean, var, momentum, x.size // x.shape[1])
     else:
         mean, var = running_mean, running_var
     invstd = 1 / xp.sqrt(var + t(eps))

@@ -31,20 +31,13 @@ def _state_array(name: str, src: Any, like: Any) -> Any:
     return src
 
 
-class Parameter:
-    """A trainable array ``data`` and its accumulated gradient ``grad`` (same shape, dtype, device).
+class _Slot:
+    """What load_state_dict needs of a parameter or a buffer: its array, shape and dtype."""
 
-    ``grad`` always exists and is updated in place, so optimizers may keep
-    ``data`` and ``grad`` as views into one flat buffer.
-    """
-
-    __slots__ = ("data", "grad")
+    __slots__ = ("data",)
 
     def __init__(self, data: Any):
-        if not hasattr(data, "dtype") or data.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"data: expected a float32 or float64 array, got {type(data).__name__}")
         self.data = data
-        self.grad = get_array_module(data).zeros_like(data)
 
     @property
     def shape(self) -> tuple:
@@ -53,6 +46,22 @@ class Parameter:
     @property
     def dtype(self):
         return self.data.dtype
+
+
+class Parameter(_Slot):
+    """A trainable array ``data`` and its accumulated gradient ``grad`` (same shape, dtype, device).
+
+    ``grad`` always exists and is updated in place, so optimizers may keep
+    ``data`` and ``grad`` as views into one flat buffer.
+    """
+
+    __slots__ = ("grad",)
+
+    def __init__(self, data: Any):
+        if not hasattr(data, "dtype") or data.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"data: expected a float32 or float64 array, got {type(data).__name__}")
+        super().__init__(data)
+        self.grad = get_array_module(data).zeros_like(data)
 
     def zero_grad(self) -> None:
         self.grad[...] = 0
@@ -243,21 +252,6 @@ class Module:
         return "\n".join(lines)
 
 
-class _Slot:
-    """What load_state_dict needs of a parameter or a buffer: its array, shape and dtype."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: Any):
-        self.data = data
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.data.shape)
-
-    @property
-    def dtype(self):
-        return self.data.dtype
 
 
 class _Fused:
