@@ -1,5 +1,5 @@
 """cnn_gpu.distributed: the size-1 communicator, the sharded loader, DistributedOptimizer, the NCCL
-call sequence (against a fake of cupy.cuda.nccl: the CuPy stand-in is not on this branch), and
+call sequence (against a fake of cupy.cuda.nccl, which needs libnccl; also through the CuPy stand-in), and
 2 ranks under mpiexec on the CPU (skipped without mpi4py / mpiexec)."""
 from __future__ import annotations
 
@@ -358,3 +358,37 @@ def test_a_failing_rank_ends_every_rank_in_bounded_time(how, expect, tmp_path):
     assert res.returncode != 0 and "training finished" not in res.stdout
     assert f"rank 1: failing ({how})" in res.stdout and expect in res.stderr, res.stdout + res.stderr
     assert seconds < 60, seconds
+
+
+# --- NCCL on the CuPy path, through the CuPy stand-in ------------------------------------------------
+def test_standin_distributed_step_is_one_nccl_allreduce_of_the_flat_gradient(standin):
+    """A data-parallel training step on CuPy arrays (the stand-in's, with its cupy.cuda streams and
+    events; NCCL itself faked, as it needs libnccl): exactly one allReduce per step, in place on
+    the optimizer's flat float32 gradient buffer, with NCCL's AVG op, on the current stream, an
+    event recorded after it, and no host sync in the step."""
+    from standin import counting  # noqa: PLC0415
+
+    from cnn_gpu import models  # noqa: PLC0415
+    from cnn_gpu.train import train_step  # noqa: PLC0415
+
+    log = []
+    comm = FakeMPIRanks(0, 2)
+    comm._nccl = distributed.NcclChannel(comm, FakeNccl(log), standin.cuda)
+    rng = np.random.default_rng(0)
+    x = standin.asarray(rng.standard_normal((4, 1, 28, 28)).astype(np.float32))
+    y = standin.asarray(rng.integers(0, 10, 4))
+    with cnn_gpu.use_backend("cupy"):
+        model = models.lenet5()
+        opt = distributed.DistributedOptimizer(optim.SGD(model, 0.1, momentum=0.9), comm)
+        loss_fn = nn.CrossEntropyLoss(validate_range=False)
+        train_step(model, loss_fn, opt, x, y)
+        log.clear()
+        with counting() as c:
+            train_step(model, loss_fn, opt, x, y)
+    (group,) = opt.optimizer.groups
+    assert isinstance(group.grad, standin.ndarray) and group.grad.dtype == np.float32
+    stream = standin.cuda.get_current_stream().ptr
+    assert log == [("allReduce", group.grad.data.ptr, group.grad.data.ptr, model.num_parameters(),
+                    FakeNccl.NCCL_FLOAT32, FakeNccl.NCCL_AVG, stream)]
+    assert comm._nccl.last_event.recorded_on == stream  # what the next collective checks (done)
+    assert c.total_syncs == 0, c.syncs

@@ -89,7 +89,9 @@ def make() -> types.ModuleType:
         setattr(cp, name, fn)
     cp.random = _submodule("cupy.random", "cupy.random", {"default_rng": module.default_rng,
                                                           "Generator": module.Generator})
-    cuda = _submodule("cupy.cuda", "cupy.cuda", {"Device": module.Device, "nvrtc": kernels.nvrtc})
+    cuda = _submodule("cupy.cuda", "cupy.cuda", {"Device": module.Device, "nvrtc": kernels.nvrtc,
+                                                 "Stream": module.Stream, "Event": module.Event,
+                                                 "get_current_stream": module.get_current_stream})
     cuda.runtime = module._runtime()
     cuda.function = _submodule("cupy.cuda.function", "cupy.cuda.function", vars(kernels.function_namespace()))
     cuda.compiler = _submodule("cupy.cuda.compiler", "cupy.cuda.compiler", {"CompileException": _CompileException})

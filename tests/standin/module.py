@@ -237,6 +237,43 @@ class Device:
         return None
 
 
+class Stream:
+    """The current (null) stream: work runs in order, so it is always done."""
+
+    __module__ = "cupy.cuda.stream"
+    ptr = 0
+    done = True
+
+    def synchronize(self):
+        current().sync("Stream.synchronize")
+
+
+_NULL_STREAM = Stream()
+
+
+def get_current_stream(device_id=-1):
+    return _NULL_STREAM
+
+
+class Event:
+    """A CUDA event on the simulated device: recorded work is complete at once (``done``)."""
+
+    __module__ = "cupy.cuda.stream"
+
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.recorded_on = None
+
+    def record(self, stream=None):
+        self.recorded_on = (stream or _NULL_STREAM).ptr
+
+    @property
+    def done(self):  # a query (cudaEventQuery), not a wait: no sync counted
+        return True
+
+    def synchronize(self):
+        current().sync("Event.synchronize")
+
+
 def _runtime():
     props = {"name": b"cnn_gpu CuPy stand-in (emulated sm_90)", "totalGlobalMem": 80 * 2**30, "major": 9, "minor": 0,
              "multiProcessorCount": 132}
