@@ -110,9 +110,8 @@ def test_hand_built_network_with_every_layer(tmp_path):
 
 def test_the_hand_built_networks_use_every_layer_type_and_each_has_a_converter():
     used = _leaves(_every_layer_net(np.random.default_rng(0)))
-    for build in _LANDING.values():  # layers other issues add, where this checkout has them
-        if build is not None:
-            used |= _leaves(build(np.random.default_rng(0)))
+    for build in _MODERN.values():
+        used |= _leaves(build(np.random.default_rng(0)))
     assert set(nn.LAYER_TYPES) <= set(CONVERTERS), sorted(set(nn.LAYER_TYPES) - set(CONVERTERS))
     assert set(nn.LAYER_TYPES) <= used, f"add {sorted(set(nn.LAYER_TYPES) - used)} to a hand-built network here"
 
@@ -180,34 +179,23 @@ def _residual_net(g):
                          nn.Flatten())
 
 
-_LANDING = {  # layers -> a network using them, or None where this checkout lacks them
-    "BatchNorm2d/BatchNorm1d (issue 12a)": _bn_net if hasattr(nn, "BatchNorm2d") and hasattr(nn, "BatchNorm1d") else None,
-    "GELU/AdaptiveAvgPool2d (issue 12a)": _gelu_net if hasattr(nn, "GELU") and hasattr(nn, "AdaptiveAvgPool2d") else None,
-    "Residual (issue 12a)": _residual_net if hasattr(nn, "Residual") else None,
-}
+_MODERN = {"BatchNorm2d/BatchNorm1d": _bn_net, "GELU/AdaptiveAvgPool2d": _gelu_net, "Residual": _residual_net}
 
 
-@pytest.mark.parametrize("what", sorted(_LANDING))
-def test_layers_from_other_issues_where_they_exist(what, tmp_path):
-    build = _LANDING[what]
-    if build is None:
-        pytest.skip(f"{what}: not in this checkout yet (the converters are tested with stand-ins below)")
-    model = build(np.random.default_rng(4))
-    _check_against_ort(model, (1, 3, 8, 8), tmp_path / "landing.onnx")
+@pytest.mark.parametrize("what", sorted(_MODERN))
+def test_batchnorm_gelu_adaptive_pool_and_residual_networks(what, tmp_path):
+    model = _MODERN[what](np.random.default_rng(4))
+    _check_against_ort(model, (1, 3, 8, 8), tmp_path / "modern.onnx")
 
 
 def test_grouped_convolution_where_conv2d_has_groups(tmp_path):
-    import inspect  # noqa: PLC0415
-
-    if "groups" not in inspect.signature(nn.Conv2d).parameters:
-        pytest.skip("Conv2d has no groups= in this checkout yet (issue 12b); see test_converter_reads_groups")
     g = np.random.default_rng(6)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2, generator=g), nn.ReLU(),
                           nn.Conv2d(6, 6, 3, groups=6, generator=g), nn.Flatten())
     _check_against_ort(model, (1, 4, 7, 7), tmp_path / "groups.onnx")
 
 
-# --- the converters for those layers, against torch, through stand-ins with torch-like attributes --
+# --- the converters alone, against torch, through minimal classes with the layers' attributes ------
 
 class BatchNorm2d(Module):  # the converter is keyed by the class name
     def __init__(self, C, g):
@@ -243,7 +231,7 @@ def _ort_output(model, x):
 
 
 def test_converters_of_batchnorm_gelu_adaptive_pool_and_residual_against_torch():
-    torch = pytest.importorskip("torch", reason="torch is the oracle for layers this checkout does not have")
+    torch = pytest.importorskip("torch", reason="torch is the oracle of these converter checks")
     tF = torch.nn.functional
     g = np.random.default_rng(11)
     x = g.standard_normal((3, 4, 6, 6)).astype(np.float32)
