@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         return profile(args)
     cmp, why = torch_comparison(args.backend, args.compare)
     if why:
-        print(f"# no torch comparison: {why}")
+        print(f"# no torch comparison: {why}", file=sys.stderr)  # stdout stays the table or the JSON
     if cmp and args.backend == "numpy":
         import torch
 
