@@ -142,6 +142,40 @@ def test_grouped_conv2d(engine, rng, case, bias, activation, dtype):
     same(db, want[2], dtype, "db without dx")
 
 
+@pytest.mark.parametrize("G,activation", [(1, "relu"), (4, None)], ids=["dense", "depthwise-no-bias-no-relu"])
+def test_conv2d_of_strided_views(engine, rng, G, activation):
+    """x and dy given as strided views (every other column of a wider array) give the results of
+    their contiguous copies on every engine (the CUDA engine copies them before its kernels)."""
+    x_wide = data(rng, (3, 4, 6, 12), np.float64)
+    x, w = x_wide[..., ::2], data(rng, (4, 4 // G, 3, 3), np.float64)
+    assert not x.flags.c_contiguous
+    y_ref, cache_ref = on_reference(F.conv2d_forward, np.ascontiguousarray(x), w, None, 1, 1, 1, G,
+                                    activation=activation)
+    dy = data(rng, y_ref.shape[:3] + (2 * y_ref.shape[3],), np.float64)[..., ::2]
+    want = on_reference(F.conv2d_backward, np.ascontiguousarray(dy), cache_ref)
+    y, cache = F.conv2d_forward(x, w, None, 1, 1, 1, G, activation=activation)
+    same(y, y_ref, np.float64, "y of a strided x")
+    for g, r, what in zip(F.conv2d_backward(dy, cache), want, ("dx", "dw", "db")):
+        same(g, r, np.float64, f"{what} of a strided dy")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_of_strided_views(engine, rng, affine):
+    x = data(rng, (4, 3, 5, 12), np.float64)[..., ::2]
+    dy = data(rng, (4, 3, 5, 12), np.float64)[..., ::2]
+    gamma, beta = (data(rng, (3,), np.float64), data(rng, (3,), np.float64)) if affine else (None, None)
+    stats = [np.zeros(3), np.ones(3)]
+    ref_stats = [np.zeros(3), np.ones(3)]
+    y, cache = F.batch_norm_forward(x, gamma, beta, *stats, True, 0.1, 1e-5, activation="relu")
+    y_ref, cache_ref = on_reference(F.batch_norm_forward, np.ascontiguousarray(x), gamma, beta, *ref_stats, True,
+                                    0.1, 1e-5, activation="relu")
+    same(y, y_ref, np.float64, "y of a strided x")
+    same(stats[0], ref_stats[0], np.float64, "running_mean")
+    got, want = F.batch_norm_backward(dy, cache), on_reference(F.batch_norm_backward, np.ascontiguousarray(dy), cache_ref)
+    for g, r, what in zip(got, want, ("dx", "dgamma", "dbeta")):
+        same(g, r, np.float64, f"{what} of a strided dy")
+
+
 def test_grouped_conv2d_in_chunks_with_a_workspace(engine, rng):
     N, C, H, W, Fo, k, s, p, d, G = GROUPED_CASES[1]
     x, w, b = data(rng, (N, C, H, W), np.float64), data(rng, (Fo, C // G, *k), np.float64), data(rng, (Fo,), np.float64)

@@ -200,10 +200,6 @@ def _input_grad_gemm(xp, w, delta, out, g: ConvGeometry):
     return out
 
 
-def _sub(g: ConvGeometry, n: int) -> ConvGeometry:
-    return g._replace(N=n)
-
-
 def conv2d_forward(x, w, b, g, activation=None, workspace=None):
     """-> (y (N, F, OH, OW), cache): im2col_cm, one GEMM (one batched GEMM with groups), the
     epilogue; per chunk of samples when the columns exceed the workspace limit. Depthwise
@@ -212,14 +208,14 @@ def conv2d_forward(x, w, b, g, activation=None, workspace=None):
         y = depthwise_conv2d_forward(x, w, b, g, activation)
         return y, Conv2dCache(NAME, g, x, w, b is not None, activation, y if activation else None, None)
     xp = get_array_module(x)
-    _contiguous("x", x)
+    x = _contiguous("x", x)
     R = _rows(g)
     nb = chunk_size(g.N, R * g.P * x.dtype.itemsize)
     y = xp.empty(g.y_shape, dtype=x.dtype)
     cols = None
     for n0 in range(0, g.N, nb):
         n = min(nb, g.N - n0)
-        gc = _sub(g, n)
+        gc = g._replace(N=n)  # the chunk's geometry
         cols = im2col(x[n0 : n0 + n], gc, cm=True, out=scratch(workspace, "cols", (R, n * g.P), x.dtype, xp))
         y_cm = _forward_gemm(xp, w, cols, scratch(workspace, "y_cm", (g.F, n * g.P), x.dtype, xp), g)  # (F, n*P)
         bias_act_forward(y_cm, y[n0 : n0 + n], b, n, g.F, g.P, cm=True, relu=activation == "relu")
@@ -234,14 +230,14 @@ def conv2d_backward(dy, cache, input_grad=True):
     if _is_depthwise(g):
         return depthwise_conv2d_backward(dy, cache, input_grad)
     xp = get_array_module(dy)
-    _contiguous("dy", dy)
+    dy = _contiguous("dy", dy)
     relu = cache.activation == "relu"
     R = _rows(g)
     dw2 = db = None
     dxs = []
     for n0 in range(0, g.N, aux.chunk):
         n = min(aux.chunk, g.N - n0)
-        gc = _sub(g, n)
+        gc = g._replace(N=n)  # the chunk's geometry
         delta = scratch(aux.workspace, "delta_cm", (g.F, n * g.P), dy.dtype, xp)
         y = cache.y[n0 : n0 + n] if relu else None
         db_c = act_backward_bias_grad(dy[n0 : n0 + n], y, delta, n, g.F, g.P, cm=True, relu=relu, bias=cache.has_bias)
@@ -268,10 +264,11 @@ def _dw_args(g: ConvGeometry) -> tuple:
 def depthwise_conv2d_forward(x, w, b, g, activation=None, *, grid=None, block=None):
     """Depthwise convolution (groups = C, F = C*M) -> y (N, F, OH, OW): one direct kernel with the
     bias and the ReLU fused (no columns, no GEMM, no loop over channels)."""
+    x = _contiguous("x", x)
     y = _empty(g.y_shape, x.dtype)
     if y.size:
         _launch("depthwise", "depthwise_conv_forward", x, y.size,
-                (_contiguous("x", x), _contiguous("w", w), x if b is None else _contiguous("b", b), y, *_dw_args(g),
+                (x, _contiguous("w", w), x if b is None else _contiguous("b", b), y, *_dw_args(g),
                  *_i32(b is not None, activation == "relu")), grid, block)
     return y
 
@@ -280,7 +277,7 @@ def depthwise_conv2d_backward(dy, cache, input_grad=True, *, grid=None, block=No
     """-> (dx or None, dw, db or None): delta and db from the epilogue kernel (when there is a ReLU
     or a bias; else delta = dy), dw by a deterministic block reduction per weight, dx by a gather."""
     g, relu = cache.g, cache.activation == "relu"
-    _contiguous("dy", dy)
+    dy = _contiguous("dy", dy)
     delta, db = dy, None
     if relu or cache.has_bias:
         delta = _empty(g.y_shape, dy.dtype)
@@ -353,12 +350,13 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     """One launch: a block per channel computes its statistics (or reads the running ones), updates
     the running statistics in place (training) and writes y (relu(y) with ``activation="relu"``);
     see kernels/batchnorm.cu."""
+    x = _contiguous("x", x)  # (the cache keeps it: backward's kernel reads it too)
     N, C, P = _ncp(x)
     t, M = x.dtype.type, N * P
     batch_stats = training or running_mean is None
     update = training and running_mean is not None
     y, mean, invstd = _empty(x.shape, x.dtype), _empty((C,), x.dtype), _empty((C,), x.dtype)
-    args = (_contiguous("x", x), y, x if gamma is None else _contiguous("gamma", gamma),
+    args = (x, y, x if gamma is None else _contiguous("gamma", gamma),
             x if beta is None else _contiguous("beta", beta),
             mean if running_mean is None else _contiguous("running_mean", running_mean),
             invstd if running_var is None else _contiguous("running_var", running_var), mean, invstd,
@@ -424,7 +422,7 @@ def dropout_forward(x, p, training, rng=None, key=None, *, grid=None, block=None
     y, mask = _empty(x.shape, x.dtype), _empty(x.shape, x.dtype)
     if x.size:
         _launch("dropout", "dropout_forward", x, x.size,
-                (x, y, mask, np.int64(x.size), np.uint64(key).astype(np.int64), T(p), T(1.0 / (1.0 - p))),
+                (x, y, mask, np.int64(x.size), _as_int64(int(key)), T(p), T(1.0 / (1.0 - p))),
                 grid, block)
     return y, DropoutCache(mask)
 
