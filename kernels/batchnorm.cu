@@ -69,7 +69,7 @@ __device__ __forceinline__ void batch_norm_forward_body(BN_FWD_PARAMS(T)) {
             T v = (x[o] - mean) * invstd;
             if (has_gamma) v = v * g;
             if (has_beta) v = v + b;
-            y[o] = (relu && v < T(0)) ? T(0) : v;
+            y[o] = relu ? cnn_relu(v) : v;
         }
     }
 }
@@ -85,7 +85,7 @@ CNN_ENTRY_POINTS(batch_norm_forward, BN_FWD_PARAMS, BN_FWD_ARGS)
 // dy, or dy * relu'(y) with the fused ReLU (a product: a NaN in dy stays NaN, as in the reference)
 template <typename T>
 __device__ __forceinline__ T cnn_bn_delta(const T* dy, const T* y, long long o, int relu) {
-    return relu ? dy[o] * (y[o] > T(0) ? T(1) : T(0)) : dy[o];
+    return relu ? cnn_relu_grad(dy[o], y[o]) : dy[o];
 }
 
 template <typename T>

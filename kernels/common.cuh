@@ -59,6 +59,13 @@ template <> struct cnn_limits<double> {
 template <typename T>
 __device__ __forceinline__ bool cnn_isnan(T v) { return v != v; }
 
+// The ReLU fused into the kernels (epilogue, batchnorm, depthwise): max(v, 0) propagating NaN
+// like numpy.maximum(v, 0), and its backward dy * relu'(y) (a product: a NaN in dy stays NaN).
+template <typename T>
+__device__ __forceinline__ T cnn_relu(T v) { return v < T(0) ? T(0) : v; }
+template <typename T>
+__device__ __forceinline__ T cnn_relu_grad(T dy, T y) { return dy * (y > T(0) ? T(1) : T(0)); }
+
 // max that propagates NaN (like numpy.maximum / x.max()); first NaN wins.
 template <typename T>
 __device__ __forceinline__ T cnn_max_nan(T a, T b) {

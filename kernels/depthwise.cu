@@ -49,7 +49,7 @@ __device__ __forceinline__ void depthwise_conv_forward_body(DW_FWD_PARAMS(T)) {
             }
         }
         if (has_bias) acc += b[f];
-        if (relu && acc < T(0)) acc = T(0);
+        if (relu) acc = cnn_relu(acc);
         y[i] = acc;
     }
 }

@@ -16,10 +16,6 @@
 // (cnn_block_sum). No atomics: the result depends only on the launch's block size.
 #include "common.cuh"
 
-// ReLU that propagates NaN like numpy.maximum(v, 0).
-template <typename T>
-__device__ __forceinline__ T cnn_relu(T v) { return v < T(0) ? T(0) : v; }
-
 // offset of element (n, f, p) in the (F, N*P) or the (N, F, P) form
 __device__ __forceinline__ long long cnn_nfp_offset(long long n, int f, long long p, int N, int F, long long P, int cm) {
     return cm ? ((long long)f * N + n) * P + p : (n * F + f) * P + p;
@@ -63,7 +59,7 @@ __device__ __forceinline__ void act_backward_bias_grad_body(ACT_BWD_BIAS_PARAMS(
             const long long n = j / P;
             const long long p = j - n * P;
             const long long src = (n * F + f) * P + p;  // dy and y are (N, F, P)
-            const T g = relu ? dy[src] * (y[src] > T(0) ? T(1) : T(0)) : dy[src];  // NaN in dy stays NaN
+            const T g = relu ? cnn_relu_grad(dy[src], y[src]) : dy[src];
             dst[cnn_nfp_offset(n, f, p, N, F, P, cm)] = g;
             part += g;
         }
