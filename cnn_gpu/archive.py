@@ -42,6 +42,7 @@ class Archive:
                 self._zip.close()
                 raise self.error(f"member {info.filename!r}: expected unique NAME.npy array members")
             self._members[info.filename[:-4]] = info
+        self._info: dict[str, tuple[tuple, np.dtype]] = {}  # each member's header, read once
         self._check_ratio()
 
     def error(self, what: str) -> ValueError:
@@ -67,6 +68,11 @@ class Archive:
 
     def info(self, name: str) -> tuple[tuple, np.dtype]:
         """(shape, dtype) from the member's .npy header, checked against its declared size."""
+        if name not in self._info:
+            self._info[name] = self._read_info(name)
+        return self._info[name]
+
+    def _read_info(self, name: str) -> tuple[tuple, np.dtype]:
         member = self._members[name]
         try:
             with self._zip.open(member) as f:

@@ -42,7 +42,7 @@ from .nn import Dropout, Module
 from .optim import LRSchedule, Optimizer
 from .random import default_generator
 from .archive import Archive
-from .serialization import (HEADER_KEY, build, check_header, describe, encode_header, field_error, model_dtype,
+from .serialization import (HEADER_KEY, build_checked, check_header, describe, encode_header, field_error, model_dtype,
                             parameter_shapes, read_weights)
 from .serialization import read_header as _read_header
 from .train import Position
@@ -93,7 +93,8 @@ class Checkpoint:
 
     def build_model(self, backend: str | None = None) -> Module:
         """A model of the saved architecture holding the saved weights."""
-        model = build(self.header["architecture"], dtype=np.dtype(self.header["dtype"]), path=self.path)
+        # the architecture was checked by load_checkpoint
+        model = build_checked(self.header["architecture"], np.dtype(self.header["dtype"]), self.path)
         if backend is not None:
             model.to(backend)
         _load_weights(model, self)
@@ -173,8 +174,7 @@ def _check_checkpoint_header(h: dict, path: Any) -> None:
 
     for key in ("position", "rng", "config", "extra"):
         need(key, isinstance(h.get(key, {}), dict), "a JSON object")
-    pos = h.get("position")
-    need("position", isinstance(pos, dict), "a JSON object")
+    pos = h["position"]  # present (load_checkpoint) and an object (above)
     for key in ("epoch", "step", "correct", "seen"):
         v = pos.get(key, 0)
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 2**53:
@@ -213,7 +213,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     with Archive(path) as archive:
         header = _read_header(archive)
         check_header(header, path, FORMAT, VERSION, "checkpoint")
-        missing = [k for k in ("architecture", "dtype", "position", "sha256") if k not in header]
+        missing = [k for k in ("architecture", "position", "sha256") if k not in header]  # dtype: check_header
         if missing:
             raise ValueError(f"{path}: the checkpoint header lacks {missing} (truncated or corrupted?)")
         _check_checkpoint_header(header, path)

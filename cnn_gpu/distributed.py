@@ -332,8 +332,7 @@ class DistributedOptimizer(Optimizer):
         if self.comm.size == 1:
             return
         weight = getattr(self.loader, "weight", 1.0)
-        for g in self.optimizer.groups:
-            g.check_views()
+        for g in self.optimizer.groups:  # (the wrapped step checks the groups' views)
             if weight != 1.0:
                 g.grad *= g.grad.dtype.type(weight)
             self.comm.allreduce_(g.grad, op="mean")

@@ -52,6 +52,11 @@ def build(desc: dict, dtype: Any = np.float32, path: Any = "model") -> Module:
     """A freshly initialised module from a description (the inverse of :func:`describe`);
     the description is checked first (:func:`parameter_shapes`)."""
     parameter_shapes(desc, path)
+    return build_checked(desc, dtype, path)
+
+
+def build_checked(desc: dict, dtype: Any, path: Any) -> Module:
+    """:func:`build` of a description that :func:`parameter_shapes` has already checked."""
 
     def make(d: dict, where: str) -> Module:
         if d["type"] == "Sequential":
@@ -279,7 +284,7 @@ def load(path: str | os.PathLike, backend: str | None = None) -> Module:
         check_header(header, path, FORMAT, VERSION, "model file")
         shapes = parameter_shapes(header.get("architecture"), path)
         arrays = read_weights(archive, shapes, header["dtype"])
-    model = build(header["architecture"], dtype=np.dtype(header["dtype"]), path=path)
+    model = build_checked(header["architecture"], np.dtype(header["dtype"]), path)  # checked above
     if backend is not None:
         model.to(backend)
     try:
