@@ -269,8 +269,7 @@ def _batch_norm(layer, ctx, x, shape):
     return ctx.node("BatchNormalization", inputs, epsilon=float(layer.eps)), shape
 
 
-def _adaptive_window(layer, ctx, size: int, out: int | None, axis: str) -> int:
-    out = size if out is None else int(out)
+def _adaptive_window(layer, ctx, size: int, out: int, axis: str) -> int:
     if out < 1 or size % out:
         raise ExportError(f"layer {ctx.path!r} ({type(layer).__name__}): output_size {out} along {axis} is not "
                           f"expressible as one ONNX pooling window for an input of size {size} (ONNX needs the "

@@ -301,7 +301,6 @@ class _Backward(NamedTuple):
     """What the backward workers share."""
 
     plan: _Plan
-    transposed: bool
     x_nhwc: Any  # (N, H, W, C)
     dy_nhwc: Any  # (N, OH, OW, F): delta (the mask of a relu is applied per chunk)
     y2: Any  # the relu's output rows (N*P, F), or None
@@ -393,7 +392,7 @@ def conv2d_backward(dy, cache, input_grad=True):
     else:
         w_mat = np.ascontiguousarray(w.transpose(2, 3, 0, 1)).reshape(g.T, g.F, g.C)  # (KH*KW, F, C)
     y2 = None if cache.activation != "relu" else cache.y.transpose(0, 2, 3, 1).reshape(g.N * g.P, g.F)
-    s = _Backward(plan, transposed, cache.x.transpose(0, 2, 3, 1), to_channels_last(dy).transpose(0, 2, 3, 1), y2,
+    s = _Backward(plan, cache.x.transpose(0, 2, 3, 1), to_channels_last(dy).transpose(0, 2, 3, 1), y2,
                   w_mat, np.empty((g.N, g.H, g.W, g.C), dtype=dy.dtype) if input_grad else None, cols,
                   cache.has_bias, cache.aux.workspace, nb, workers)
     worker = _transposed_worker if transposed else _columns_worker

@@ -66,10 +66,6 @@ class ConvGeometry(_Window, namedtuple("ConvGeometry", "N C H W F KH KW SH SW PH
         return (self.N, self.F, self.OH, self.OW)
 
     @property
-    def w_shape(self) -> tuple:
-        return (self.F, self.C // self.G, self.KH, self.KW)
-
-    @property
     def dilation(self) -> tuple:
         return (self.DH, self.DW)
 

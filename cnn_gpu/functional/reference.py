@@ -185,10 +185,15 @@ def adaptive_avg_pool2d_forward(x, output_size):
 
 def adaptive_avg_pool2d_backward(dy, cache):
     """dx[n, c, h, w] = the sum over the windows (i, j) containing (h, w) of dy[n, c, i, j] / |window|."""
-    xp = get_array_module(dy)
-    N, C, H, W = cache.x_shape
-    OH, OW = cache.output_size
-    dx = xp.zeros(cache.x_shape, dtype=dy.dtype)
+    dx = get_array_module(dy).zeros(cache.x_shape, dtype=dy.dtype)
+    return adaptive_avg_pool2d_scatter(dy, dx)
+
+
+def adaptive_avg_pool2d_scatter(dy, dx):
+    """dx += each output's gradient spread evenly over its window; -> dx (N, C, H, W), of any
+    strides (the CPU engine passes a channels-last one)."""
+    H, W = dx.shape[2:]
+    OH, OW = dy.shape[2:]
     for i, (h0, h1) in enumerate(adaptive_windows(H, OH)):
         for j, (w0, w1) in enumerate(adaptive_windows(W, OW)):
             area = dy.dtype.type(1.0 / ((h1 - h0) * (w1 - w0)))

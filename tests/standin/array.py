@@ -26,10 +26,6 @@ class StandinGap(NotImplementedError):
     """The real CuPy has this, the stand-in does not implement it yet: add it to tests/standin."""
 
 
-def _is_array(x) -> bool:
-    return isinstance(x, ndarray)
-
-
 def unwrap(x, what: str = "argument"):
     """The NumPy buffer behind a stand-in array; NumPy arrays are refused (CuPy refuses them)."""
     if isinstance(x, ndarray):
@@ -160,7 +156,7 @@ class ndarray:
 
     def __repr__(self):
         self._sync("print")
-        return repr(self._a).replace("array(", "array(", 1)
+        return repr(self._a)
 
     def __str__(self):
         self._sync("print")
@@ -295,9 +291,7 @@ def _binary(ufunc, reflected=False, inplace=False):
 for _name, _uf in [("add", np.add), ("sub", np.subtract), ("mul", np.multiply), ("truediv", np.true_divide),
                    ("floordiv", np.floor_divide), ("mod", np.remainder), ("pow", np.power), ("and", np.bitwise_and),
                    ("or", np.bitwise_or), ("xor", np.bitwise_xor), ("lshift", np.left_shift),
-                   ("rshift", np.right_shift), ("matmul", None)]:
-    if _uf is None:
-        continue
+                   ("rshift", np.right_shift)]:
     setattr(ndarray, f"__{_name}__", _binary(_uf))
     setattr(ndarray, f"__r{_name}__", _binary(_uf, reflected=True))
     setattr(ndarray, f"__i{_name}__", _binary(_uf, inplace=True))

@@ -12,6 +12,8 @@ kernels compiled by g++ and run on the CPU by the emulator (tests/emulation).
 """
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import types
 
@@ -55,11 +57,14 @@ def _nvrtc():
         getVersion=lambda: (12, 9), getSupportedArchs=lambda: [50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90])
 
 
+@functools.lru_cache(maxsize=None)
 def _harness():
     import sys  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    tests = str(Path(__file__).resolve().parents[1])
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
     from helpers import load_harness  # noqa: PLC0415
 
     return load_harness()
