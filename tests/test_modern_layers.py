@@ -495,11 +495,14 @@ def test_evaluate_runs_in_eval_mode_and_keeps_the_running_stats():
 # ============================================================ the CPU engine's BatchNorm on channels-last memory
 @pytest.mark.parametrize("training", [True, False])
 def test_cpu_batch_norm_channels_last_and_float32_accuracy(rng, training):
-    """Channels-last in, channels-last out (several row blocks and a remainder: M = 2*37*29), the
-    values of the float64 reference to float32 accuracy even with a mean far from zero."""
+    """Channels-last in, channels-last out (two row blocks and a remainder: M = 2*97*89 rows of 16,
+    M % 8 = 2), the values of the float64 reference to float32 accuracy even with a mean 100
+    standard deviations from zero, and the same bits whatever the thread count."""
+    from cnn_gpu.cpu import norm
     from cnn_gpu.cpu.layout import is_channels_last, to_channels_last
 
-    x64 = rng.standard_normal((2, 16, 37, 29)) * 0.5 + 50.0
+    x64 = rng.standard_normal((2, 16, 97, 89)) * 0.5 + 50.0
+    assert len(norm._Rows(2 * 97 * 89, 16, np.float32).blocks) == 2
     x = to_channels_last(x64.astype(np.float32))
     gamma, beta = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
     rm, rv = np.full(16, 50, np.float32), np.full(16, 0.3, np.float32)
@@ -514,6 +517,10 @@ def test_cpu_batch_norm_channels_last_and_float32_accuracy(rng, training):
     assert_close(y, y_ref, 2e-5, "y")
     for got, ref, what in zip((dx, dg, db), want, ("dx", "dgamma", "dbeta")):
         assert_close(got, ref, 2e-5, what)
+    with cnn_gpu.config.override(engine="cpu", threads=1):
+        y1, cache1 = F.batch_norm_forward(x, gamma, beta, rm.copy(), rv.copy(), training)
+        for a, b, what in zip((y1,) + F.batch_norm_backward(dy, cache1), (y, dx, dg, db), ("y", "dx", "dg", "db")):
+            np.testing.assert_array_equal(a, b, err_msg=f"{what}: 1 thread against {cnn_gpu.cpu.parallel.threads()}")
 
 
 @pytest.mark.parametrize("out", [1, (2, 3)])
