@@ -367,6 +367,41 @@ def test_fashion_mnist_uses_its_own_subfolder(server, mnist_gz, mnist_arrays, mo
     assert len(files_in(tmp_path / "fashion-mnist")) == 4
 
 
+def test_known_repacks_are_accepted_on_disk_but_never_downloaded(server, mnist_raw, mnist_gz, mnist_arrays,
+                                                                 monkeypatch, tmp_path):
+    """A distribution's re-compressed copy under the canonical name (Debian's Fashion-MNIST) verifies
+    against its recorded (SHA-256, size); a mirror serving those bytes is refused (downloads must be
+    the canonical file), and a repack not on record is still an error."""
+    repack = {IDX_NAMES[r]: gzip.compress(b, compresslevel=5, mtime=3) for r, b in mnist_raw.items()}
+    assert all(repack[n] != mnist_gz[n] for n in repack)
+    spec = idx_spec("Fashion-MNIST", "fashion-mnist", mnist_gz, server.url)
+    spec = dataclasses.replace(spec, files={
+        r: dataclasses.replace(f, repacks=((sha(repack[f.name]), len(repack[f.name])),)) for r, f in spec.files.items()})
+    monkeypatch.setitem(ds.REGISTRY, "fashion-mnist", spec)
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for name, body in repack.items():
+        (folder / name).write_bytes(body)
+    check_mnist(ds.load_fashion_mnist(root=tmp_path, download=False), mnist_arrays)
+    (folder / IDX_NAMES["test_labels"]).write_bytes(gzip.compress(mnist_raw["test_labels"], compresslevel=1, mtime=7))
+    with pytest.raises(ValueError, match="failed verification"):
+        ds.load_fashion_mnist(root=tmp_path, download=False)
+    for name, body in repack.items():  # a mirror serving the repack's bytes
+        server.files["/m/" + name] = body
+    with pytest.raises(ds.DownloadError, match="SHA-256"):
+        ds.load_fashion_mnist(root=tmp_path / "fresh", download=True)
+
+
+def test_fashion_mnist_records_debians_repack():
+    """The registry accepts Debian's dataset-fashion-mnist files (tests/test_real_data.py loads them
+    where the package is installed): one (SHA-256, size) per file, 23-24 bytes shorter than the
+    originals (the gzip header's file name, with its NUL, stripped)."""
+    for f in ds.REGISTRY["fashion-mnist"].files.values():
+        ((digest, size),) = f.repacks
+        assert len(digest) == 64 and f.size - size == len(f.name) - len(".gz") + 1
+    assert all(not f.repacks for key in ("mnist", "cifar10") for f in ds.REGISTRY[key].files.values())
+
+
 # --------------------------------------------------------------------------- #
 # Offline use, alternative names, structural checks
 # --------------------------------------------------------------------------- #
