@@ -16,7 +16,8 @@ next to the work and the threads do not queue on the GIL.
 Notation: x (M, C) rows, delta = dL/dy (times y > 0 after the fused ReLU), per channel
 mean, invstd = 1/sqrt(var + eps), a = gamma invstd.
 Forward, two passes: the shifted sums s1 = sum(x - K), s2 = sum((x - K)^2) with K the first
-block's mean (as exact as the two-pass formula when K is near the mean, as it is; one read of x),
+block's mean (one read of x; as exact as the two-pass formula while K is within a few standard
+deviations of the mean, as a block's mean is: the rounding grows with ((mean - K)^2 + var) / var),
 mean = K + s1/M, var = s2/M - (s1/M)^2; then y = x scale + shift (scale = a, shift = beta - mean a).
 Backward, two passes: sum(delta), sum(delta (x - mean)); then
 dx = delta a + x b + (c - mean b), b = -a invstd sum(delta xhat)/M, c = -a sum(delta)/M.
