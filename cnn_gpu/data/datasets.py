@@ -198,8 +198,8 @@ _FASHION_MNIST = DatasetSpec(
     ], repacks={
         # Debian's (and Ubuntu's) package dataset-fashion-mnist, 0.0~git20200523.55506a9-1
         # (/usr/share/datasets/fashion-mnist; apt checks it against the signed archive): the same
-        # four files with the gzip header's file name stripped (dh_strip_nondeterminism), so
-        # 23-24 bytes shorter with other SHA-256s. Their contents were checked against the
+        # four files without the gzip header's file name (each is shorter by exactly that field,
+        # 23-24 bytes) and a 2020 time stamp, so other SHA-256s. Their contents were checked against the
         # originals' published facts: IDX structure, 6,000 / 1,000 images per class, the first
         # training labels 9 0 0 3 0 2 7 2 5 5, pixel mean 0.2860 (tests/test_real_data.py).
         "train_images": (("b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7", 26421856),),
