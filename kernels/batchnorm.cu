@@ -1,60 +1,124 @@
 // batchnorm.cu: batch normalisation over the channels of x (N, C, P), NCHW: P = H*W, or 1 for (N, C).
 //
-// One block per channel c (grid-stride over c); thread t handles j = t, t + blockDim, ... of the
-// channel's M = N*P values j = n*P + p. The per-channel sums are deterministic block reductions
-// (cnn_block_sum: a fixed tree order, no atomics), so the results depend only on the block size.
+// Channel c's M = N*P values j = n*P + p are cut into S segments of L = ceil(M / S) values; block
+// b = c*S + s (grid-stride over the C*S blocks) handles segment s of channel c, thread t its values
+// j0 + t, j0 + t + blockDim, ... (cnn_bn_segment walks (n, p) without a division per value). So a
+// ResNet's 16-64 channels keep the whole GPU busy (the launcher picks S from the shape alone). A
+// per-channel sum is two fixed-order steps, no atomics: each block's sum of its segment
+// (cnn_block_sum) into part[c*S + s], then, in the next launch, every block of channel c sums
+// part[c*S : c*S + S] the same way (cnn_bn_channel_total); the results depend only on S and the
+// block size, never on the grid or the order blocks run in.
 //
-//   batch_norm_forward   with batch statistics: mean = sum(x) / M, var = sum((x - mean)^2) / M (two
-//                        passes), and with update_running the running statistics in place:
-//                        rm = rm*keep + m*mean, rv = rv*keep + m_unbiased*var  (m_unbiased = m*M/(M-1));
-//                        else mean, var = rm, rv. invstd = 1 / sqrt(var + eps); then, fused in the same
-//                        block, y = (x - mean) * invstd (* gamma) (+ beta). mean and invstd go to
-//                        mean_out / invstd_out for the backward. relu: y = max(y, 0) too (a NaN stays NaN), the
-//                        ReLU that follows in nn.Sequential fused.
-//   batch_norm_backward  (relu: dy * (y > 0) in place of dy throughout, y the forward's output)
-//                        xhat = (x - mean) * invstd; dbeta = sum(dy), dgamma = sum(dy * xhat) (two block
-//                        sums in one pass), then, fused: g = dy (* gamma),
-//                        dx = (g - (sum(g) + xhat * sum(g xhat)) / M) * invstd   (batch statistics)
-//                        dx = g * invstd                                          (fixed statistics)
+//   forward, batch statistics (three launches):
+//     batch_norm_sum       part_sum[c, s] = sum over the segment of x
+//     batch_norm_sq        mean = sum_s part_sum / M;  part_sq[c, s] = sum over the segment of (x - mean)^2
+//     batch_norm_forward   var = sum_s part_sq / M (two passes, as the reference); invstd = 1/sqrt(var + eps);
+//                          y = (x - mean) * invstd (* gamma) (+ beta), relu: max(y, 0) (a NaN stays NaN);
+//                          the blocks of segment 0 write mean_out, invstd_out and, with update_running,
+//                          rm = rm*keep + m*mean, rv = rv*keep + m_unbiased*var (m_unbiased = m*M/(M-1))
+//   forward, fixed statistics: batch_norm_forward alone, mean, var = rm, rv
+//   backward (two launches; relu: delta = dy * (y > 0) in place of dy throughout, y the forward's output)
+//     batch_norm_backward_sums  part_dy[c, s] = sum(delta), part_dyx[c, s] = sum(delta * xhat),
+//                               xhat = (x - mean) * invstd
+//     batch_norm_backward       dbeta = sum(delta), dgamma = sum(delta xhat) (segment 0's blocks), then
+//                               g = delta (* gamma), dx = (g - (sum(g) + xhat * sum(g xhat)) / M) * invstd
+//                               (batch statistics), or dx = g * invstd (fixed statistics)
 // The operation order is the reference's (cnn_gpu/functional/reference.py).
 #include "common.cuh"
 
-__device__ __forceinline__ long long cnn_bn_offset(long long j, int c, int C, int P) {
-    const long long n = j / P;
-    return (n * C + c) * P + (j - n * P);  // x[n, c, p]
+// f(o) for this thread's values of segment s (of S) of channel c: o = (n*C + c)*P + p, the offset of
+// x[n, c, p] for j = n*P + p = j0 + threadIdx.x, j0 + threadIdx.x + blockDim.x, ... < j1.
+template <typename F>
+__device__ __forceinline__ void cnn_bn_segment(int c, int s, int S, int C, int P, long long M, F f) {
+    const long long L = (M + S - 1) / S, j0 = (long long)s * L, j1 = j0 + L < M ? j0 + L : M;
+    long long j = j0 + threadIdx.x;
+    long long n = j / P;  // once per thread; then (n, p) advance by (blockDim / P, blockDim % P)
+    int p = (int)(j - n * P);
+    const long long dn = blockDim.x / P;
+    const int dp = (int)(blockDim.x % P);
+    for (; j < j1; j += blockDim.x) {
+        f((n * C + c) * P + p);
+        p += dp;
+        n += dn;
+        if (p >= P) {
+            p -= P;
+            ++n;
+        }
+    }
 }
 
-#define BN_FWD_PARAMS(T)                                                                         \
-    const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ gamma, const T* __restrict__ beta, \
-    T* running_mean, T* running_var, T* __restrict__ mean_out, T* __restrict__ invstd_out,         \
-    int N, int C, int P, int has_gamma, int has_beta, int batch_stats, int update_running, int relu, \
-    T keep, T m, T m_unbiased, T eps
-#define BN_FWD_ARGS \
-    x, y, gamma, beta, running_mean, running_var, mean_out, invstd_out, N, C, P, has_gamma, has_beta, \
-    batch_stats, update_running, relu, keep, m, m_unbiased, eps
+// sum_s part[c*S + s], in the same fixed order in every block (every thread must call it)
+template <typename T>
+__device__ __forceinline__ T cnn_bn_channel_total(const T* part, int c, int S, T* sh) {
+    T v = T(0);
+    for (int i = threadIdx.x; i < S; i += blockDim.x) v += part[(long long)c * S + i];
+    return cnn_block_sum(v, sh);
+}
+
+#define BN_SUM_PARAMS(T) const T* __restrict__ x, T* __restrict__ part_sum, int N, int C, int P, int S
+#define BN_SUM_ARGS x, part_sum, N, C, P, S
+
+template <typename T>
+__device__ __forceinline__ void batch_norm_sum_body(BN_SUM_PARAMS(T)) {
+    __shared__ T sh[CNN_MAX_BLOCK];
+    const long long M = (long long)N * P;
+    for (long long b = blockIdx.x; b < (long long)C * S; b += gridDim.x) {  // uniform across the block
+        const int c = (int)(b / S), s = (int)(b % S);  // segment s of channel c
+        T part = T(0);
+        cnn_bn_segment(c, s, S, C, P, M, [&](long long o) { part += x[o]; });
+        part = cnn_block_sum(part, sh);
+        if (threadIdx.x == 0) part_sum[(long long)c * S + s] = part;
+    }
+}
+CNN_ENTRY_POINTS(batch_norm_sum, BN_SUM_PARAMS, BN_SUM_ARGS)
+
+#define BN_SQ_PARAMS(T) \
+    const T* __restrict__ x, const T* __restrict__ part_sum, T* __restrict__ part_sq, int N, int C, int P, int S
+#define BN_SQ_ARGS x, part_sum, part_sq, N, C, P, S
+
+template <typename T>
+__device__ __forceinline__ void batch_norm_sq_body(BN_SQ_PARAMS(T)) {
+    __shared__ T sh[CNN_MAX_BLOCK];
+    const long long M = (long long)N * P;
+    for (long long b = blockIdx.x; b < (long long)C * S; b += gridDim.x) {  // uniform across the block
+        const int c = (int)(b / S), s = (int)(b % S);  // segment s of channel c
+        const T mean = cnn_bn_channel_total(part_sum, c, S, sh) / T(M);
+        T part = T(0);
+        cnn_bn_segment(c, s, S, C, P, M, [&](long long o) {
+            const T d = x[o] - mean;
+            part += d * d;
+        });
+        part = cnn_block_sum(part, sh);
+        if (threadIdx.x == 0) part_sq[(long long)c * S + s] = part;
+    }
+}
+CNN_ENTRY_POINTS(batch_norm_sq, BN_SQ_PARAMS, BN_SQ_ARGS)
+
+#define BN_FWD_PARAMS(T)                                                                                  \
+    const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ gamma, const T* __restrict__ beta,  \
+    const T* __restrict__ part_sum, const T* __restrict__ part_sq, T* running_mean, T* running_var,       \
+    T* __restrict__ mean_out, T* __restrict__ invstd_out, int N, int C, int P, int S, int has_gamma,      \
+    int has_beta, int batch_stats, int update_running, int relu, T keep, T m, T m_unbiased, T eps
+#define BN_FWD_ARGS                                                                                       \
+    x, y, gamma, beta, part_sum, part_sq, running_mean, running_var, mean_out, invstd_out, N, C, P, S,    \
+    has_gamma, has_beta, batch_stats, update_running, relu, keep, m, m_unbiased, eps
 
 template <typename T>
 __device__ __forceinline__ void batch_norm_forward_body(BN_FWD_PARAMS(T)) {
     __shared__ T sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
-    for (int c = blockIdx.x; c < C; c += gridDim.x) {  // uniform across the block
+    for (long long b = blockIdx.x; b < (long long)C * S; b += gridDim.x) {  // uniform across the block
+        const int c = (int)(b / S), s = (int)(b % S);  // segment s of channel c
         T mean, var;
         if (batch_stats) {
-            T part = T(0);
-            for (long long j = threadIdx.x; j < M; j += blockDim.x) part += x[cnn_bn_offset(j, c, C, P)];
-            mean = cnn_block_sum(part, sh) / T(M);
-            part = T(0);
-            for (long long j = threadIdx.x; j < M; j += blockDim.x) {
-                const T d = x[cnn_bn_offset(j, c, C, P)] - mean;
-                part += d * d;
-            }
-            var = cnn_block_sum(part, sh) / T(M);
+            mean = cnn_bn_channel_total(part_sum, c, S, sh) / T(M);
+            var = cnn_bn_channel_total(part_sq, c, S, sh) / T(M);
         } else {
             mean = running_mean[c];
             var = running_var[c];
         }
         const T invstd = T(1) / cnn_sqrt(var + eps);
-        if (threadIdx.x == 0) {
+        if (s == 0 && threadIdx.x == 0) {
             mean_out[c] = mean;
             invstd_out[c] = invstd;
             if (update_running) {
@@ -63,24 +127,16 @@ __device__ __forceinline__ void batch_norm_forward_body(BN_FWD_PARAMS(T)) {
             }
         }
         const T g = has_gamma ? gamma[c] : T(1);
-        const T b = has_beta ? beta[c] : T(0);
-        for (long long j = threadIdx.x; j < M; j += blockDim.x) {
-            const long long o = cnn_bn_offset(j, c, C, P);
+        const T bt = has_beta ? beta[c] : T(0);
+        cnn_bn_segment(c, s, S, C, P, M, [&](long long o) {
             T v = (x[o] - mean) * invstd;
             if (has_gamma) v = v * g;
-            if (has_beta) v = v + b;
+            if (has_beta) v = v + bt;
             y[o] = relu ? cnn_relu(v) : v;
-        }
+        });
     }
 }
 CNN_ENTRY_POINTS(batch_norm_forward, BN_FWD_PARAMS, BN_FWD_ARGS)
-
-#define BN_BWD_PARAMS(T)                                                                            \
-    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ gamma, \
-    const T* __restrict__ mean, const T* __restrict__ invstd, T* __restrict__ dx,                   \
-    T* __restrict__ dgamma, T* __restrict__ dbeta, int N, int C, int P, int has_gamma, int has_beta, \
-    int batch_stats, int relu
-#define BN_BWD_ARGS dy, x, y, gamma, mean, invstd, dx, dgamma, dbeta, N, C, P, has_gamma, has_beta, batch_stats, relu
 
 // dy, or dy * relu'(y) with the fused ReLU (a product: a NaN in dy stays NaN, as in the reference)
 template <typename T>
@@ -88,40 +144,70 @@ __device__ __forceinline__ T cnn_bn_delta(const T* dy, const T* y, long long o, 
     return relu ? cnn_relu_grad(dy[o], y[o]) : dy[o];
 }
 
+#define BN_BSUM_PARAMS(T)                                                                                 \
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ mean, \
+    const T* __restrict__ invstd, T* __restrict__ part_dy, T* __restrict__ part_dyx, int N, int C, int P, \
+    int S, int relu
+#define BN_BSUM_ARGS dy, x, y, mean, invstd, part_dy, part_dyx, N, C, P, S, relu
+
+template <typename T>
+__device__ __forceinline__ void batch_norm_backward_sums_body(BN_BSUM_PARAMS(T)) {
+    __shared__ T sh[CNN_MAX_BLOCK];
+    const long long M = (long long)N * P;
+    for (long long b = blockIdx.x; b < (long long)C * S; b += gridDim.x) {  // uniform across the block
+        const int c = (int)(b / S), s = (int)(b % S);  // segment s of channel c
+        const T mu = mean[c], is = invstd[c];
+        T sum_dy = T(0), sum_dyx = T(0);
+        cnn_bn_segment(c, s, S, C, P, M, [&](long long o) {
+            const T d = cnn_bn_delta(dy, y, o, relu);
+            sum_dy += d;
+            sum_dyx += d * ((x[o] - mu) * is);
+        });
+        sum_dy = cnn_block_sum(sum_dy, sh);
+        sum_dyx = cnn_block_sum(sum_dyx, sh);
+        if (threadIdx.x == 0) {
+            part_dy[(long long)c * S + s] = sum_dy;
+            part_dyx[(long long)c * S + s] = sum_dyx;
+        }
+    }
+}
+CNN_ENTRY_POINTS(batch_norm_backward_sums, BN_BSUM_PARAMS, BN_BSUM_ARGS)
+
+#define BN_BWD_PARAMS(T)                                                                                  \
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ gamma, \
+    const T* __restrict__ mean, const T* __restrict__ invstd, const T* __restrict__ part_dy,              \
+    const T* __restrict__ part_dyx, T* __restrict__ dx, T* __restrict__ dgamma, T* __restrict__ dbeta,    \
+    int N, int C, int P, int S, int has_gamma, int has_beta, int batch_stats, int relu
+#define BN_BWD_ARGS \
+    dy, x, y, gamma, mean, invstd, part_dy, part_dyx, dx, dgamma, dbeta, N, C, P, S, has_gamma, has_beta, batch_stats, relu
+
 template <typename T>
 __device__ __forceinline__ void batch_norm_backward_body(BN_BWD_PARAMS(T)) {
     __shared__ T sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
-    for (int c = blockIdx.x; c < C; c += gridDim.x) {  // uniform across the block
-        const T mu = mean[c], s = invstd[c];
+    for (long long b = blockIdx.x; b < (long long)C * S; b += gridDim.x) {  // uniform across the block
+        const int c = (int)(b / S), s = (int)(b % S);  // segment s of channel c
+        const T mu = mean[c], is = invstd[c];
         const T g = has_gamma ? gamma[c] : T(1);
-        T part_dy = T(0), part_dyx = T(0);
-        for (long long j = threadIdx.x; j < M; j += blockDim.x) {
-            const long long o = cnn_bn_offset(j, c, C, P);
-            const T d = cnn_bn_delta(dy, y, o, relu);
-            part_dy += d;
-            part_dyx += d * ((x[o] - mu) * s);
-        }
-        const T sum_dy = cnn_block_sum(part_dy, sh);
-        const T sum_dyx = cnn_block_sum(part_dyx, sh);
-        if (threadIdx.x == 0) {
+        const T sum_dy = cnn_bn_channel_total(part_dy, c, S, sh);
+        const T sum_dyx = cnn_bn_channel_total(part_dyx, c, S, sh);
+        if (s == 0 && threadIdx.x == 0) {
             if (has_beta) dbeta[c] = sum_dy;
             if (has_gamma) dgamma[c] = sum_dyx;
         }
         const T sum_g = has_gamma ? sum_dy * g : sum_dy;
         const T sum_gx = has_gamma ? sum_dyx * g : sum_dyx;
         const T inv_m = T(1) / T(M);
-        for (long long j = threadIdx.x; j < M; j += blockDim.x) {
-            const long long o = cnn_bn_offset(j, c, C, P);
+        cnn_bn_segment(c, s, S, C, P, M, [&](long long o) {
             const T d = cnn_bn_delta(dy, y, o, relu);
             const T gj = has_gamma ? d * g : d;
             if (batch_stats) {
-                const T xhat = (x[o] - mu) * s;
-                dx[o] = (gj - (sum_g + xhat * sum_gx) * inv_m) * s;
+                const T xhat = (x[o] - mu) * is;
+                dx[o] = (gj - (sum_g + xhat * sum_gx) * inv_m) * is;
             } else {
-                dx[o] = gj * s;
+                dx[o] = gj * is;
             }
-        }
+        });
     }
 }
 CNN_ENTRY_POINTS(batch_norm_backward, BN_BWD_PARAMS, BN_BWD_ARGS)

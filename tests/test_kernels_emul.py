@@ -997,9 +997,11 @@ def naive_batch_norm(x, gamma, beta, mean=None, var=None, eps=1e-5):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("case", BN_KERNEL_CASES, ids=lambda c: f"{c[0]}-{int(c[1])}{int(c[2])}{int(c[3])}")
 @pytest.mark.parametrize("relu", [False, True], ids=["", "relu"])
-def test_emul_batch_norm(emul, case, dtype, launch, relu):
+@pytest.mark.parametrize("segments", [None, 3], ids=["S-auto", "S3"])
+def test_emul_batch_norm(emul, case, dtype, launch, relu, segments):
     shape, training, affine, running = case
     act = "relu" if relu else None
+    launch = dict(launch_kw(launch), segments=segments)
     C = shape[1]
     rng = rng_for("bn", case, dtype)
     x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
@@ -1007,7 +1009,7 @@ def test_emul_batch_norm(emul, case, dtype, launch, relu):
     rm0, rv0 = rng.standard_normal(C).astype(dtype), (rng.random(C) + 0.5).astype(dtype)
     rm, rv = (rm0.copy(), rv0.copy()) if running else (None, None)
     rm_ref, rv_ref = (rm0.copy(), rv0.copy()) if running else (None, None)
-    y, cache = ops.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.25, 1e-5, act, **launch_kw(launch))
+    y, cache = ops.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.25, 1e-5, act, **launch)
     y_ref, cache_ref = R.batch_norm_forward(x, gamma, beta, rm_ref, rv_ref, training, 0.25, 1e-5, act)
     close(y, y_ref, dtype, "y")
     stats = (None, None) if training or not running else (rm0, rv0)
@@ -1019,7 +1021,7 @@ def test_emul_batch_norm(emul, case, dtype, launch, relu):
     else:
         assert rm is None
     dy = rng.standard_normal(shape).astype(dtype)
-    got = ops.batch_norm_backward(dy, cache, **launch_kw(launch))
+    got = ops.batch_norm_backward(dy, cache, **launch)
     want = R.batch_norm_backward(dy, cache_ref)
     for g, r, what in zip(got, want, ("dx", "dgamma", "dbeta")):
         if r is None:
@@ -1045,6 +1047,38 @@ def test_emul_batch_norm_torch_oracle(emul):
         close(got, want.detach().numpy(), np.float64, what)
 
 
+@pytest.mark.parametrize("segments", [1, 2, 7, 40])
+def test_emul_batch_norm_segments(emul, segments):
+    """Each channel's values cut into S segments (more segments than values too: empty ones add 0),
+    any grid: the reference's values; a block of 32 threads walks the (n, p) pairs of 5x3 maps
+    (P = 15: each step crosses rows)."""
+    rng = rng_for("bn-seg", segments)
+    x, dy = rng.standard_normal((3, 4, 5, 3)) * 3 + 2, rng.standard_normal((3, 4, 5, 3))
+    gamma, beta, rm, rv = rng.standard_normal(4), rng.standard_normal(4), np.zeros(4), np.ones(4)
+    rm_ref, rv_ref = rm.copy(), rv.copy()
+    for grid in (1, 5):
+        y, cache = ops.batch_norm_forward(x, gamma, beta, rm, rv, True, 0.1, 1e-5, "relu", grid=grid, block=32,
+                                          segments=segments)
+        y_ref, c_ref = R.batch_norm_forward(x, gamma, beta, rm_ref, rv_ref, True, 0.1, 1e-5, "relu")
+        close(y, y_ref, np.float64, "y")
+        close(rm, rm_ref, np.float64, "running_mean")
+        close(rv, rv_ref, np.float64, "running_var")
+        got = ops.batch_norm_backward(dy, cache, grid=grid, block=32, segments=segments)
+        for g, r, what in zip(got, R.batch_norm_backward(dy, c_ref), ("dx", "dgamma", "dbeta")):
+            close(g, r, np.float64, what)
+
+
+def test_batch_norm_segment_count_depends_on_the_shape_only():
+    """About 4096 values a block, at most 2048 blocks (resnet20 at batch 128: 32 segments of its 16
+    channels, 8 of the 64), 1 for small inputs; a bad count is an error that names it."""
+    assert ops._bn_segments(16, 128 * 32 * 32, None) == 32
+    assert ops._bn_segments(64, 128 * 8 * 8, None) == 2
+    assert ops._bn_segments(512, 10**7, None) == 4 and ops._bn_segments(3, 10, None) == 1
+    assert ops._bn_segments(4000, 10**6, None) == 1 and ops._bn_segments(4, 9, 5) == 5
+    with pytest.raises(ValueError, match="segments: expected at least 1, got 0"):
+        ops._bn_segments(4, 9, 0)
+
+
 def test_emul_batch_norm_is_bitwise_reproducible(emul):
     """Two runs with the same launch configuration give identical bits (the emulator also reruns
     every launch in reverse block and thread order and requires the same bits)."""
@@ -1052,7 +1086,7 @@ def test_emul_batch_norm_is_bitwise_reproducible(emul):
     x, dy = rng.standard_normal((8, 4, 6, 6)).astype(np.float32), rng.standard_normal((8, 4, 6, 6)).astype(np.float32)
     runs = []
     for _ in range(2):
-        y, cache = ops.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5, grid=3, block=64)
-        runs.append((y, *ops.batch_norm_backward(dy, cache, grid=3, block=64)[:1]))
+        y, cache = ops.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5, grid=3, block=64, segments=5)
+        runs.append((y, *ops.batch_norm_backward(dy, cache, grid=3, block=64, segments=5)[:1]))
     for a, b in zip(*runs):
         exact(a, b, "rerun")

@@ -334,9 +334,13 @@ def avg_pool2d_backward(dy, cache, *, grid=None, block=None):
 
 
 # ------------------------------------------------------------------- batch normalisation
-#: BatchNorm runs one block per channel (C blocks, 16-64 in a ResNet): a large block gives each
-#: channel more threads (the CPU emulation of the tests pays for every thread, hence not 1024)
-_BN_BLOCK = 512
+#: BatchNorm cuts each channel's N*H*W values into segments of about _BN_SEGMENT values, a block
+#: each, up to _BN_BLOCKS blocks in all: a ResNet's 16-64 channels then fill the GPU (one block per
+#: channel would leave most of its multiprocessors idle). The count depends on the shape only, so
+#: the fixed-order sums (kernels/batchnorm.cu) give the same bits on every GPU.
+_BN_BLOCK = 256
+_BN_SEGMENT = 4096
+_BN_BLOCKS = 2048
 
 
 def _ncp(x) -> tuple:
@@ -345,45 +349,68 @@ def _ncp(x) -> tuple:
     return N, C, int(math.prod(x.shape[2:]))
 
 
+def _bn_segments(C: int, M: int, segments) -> int:
+    """Segments per channel of M values: ``segments`` if given (tests), else about M / _BN_SEGMENT,
+    at most _BN_BLOCKS / C, at least 1."""
+    if segments is not None:
+        if int(segments) < 1:
+            raise ValueError(f"segments: expected at least 1, got {segments}")
+        return int(segments)
+    return max(1, min(-(-M // _BN_SEGMENT), _BN_BLOCKS // C))
+
+
+def _bn_launch(kernel, a, C, S, args, grid, block, name="x"):
+    block = _BN_BLOCK if block is None else block
+    _launch("batchnorm", kernel, a, C * S * block, args, grid, block, name)  # a block per (channel, segment)
+
+
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, activation=None, *,
-                       grid=None, block=None):
-    """One launch: a block per channel computes its statistics (or reads the running ones), updates
-    the running statistics in place (training) and writes y (relu(y) with ``activation="relu"``);
-    see kernels/batchnorm.cu."""
-    x = _contiguous("x", x)  # (the cache keeps it: backward's kernel reads it too)
+                       grid=None, block=None, segments=None):
+    """With batch statistics three launches (the segments' sums, their squared deviations, then the
+    statistics, the running statistics updated in place and y: relu(y) with ``activation="relu"``),
+    with the running statistics one; see kernels/batchnorm.cu."""
+    x = _contiguous("x", x)  # (the cache keeps it: backward's kernels read it too)
     N, C, P = _ncp(x)
     t, M = x.dtype.type, N * P
+    S = _bn_segments(C, M, segments)
     batch_stats = training or running_mean is None
     update = training and running_mean is not None
     y, mean, invstd = _empty(x.shape, x.dtype), _empty((C,), x.dtype), _empty((C,), x.dtype)
+    part_sum, part_sq = (_empty((C * S,), x.dtype), _empty((C * S,), x.dtype)) if batch_stats else (mean, invstd)
     args = (x, y, x if gamma is None else _contiguous("gamma", gamma),
-            x if beta is None else _contiguous("beta", beta),
+            x if beta is None else _contiguous("beta", beta), part_sum, part_sq,
             mean if running_mean is None else _contiguous("running_mean", running_mean),
             invstd if running_var is None else _contiguous("running_var", running_var), mean, invstd,
-            *_i32(N, C, P, gamma is not None, beta is not None, batch_stats, update, activation == "relu"),
+            *_i32(N, C, P, S, gamma is not None, beta is not None, batch_stats, update, activation == "relu"),
             t(1.0 - momentum), t(momentum), t(momentum * M / (M - 1) if M > 1 else 0.0), t(eps))
     if x.size:
-        block = _BN_BLOCK if block is None else block
-        _launch("batchnorm", "batch_norm_forward", x, C * block, args, grid, block)  # a block per channel
+        if batch_stats:
+            _bn_launch("batch_norm_sum", x, C, S, (x, part_sum, *_i32(N, C, P, S)), grid, block)
+            _bn_launch("batch_norm_sq", x, C, S, (x, part_sum, part_sq, *_i32(N, C, P, S)), grid, block)
+        _bn_launch("batch_norm_forward", x, C, S, args, grid, block)
     return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None, None, activation,
                              y if activation else None)
 
 
-def batch_norm_backward(dy, cache, *, grid=None, block=None):
-    """One launch: a block per channel sums dy and dy*xhat (dbeta, dgamma; dy masked by y > 0 with the
-    fused ReLU) and writes dx."""
+def batch_norm_backward(dy, cache, *, grid=None, block=None, segments=None):
+    """Two launches: the segments' sums of delta and delta*xhat (delta = dy, masked by y > 0 with the
+    fused ReLU), then dbeta, dgamma and dx."""
     x = cache.x
     N, C, P = _ncp(x)
+    S = _bn_segments(C, N * P, segments)
     dx = _empty(x.shape, x.dtype)
     dgamma = _empty((C,), x.dtype) if cache.gamma is not None else None
     dbeta = _empty((C,), x.dtype) if cache.has_beta else None
+    part_dy, part_dyx = _empty((C * S,), x.dtype), _empty((C * S,), x.dtype)
     relu = cache.activation == "relu"
-    args = (_contiguous("dy", dy), x, cache.y if relu else x, x if cache.gamma is None else cache.gamma, cache.mean,
-            cache.invstd, dx, dx if dgamma is None else dgamma, dx if dbeta is None else dbeta,
-            *_i32(N, C, P, cache.gamma is not None, cache.has_beta, cache.batch_stats, relu))
+    dy, y = _contiguous("dy", dy), cache.y if relu else x
+    sums = (dy, x, y, cache.mean, cache.invstd, part_dy, part_dyx, *_i32(N, C, P, S, relu))
+    args = (dy, x, y, x if cache.gamma is None else cache.gamma, cache.mean, cache.invstd, part_dy, part_dyx,
+            dx, dx if dgamma is None else dgamma, dx if dbeta is None else dbeta,
+            *_i32(N, C, P, S, cache.gamma is not None, cache.has_beta, cache.batch_stats, relu))
     if x.size:
-        block = _BN_BLOCK if block is None else block
-        _launch("batchnorm", "batch_norm_backward", dy, C * block, args, grid, block, "dy")
+        _bn_launch("batch_norm_backward_sums", dy, C, S, sums, grid, block, "dy")
+        _bn_launch("batch_norm_backward", dy, C, S, args, grid, block, "dy")
     return dx, dgamma, dbeta
 
 
