@@ -398,7 +398,7 @@ def summarize(model, input_shape: tuple) -> list[tuple[str, str, tuple, int]]:
 
 
 def cmd_models(args, out=print) -> None:
-    from .models import MODELS
+    from .models import ANY_SIZE_FROM, MODELS
     from .random import manual_seed
 
     names = args.names or list(MODELS)
@@ -416,7 +416,9 @@ def cmd_models(args, out=print) -> None:
             used = f"; the default for {', '.join(recipes[name])}" if name in recipes else ""
             if i:
                 out("")
-            out(f"{name}: input {'x'.join(map(str, shape))}, {model.num_parameters():,} parameters (10 classes){used}")
+            size = f" (any size from {ANY_SIZE_FROM[name]}x{ANY_SIZE_FROM[name]})" if name in ANY_SIZE_FROM else ""
+            out(f"{name}: input {'x'.join(map(str, shape))}{size}, {model.num_parameters():,} parameters (10 classes)"
+                f"{used}")
             rows = summarize(model, shape)
             w = max(len(r[0]) for r in rows)
             lw = max(len(r[1]) for r in rows)

@@ -99,6 +99,17 @@ MODELS = {
     "lenet_digits": (lenet_digits, (1, 8, 8)),
     "resnet20": (resnet20, (3, 32, 32)),
 }
+#: The models that end in global average pooling take any image of at least this size (MODELS
+#: gives the one they were designed for); the others only their own.
+ANY_SIZE_FROM = {"resnet20": 8}
+
+
+def accepts_size(name: str, hw) -> bool:
+    """Whether model ``name`` takes images of (H, W) ``hw``."""
+    H, W = (int(v) for v in hw)
+    if name in ANY_SIZE_FROM:
+        return min(H, W) >= ANY_SIZE_FROM[name]
+    return (H, W) == tuple(MODELS[name][1][1:])
 
 
 def get_model(name: str, in_channels: int, num_classes: int, **kwargs) -> Sequential:

@@ -40,7 +40,7 @@ from .data import channel_stats, get_dataset, normalize, split_validation
 from .data.augment import AUGMENTATIONS, from_name as augmentation
 from .data.loader import DataLoader
 from .io import atomic_write
-from .models import MODELS, get_model
+from .models import ANY_SIZE_FROM, MODELS, accepts_size, get_model
 from .random import manual_seed
 from .serialization import save as save_model
 from .train import Callback, NonFiniteLossError, Position, TrainingInterrupted, evaluate, fit
@@ -545,8 +545,10 @@ def _load_data(cfg: TrainConfig, ckpt: Checkpoint | None) -> _Data:
     """The dataset, the validation split and the normalisation of the training part."""
     ds = get_dataset(cfg.dataset, cfg.data_dir)
     want = MODELS[cfg.model][1]
-    if tuple(ds.input_shape[1:]) != tuple(want[1:]):
-        raise ValueError(f"model: {cfg.model} expects {want[1]}x{want[2]} inputs, but dataset {cfg.dataset} has "
+    if not accepts_size(cfg.model, ds.input_shape[1:]):
+        size = f"at least {ANY_SIZE_FROM[cfg.model]}x{ANY_SIZE_FROM[cfg.model]}" if cfg.model in ANY_SIZE_FROM \
+            else f"{want[1]}x{want[2]}"
+        raise ValueError(f"model: {cfg.model} expects {size} inputs, but dataset {cfg.dataset} has "
                          f"{ds.input_shape[1]}x{ds.input_shape[2]} images; choose another --model")
     train, val = (ds.x_train, ds.y_train), None
     if cfg.val_fraction > 0:

@@ -295,6 +295,24 @@ def test_models_lists_the_zoo_with_shapes(capsys):
     assert rows["features.0"][1:6] == ["Conv2d", "1->6", "5x5", "pad", "2"]
     rc, _, err = main(capsys, "models", "resnet")
     assert rc == 2 and "resnet" in err
+    rc, out, _ = main(capsys, "models", "resnet20")
+    assert rc == 0 and "resnet20: input 3x32x32 (any size from 8x8), 272,474 parameters" in out
+
+
+def test_resnet20_trains_on_any_image_size_from_8x8(tmp_path, capsys, monkeypatch):
+    """Global average pooling makes resnet20 size-agnostic: the 8x8 digits train (stages 8 -> 4 -> 2);
+    the fixed-size models still refuse other sizes, and resnet20 refuses images below 8x8."""
+    from cnn_gpu import models
+
+    rc, out, err = main(capsys, "train", "--dataset", "digits", "--model", "resnet20", "--epochs", "1", "--run-dir",
+                        tmp_path / "r", "--progress", "none")
+    assert rc == 0, err
+    assert float(out.strip().splitlines()[-1].split()[-1].rstrip("%")) > 50.0  # ~90% after one epoch
+    assert models.accepts_size("resnet20", (28, 28)) and not models.accepts_size("resnet20", (7, 9))
+    assert models.accepts_size("lenet5", (28, 28)) and not models.accepts_size("lenet5", (32, 32))
+    monkeypatch.setitem(models.ANY_SIZE_FROM, "resnet20", 9)
+    rc, _, err = main(capsys, "train", "--dataset", "digits", "--model", "resnet20", "--run-dir", tmp_path / "x")
+    assert rc == 2 and "resnet20 expects at least 9x9 inputs, but dataset digits has 8x8 images" in err
 
 
 def _write_fake_mnist(folder: Path, n_train: int, n_test: int) -> None:
