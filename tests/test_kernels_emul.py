@@ -829,6 +829,7 @@ def test_emul_every_wrapper_kernel_exists():
         cuda.build.__file__).read_text()
     used = set(re.findall(r'_launch\("(\w+)", "(\w+)"', src))
     used |= {("im2col", k) for k in ("im2col", "im2col_cm", "col2im", "col2im_cm")}  # chosen by a flag
+    used |= {("batchnorm", k) for k in re.findall(r'_bn_launch\("(\w+)"', src)}  # kernels/batchnorm.cu's launcher
     for fname, stem in used:
         assert f"{stem}_f32" in kernels[fname] and f"{stem}_f64" in kernels[fname], (fname, stem)
     defined = {(fname, nm.rsplit("_", 1)[0]) for fname, names in kernels.items() for nm in names}
