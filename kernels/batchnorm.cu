@@ -47,6 +47,13 @@ __device__ __forceinline__ void cnn_bn_segment(int c, int s, int S, int C, int P
     }
 }
 
+// f(c, s) for every (channel, segment) block b = c*S + s of this thread block: b = blockIdx.x,
+// blockIdx.x + gridDim.x, ... < C*S (uniform across the block, so f may synchronise it)
+template <typename F>
+__device__ __forceinline__ void cnn_bn_blocks(int C, int S, F f) {
+    for (long long b = blockIdx.x; b < (long long)C * S; b += gridDim.x) f((int)(b / S), (int)(b % S));
+}
+
 // sum_s part[c*S + s], in the same fixed order in every block (every thread must call it)
 template <typename T>
 __device__ __forceinline__ T cnn_bn_channel_total(const T* part, int c, int S, T* sh) {
@@ -62,13 +69,12 @@ template <typename T>
 __device__ __forceinline__ void batch_norm_sum_body(BN_SUM_PARAMS(T)) {
     __shared__ T sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
-    for (long long b = blockIdx.x; b < (long long)C * S; b += gridDim.x) {  // uniform across the block
-        const int c = (int)(b / S), s = (int)(b % S);  // segment s of channel c
+    cnn_bn_blocks(C, S, [&](int c, int s) {  // segment s of channel c
         T part = T(0);
         cnn_bn_segment(c, s, S, C, P, M, [&](long long o) { part += x[o]; });
         part = cnn_block_sum(part, sh);
         if (threadIdx.x == 0) part_sum[(long long)c * S + s] = part;
-    }
+    });
 }
 CNN_ENTRY_POINTS(batch_norm_sum, BN_SUM_PARAMS, BN_SUM_ARGS)
 
@@ -80,8 +86,7 @@ template <typename T>
 __device__ __forceinline__ void batch_norm_sq_body(BN_SQ_PARAMS(T)) {
     __shared__ T sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
-    for (long long b = blockIdx.x; b < (long long)C * S; b += gridDim.x) {  // uniform across the block
-        const int c = (int)(b / S), s = (int)(b % S);  // segment s of channel c
+    cnn_bn_blocks(C, S, [&](int c, int s) {  // segment s of channel c
         const T mean = cnn_bn_channel_total(part_sum, c, S, sh) / T(M);
         T part = T(0);
         cnn_bn_segment(c, s, S, C, P, M, [&](long long o) {
@@ -90,7 +95,7 @@ __device__ __forceinline__ void batch_norm_sq_body(BN_SQ_PARAMS(T)) {
         });
         part = cnn_block_sum(part, sh);
         if (threadIdx.x == 0) part_sq[(long long)c * S + s] = part;
-    }
+    });
 }
 CNN_ENTRY_POINTS(batch_norm_sq, BN_SQ_PARAMS, BN_SQ_ARGS)
 
@@ -107,8 +112,7 @@ template <typename T>
 __device__ __forceinline__ void batch_norm_forward_body(BN_FWD_PARAMS(T)) {
     __shared__ T sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
-    for (long long b = blockIdx.x; b < (long long)C * S; b += gridDim.x) {  // uniform across the block
-        const int c = (int)(b / S), s = (int)(b % S);  // segment s of channel c
+    cnn_bn_blocks(C, S, [&](int c, int s) {  // segment s of channel c
         T mean, var;
         if (batch_stats) {
             mean = cnn_bn_channel_total(part_sum, c, S, sh) / T(M);
@@ -134,7 +138,7 @@ __device__ __forceinline__ void batch_norm_forward_body(BN_FWD_PARAMS(T)) {
             if (has_beta) v = v + bt;
             y[o] = relu ? cnn_relu(v) : v;
         });
-    }
+    });
 }
 CNN_ENTRY_POINTS(batch_norm_forward, BN_FWD_PARAMS, BN_FWD_ARGS)
 
@@ -154,8 +158,7 @@ template <typename T>
 __device__ __forceinline__ void batch_norm_backward_sums_body(BN_BSUM_PARAMS(T)) {
     __shared__ T sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
-    for (long long b = blockIdx.x; b < (long long)C * S; b += gridDim.x) {  // uniform across the block
-        const int c = (int)(b / S), s = (int)(b % S);  // segment s of channel c
+    cnn_bn_blocks(C, S, [&](int c, int s) {  // segment s of channel c
         const T mu = mean[c], is = invstd[c];
         T sum_dy = T(0), sum_dyx = T(0);
         cnn_bn_segment(c, s, S, C, P, M, [&](long long o) {
@@ -169,7 +172,7 @@ __device__ __forceinline__ void batch_norm_backward_sums_body(BN_BSUM_PARAMS(T))
             part_dy[(long long)c * S + s] = sum_dy;
             part_dyx[(long long)c * S + s] = sum_dyx;
         }
-    }
+    });
 }
 CNN_ENTRY_POINTS(batch_norm_backward_sums, BN_BSUM_PARAMS, BN_BSUM_ARGS)
 
@@ -185,8 +188,7 @@ template <typename T>
 __device__ __forceinline__ void batch_norm_backward_body(BN_BWD_PARAMS(T)) {
     __shared__ T sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
-    for (long long b = blockIdx.x; b < (long long)C * S; b += gridDim.x) {  // uniform across the block
-        const int c = (int)(b / S), s = (int)(b % S);  // segment s of channel c
+    cnn_bn_blocks(C, S, [&](int c, int s) {  // segment s of channel c
         const T mu = mean[c], is = invstd[c];
         const T g = has_gamma ? gamma[c] : T(1);
         const T sum_dy = cnn_bn_channel_total(part_dy, c, S, sh);
@@ -208,6 +210,6 @@ __device__ __forceinline__ void batch_norm_backward_body(BN_BWD_PARAMS(T)) {
                 dx[o] = gj * is;
             }
         });
-    }
+    });
 }
 CNN_ENTRY_POINTS(batch_norm_backward, BN_BWD_PARAMS, BN_BWD_ARGS)
