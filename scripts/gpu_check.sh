@@ -41,6 +41,9 @@ section "Training step time against torch (CUDA, cuDNN) on the same GPU"
 timeout 240 "$PY" benchmarks/step_time.py --backend cupy --models lenet5 vgg_small resnet20 --batch 128 512 --repeat 20 --warmup 5 2>&1 \
     | tee "$OUT/step_time.log" >>"$REPORT" || status=1
 
+section "BatchNorm kernels: segments per channel (auto) against one block per channel, and torch"
+timeout 60 "$PY" benchmarks/bn_gpu.py --batch 128 --repeat 50 2>&1 | tee "$OUT/bn_gpu.log" >>"$REPORT" || status=1
+
 section "Where the time goes (cupyx.profiler, one vgg_small step at batch 128)"
 timeout 60 "$PY" benchmarks/step_time.py --backend cupy --models vgg_small --batch 128 --profile 2>&1 \
     | tee "$OUT/profile.log" | fenced || true

@@ -116,3 +116,16 @@ def test_no_torch_comparison_on_the_gpu_without_cuda_torch(monkeypatch):
     with pytest.raises(SystemExit, match="--compare torch: torch .* has no usable CUDA"):
         step_time.torch_comparison("cupy", "torch")
     assert step_time.torch_comparison("cupy", "none") == (False, "--compare none")
+
+
+def test_bn_gpu_benchmark_runs_through_the_standin():
+    pytest.importorskip("standin", reason="tests/standin needs the cupy package installed")
+    """benchmarks/bn_gpu.py (run by scripts/gpu_check.sh on a GPU) runs its code through the CuPy stand-in:
+    a row per resnet20 BatchNorm shape with the launcher's segment count (2 for 8x16x32x32: 8192 values
+    a channel) and two times; no torch column without a GPU."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bn_gpu.py"), "--standin", "--batch", "8",
+                          "--repeat", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    rows = [ln.split("|")[1:-1] for ln in res.stdout.splitlines() if ln.startswith("| 8x")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("8x16x32x32", "2"), ("8x32x16x16", "1"), ("8x64x8x8", "1")]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and r[4].strip() == "-" for r in rows)
