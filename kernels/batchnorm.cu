@@ -16,11 +16,13 @@
 //                          y = (x - mean) * invstd (* gamma) (+ beta), relu: max(y, 0) (a NaN stays NaN);
 //                          the blocks of segment 0 write mean_out, invstd_out and, with update_running,
 //                          rm = rm*keep + m*mean, rv = rv*keep + m_unbiased*var (m_unbiased = m*M/(M-1))
+//                          and, with count_batch, num_batches_tracked += 1 (the layer's int64 counter)
 //   forward, fixed statistics: batch_norm_forward alone, mean, var = rm, rv
 //   backward (two launches; relu: delta = dy * (y > 0) in place of dy throughout, y the forward's output)
 //     batch_norm_backward_sums  part_dy[c, s] = sum(delta), part_dyx[c, s] = sum(delta * xhat),
 //                               xhat = (x - mean) * invstd
-//     batch_norm_backward       dbeta = sum(delta), dgamma = sum(delta xhat) (segment 0's blocks), then
+//     batch_norm_backward       dbeta = sum(delta), dgamma = sum(delta xhat) (segment 0's blocks; with
+//                               `accumulate` added into dbeta and dgamma: Parameter.grad), then
 //                               g = delta (* gamma), dx = (g - (sum(g) + xhat * sum(g xhat)) / M) * invstd
 //                               (batch statistics), or dx = g * invstd (fixed statistics)
 // The operation order is the reference's (cnn_gpu/functional/reference.py).
@@ -102,11 +104,13 @@ CNN_ENTRY_POINTS(batch_norm_sq, BN_SQ_PARAMS, BN_SQ_ARGS)
 #define BN_FWD_PARAMS(T)                                                                                  \
     const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ gamma, const T* __restrict__ beta,  \
     const T* __restrict__ part_sum, const T* __restrict__ part_sq, T* running_mean, T* running_var,       \
-    T* __restrict__ mean_out, T* __restrict__ invstd_out, int N, int C, int P, int S, int has_gamma,      \
-    int has_beta, int batch_stats, int update_running, int relu, T keep, T m, T m_unbiased, T eps
+    T* __restrict__ mean_out, T* __restrict__ invstd_out, long long* num_batches_tracked, int N, int C,   \
+    int P, int S, int has_gamma, int has_beta, int batch_stats, int update_running, int count_batch,       \
+    int relu, T keep, T m, T m_unbiased, T eps
 #define BN_FWD_ARGS                                                                                       \
-    x, y, gamma, beta, part_sum, part_sq, running_mean, running_var, mean_out, invstd_out, N, C, P, S,    \
-    has_gamma, has_beta, batch_stats, update_running, relu, keep, m, m_unbiased, eps
+    x, y, gamma, beta, part_sum, part_sq, running_mean, running_var, mean_out, invstd_out,                \
+    num_batches_tracked, N, C, P, S, has_gamma, has_beta, batch_stats, update_running, count_batch, relu, \
+    keep, m, m_unbiased, eps
 
 template <typename T>
 __device__ __forceinline__ void batch_norm_forward_body(BN_FWD_PARAMS(T)) {
@@ -129,6 +133,7 @@ __device__ __forceinline__ void batch_norm_forward_body(BN_FWD_PARAMS(T)) {
                 running_mean[c] = running_mean[c] * keep + m * mean;
                 running_var[c] = running_var[c] * keep + m_unbiased * var;
             }
+            if (count_batch && c == 0) num_batches_tracked[0] += 1;  // one block has (c, s) = (0, 0)
         }
         const T g = has_gamma ? gamma[c] : T(1);
         const T bt = has_beta ? beta[c] : T(0);
@@ -180,9 +185,10 @@ CNN_ENTRY_POINTS(batch_norm_backward_sums, BN_BSUM_PARAMS, BN_BSUM_ARGS)
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ gamma, \
     const T* __restrict__ mean, const T* __restrict__ invstd, const T* __restrict__ part_dy,              \
     const T* __restrict__ part_dyx, T* __restrict__ dx, T* __restrict__ dgamma, T* __restrict__ dbeta,    \
-    int N, int C, int P, int S, int has_gamma, int has_beta, int batch_stats, int relu
-#define BN_BWD_ARGS \
-    dy, x, y, gamma, mean, invstd, part_dy, part_dyx, dx, dgamma, dbeta, N, C, P, S, has_gamma, has_beta, batch_stats, relu
+    int N, int C, int P, int S, int has_gamma, int has_beta, int batch_stats, int relu, int accumulate
+#define BN_BWD_ARGS                                                                                       \
+    dy, x, y, gamma, mean, invstd, part_dy, part_dyx, dx, dgamma, dbeta, N, C, P, S, has_gamma, has_beta, \
+    batch_stats, relu, accumulate
 
 template <typename T>
 __device__ __forceinline__ void batch_norm_backward_body(BN_BWD_PARAMS(T)) {
@@ -194,8 +200,8 @@ __device__ __forceinline__ void batch_norm_backward_body(BN_BWD_PARAMS(T)) {
         const T sum_dy = cnn_bn_channel_total(part_dy, c, S, sh);
         const T sum_dyx = cnn_bn_channel_total(part_dyx, c, S, sh);
         if (s == 0 && threadIdx.x == 0) {
-            if (has_beta) dbeta[c] = sum_dy;
-            if (has_gamma) dgamma[c] = sum_dyx;
+            if (has_beta) dbeta[c] = accumulate ? dbeta[c] + sum_dy : sum_dy;
+            if (has_gamma) dgamma[c] = accumulate ? dgamma[c] + sum_dyx : sum_dyx;
         }
         const T sum_g = has_gamma ? sum_dy * g : sum_dy;
         const T sum_gx = has_gamma ? sum_dyx * g : sum_dyx;

@@ -11,7 +11,8 @@
 //                               thread per element of dx, in the fixed order m, kh, kw
 //   depthwise_conv_weight_grad: dw[f, kh, kw] = sum_{n, oh, ow} delta[n, f, oh, ow] * x[n, c, ih, iw]
 //                               one block per (f, kh, kw) (grid-stride), a fixed-order block
-//                               reduction (cnn_block_sum): deterministic, no atomics
+//                               reduction (cnn_block_sum): deterministic, no atomics; with
+//                               `accumulate` added into dw (a Parameter.grad) instead
 // delta = dy (* (y > 0) with a fused ReLU, and db, from act_backward_bias_grad in epilogue.cu).
 // The taps are summed kh then kw, as the reference's GEMM rows (c*KH + kh)*KW + kw.
 #include "common.cuh"
@@ -93,8 +94,9 @@ __device__ __forceinline__ void depthwise_conv_input_grad_body(DW_DX_PARAMS(T)) 
 CNN_ENTRY_POINTS(depthwise_conv_input_grad, DW_DX_PARAMS, DW_DX_ARGS)
 
 // ---- weight gradient: one block per (f, kh, kw), a deterministic block reduction --------------
-#define DW_DW_PARAMS(T) const T* __restrict__ delta, const T* __restrict__ x, T* __restrict__ dw, DW_GEOM_PARAMS
-#define DW_DW_ARGS delta, x, dw, DW_GEOM_ARGS
+#define DW_DW_PARAMS(T) \
+    const T* __restrict__ delta, const T* __restrict__ x, T* __restrict__ dw, DW_GEOM_PARAMS, int accumulate
+#define DW_DW_ARGS delta, x, dw, DW_GEOM_ARGS, accumulate
 
 template <typename T>
 __device__ __forceinline__ void depthwise_conv_weight_grad_body(DW_DW_PARAMS(T)) {
@@ -117,7 +119,7 @@ __device__ __forceinline__ void depthwise_conv_weight_grad_body(DW_DW_PARAMS(T))
                 part += delta[(n * F + f) * P + p] * x[((n * C + c) * H + ih) * (long long)W + iw];
         }
         const T total = cnn_block_sum(part, sh);
-        if (threadIdx.x == 0) dw[r] = total;
+        if (threadIdx.x == 0) dw[r] = accumulate ? dw[r] + total : total;
     }
 }
 CNN_ENTRY_POINTS(depthwise_conv_weight_grad, DW_DW_PARAMS, DW_DW_ARGS)

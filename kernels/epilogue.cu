@@ -9,7 +9,13 @@
 //   bias_act_forward:        y[n, f, p] = act(src[f, n*P + p] or src[n, f, p] + b[f])
 //   act_backward_bias_grad:  delta = dy * (y > 0) with the ReLU (a product, as in the
 //                            reference: a NaN in dy stays NaN), else dy, written to dst in
-//                            the GEMM's form; db[f] = the sum of delta over n and p
+//                            the GEMM's form; db[f] = the sum of delta over n and p, or with
+//                            `accumulate` db[f] += that sum (a Parameter.grad, or the chunks
+//                            of one batch: no separate launch to add them)
+//
+//   add_act_forward:         y = a + b, relu(a + b) with relu (a residual block's sum and the ReLU
+//                            after it, one pass)
+//   relu_backward:           dx = dy * (y > 0) (a product: a NaN in dy stays NaN)
 //
 // The bias gradient is a deterministic block reduction: one block per filter f (grid-stride
 // over f), each thread sums a fixed subset, then the fixed-order shared-memory tree
@@ -46,8 +52,8 @@ CNN_ENTRY_POINTS(bias_act_forward, BIAS_ACT_FWD_PARAMS, BIAS_ACT_FWD_ARGS)
 // relu == 0: y is not read; has_bias == 0: db is not written.
 #define ACT_BWD_BIAS_PARAMS(T)                                                              \
     const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dst, T* __restrict__ db, \
-    int N, int F, int P, int cm, int has_bias, int relu
-#define ACT_BWD_BIAS_ARGS dy, y, dst, db, N, F, P, cm, has_bias, relu
+    int N, int F, int P, int cm, int has_bias, int relu, int accumulate
+#define ACT_BWD_BIAS_ARGS dy, y, dst, db, N, F, P, cm, has_bias, relu, accumulate
 
 template <typename T>
 __device__ __forceinline__ void act_backward_bias_grad_body(ACT_BWD_BIAS_PARAMS(T)) {
@@ -64,7 +70,30 @@ __device__ __forceinline__ void act_backward_bias_grad_body(ACT_BWD_BIAS_PARAMS(
             part += g;
         }
         const T total = cnn_block_sum(part, sh);
-        if (has_bias && threadIdx.x == 0) db[f] = total;
+        if (has_bias && threadIdx.x == 0) db[f] = accumulate ? db[f] + total : total;
     }
 }
 CNN_ENTRY_POINTS(act_backward_bias_grad, ACT_BWD_BIAS_PARAMS, ACT_BWD_BIAS_ARGS)
+
+// ---- y = a + b (relu: max(., 0)): one thread per element ----------------------------------
+#define ADD_ACT_PARAMS(T) const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y, long long n, int relu
+#define ADD_ACT_ARGS a, b, y, n, relu
+
+template <typename T>
+__device__ __forceinline__ void add_act_forward_body(ADD_ACT_PARAMS(T)) {
+    CNN_GRID_STRIDE_LOOP(i, n) {
+        const T v = a[i] + b[i];
+        y[i] = relu ? cnn_relu(v) : v;
+    }
+}
+CNN_ENTRY_POINTS(add_act_forward, ADD_ACT_PARAMS, ADD_ACT_ARGS)
+
+// ---- dx = dy * relu'(y): one thread per element -------------------------------------------
+#define RELU_BWD_PARAMS(T) const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, long long n
+#define RELU_BWD_ARGS dy, y, dx, n
+
+template <typename T>
+__device__ __forceinline__ void relu_backward_body(RELU_BWD_PARAMS(T)) {
+    CNN_GRID_STRIDE_LOOP(i, n) { dx[i] = cnn_relu_grad(dy[i], y[i]); }
+}
+CNN_ENTRY_POINTS(relu_backward, RELU_BWD_PARAMS, RELU_BWD_ARGS)

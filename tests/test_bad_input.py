@@ -103,3 +103,65 @@ def test_backward_dy_of_the_wrong_shape(xp):
     _, cache = F.relu_forward(x)
     with raises(TypeError, "dy:", "expected dtype float32", "got float64"):
         F.relu_backward(a(xp, 2, 3, 6, 6, dtype=np.float64), cache)
+
+
+def test_accumulate_into_mistakes(xp):
+    x, w, b = a(xp, 2, 3, 5, 5), a(xp, 4, 3, 3, 3), a(xp, 4)
+    y, cache = F.conv2d_forward(x, w, b)
+    dy = a(xp, *y.shape)
+    with raises(TypeError, "accumulate_into:", "expected None or a tuple of 2 arrays or Nones (dw, db)", "got list of 1"):
+        F.conv2d_backward(dy, cache, accumulate_into=[xp.zeros_like(w)])
+    with raises(ValueError, "accumulate_into[dw]:", "expected shape (4, 3, 3, 3)", "got float32 array of shape (4, 27)"):
+        F.conv2d_backward(dy, cache, accumulate_into=(xp.zeros((4, 27), np.float32), xp.zeros_like(b)))
+    with raises(TypeError, "accumulate_into[db]:", "expected dtype float32", "got float64"):
+        F.conv2d_backward(dy, cache, accumulate_into=(xp.zeros_like(w), xp.zeros(4)))
+    with raises(ValueError, "accumulate_into[db]:", "expected an array of shape (4,)", "got None"):
+        F.conv2d_backward(dy, cache, accumulate_into=(xp.zeros_like(w), None))
+    _, cache_nb = F.conv2d_forward(x, w)
+    with raises(ValueError, "accumulate_into[db]:", "expected None (the op has no db", "got float32 array of shape (4,)"):
+        F.conv2d_backward(dy, cache_nb, accumulate_into=(xp.zeros_like(w), xp.zeros_like(b)))
+
+
+def test_accumulate_into_on_another_backend_standin(standin):
+    x, w = a(standin, 2, 3, 5, 5), a(standin, 4, 3, 3, 3)
+    y, cache = F.conv2d_forward(x, w)
+    with raises(TypeError, "accumulate_into[dw]:", "expected an array on the same backend as dy", "numpy.ndarray"):
+        F.conv2d_backward(a(standin, *y.shape), cache, accumulate_into=(np.zeros(w.shape, np.float32), None))
+
+
+def test_accumulate_into_read_only_and_batch_norm():
+    x = a(np, 4, 2, 3, 3)
+    y, cache = F.batch_norm_forward(x, a(np, 2), a(np, 2), None, None, True)
+    ro = np.zeros(2, np.float32)
+    ro.flags.writeable = False
+    with raises(ValueError, "accumulate_into[dgamma]:", "expected a writable array", "got a read-only one"):
+        F.batch_norm_backward(a(np, *y.shape), cache, accumulate_into=(ro, np.zeros(2, np.float32)))
+    with raises(ValueError, "accumulate_into[dbeta]:", "expected shape (2,)", "got float32 array of shape (3,)"):
+        F.batch_norm_backward(a(np, *y.shape), cache, accumulate_into=(np.zeros(2, np.float32), np.zeros(3, np.float32)))
+    lin_y, lin_cache = F.linear_forward(a(np, 3, 4), a(np, 2, 4))
+    with raises(ValueError, "accumulate_into[db]:", "expected None (the op has no db"):
+        F.linear_backward(a(np, 3, 2), lin_cache, accumulate_into=(np.zeros((2, 4), np.float32), np.zeros(2, np.float32)))
+
+
+def test_num_batches_tracked_mistakes(xp):
+    x, rm, rv = a(xp, 4, 2, 3, 3), xp.zeros(2, np.float32), xp.ones(2, np.float32)
+    with raises(TypeError, "num_batches_tracked:", "expected a 0-d int64 array", "got float32 array of shape ()"):
+        F.batch_norm_forward(x, None, None, rm, rv, True, num_batches_tracked=xp.zeros((), np.float32))
+    with raises(TypeError, "num_batches_tracked:", "expected a 0-d int64 array", "got int64 array of shape (1,)"):
+        F.batch_norm_forward(x, None, None, rm, rv, True, num_batches_tracked=xp.zeros(1, np.int64))
+    with raises(TypeError, "num_batches_tracked:", "expected a 0-d int64 array", "got int 3"):
+        F.batch_norm_forward(x, None, None, rm, rv, True, num_batches_tracked=3)
+
+
+def test_add_mistakes(xp):
+    with raises(ValueError, "b:", "expected shape (2, 3)", "got float32 array of shape (1, 3)"):
+        F.add_forward(a(xp, 2, 3), a(xp, 1, 3))  # no broadcasting
+    with raises(TypeError, "b:", "expected dtype float32 (the dtype of a)", "got float64"):
+        F.add_forward(a(xp, 2, 3), a(xp, 2, 3, dtype=np.float64))
+    with raises(ValueError, "activation:", "expected one of", "got 'tanh'"):
+        F.add_forward(a(xp, 2, 3), a(xp, 2, 3), "tanh")
+    y, cache = F.add_forward(a(xp, 2, 3), a(xp, 2, 3), "relu")
+    with raises(ValueError, "dy:", "expected shape (2, 3)", "got float32 array of shape (3, 2)"):
+        F.add_backward(a(xp, 3, 2), cache)
+    with raises(TypeError, "cache:", "expected the AddCache of add_forward", "got ndarray"):
+        F.add_backward(a(xp, 2, 3), y)

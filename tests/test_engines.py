@@ -427,3 +427,115 @@ def test_models(engine, rng, make, shape, dtype):
     got, want = run(), on_reference(run)
     for i, (g, r) in enumerate(zip(got, want)):
         same(g, r, dtype, f"output {i} (y, dx, then the gradients twice)")
+
+
+# ============================================================ gradients added in place, counters
+ACC_CONV_CASES = [  # N, C, H, W, F, kernel, groups
+    (2, 3, 7, 6, 4, 3, 1),  # one GEMM (cuBLAS beta = 1 on the CUDA engine)
+    (2, 8, 6, 6, 6, 3, 2),  # a GEMM per group into row blocks of dw
+    (2, 4, 6, 5, 8, 3, 4),  # depthwise: the weight-gradient kernel adds
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias,activation", [(True, "relu"), (False, None)])
+@pytest.mark.parametrize("case", ACC_CONV_CASES)
+def test_conv2d_backward_accumulates_into_given_arrays(engine, rng, case, bias, activation, dtype):
+    """accumulate_into=(dw0, db0): the returned dw and db are those very arrays, holding their old
+    values plus the reference's gradients; dx is unchanged; over two backwards the sums add up."""
+    N, C, H, W, Fo, k, G = case
+    x, w = data(rng, (N, C, H, W), dtype), data(rng, (Fo, C // G, k, k), dtype)
+    b = data(rng, (Fo,), dtype) if bias else None
+    y_ref, c_ref = on_reference(F.conv2d_forward, x, w, b, 1, 1, 1, G, activation=activation)
+    dy = data(rng, y_ref.shape, dtype)
+    dx_ref, dw_ref, db_ref = on_reference(F.conv2d_backward, dy, c_ref)
+    dw0, db0 = data(rng, w.shape, dtype), (data(rng, (Fo,), dtype) if bias else None)
+    acc = (dw0.copy(), None if db0 is None else db0.copy())
+    for rounds in (1, 2):
+        _, cache = F.conv2d_forward(x, w, b, 1, 1, 1, G, activation=activation)
+        dx, dw, db = F.conv2d_backward(dy, cache, accumulate_into=acc)
+        assert dw is acc[0] and db is acc[1]
+        same(dx, dx_ref, dtype, "dx")
+        same(dw, dw0 + rounds * dw_ref, dtype, f"dw after {rounds}")
+        if bias:
+            same(db, db0 + rounds * db_ref, dtype, f"db after {rounds}")
+
+
+def test_conv2d_backward_accumulates_over_chunks(engine, rng):
+    """In chunks (a workspace limit of one sample's columns) the chunks' gradients and the given
+    arrays' values add up to the reference's sum."""
+    x, w, b = data(rng, (3, 2, 6, 6), np.float64), data(rng, (4, 2, 3, 3), np.float64), data(rng, (4,), np.float64)
+    y_ref, c_ref = on_reference(F.conv2d_forward, x, w, b, 1, 1)
+    dy = data(rng, y_ref.shape, np.float64)
+    _, dw_ref, db_ref = on_reference(F.conv2d_backward, dy, c_ref)
+    acc = (np.ones_like(w), np.full(4, 2.0))
+    with cnn_gpu.use_workspace_limit(2 * 9 * 36 * 8 / 2**20):
+        _, cache = F.conv2d_forward(x, w, b, 1, 1, workspace=cnn_gpu.Workspace())
+        F.conv2d_backward(dy, cache, input_grad=False, accumulate_into=acc)
+    same(acc[0], 1 + dw_ref, np.float64, "dw")
+    same(acc[1], 2 + db_ref, np.float64, "db")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias,activation", [(True, "relu"), (True, None), (False, "relu")])
+def test_linear_backward_accumulates_into_given_arrays(engine, rng, bias, activation, dtype):
+    x, w = data(rng, (5, 7), dtype), data(rng, (3, 7), dtype)
+    b = data(rng, (3,), dtype) if bias else None
+    _, c_ref = on_reference(F.linear_forward, x, w, b, activation)
+    dy = data(rng, (5, 3), dtype)
+    dx_ref, dw_ref, db_ref = on_reference(F.linear_backward, dy, c_ref)
+    dw0, db0 = data(rng, w.shape, dtype), (data(rng, (3,), dtype) if bias else None)
+    acc = (dw0.copy(), None if db0 is None else db0.copy())
+    _, cache = F.linear_forward(x, w, b, activation)
+    dx, dw, db = F.linear_backward(dy, cache, accumulate_into=acc)
+    assert dw is acc[0] and db is acc[1]
+    same(dx, dx_ref, dtype, "dx")
+    same(dw, dw0 + dw_ref, dtype, "dw")
+    if bias:
+        same(db, db0 + db_ref, dtype, "db")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_batch_norm_backward_accumulates_and_counts_batches(engine, rng, affine, activation, dtype):
+    """accumulate_into=(dgamma0, dbeta0) adds into them (both views of one flat buffer, as an
+    optimizer keeps Parameter.grad); num_batches_tracked counts the training batches that update
+    the running statistics, not the evaluation ones."""
+    shape, C = (4, 3, 5, 5), 3
+    x = data(rng, shape, dtype)
+    gamma, beta = (data(rng, (C,), dtype), data(rng, (C,), dtype)) if affine else (None, None)
+    _, c_ref = on_reference(F.batch_norm_forward, x, gamma, beta, None, None, True, activation=activation)
+    dy = data(rng, shape, dtype)
+    dx_ref, dg_ref, db_ref = on_reference(F.batch_norm_backward, dy, c_ref)
+    rm, rv, count = np.zeros(C, dtype), np.ones(C, dtype), np.zeros((), np.int64)
+    flat = data(rng, (2 * C,), dtype)
+    flat0 = flat.copy()
+    acc = (flat[:C], flat[C:]) if affine else (None, None)
+    _, cache = F.batch_norm_forward(x, gamma, beta, rm, rv, True, activation=activation, num_batches_tracked=count)
+    assert int(count) == 1
+    dx, dg, db = F.batch_norm_backward(dy, cache, accumulate_into=acc)
+    same(dx, dx_ref, dtype, "dx")
+    if affine:
+        assert dg is acc[0] and db is acc[1]
+        same(flat, np.concatenate([flat0[:C] + dg_ref, flat0[C:] + db_ref]), dtype, "dgamma, dbeta")
+    else:
+        assert dg is None and db is None
+    F.batch_norm_forward(x, gamma, beta, rm, rv, True, num_batches_tracked=count)
+    F.batch_norm_forward(x, gamma, beta, rm, rv, False, num_batches_tracked=count)  # eval: not counted
+    F.batch_norm_forward(x, gamma, beta, None, None, True, num_batches_tracked=count)  # no running stats
+    assert int(count) == 2 and count.dtype == np.int64 and count.shape == ()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_add(engine, rng, activation, dtype):
+    a, b = data(rng, (3, 4, 5, 2), dtype), data(rng, (3, 4, 5, 2), dtype)
+    y, cache = F.add_forward(a, b, activation)
+    y_ref, c_ref = on_reference(F.add_forward, a, b, activation)
+    same(y, y_ref, dtype, "y")
+    same(y, np.maximum(a + b, 0) if activation else a + b, dtype, "y (NumPy)")
+    dy = data(rng, y.shape, dtype)
+    got, want = F.add_backward(dy, cache), on_reference(F.add_backward, dy, c_ref)
+    same(got, want, dtype, "delta")
+    same(got, dy * (a + b > 0) if activation else dy, dtype, "delta (NumPy)")

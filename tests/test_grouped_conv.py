@@ -145,6 +145,13 @@ def test_emul_depthwise_kernels(cuda_emulation, rng, case, dtype, launch):
     dx, dw, db = ops.depthwise_conv2d_backward(dy, cache, input_grad=False, **kw)
     assert dx is None and db is None
     assert_close(dw, R.conv2d_backward(dy, cache_ref._replace(activation=None, y=None))[1], tol_for(dtype), "dw")
+    # accumulate_into: the kernels add dw and db into the given arrays (Parameter.grad)
+    acc = (np.ones_like(w), np.full(b.shape, 2, dtype))
+    cache = cache_ref._replace(engine="cuda", y=y, aux=None)
+    dx, dw, db = ops.depthwise_conv2d_backward(dy, cache, accumulate_into=acc, **kw)
+    assert dw is acc[0] and db is acc[1]
+    assert_close(dw, 1 + want[1], tol_for(dtype), "dw added into ones")
+    assert_close(db, 2 + want[2], tol_for(dtype), "db added into twos")
 
 
 def test_emul_depthwise_runs_direct_kernels_and_groups_run_gemms(cuda_emulation, rng):

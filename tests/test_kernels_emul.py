@@ -527,6 +527,45 @@ def test_emul_act_backward_bias_grad(emul, shape, cm, relu, bias, dtype, launch)
         assert db is None
 
 
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("cm", [0, 1])
+def test_emul_bias_grad_into_a_given_array(emul, cm, launch):
+    """db= writes the sums into that array; with accumulate they are added to what it holds."""
+    N, F_, P = 3, 5, 7
+    rng = rng_for("act-bwd-acc", cm)
+    dy = rng.standard_normal((N, F_, P))
+    dst = np.empty((F_, N * P) if cm else (N, F_, P))
+    db0 = rng.standard_normal(F_)
+    for accumulate in (False, True):
+        db = db0.copy()
+        out = ops.act_backward_bias_grad(dy, None, dst, N, F_, P, cm=cm, relu=False, bias=True, db=db,
+                                         accumulate=accumulate, **launch_kw(launch))
+        assert out is db
+        close(db, dy.sum(axis=(0, 2)) + (db0 if accumulate else 0), np.float64, f"db, accumulate={accumulate}")
+    with pytest.raises(ValueError, match="db: a bias gradient needs bias=True"):
+        ops.act_backward_bias_grad(dy, None, dst, N, F_, P, cm=cm, relu=False, bias=False, db=db0.copy())
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (2, 3, 17, 5)])
+def test_emul_add_act_forward_and_relu_backward(emul, shape, dtype, launch):
+    """The residual sum (+ ReLU) and the ReLU's backward, one launch each: the reference's bits;
+    NaN propagates (max(NaN, 0) = NaN, NaN * 0 = NaN as in the reference's product)."""
+    rng = rng_for("add-act", shape, dtype)
+    a, b, dy = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+    if a.size >= 4:
+        a.flat[::4] = np.nan
+        dy.flat[1::4] = np.nan
+    for act in (None, "relu"):
+        y, cache = ops.add_forward(a, b, act, **launch_kw(launch))
+        y_ref, cache_ref = R.add_forward(a, b, act)
+        exact(y, y_ref, f"y ({act})")
+        exact(ops.add_backward(dy, cache, **launch_kw(launch)), R.add_backward(dy, cache_ref), f"delta ({act})")
+    y, _ = R.relu_forward(a)
+    exact(ops.relu_backward(dy, y, **launch_kw(launch)), R.relu_backward(dy, y), "relu_backward")
+
+
 def test_emul_bias_grad_is_deterministic_per_launch_config(emul):
     dy = rng_for("det").standard_normal((64, 8, 100)).astype(np.float32)
     dst = np.empty((8, 6400), np.float32)
@@ -1067,6 +1106,29 @@ def test_emul_batch_norm_segments(emul, segments):
         got = ops.batch_norm_backward(dy, cache, grid=grid, block=32, segments=segments)
         for g, r, what in zip(got, R.batch_norm_backward(dy, c_ref), ("dx", "dgamma", "dbeta")):
             close(g, r, np.float64, what)
+
+
+@pytest.mark.parametrize("segments", [1, 7])
+def test_emul_batch_norm_accumulates_and_counts(emul, segments):
+    """num_batches_tracked += 1 in the forward's last launch (one block of any grid); dgamma and
+    dbeta added into given arrays (adjacent views of one buffer) by the backward's."""
+    rng = rng_for("bn-acc", segments)
+    x, dy = rng.standard_normal((3, 4, 5, 3)), rng.standard_normal((3, 4, 5, 3))
+    gamma, beta = rng.standard_normal(4), rng.standard_normal(4)
+    _, c_ref = R.batch_norm_forward(x, gamma, beta, None, None, True, 0.1, 1e-5, "relu")
+    _, dg_ref, db_ref = R.batch_norm_backward(dy, c_ref)
+    count = np.array(41, np.int64)
+    for grid in (1, 5):
+        flat = np.arange(8.0)
+        rm, rv = np.zeros(4), np.ones(4)
+        y, cache = ops.batch_norm_forward(x, gamma, beta, rm, rv, True, 0.1, 1e-5, "relu", num_batches_tracked=count,
+                                          grid=grid, block=32, segments=segments)
+        ops.batch_norm_forward(x, gamma, beta, rm, rv, False, 0.1, 1e-5, num_batches_tracked=count, grid=grid,
+                               block=32, segments=segments)  # eval: not counted
+        _, dg, db = ops.batch_norm_backward(dy, cache, accumulate_into=(flat[:4], flat[4:]), grid=grid, block=32,
+                                            segments=segments)
+        close(flat, np.arange(8.0) + np.concatenate([dg_ref, db_ref]), np.float64, f"dgamma, dbeta (grid {grid})")
+    assert int(count) == 43
 
 
 def test_batch_norm_segment_count_depends_on_the_shape_only():

@@ -418,6 +418,28 @@ def test_residual_gradcheck_and_names(rng):
     assert block.backward(R, input_grad=False) is None
 
 
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_add_gradcheck_and_the_fused_residual_relu(rng, activation):
+    """F.add_forward / add_backward (float64, finite differences; the ReLU's kink avoided); a
+    Residual run with activation="relu" equals relu(Residual(x)), gradients included."""
+    a, b = rng.standard_normal((3, 2, 4, 4)), rng.standard_normal((3, 2, 4, 4))
+    a[np.abs(a + b) < 1e-3] += 0.1
+    gradcheck(lambda u, v: F.add_forward(u, v, activation), lambda dy, c: (F.add_backward(dy, c),) * 2, [a, b],
+              tol=1e-7)
+    block = _block()
+    x, R = rng.standard_normal((3, 2, 5, 5)), rng.standard_normal((3, 3, 3, 3))
+    fused = block.forward(x, activation="relu")
+    dx_fused = block.backward(R)
+    grads_fused = [p.grad.copy() for p in block.parameters()]
+    block.zero_grad()
+    plain = block.forward(x)
+    relu = nn.ReLU()
+    assert_close(fused, relu.forward(plain), 1e-15, "relu(y)")
+    assert_close(dx_fused, block.backward(relu.backward(R)), 1e-15, "dx")
+    for g1, p in zip(grads_fused, block.parameters()):
+        assert_close(g1, p.grad, 1e-15, "parameter gradient")
+
+
 def test_identity_residual_splits_the_gradient(rng):
     body = nn.Sequential(nn.Linear(4, 4, dtype=np.float64), nn.Tanh())
     res = nn.Residual(body)

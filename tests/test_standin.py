@@ -174,6 +174,61 @@ def test_standin_training_step_budget(standin, make, shape, engine):
         assert c.kernels and c.launches["kernel"] >= 6
 
 
+def test_standin_cublas_gemm_follows_cupy(standin):
+    """cupy.cublas (which needs libcublas to import) has its surface read from CuPy's source: gemm's
+    parameters, refused keywords; out = alpha op(a) @ op(b) + beta out in one cuBLAS launch,
+    beta = 0 not reading out, a non-contiguous operand copied as CuPy does."""
+    import cupy.cublas  # noqa: PLC0415  (the stand-in's, inside the fixture)
+    from standin import surface  # noqa: PLC0415
+
+    assert list(surface.signature("cupy.cublas", "gemm").parameters) == ["transa", "transb", "a", "b", "out", "alpha",
+                                                                         "beta"]
+    cp, rng = standin, np.random.default_rng(0)
+    A, B, C0 = rng.standard_normal((3, 4)), rng.standard_normal((5, 4)), rng.standard_normal((3, 5))
+    a, b, out = cp.asarray(A), cp.asarray(B), cp.asarray(C0)
+    with counting() as c:
+        got = cupy.cublas.gemm("N", "T", a, b, out=out, beta=1.0)
+    assert got is out and c.launches == {"cublas": 1} and c.layout_copies == 0
+    np.testing.assert_allclose(cp.asnumpy(out), A @ B.T + C0, rtol=1e-13)
+    cupy.cublas.gemm("T", "N", cp.asarray(A.T.copy()), cp.asarray(B.T.copy()), out=out)  # beta 0: out not read
+    np.testing.assert_allclose(cp.asnumpy(out), A @ B.T, rtol=1e-13)
+    with counting() as c:
+        cupy.cublas.gemm("N", "N", cp.asarray(rng.standard_normal((3, 8)))[:, ::2], b.T, out=out)
+    assert c.layout_copies == 1  # a strided operand is copied first
+    with pytest.raises(TypeError, match="gamma"):
+        cupy.cublas.gemm("N", "N", a, b, gamma=1.0)
+    with pytest.raises(AssertionError):
+        cupy.cublas.gemm("N", "N", a, b, out=out)  # (3, 4) @ (5, 4): CuPy asserts the inner sizes
+    with pytest.raises(AttributeError, match="cupy.cublas' has no attribute 'no_such'"):
+        cupy.cublas.no_such
+
+
+def test_standin_layers_add_gradients_and_count_batches_in_their_own_launches(standin):
+    """Conv2d, Linear and BatchNorm add their parameter gradients inside their GEMMs and kernels,
+    BatchNorm counts num_batches_tracked inside its last kernel, a Residual and the ReLU after it
+    are one kernel: the only elementwise launch left is the sum of the Residual's two input
+    gradients; the gradients are the previous values plus this backward's."""
+    cp = standin
+    x, _ = _batch(cp, 4, (3, 6, 6))
+    with cnn_gpu.use_backend("cupy"):
+        g = dict(generator=np.random.default_rng(0))
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, **g), nn.BatchNorm2d(4), nn.ReLU(),
+                            nn.Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False, **g), nn.BatchNorm2d(4))),
+                            nn.ReLU(), nn.Flatten(), nn.Linear(144, 5, **g), nn.ReLU())
+        y = net(x)
+        dy = cp.asarray(np.random.default_rng(1).standard_normal(y.shape).astype(np.float32))
+        net.backward(dy)
+        once = [cp.asnumpy(p.grad).copy() for p in net.parameters()]
+        with counting() as c:
+            net(x)
+            net.backward(dy, input_grad=False)
+    assert c.launches["elementwise"] == 1 and c.total_syncs == 0, c.launches  # the Residual's dx + dx_shortcut
+    assert c.kernels["add_act_forward_f32"] == 1 and c.kernels["relu_backward_f32"] == 1
+    for p, g1 in zip(net.parameters(), once):
+        np.testing.assert_allclose(cp.asnumpy(p.grad), 2 * g1, rtol=1e-5, atol=1e-6)
+    assert int(cp.asnumpy(net[1].num_batches_tracked)) == 2
+
+
 def test_standin_modern_layers_train_like_numpy(standin):
     """Two SGD steps of BatchNorm/Residual/GELU/global pooling on the CuPy path match NumPy's:
     the weights, the running statistics (updated on the device) and the int64 batch counter;

@@ -13,7 +13,7 @@ input's layout (adaptive_pool.py). Ops this engine does not list run the referen
 from .adaptive_pool import adaptive_avg_pool2d_backward, adaptive_avg_pool2d_forward
 from .augment import crop_flip
 from .conv import conv2d_backward, conv2d_forward
-from .elementwise import relu_backward, relu_forward
+from .elementwise import add_backward, add_forward, relu_backward, relu_forward
 from .linear import linear_backward, linear_forward
 from .norm import batch_norm_backward, batch_norm_forward
 from .pool import avg_pool2d_backward, avg_pool2d_forward, max_pool2d_backward, max_pool2d_forward
@@ -26,5 +26,5 @@ POOL_BEFORE_ACTIVATION = True
 
 __all__ = ["NAME", "FUSED_ACTIVATIONS", "POOL_BEFORE_ACTIVATION", "conv2d_forward", "conv2d_backward", "max_pool2d_forward",
            "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward", "linear_forward", "linear_backward",
-           "relu_forward", "relu_backward", "crop_flip", "batch_norm_forward", "batch_norm_backward",
+           "relu_forward", "relu_backward", "add_forward", "add_backward", "crop_flip", "batch_norm_forward", "batch_norm_backward",
            "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward"]

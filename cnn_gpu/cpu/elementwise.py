@@ -1,9 +1,10 @@
-"""The CPU engine's ReLU: the reference's, split over the batch on the cores when large, in
-the input's layout."""
+"""The CPU engine's ReLU and residual sum (+ ReLU): the reference's, split over the batch on the
+cores when large, in the input's layout."""
 from __future__ import annotations
 
 import numpy as np
 
+from ..functional.caches import AddCache
 from . import parallel
 
 _MIN_PART_ELEMENTS = 1 << 18  # a part of the batch spread over the cores keeps this many elements
@@ -28,6 +29,28 @@ def relu_forward(x):
 
     _over_batch(x, part)
     return y, y
+
+
+def add_forward(a, b, activation=None):
+    """y = a + b, then relu(y) in place on each part while it is in cache (a's layout)."""
+    relu = activation == "relu"
+    if a.ndim == 0:
+        y = np.add(a, b)
+        y = np.maximum(y, 0) if relu else y
+        return y, AddCache((), y.dtype, y if relu else None)
+    y = np.empty_like(a)
+
+    def part(n0, n1):
+        np.add(a[n0:n1], b[n0:n1], out=y[n0:n1])
+        if relu:
+            np.maximum(y[n0:n1], 0, out=y[n0:n1])
+
+    _over_batch(a, part)
+    return y, AddCache(tuple(y.shape), y.dtype, y if relu else None)
+
+
+def add_backward(dy, cache):
+    return dy if cache.y is None else relu_backward(dy, cache.y)
 
 
 def relu_backward(dy, y):

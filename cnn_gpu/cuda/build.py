@@ -296,6 +296,13 @@ class CupyLauncher:
     def launch(self, name: str, kernel: str, grid: int, block: int, args: tuple) -> None:
         get_function(name, kernel)((grid,), (block,), args)
 
+    def gemm(self, a, b, out, *, transa=False, transb=False, beta=0.0) -> None:
+        """out = op(a) @ op(b) + beta * out (op: the transpose with ``trans*``), one cuBLAS GEMM on
+        2-D C-contiguous arrays: with beta = 1 it adds into ``out`` (a Parameter.grad) in place."""
+        import cupy.cublas  # noqa: PLC0415  (loads cuBLAS: only on a GPU)
+
+        cupy.cublas.gemm("T" if transa else "N", "T" if transb else "N", a, b, out=out, beta=beta)
+
 
 _launcher: Any = None
 

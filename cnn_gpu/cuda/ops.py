@@ -9,7 +9,10 @@ convolution's GEMMs run on the channel-major form (F, N*P) of its output (P = OH
     backward   delta_cm (F, N*P) = dy (* y > 0), db          act_backward_bias_grad (one kernel)
                dW2 = delta_cm @ cols^T                       cuBLAS (cols^T: a transposed view)
                dcols = W2^T @ delta_cm;  dx = col2im_cm(dcols)
-so no transpose or layout copy runs outside a kernel that does arithmetic anyway. The im2col
+so no transpose or layout copy runs outside a kernel that does arithmetic anyway. A layer's
+backward passes its Parameter.grad arrays (``accumulate_into``): the weight GEMMs then add into
+them (cuBLAS beta = 1) and the kernels that sum db, dgamma and dbeta add their results there, so
+accumulating the gradients costs no launch of its own. The im2col
 columns live in the layer's Workspace (reused every step) and are kept for backward; a batch
 whose columns exceed the workspace limit runs in chunks of samples.
 
@@ -29,7 +32,8 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..functional import reference
-from ..functional.caches import AvgPool2dCache, BatchNormCache, Conv2dCache, DropoutCache, LinearCache, MaxPool2dCache
+from ..functional._dispatch import native
+from ..functional.caches import AddCache, AvgPool2dCache, BatchNormCache, Conv2dCache, DropoutCache, LinearCache, MaxPool2dCache
 from ..functional.geometry import ConvGeometry, PoolGeometry
 from ..workspace import chunk_size, scratch
 from .build import get_launcher
@@ -140,16 +144,45 @@ def bias_act_forward(src, y, b, N, F, P, *, cm, relu, grid=None, block=None):
     return y
 
 
-def act_backward_bias_grad(dy, y, dst, N, F, P, *, cm, relu, bias, grid=None, block=None):
+def act_backward_bias_grad(dy, y, dst, N, F, P, *, cm, relu, bias, db=None, accumulate=False, grid=None, block=None):
     """dst = dy (* (y > 0) with ``relu``) in the (F, N*P) form with ``cm``, else (N, F, P);
-    returns db (F,) = the sums of dst over n and p when ``bias``, else None."""
-    db = _empty((F,), dy.dtype) if bias else None
+    returns db (F,) = the sums of dst over n and p when ``bias`` (into ``db`` if given; with
+    ``accumulate`` added to what ``db`` holds), else None."""
+    if bias:
+        db = _empty((F,), dy.dtype) if db is None else _checked_out(db, (F,), dy.dtype)
+    elif db is not None:
+        raise ValueError("db: a bias gradient needs bias=True")
     dy = _contiguous("dy", dy)
     args = (dy, _contiguous("y", y) if relu else dy, _writable("dst", dst),
-            dy if db is None else db, *_i32(N, F, P, cm, bias, relu))
+            dy if db is None else db, *_i32(N, F, P, cm, bias, relu, accumulate))
     if F:
         _launch("epilogue", "act_backward_bias_grad", dy, F * DEFAULT_BLOCK, args, grid, block, "dy")  # a block per f
     return db
+
+
+# ------------------------------------------------------------------- residual sum, ReLU
+def add_forward(a, b, activation=None, *, grid=None, block=None):
+    """y = a + b, or relu(a + b), in one launch (a residual block's sum and its ReLU)."""
+    a, b = _contiguous("a", a), _contiguous("b", b)
+    relu = activation == "relu"
+    y = _empty(a.shape, a.dtype)
+    if y.size:
+        _launch("epilogue", "add_act_forward", a, y.size, (a, b, y, np.int64(y.size), *_i32(relu)), grid, block, "a")
+    return y, AddCache(tuple(y.shape), y.dtype, y if relu else None)
+
+
+def relu_backward(dy, y, *, grid=None, block=None):
+    """dx = dy * (y > 0) in one launch (the reference's is two: the mask, then the product)."""
+    dy = _contiguous("dy", dy)
+    dx = _empty(dy.shape, dy.dtype)
+    if dx.size:
+        _launch("epilogue", "relu_backward", dy, dx.size, (dy, _contiguous("y", y), dx, np.int64(dx.size)), grid, block,
+                "dy")
+    return dx
+
+
+def add_backward(dy, cache, *, grid=None, block=None):
+    return dy if cache.y is None else relu_backward(dy, cache.y, grid=grid, block=block)
 
 
 # ------------------------------------------------------------------- convolution
@@ -176,18 +209,19 @@ def _forward_gemm(xp, w, cols, out, g: ConvGeometry):
     return out
 
 
-def _weight_grad_gemm(xp, delta, cols, g: ConvGeometry):
-    """dW2 (F, K) = delta_cm @ cols^T per group. With groups, one 2-D GEMM per group (a loop over
-    groups, not channels; a transposed 2-D view goes to cuBLAS as it is, where a batched matmul
-    would copy the columns' transpose)."""
+def _weight_grad_gemm(delta, cols, dw2, g: ConvGeometry, add: bool) -> None:
+    """dW2 (F, K) = delta_cm @ cols^T per group, into ``dw2`` (added to it with ``add``: cuBLAS's
+    beta = 1). With groups, one 2-D GEMM per group (a loop over groups, not channels; cuBLAS reads
+    the columns transposed as they lie, where a batched matmul would copy their transpose)."""
+    gemm, beta = get_launcher().gemm, 1.0 if add else 0.0
     if g.G == 1:
-        return xp.matmul(delta, cols.T)  # (F, n*P) @ (n*P, K)
+        gemm(delta, cols, dw2, transb=True, beta=beta)  # (F, n*P) @ (n*P, K)
+        return
     Fg = g.F // g.G
     d3, c3 = delta.reshape(g.G, Fg, -1), cols.reshape(g.G, g.K, -1)  # (G, F/G, n*P), (G, K, n*P)
-    dw = xp.empty((g.G, Fg, g.K), dtype=delta.dtype)
+    o3 = dw2.reshape(g.G, Fg, g.K)  # (G, F/G, K): a view
     for gi in range(g.G):
-        xp.matmul(d3[gi], c3[gi].T, out=dw[gi])
-    return dw.reshape(g.F, g.K)
+        gemm(d3[gi], c3[gi], o3[gi], transb=True, beta=beta)
 
 
 def _input_grad_gemm(xp, w, delta, out, g: ConvGeometry):
@@ -224,32 +258,44 @@ def conv2d_forward(x, w, b, g, activation=None, workspace=None):
                           _Aux(kept, nb, workspace))
 
 
-def conv2d_backward(dy, cache, input_grad=True):
-    """-> (dx or None, dw, db or None), per chunk as the forward ran."""
+def _grad_arrays(accumulate_into, shapes, dtype) -> tuple:
+    """The arrays a backward writes its parameter gradients into: ``accumulate_into``'s (which
+    must be C-contiguous: the kernels and GEMMs add in place), else fresh ones (None for a shape None)."""
+    if accumulate_into is not None:
+        return tuple(a if a is None else _writable("accumulate_into", a) for a in accumulate_into)
+    return tuple(None if s is None else _empty(s, dtype) for s in shapes)
+
+
+@native("accumulate_into")
+def conv2d_backward(dy, cache, input_grad=True, accumulate_into=None):
+    """-> (dx or None, dw, db or None), per chunk as the forward ran; the chunks' dw and db (and
+    with ``accumulate_into`` the first chunk's too) are added in place by the GEMM and the kernel."""
     g, aux = cache.g, cache.aux
     if _is_depthwise(g):
-        return depthwise_conv2d_backward(dy, cache, input_grad)
+        return depthwise_conv2d_backward(dy, cache, input_grad, accumulate_into=accumulate_into)
     xp = get_array_module(dy)
     dy = _contiguous("dy", dy)
     relu = cache.activation == "relu"
     R = _rows(g)
-    dw2 = db = None
+    dw, db = _grad_arrays(accumulate_into, (cache.w.shape, (g.F,) if cache.has_bias else None), dy.dtype)
+    add = accumulate_into is not None
     dxs = []
     for n0 in range(0, g.N, aux.chunk):
         n = min(aux.chunk, g.N - n0)
         gc = g._replace(N=n)  # the chunk's geometry
         delta = scratch(aux.workspace, "delta_cm", (g.F, n * g.P), dy.dtype, xp)
         y = cache.y[n0 : n0 + n] if relu else None
-        db_c = act_backward_bias_grad(dy[n0 : n0 + n], y, delta, n, g.F, g.P, cm=True, relu=relu, bias=cache.has_bias)
+        act_backward_bias_grad(dy[n0 : n0 + n], y, delta, n, g.F, g.P, cm=True, relu=relu, bias=cache.has_bias, db=db,
+                               accumulate=add)
         cols = aux.cols if aux.cols is not None else im2col(
             cache.x[n0 : n0 + n], gc, cm=True, out=scratch(aux.workspace, "cols", (R, n * g.P), dy.dtype, xp))
-        dw_c = _weight_grad_gemm(xp, delta, cols, g)  # (F, K)
-        dw2, db = (dw_c, db_c) if dw2 is None else (dw2 + dw_c, None if db is None else db + db_c)
+        _weight_grad_gemm(delta, cols, _w2(dw, g), g, add)  # (F, K)
+        add = True  # the next chunks add to this one's
         if input_grad:
             dcols = _input_grad_gemm(xp, cache.w, delta, scratch(aux.workspace, "dcols", (R, n * g.P), dy.dtype, xp), g)
             dxs.append(col2im(dcols, gc, cm=True))
     dx = None if not input_grad else dxs[0] if len(dxs) == 1 else xp.concatenate(dxs)
-    return dx, dw2.reshape(cache.w.shape), db
+    return dx, dw, db
 
 
 # ------------------------------------------------------------------- depthwise convolution
@@ -273,19 +319,22 @@ def depthwise_conv2d_forward(x, w, b, g, activation=None, *, grid=None, block=No
     return y
 
 
-def depthwise_conv2d_backward(dy, cache, input_grad=True, *, grid=None, block=None):
+def depthwise_conv2d_backward(dy, cache, input_grad=True, *, accumulate_into=None, grid=None, block=None):
     """-> (dx or None, dw, db or None): delta and db from the epilogue kernel (when there is a ReLU
-    or a bias; else delta = dy), dw by a deterministic block reduction per weight, dx by a gather."""
+    or a bias; else delta = dy), dw by a deterministic block reduction per weight, dx by a gather;
+    with ``accumulate_into`` dw and db are added into those arrays by the kernels."""
     g, relu = cache.g, cache.activation == "relu"
     dy = _contiguous("dy", dy)
-    delta, db = dy, None
+    dw, db = _grad_arrays(accumulate_into, (cache.w.shape, (g.F,) if cache.has_bias else None), dy.dtype)
+    add = accumulate_into is not None
+    delta = dy
     if relu or cache.has_bias:
         delta = _empty(g.y_shape, dy.dtype)
-        db = act_backward_bias_grad(dy, cache.y, delta, g.N, g.F, g.P, cm=False, relu=relu, bias=cache.has_bias)
-    dw = _empty(cache.w.shape, dy.dtype)
+        act_backward_bias_grad(dy, cache.y, delta, g.N, g.F, g.P, cm=False, relu=relu, bias=cache.has_bias, db=db,
+                               accumulate=add, grid=grid, block=block)
     threads = DEFAULT_BLOCK if block is None else int(block)
     _launch("depthwise", "depthwise_conv_weight_grad", dy, dw.size * threads,  # a block per weight
-            (delta, _contiguous("x", cache.x), dw, *_dw_args(g)), grid, block, "dy")
+            (delta, _contiguous("x", cache.x), dw, *_dw_args(g), *_i32(add)), grid, block, "dy")
     dx = None
     if input_grad:
         dx = _empty(g.x_shape, dy.dtype)
@@ -364,24 +413,28 @@ def _bn_launch(kernel, a, C, S, args, grid, block, name="x"):
     _launch("batchnorm", kernel, a, C * S * block, args, grid, block, name)  # a block per (channel, segment)
 
 
+@native("num_batches_tracked")
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, activation=None, *,
-                       grid=None, block=None, segments=None):
+                       num_batches_tracked=None, grid=None, block=None, segments=None):
     """With batch statistics three launches (the segments' sums, their squared deviations, then the
     statistics, the running statistics updated in place and y: relu(y) with ``activation="relu"``),
-    with the running statistics one; see kernels/batchnorm.cu."""
+    with the running statistics one; see kernels/batchnorm.cu. ``num_batches_tracked`` (int64,
+    0-d): incremented by the last launch when the running statistics are updated."""
     x = _contiguous("x", x)  # (the cache keeps it: backward's kernels read it too)
     N, C, P = _ncp(x)
     t, M = x.dtype.type, N * P
     S = _bn_segments(C, M, segments)
     batch_stats = training or running_mean is None
     update = training and running_mean is not None
+    count = update and num_batches_tracked is not None
     y, mean, invstd = _empty(x.shape, x.dtype), _empty((C,), x.dtype), _empty((C,), x.dtype)
     part_sum, part_sq = (_empty((C * S,), x.dtype), _empty((C * S,), x.dtype)) if batch_stats else (mean, invstd)
     args = (x, y, x if gamma is None else _contiguous("gamma", gamma),
             x if beta is None else _contiguous("beta", beta), part_sum, part_sq,
             mean if running_mean is None else _contiguous("running_mean", running_mean),
             invstd if running_var is None else _contiguous("running_var", running_var), mean, invstd,
-            *_i32(N, C, P, S, gamma is not None, beta is not None, batch_stats, update, activation == "relu"),
+            _writable("num_batches_tracked", num_batches_tracked) if count else _empty((1,), np.int64),
+            *_i32(N, C, P, S, gamma is not None, beta is not None, batch_stats, update, count, activation == "relu"),
             t(1.0 - momentum), t(momentum), t(momentum * M / (M - 1) if M > 1 else 0.0), t(eps))
     if x.size:
         if batch_stats:
@@ -392,22 +445,24 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
                              y if activation else None)
 
 
-def batch_norm_backward(dy, cache, *, grid=None, block=None, segments=None):
+@native("accumulate_into")
+def batch_norm_backward(dy, cache, *, accumulate_into=None, grid=None, block=None, segments=None):
     """Two launches: the segments' sums of delta and delta*xhat (delta = dy, masked by y > 0 with the
-    fused ReLU), then dbeta, dgamma and dx."""
+    fused ReLU), then dbeta, dgamma (added into ``accumulate_into`` when given) and dx."""
     x = cache.x
     N, C, P = _ncp(x)
     S = _bn_segments(C, N * P, segments)
     dx = _empty(x.shape, x.dtype)
-    dgamma = _empty((C,), x.dtype) if cache.gamma is not None else None
-    dbeta = _empty((C,), x.dtype) if cache.has_beta else None
+    dgamma, dbeta = _grad_arrays(accumulate_into, ((C,) if cache.gamma is not None else None,
+                                                   (C,) if cache.has_beta else None), x.dtype)
     part_dy, part_dyx = _empty((C * S,), x.dtype), _empty((C * S,), x.dtype)
     relu = cache.activation == "relu"
     dy, y = _contiguous("dy", dy), cache.y if relu else x
     sums = (dy, x, y, cache.mean, cache.invstd, part_dy, part_dyx, *_i32(N, C, P, S, relu))
     args = (dy, x, y, x if cache.gamma is None else cache.gamma, cache.mean, cache.invstd, part_dy, part_dyx,
             dx, dx if dgamma is None else dgamma, dx if dbeta is None else dbeta,
-            *_i32(N, C, P, S, cache.gamma is not None, cache.has_beta, cache.batch_stats, relu))
+            *_i32(N, C, P, S, cache.gamma is not None, cache.has_beta, cache.batch_stats, relu,
+                  accumulate_into is not None))
     if x.size:
         _bn_launch("batch_norm_backward_sums", dy, C, S, sums, grid, block, "dy")
         _bn_launch("batch_norm_backward", dy, C, S, args, grid, block, "dy")
@@ -424,16 +479,22 @@ def linear_forward(x, w, b, activation=None):
     return y, LinearCache(NAME, x, w, b is not None, activation, y if activation else None)
 
 
-def linear_backward(dy, cache, input_grad=True):
-    """delta = dy (* y > 0) and db in one kernel (with the ReLU), then two cuBLAS GEMMs."""
+@native("accumulate_into")
+def linear_backward(dy, cache, input_grad=True, accumulate_into=None):
+    """delta = dy (* y > 0) and db in one kernel (with a ReLU or a bias; delta is then a copy of
+    dy's N x out values without the ReLU), then two cuBLAS GEMMs; with ``accumulate_into`` the
+    kernel adds db into it and dw's GEMM adds dw (beta = 1)."""
     xp = get_array_module(dy)
-    if cache.activation == "relu":
+    add = accumulate_into is not None
+    dw, db = _grad_arrays(accumulate_into, (cache.w.shape, None), dy.dtype)
+    relu = cache.activation == "relu"
+    delta = dy = _contiguous("dy", dy)
+    if relu or cache.has_bias:
         delta = xp.empty_like(dy)
-        db = act_backward_bias_grad(dy, cache.y, delta, dy.shape[0], dy.shape[1], 1, cm=False, relu=True,
-                                    bias=cache.has_bias)
-    else:
-        delta, db = dy, (dy.sum(axis=0) if cache.has_bias else None)
-    dw = xp.matmul(delta.T, cache.x)
+        db = act_backward_bias_grad(dy, cache.y, delta, dy.shape[0], dy.shape[1], 1, cm=False, relu=relu,
+                                    bias=cache.has_bias, db=db, accumulate=add)
+    get_launcher().gemm(delta, _contiguous("x", cache.x), dw, transa=True,
+                        beta=1.0 if add else 0.0)  # (N, out)^T @ (N, in)
     dx = xp.matmul(delta, cache.w) if input_grad else None
     return dx, dw, db
 
@@ -516,7 +577,8 @@ def adam_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bc1
                 grid, block, "p")
 
 
-__all__ = ["NAME", "FUSED_ACTIVATIONS", "im2col", "col2im", "bias_act_forward", "act_backward_bias_grad",
+__all__ = ["NAME", "FUSED_ACTIVATIONS", "im2col", "col2im", "bias_act_forward", "act_backward_bias_grad", "add_forward",
+           "add_backward", "relu_backward",
            "conv2d_forward", "conv2d_backward", "depthwise_conv2d_forward", "depthwise_conv2d_backward",
            "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward", "linear_forward",
            "linear_backward", "dropout_forward", "softmax_cross_entropy", "crop_flip", "sgd_update_",

@@ -7,7 +7,10 @@ the CPU engine or the CUDA engine; see ``_dispatch``).
 """
 from . import reference
 from .activation import (
+    AddCache,
     DropoutCache,
+    add_backward,
+    add_forward,
     dropout_backward,
     dropout_forward,
     flatten_backward,
@@ -46,6 +49,7 @@ __all__ = [
     "batch_norm_forward", "batch_norm_backward", "BatchNormCache",
     "gelu_forward", "gelu_backward", "GeluCache",
     "linear_forward", "linear_backward", "LinearCache",
+    "add_forward", "add_backward", "AddCache",
     "relu_forward", "relu_backward", "leaky_relu_forward", "leaky_relu_backward",
     "sigmoid_forward", "sigmoid_backward", "tanh_forward", "tanh_backward",
     "flatten_forward", "flatten_backward", "dropout_forward", "dropout_backward", "DropoutCache",

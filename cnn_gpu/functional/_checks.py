@@ -104,3 +104,31 @@ def check_weights(x: Any, w: Any, b: Any, in_features: int, what: str) -> None:
         same_xp("b", b, "x", x)
         check_same_dtype("b", b, "x", x)
         check_shape("b", b, (w.shape[0],))
+
+
+def check_accumulate_into(acc: Any, want: list, dy: Any) -> None:
+    """``accumulate_into`` of a backward: None, or a tuple with one entry per parameter gradient,
+    ``want`` [(name, shape or None)]: an array of that shape (dy's backend and dtype, writable) where
+    the gradient exists, None where it does not (a layer without a bias)."""
+    if acc is None:
+        return
+    names = ", ".join(n for n, _ in want)
+    if not isinstance(acc, (tuple, list)) or len(acc) != len(want):
+        raise TypeError(f"accumulate_into: expected None or a tuple of {len(want)} arrays or Nones ({names}), "
+                        f"got {type(acc).__name__}{f' of {len(acc)}' if isinstance(acc, (tuple, list)) else ''}")
+    for a, (name, shape) in zip(acc, want):
+        what = f"accumulate_into[{name}]"
+        if shape is None:
+            if a is not None:
+                raise ValueError(f"{what}: expected None (the op has no {name}: no bias or no affine step), "
+                                 f"got {describe(a)}")
+            continue
+        if a is None:
+            raise ValueError(f"{what}: expected an array of shape {tuple(shape)} to add {name} into, got None")
+        check_float(what, a)
+        same_xp(what, a, "dy", dy)
+        check_same_dtype(what, a, "dy", dy)
+        check_shape(what, a, shape)
+        if not getattr(getattr(a, "flags", None), "writeable", True):
+            raise ValueError(f"{what}: expected a writable array (the gradient is added into it in place), "
+                             "got a read-only one")

@@ -13,6 +13,11 @@ engine does not define runs the reference. The setting ``engine`` of cnn_gpu.con
                 the kernels, tests/emulation)
 
 A backward runs on the engine that made its forward's cache (``cache.engine``).
+
+Some public ops take keywords that an engine may do inside its own launches, or not at all
+(a backward's ``accumulate_into``: add the parameter gradients into given arrays). An engine
+function marks the ones it does with :func:`native`; for the others the public API does the
+work around the call (:func:`backward_into`), so every engine gives the same result.
 The engines register themselves here (cnn_gpu/__init__.py), so this module imports none of them.
 """
 from __future__ import annotations
@@ -69,4 +74,33 @@ def impl_for(op: str, cache: Any) -> Callable:
     return _lookup(_engines[cache.engine], op)
 
 
-__all__ = ["register", "engine_name", "engine", "impl", "impl_for"]
+def native(*keywords: str) -> Callable:
+    """Decorator: the engine function takes these optional keywords itself."""
+    def mark(fn: Callable) -> Callable:
+        fn.native_keywords = frozenset(keywords)
+        return fn
+    return mark
+
+
+def takes(fn: Callable, keyword: str) -> bool:
+    """Whether engine function ``fn`` does ``keyword``'s work itself (see :func:`native`)."""
+    return keyword in getattr(fn, "native_keywords", ())
+
+
+def backward_into(fn: Callable, args: tuple, accumulate_into: Any) -> tuple:
+    """Run backward ``fn(*args)`` -> (dx, *parameter gradients); with ``accumulate_into`` (one array
+    or None per parameter gradient, checked by the caller) the gradients are added into those
+    arrays in place and returned in their stead: by the engine when it can (the CUDA engine: inside
+    its GEMMs and kernels, no extra launch), else here, one in-place sum each."""
+    if accumulate_into is None:
+        return fn(*args)
+    if takes(fn, "accumulate_into"):
+        return fn(*args, accumulate_into=accumulate_into)
+    dx, *grads = fn(*args)
+    for acc, g in zip(accumulate_into, grads):
+        if acc is not None:
+            acc += g
+    return (dx, *accumulate_into)
+
+
+__all__ = ["register", "engine_name", "engine", "impl", "impl_for", "native", "takes", "backward_into"]

@@ -7,14 +7,16 @@ delta = dL/dy, each backward returning delta * f'(x):
     gelu        f'(x) = Phi(x) + x phi(x)  (Phi, phi: the standard normal's cdf and density), or the
                 derivative of torch's tanh approximation with approximate="tanh"
     dropout     y = x * mask / (1 - p), dx = dy * mask / (1 - p) (inverted dropout)
+    add         y = a + b, or relu(a + b) (a residual block's sum and the ReLU after it, one op):
+                the backward returns delta (* relu'(y)), the gradient of both addends
 """
 from __future__ import annotations
 
 import math
 
 from . import _dispatch
-from ._checks import check_dy, check_float, check_shape
-from .caches import DropoutCache, GeluCache
+from ._checks import check_activation, check_dy, check_float, check_same_dtype, check_shape, same_xp
+from .caches import AddCache, DropoutCache, GeluCache
 
 
 def _elementwise(op, x):
@@ -33,6 +35,26 @@ def relu_forward(x):
 
 def relu_backward(dy, cache):
     return _backward("relu_backward", dy, cache, cache)
+
+
+def add_forward(a, b, activation=None):
+    """y = a + b -> (y, cache); ``activation="relu"``: relu(a + b) in one op (how nn.Sequential runs
+    a ReLU after a Residual). a and b have one shape and dtype: nothing is broadcast or cast."""
+    check_float("a", a)
+    check_float("b", b)
+    same_xp("b", b, "a", a)
+    check_same_dtype("b", b, "a", a)
+    check_shape("b", b, tuple(a.shape))
+    check_activation(activation)
+    return _dispatch.impl("add_forward", a)(a, b, activation)
+
+
+def add_backward(dy, cache: AddCache):
+    """dy -> the gradient of both addends (dy, or dy * relu'(y) with the ReLU)."""
+    if not isinstance(cache, AddCache):
+        raise TypeError(f"cache: expected the AddCache of add_forward, got {type(cache).__name__}")
+    check_dy(dy, cache.shape, cache.dtype)
+    return _dispatch.impl("add_backward", dy)(dy, cache)
 
 
 def leaky_relu_forward(x, negative_slope=0.01):
@@ -122,6 +144,6 @@ def dropout_backward(dy, cache: DropoutCache):
     return _dispatch.impl("dropout_backward", dy)(dy, cache)
 
 
-__all__ = ["relu_forward", "relu_backward", "leaky_relu_forward", "leaky_relu_backward", "sigmoid_forward",
+__all__ = ["add_forward", "add_backward", "AddCache", "relu_forward", "relu_backward", "leaky_relu_forward", "leaky_relu_backward", "sigmoid_forward",
            "sigmoid_backward", "tanh_forward", "tanh_backward", "gelu_forward", "gelu_backward", "flatten_forward", "flatten_backward",
            "dropout_forward", "dropout_backward", "DropoutCache"]

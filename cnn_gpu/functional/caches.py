@@ -105,6 +105,12 @@ class GeluCache(NamedTuple):
     approximate: str  # "none" (the erf form) or "tanh"
 
 
+class AddCache(NamedTuple):
+    shape: tuple  # of the sum (and of each addend)
+    dtype: Any
+    y: Any  # the output, kept with the ReLU (its backward needs y > 0), else None
+
+
 class DropoutCache(NamedTuple):
     mask: Any  # the scaled mask (0 or 1/(1-p), x's dtype), or None when dropout was inactive
 

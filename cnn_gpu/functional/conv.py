@@ -6,7 +6,7 @@ engines compute the same numbers their own way (see functional/_dispatch.py).
 from __future__ import annotations
 
 from . import _dispatch
-from ._checks import check_activation, check_dy, check_float, check_shape, check_weights, describe
+from ._checks import check_accumulate_into, check_activation, check_dy, check_float, check_shape, check_weights, describe
 from .caches import Conv2dCache
 from .geometry import conv_geometry
 
@@ -27,12 +27,19 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, acti
     return _dispatch.impl("conv2d_forward", x)(x, w, b, g, activation, workspace)
 
 
-def conv2d_backward(dy, cache: Conv2dCache, input_grad=True):
-    """dy (N, F, OH, OW) -> (dx, dw, db); dx is None without ``input_grad``, db None without a bias."""
+def conv2d_backward(dy, cache: Conv2dCache, input_grad=True, *, accumulate_into=None):
+    """dy (N, F, OH, OW) -> (dx, dw, db); dx is None without ``input_grad``, db None without a bias.
+
+    ``accumulate_into=(dw_acc, db_acc)`` (db_acc None without a bias): add dw and db into these
+    arrays in place (a layer's Parameter.grad) and return them as dw and db; the CUDA engine adds
+    inside its GEMMs and kernels (no extra launch)."""
     if not isinstance(cache, Conv2dCache):
         raise TypeError(f"cache: expected the Conv2dCache of conv2d_forward, got {type(cache).__name__}")
     check_dy(dy, cache.g.y_shape, cache.w.dtype)
-    return _dispatch.impl_for("conv2d_backward", cache)(dy, cache, input_grad)
+    check_accumulate_into(accumulate_into, [("dw", cache.w.shape), ("db", (cache.g.F,) if cache.has_bias else None)],
+                          dy)
+    return _dispatch.backward_into(_dispatch.impl_for("conv2d_backward", cache), (dy, cache, input_grad),
+                                   accumulate_into)
 
 
 def im2col(x, kernel_size, stride=1, padding=0, dilation=1):

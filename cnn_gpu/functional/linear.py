@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from . import _dispatch
-from ._checks import check_activation, check_dy, check_float, check_weights
+from ._checks import check_accumulate_into, check_activation, check_dy, check_float, check_weights
 from .caches import LinearCache
 
 
@@ -18,12 +18,16 @@ def linear_forward(x, w, b=None, activation=None):
     return _dispatch.impl("linear_forward", x)(x, w, b, activation)
 
 
-def linear_backward(dy, cache: LinearCache, input_grad=True):
-    """dy (N, out) -> (dx (N, in) or None without ``input_grad``, dw (out, in), db (out,) or None)."""
+def linear_backward(dy, cache: LinearCache, input_grad=True, *, accumulate_into=None):
+    """dy (N, out) -> (dx (N, in) or None without ``input_grad``, dw (out, in), db (out,) or None).
+    ``accumulate_into=(dw_acc, db_acc)``: add dw and db into these arrays (see conv2d_backward)."""
     if not isinstance(cache, LinearCache):
         raise TypeError(f"cache: expected the LinearCache of linear_forward, got {type(cache).__name__}")
     check_dy(dy, (cache.x.shape[0], cache.w.shape[0]), cache.x.dtype, "the forward output")
-    return _dispatch.impl_for("linear_backward", cache)(dy, cache, input_grad)
+    check_accumulate_into(accumulate_into, [("dw", cache.w.shape), ("db", cache.w.shape[:1] if cache.has_bias else None)],
+                          dy)
+    return _dispatch.backward_into(_dispatch.impl_for("linear_backward", cache), (dy, cache, input_grad),
+                                   accumulate_into)
 
 
 __all__ = ["linear_forward", "linear_backward", "LinearCache"]

@@ -22,6 +22,7 @@ from ..backend import get_array_module
 from . import counter_rng
 from .caches import (
     AdaptivePool2dCache,
+    AddCache,
     AvgPool2dCache,
     BatchNormCache,
     Conv2dCache,
@@ -311,6 +312,19 @@ def relu_forward(x):
 
 def relu_backward(dy, y):
     return dy * (y > 0)
+
+
+def add_forward(a, b, activation=None):
+    """y = a + b (a residual block's sum), relu(y) with ``activation="relu"``; a and b of one shape."""
+    y = a + b
+    if activation == "relu":
+        y = get_array_module(y).maximum(y, 0)
+    return y, AddCache(tuple(y.shape), y.dtype, y if activation else None)
+
+
+def add_backward(dy, cache):
+    """dL/da = dL/db = delta: dy, or dy * relu'(y) with the ReLU."""
+    return dy if cache.y is None else relu_backward(dy, cache.y)
 
 
 def leaky_relu_forward(x, negative_slope):

@@ -41,8 +41,9 @@ def _not_run(layer: Module):
                         "its own forward)")
 
 
-def _accumulate(p: Parameter, g) -> None:
-    p.grad += g
+def _grads(*params) -> tuple:
+    """The arrays a backward adds the gradients of ``params`` into (None for an absent parameter)."""
+    return tuple(None if p is None else p.grad for p in params)
 
 
 class Conv2d(Module):
@@ -88,10 +89,7 @@ class Conv2d(Module):
         if self._cache is None:
             raise _not_run(self)
         cache, self._cache = self._cache, None  # one backward per forward (the cache may refer to the workspace)
-        dx, dw, db = F.conv2d_backward(dy, cache, input_grad)
-        _accumulate(self.weight, dw)
-        if self.bias is not None:
-            _accumulate(self.bias, db)
+        dx, _, _ = F.conv2d_backward(dy, cache, input_grad, accumulate_into=_grads(self.weight, self.bias))
         return dx
 
     def config(self) -> dict:
@@ -122,10 +120,7 @@ class Linear(Module):
     def backward(self, dy, input_grad=True):
         if self._cache is None:
             raise _not_run(self)
-        dx, dw, db = F.linear_backward(dy, self._cache, input_grad)
-        _accumulate(self.weight, dw)
-        if self.bias is not None:
-            _accumulate(self.bias, db)
+        dx, _, _ = F.linear_backward(dy, self._cache, input_grad, accumulate_into=_grads(self.weight, self.bias))
         return dx
 
     def config(self) -> dict:
@@ -287,18 +282,14 @@ class _BatchNorm(Module):
         gamma = self.weight.data if self.affine else None
         beta = self.bias.data if self.affine else None
         y, self._cache = F.batch_norm_forward(x, gamma, beta, self.running_mean, self.running_var, self.training,
-                                              self.momentum, self.eps, activation=activation)
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked += 1  # in place, on the device
+                                              self.momentum, self.eps, activation=activation,
+                                              num_batches_tracked=self.num_batches_tracked)  # counted in place
         return y
 
     def backward(self, dy, input_grad=True):
         if self._cache is None:
             raise _not_run(self)
-        dx, dgamma, dbeta = F.batch_norm_backward(dy, self._cache)
-        if self.affine:
-            _accumulate(self.weight, dgamma)
-            _accumulate(self.bias, dbeta)
+        dx, _, _ = F.batch_norm_backward(dy, self._cache, accumulate_into=_grads(self.weight, self.bias))
         return dx if input_grad else None
 
     def config(self) -> dict:
@@ -321,7 +312,10 @@ class BatchNorm1d(_BatchNorm):
 class Residual(Module):
     """y = body(x) + shortcut(x), or body(x) + x without a shortcut (a residual block).
     backward sends dy through both branches and adds the input gradients. Parameters are named
-    ``body.*`` then ``shortcut.*``."""
+    ``body.*`` then ``shortcut.*``. ``forward(x, activation="relu")`` returns relu(y), the sum and
+    the ReLU one op (F.add_forward; how nn.Sequential runs a ReLU after a Residual)."""
+
+    takes_activation = True
 
     def __init__(self, body, shortcut=None):
         super().__init__()
@@ -334,20 +328,21 @@ class Residual(Module):
             self.shortcut = shortcut
         else:
             object.__setattr__(self, "shortcut", None)
-        self._ran = False
+        self._cache = None
 
-    def forward(self, x):
+    def forward(self, x, activation=None):
         y = self.body.forward(x)
         s = self.shortcut.forward(x) if self.shortcut is not None else x
         if tuple(y.shape) != tuple(s.shape):
             raise ValueError(f"Residual: the body's output {tuple(y.shape)} and the shortcut's "
                              f"{tuple(s.shape)} differ; give a shortcut that maps x to the body's output shape")
-        self._ran = True
-        return y + s
+        out, self._cache = F.add_forward(y, s, activation)
+        return out
 
     def backward(self, dy, input_grad=True):
-        if not self._ran:
+        if self._cache is None:
             raise _not_run(self)
+        dy = F.add_backward(dy, self._cache)  # the gradient of both addends
         dx = self.body.backward(dy, input_grad)
         ds = self.shortcut.backward(dy, input_grad) if self.shortcut is not None else dy
         return dx + ds if input_grad else None

@@ -243,6 +243,19 @@ class EmulationLauncher:
     def max_grid(self) -> int:
         return self.grid_cap
 
+    def gemm(self, a, b, out, *, transa=False, transb=False, beta=0.0) -> None:
+        """The launcher's GEMM, out = op(a) @ op(b) + beta * out, with NumPy (beta = 0: out is not read)."""
+        for name, m in (("a", a), ("b", b), ("out", out)):
+            if m.ndim != 2 or not m.flags.c_contiguous:
+                raise EmulationError(f"gemm: {name} must be a 2-D C-contiguous array, got shape {m.shape}, "
+                                     f"strides {m.strides}")
+        r = (a.T if transa else a) @ (b.T if transb else b)
+        if beta == 0:
+            out[...] = r
+        else:
+            out *= out.dtype.type(beta)
+            out += r
+
     # -- launching -------------------------------------------------------------------
     def launch(self, name: str, kernel: str, grid: int, block: int, args: tuple) -> None:
         self.launch_with(build(name), kernel, grid, block, args)

@@ -96,6 +96,8 @@ def make() -> types.ModuleType:
     cuda.function = _submodule("cupy.cuda.function", "cupy.cuda.function", vars(kernels.function_namespace()))
     cuda.compiler = _submodule("cupy.cuda.compiler", "cupy.cuda.compiler", {"CompileException": _CompileException})
     cp.cuda = cuda
+    cp.cublas = _submodule("cupy.cublas", "cupy.cublas", {"gemm": module._checked("cupy.cublas", "gemm",
+                                                                                module.cublas_gemm)})
     cp._standin_cupyx = _cupyx()
     _MODULE = cp
     return cp
@@ -129,7 +131,9 @@ def activated() -> Iterator[types.ModuleType]:
     for k in hidden:
         del sys.modules[k]
     saved = sys.modules.get("cupy")
+    saved_cublas = sys.modules.get("cupy.cublas")
     sys.modules["cupy"] = cp
+    sys.modules["cupy.cublas"] = cp.cublas
     sys.modules.update(cp._standin_cupyx)
     backend._cupy_status.cache_clear()
     build.clear_caches()
@@ -143,6 +147,10 @@ def activated() -> Iterator[types.ModuleType]:
             sys.modules.pop("cupy", None)
         else:
             sys.modules["cupy"] = saved
+        if saved_cublas is None:
+            sys.modules.pop("cupy.cublas", None)
+        else:
+            sys.modules["cupy.cublas"] = saved_cublas
         backend._cupy_status.cache_clear()
         build.clear_caches()
 

@@ -148,6 +148,44 @@ def matmul(a, b, out=None, **kwargs):
     return out
 
 
+def _gemm_op(M, trans: str, what: str):
+    if trans not in ("N", "T", "H"):
+        raise TypeError(f"invalid transpose value {trans!r} ({what})")  # cupy.cublas._trans_to_cublas_op
+    return M if trans == "N" else M.T if trans == "T" else M.conj().T
+
+
+def cublas_gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
+    """cupy.cublas.gemm as CuPy runs it (cupy/cublas.py): out = alpha op(a) @ op(b) + beta out in one
+    GEMM (beta = 0: out is not read); an operand neither C- nor F-contiguous is copied first, an
+    ``out`` neither C- nor F-contiguous gets an F-ordered temporary and a copy back; without ``out``
+    a new F-ordered array (beta ignored). Its checks are CuPy's asserts."""
+    A, B = unwrap(a, "cublas.gemm a"), unwrap(b, "cublas.gemm b")
+    assert A.ndim == B.ndim == 2
+    assert A.dtype == B.dtype
+    if A.dtype.char not in "fdFD":
+        raise TypeError("invalid dtype")
+    opA, opB = _gemm_op(A, transa, "transa"), _gemm_op(B, transb, "transb")
+    assert opB.shape[0] == opA.shape[1]
+    for M, what in ((A, "cublas.gemm a"), (B, "cublas.gemm b")):
+        _blas_operand(M, what)
+    current().launch("cublas")
+    r = opA @ opB
+    if alpha != 1:
+        r = r * A.dtype.type(alpha)
+    if out is None:
+        return wrap(np.asfortranarray(r))
+    O = unwrap(out, "cublas.gemm out")
+    assert O.ndim == 2
+    assert O.shape == r.shape
+    assert O.dtype == A.dtype
+    if not (O.flags.c_contiguous or O.flags.f_contiguous):
+        for _ in range(2):
+            current().launch("copy")
+            current().copy(O.nbytes, layout=True, site="cublas.gemm out")
+    O[...] = r if beta == 0 else r + A.dtype.type(beta) * O
+    return out
+
+
 def dot(a, b, out=None):
     return matmul(a, b, out=out)
 
@@ -304,5 +342,5 @@ def generic_function(name: str):
     return None
 
 
-__all__ = ["namespace_functions", "generic_function", "Generator", "default_rng", "Device", "matmul", "asarray",
-           "StandinGap"]
+__all__ = ["namespace_functions", "generic_function", "Generator", "default_rng", "Device", "matmul", "cublas_gemm",
+           "asarray", "StandinGap"]

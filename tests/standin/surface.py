@@ -5,6 +5,10 @@ records ``dir()`` and, per callable, an ``inspect.Signature``: from ``inspect.si
 it works, else parsed from the first docstring line that Cython embeds
 (``_ndarray_base.reshape(self, *shape, order='C', copy=None)``), else (ufuncs) the ufunc
 calling convention. The stand-in refuses any name, method or keyword the real one lacks.
+
+A CuPy module that loads a CUDA library when imported (``cupy.cublas`` needs libcublas, which a
+machine without CUDA lacks) is read from its source file instead: its top-level functions and
+classes, and each function's parameter list (defaults as None).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import functools
 import importlib
 import inspect
 import re
+from pathlib import Path
 from typing import Any
 
 _UFUNC_SIG = inspect.Signature(
@@ -24,8 +29,29 @@ _REAL = importlib.import_module("cupy")  # captured before any stand-in takes it
 _REAL_X = importlib.import_module("cupyx.scipy.special")  # (and cupyx, which imports cupy's internals)
 
 
+#: CuPy modules whose surface is read from their source (importing them needs CUDA libraries)
+SOURCE_ONLY = ("cupy.cublas",)
+
+
 def real_cupy():
     return _REAL
+
+
+@functools.lru_cache(maxsize=None)
+def _source_defs(path: str) -> dict:
+    """{name: ast node} of the top-level functions and classes of CuPy module ``path`` (a SOURCE_ONLY one)."""
+    file = Path(_REAL.__file__).parent.joinpath(*path.split(".")[1:]).with_suffix(".py")
+    tree = ast.parse(file.read_text(encoding="utf-8"), str(file))
+    return {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
+def _source_signature(fn: ast.FunctionDef) -> inspect.Signature:
+    args = fn.args
+    args.defaults = [ast.Constant(None) for _ in args.defaults]
+    args.kw_defaults = [None if d is None else ast.Constant(None) for d in args.kw_defaults]
+    ns: dict = {}
+    exec(f"def f({ast.unparse(args)}): pass", ns)  # noqa: S102 (a parameter list from CuPy's own source)
+    return inspect.signature(ns["f"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,12 +68,16 @@ def namespace(path: str):
 
 @functools.lru_cache(maxsize=None)
 def names(path: str) -> frozenset:
+    if path in SOURCE_ONLY:
+        return frozenset(_source_defs(path))
     return frozenset(dir(namespace(path)))
 
 
 @functools.lru_cache(maxsize=None)
 def has(path: str, name: str) -> bool:
     """Whether the real ``path`` has ``name`` (listed by dir(), or loaded lazily on access)."""
+    if path in SOURCE_ONLY:
+        return name in names(path)
     return name in names(path) or hasattr(namespace(path), name)
 
 
@@ -92,6 +122,9 @@ def _from_docstring(obj: Any) -> inspect.Signature | None:
 @functools.lru_cache(maxsize=None)
 def signature(path: str, name: str) -> inspect.Signature | None:
     """The signature of ``path.name`` (methods include ``self``), or None when CuPy gives none."""
+    if path in SOURCE_ONLY:
+        node = _source_defs(path)[name]
+        return _source_signature(node) if isinstance(node, ast.FunctionDef) else None
     obj = getattr(namespace(path), name)
     if isinstance(obj, real_cupy().ufunc):
         return _UFUNC_SIG
