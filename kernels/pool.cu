@@ -5,6 +5,7 @@
 // (computed on the host). Window of output (oh, ow): rows oh*SH - PH + kh, columns
 // ow*SW - PW + kw, taps scanned row-major (kh, then kw).
 // Backward kernels are gathers (one thread per input element): no atomics.
+// Adaptive average pooling (torch's AdaptiveAvgPool2d windows): at the end of the file.
 #include "common.cuh"
 
 // Output rows o (0 <= o < O) whose window [o*S - P, o*S - P + K - 1] contains pos.
@@ -152,3 +153,59 @@ __device__ __forceinline__ void avg_pool2d_backward_body(AVG_POOL_BWD_PARAMS(T))
     }
 }
 CNN_ENTRY_POINTS(avg_pool2d_backward, AVG_POOL_BWD_PARAMS, AVG_POOL_BWD_ARGS)
+
+// ---- adaptive average pooling (torch's windows) ------------------------------------------
+// Output o of O over In positions averages [floor(o*In/O), ceil((o+1)*In/O)); windows may
+// overlap (In not a multiple of O) and may be one position wide (O > In).
+__device__ __forceinline__ int cnn_adaptive_start(int o, int In, int O) { return (int)(((long long)o * In) / O); }
+__device__ __forceinline__ int cnn_adaptive_end(int o, int In, int O) {
+    return (int)(((long long)(o + 1) * In + O - 1) / O);
+}
+
+#define ADAPTIVE_PARAMS(T) const T* __restrict__ src, T* __restrict__ dst, int N, int C, int H, int W, int OH, int OW
+#define ADAPTIVE_ARGS src, dst, N, C, H, W, OH, OW
+
+// y = the mean of the window (its sum, row-major, divided by its size): one thread per y element.
+template <typename T>
+__device__ __forceinline__ void adaptive_avg_pool2d_forward_body(ADAPTIVE_PARAMS(T)) {
+    const long long total = (long long)N * C * OH * OW;
+    CNN_GRID_STRIDE_LOOP(i, total) {  // src = x (N, C, H, W), dst = y (N, C, OH, OW)
+        const int ow = (int)(i % OW);
+        const int oh = (int)((i / OW) % OH);
+        const T* xp = src + (i / ((long long)OH * OW)) * H * W;
+        const int h0 = cnn_adaptive_start(oh, H, OH), h1 = cnn_adaptive_end(oh, H, OH);
+        const int w0 = cnn_adaptive_start(ow, W, OW), w1 = cnn_adaptive_end(ow, W, OW);
+        T sum = T(0);
+        for (int h = h0; h < h1; ++h)
+            for (int w = w0; w < w1; ++w) sum += xp[(long long)h * W + w];
+        dst[i] = sum / T((h1 - h0) * (w1 - w0));
+    }
+}
+CNN_ENTRY_POINTS(adaptive_avg_pool2d_forward, ADAPTIVE_PARAMS, ADAPTIVE_ARGS)
+
+// dx = the sum over the windows (oh, ow) that contain (h, w), in the reference's order (oh, then
+// ow), of dy * (1 / |window|) (the reciprocal rounded from double, as the reference's): a gather,
+// one thread per dx element. Windows containing h: oh in [floor(h*OH/H), ceil((h+1)*OH/H) - 1].
+template <typename T>
+__device__ __forceinline__ void adaptive_avg_pool2d_backward_body(ADAPTIVE_PARAMS(T)) {
+    const long long total = (long long)N * C * H * W;
+    CNN_GRID_STRIDE_LOOP(i, total) {  // src = dy (N, C, OH, OW), dst = dx (N, C, H, W)
+        const int w = (int)(i % W);
+        const int h = (int)((i / W) % H);
+        const T* g = src + (i / ((long long)H * W)) * OH * OW;
+        const int oh_lo = (int)(((long long)h * OH) / H), oh_hi = (int)(((long long)(h + 1) * OH + H - 1) / H);
+        const int ow_lo = (int)(((long long)w * OW) / W), ow_hi = (int)(((long long)(w + 1) * OW + W - 1) / W);
+        T acc = T(0);
+        for (int oh = oh_lo; oh < oh_hi && oh < OH; ++oh) {
+            const int h0 = cnn_adaptive_start(oh, H, OH), h1 = cnn_adaptive_end(oh, H, OH);
+            if (h < h0 || h >= h1) continue;
+            for (int ow = ow_lo; ow < ow_hi && ow < OW; ++ow) {
+                const int w0 = cnn_adaptive_start(ow, W, OW), w1 = cnn_adaptive_end(ow, W, OW);
+                if (w < w0 || w >= w1) continue;
+                acc += g[(long long)oh * OW + ow] * T(1.0 / (double)((h1 - h0) * (w1 - w0)));
+            }
+        }
+        dst[i] = acc;
+    }
+}
+CNN_ENTRY_POINTS(adaptive_avg_pool2d_backward, ADAPTIVE_PARAMS, ADAPTIVE_ARGS)

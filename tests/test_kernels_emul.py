@@ -472,6 +472,47 @@ def test_emul_pool_torch_oracle(emul, case):
     close(k_avg_pool(x, k, s, p), ta.numpy(), np.float64, "avg vs torch")
 
 
+ADAPTIVE_CASES = [((2, 3, 8, 8), (1, 1)), ((2, 3, 7, 5), (3, 2)), ((1, 2, 5, 7), (3, 4)), ((1, 2, 3, 3), (4, 5)),
+                  ((3, 1, 9, 6), (9, 6))]
+
+
+def naive_adaptive_pool(x, out):
+    """Loops over every output cell and input position, from torch's window rule."""
+    N, C, H, W = x.shape
+    OH, OW = out
+    y = np.zeros((N, C, OH, OW))
+    for i in range(OH):
+        for j in range(OW):
+            h0, h1, w0, w1 = (i * H) // OH, -(-((i + 1) * H) // OH), (j * W) // OW, -(-((j + 1) * W) // OW)
+            for n in range(N):
+                for c in range(C):
+                    y[n, c, i, j] = sum(float(x[n, c, h, w]) for h in range(h0, h1) for w in range(w0, w1)) / (
+                        (h1 - h0) * (w1 - w0))
+    return y
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ADAPTIVE_CASES, ids=lambda c: f"{c[0]}->{c[1]}")
+def test_emul_adaptive_avg_pool2d(emul, case, dtype, launch):
+    """Forward: the naive loops and the reference (to rounding: the reference's mean sums in its
+    own order); backward: the reference's bits (the same products, added in its order), and the
+    adjoint of the forward (sum(dy * y(x)) = sum(dx * x))."""
+    shape, out = case
+    rng = rng_for("adaptive", case, dtype)
+    x = rng.standard_normal(shape).astype(dtype)
+    y, cache = ops.adaptive_avg_pool2d_forward(x, out, **launch_kw(launch))
+    y_ref, cache_ref = R.adaptive_avg_pool2d_forward(x, out)
+    close(y, y_ref, dtype, "y")
+    close(y, naive_adaptive_pool(x, out), dtype, "y (naive)")
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = ops.adaptive_avg_pool2d_backward(dy, cache, **launch_kw(launch))
+    exact(dx, R.adaptive_avg_pool2d_backward(dy, cache_ref), "dx")
+    lhs, rhs = float((dy.astype(np.float64) * naive_adaptive_pool(x.astype(np.float64), out)).sum()), float(
+        (dx.astype(np.float64) * x).sum())
+    close(lhs, rhs, dtype, "adjoint")
+
+
 def test_emul_max_pool_stride_defaults_to_kernel(emul):
     x = rng_for("stride-default").standard_normal((2, 2, 6, 6))
     y, arg = k_max_pool(x, 2)

@@ -229,6 +229,26 @@ def test_standin_layers_add_gradients_and_count_batches_in_their_own_launches(st
     assert int(cp.asnumpy(net[1].num_batches_tracked)) == 2
 
 
+def test_standin_adaptive_pooling_is_one_kernel_each_way(standin):
+    """AdaptiveAvgPool2d on the GPU: one launch forward, one backward, whatever the output size
+    (the reference loops over the output cells: 49 cells here), the reference's numbers."""
+    cp = standin
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 10)).astype(np.float32)
+    pool = nn.AdaptiveAvgPool2d(7)
+    with counting() as c:
+        y = pool(cp.asarray(x))
+        dx = pool.backward(cp.ones_like(y))
+    assert c.kernels == {"adaptive_avg_pool2d_forward_f32": 1, "adaptive_avg_pool2d_backward_f32": 1}
+    assert c.launches["kernel"] == 2 and c.launches.get("elementwise", 0) == 0, c.launches
+    with cnn_gpu.config.override(engine="reference"):
+        y_ref = nn.AdaptiveAvgPool2d(7)(x)
+        dx_ref = nn.AdaptiveAvgPool2d(7)
+        dx_ref(x)
+        dx_ref = dx_ref.backward(np.ones_like(y_ref))
+    np.testing.assert_allclose(cp.asnumpy(y), y_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(cp.asnumpy(dx), dx_ref)
+
+
 def test_standin_modern_layers_train_like_numpy(standin):
     """Two SGD steps of BatchNorm/Residual/GELU/global pooling on the CuPy path match NumPy's:
     the weights, the running statistics (updated on the device) and the int64 batch counter;

@@ -33,7 +33,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..functional import reference
 from ..functional._dispatch import native
-from ..functional.caches import AddCache, AvgPool2dCache, BatchNormCache, Conv2dCache, DropoutCache, LinearCache, MaxPool2dCache
+from ..functional.caches import AdaptivePool2dCache, AddCache, AvgPool2dCache, BatchNormCache, Conv2dCache, DropoutCache, LinearCache, MaxPool2dCache
 from ..functional.geometry import ConvGeometry, PoolGeometry
 from ..workspace import chunk_size, scratch
 from .build import get_launcher
@@ -382,6 +382,29 @@ def avg_pool2d_backward(dy, cache, *, grid=None, block=None):
     return dx
 
 
+def adaptive_avg_pool2d_forward(x, output_size, *, grid=None, block=None):
+    """torch's adaptive windows, one thread per output element averaging its window: one launch
+    whatever the output size (the reference loops over the output cells)."""
+    x = _contiguous("x", x)
+    N, C, H, W = (int(s) for s in x.shape)
+    OH, OW = output_size
+    y = _empty((N, C, OH, OW), x.dtype)
+    if y.size:
+        _launch("pool", "adaptive_avg_pool2d_forward", x, y.size, (x, y, *_i32(N, C, H, W, OH, OW)), grid, block)
+    return y, AdaptivePool2dCache(NAME, (N, C, H, W), x.dtype, (OH, OW))
+
+
+def adaptive_avg_pool2d_backward(dy, cache, *, grid=None, block=None):
+    """A gather: one thread per input element sums dy / |window| over the windows containing it."""
+    N, C, H, W = cache.x_shape
+    OH, OW = cache.output_size
+    dx = _empty(cache.x_shape, dy.dtype)
+    if dx.size:
+        _launch("pool", "adaptive_avg_pool2d_backward", dy, dx.size, (_contiguous("dy", dy), dx, *_i32(N, C, H, W, OH, OW)),
+                grid, block, "dy")
+    return dx
+
+
 # ------------------------------------------------------------------- batch normalisation
 #: BatchNorm cuts each channel's N*H*W values into segments of about _BN_SEGMENT values, a block
 #: each, up to _BN_BLOCKS blocks in all: a ResNet's 16-64 channels then fill the GPU (one block per
@@ -580,6 +603,7 @@ def adam_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bc1
 __all__ = ["NAME", "FUSED_ACTIVATIONS", "im2col", "col2im", "bias_act_forward", "act_backward_bias_grad", "add_forward",
            "add_backward", "relu_backward",
            "conv2d_forward", "conv2d_backward", "depthwise_conv2d_forward", "depthwise_conv2d_backward",
-           "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward", "linear_forward",
+           "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
+           "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward", "linear_forward",
            "linear_backward", "dropout_forward", "softmax_cross_entropy", "crop_flip", "sgd_update_",
            "adam_update_"]
