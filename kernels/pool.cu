@@ -185,7 +185,8 @@ CNN_ENTRY_POINTS(adaptive_avg_pool2d_forward, ADAPTIVE_PARAMS, ADAPTIVE_ARGS)
 
 // dx = the sum over the windows (oh, ow) that contain (h, w), in the reference's order (oh, then
 // ow), of dy * (1 / |window|) (the reciprocal rounded from double, as the reference's): a gather,
-// one thread per dx element. Windows containing h: oh in [floor(h*OH/H), ceil((h+1)*OH/H) - 1].
+// one thread per dx element. The windows containing h: oh in [floor(h*OH/H), ceil((h+1)*OH/H)),
+// the adaptive window of h in the inverse mapping (each candidate is checked all the same).
 template <typename T>
 __device__ __forceinline__ void adaptive_avg_pool2d_backward_body(ADAPTIVE_PARAMS(T)) {
     const long long total = (long long)N * C * H * W;
@@ -193,8 +194,8 @@ __device__ __forceinline__ void adaptive_avg_pool2d_backward_body(ADAPTIVE_PARAM
         const int w = (int)(i % W);
         const int h = (int)((i / W) % H);
         const T* g = src + (i / ((long long)H * W)) * OH * OW;
-        const int oh_lo = (int)(((long long)h * OH) / H), oh_hi = (int)(((long long)(h + 1) * OH + H - 1) / H);
-        const int ow_lo = (int)(((long long)w * OW) / W), ow_hi = (int)(((long long)(w + 1) * OW + W - 1) / W);
+        const int oh_lo = cnn_adaptive_start(h, OH, H), oh_hi = cnn_adaptive_end(h, OH, H);
+        const int ow_lo = cnn_adaptive_start(w, OW, W), ow_hi = cnn_adaptive_end(w, OW, W);
         T acc = T(0);
         for (int oh = oh_lo; oh < oh_hi && oh < OH; ++oh) {
             const int h0 = cnn_adaptive_start(oh, H, OH), h1 = cnn_adaptive_end(oh, H, OH);
