@@ -1,6 +1,7 @@
 // loss.cu: softmax cross-entropy with integer class labels, forward and backward fused.
 //
-// logits z (N, K), labels (N,) int32 in [0, K), label smoothing eps as on = 1 - eps, off = eps/K:
+// logits z (N, K), labels (N,) int64 in [0, K) (the dtype labels usually have: no cast per step, and
+// no wrap-around of a large label into range), label smoothing eps as on = 1 - eps, off = eps/K:
 //   m = max_k z[n, k]                      (stable: every exp argument is <= 0)
 //   lse = log(sum_k exp(z[n, k] - m))
 //   logp[n, k] = (z[n, k] - m) - lse
@@ -15,7 +16,7 @@
 
 // ---- one block per row (grid-stride over rows), deterministic block reductions -------
 #define SCE_PARAMS(T)                                                                  \
-    const T* __restrict__ logits, const int* __restrict__ labels, T* __restrict__ loss, \
+    const T* __restrict__ logits, const long long* __restrict__ labels, T* __restrict__ loss, \
     T* __restrict__ dlogits, int N, int K, T inv_n, T on, T off
 #define SCE_ARGS logits, labels, loss, dlogits, N, K, inv_n, on, off
 
@@ -37,7 +38,7 @@ __device__ __forceinline__ void softmax_cross_entropy_body(SCE_PARAMS(T)) {
             for (int k = threadIdx.x; k < K; k += blockDim.x) slp += (z[k] - m) - lse;
             slp = cnn_block_sum(slp, sh);
         }
-        const int label = labels[n];
+        const long long label = labels[n];
         const bool ok = label >= 0 && label < K;
         const T hit = on + off;  // t at the label
         for (int k = threadIdx.x; k < K; k += blockDim.x) {

@@ -688,6 +688,10 @@ def test_emul_softmax_cross_entropy_per_sample_and_bad_label(emul):
     assert np.all(np.isfinite(d[:2])) and np.all(np.isnan(d[2:]))
     ref, _ = R.softmax_cross_entropy(logits[:2], labels[:2])
     close(per[:2].mean(), ref, np.float64)
+    # int64 labels reach the kernel whole: 2**32 + 1 is out of range, not label 1 after a wrap-around
+    wide = np.array([0, 2**32 + 1, 4, 1], dtype=np.int64)
+    _, d, per = ops.softmax_cross_entropy(logits, wide, return_per_sample=True)
+    assert np.isnan(per[1]) and np.all(np.isnan(d[1])) and np.isfinite(per[[0, 2, 3]]).all()
 
 
 # ======================================================================== optimizers

@@ -549,7 +549,7 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0, *, grid=None, blo
         return reference.softmax_cross_entropy(logits, labels, label_smoothing)
     T = np.float32 if _suffix("logits", logits) == "f32" else np.float64
     N, K = (int(s) for s in logits.shape)
-    labels = labels.astype(np.int32, copy=False)
+    labels = labels.astype(np.int64, copy=False)  # int64 labels (NumPy's default) are passed as they are
     per_sample, dlogits, loss = _empty((N,), logits.dtype), _empty((N, K), logits.dtype), _empty((), logits.dtype)
     if block is None:
         block = min(DEFAULT_BLOCK, max(32, 1 << (K - 1).bit_length()))  # one block per row
