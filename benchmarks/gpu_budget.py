@@ -6,7 +6,7 @@ kind, host syncs, host-to-device and device-to-host bytes, device bytes allocate
 No GPU is needed: the stand-in runs CuPy's API on the CPU (our kernels in the g++ emulation) and
 counts what a GPU would be asked to do. Launches, not FLOPs, bound small CNNs on a GPU, so the
 count should only ever fall. One line per model, e.g.
-``lenet5 batch 128: 46 launches, 0 host syncs, 0.0 MB uploaded, 0.0 MB layout copies per training step``,
+``lenet5 batch 128: 35 launches, 0 host syncs, 0.0 MB uploaded, 0.0 MB layout copies per training step``,
 then the same for a whole ``fit`` epoch (its host reads happen once per epoch, not per step).
 With a real GPU, ``--real`` counts nothing but times the same step with real CuPy (events).
 """
