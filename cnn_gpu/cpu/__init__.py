@@ -26,5 +26,5 @@ POOL_BEFORE_ACTIVATION = True
 
 __all__ = ["NAME", "FUSED_ACTIVATIONS", "POOL_BEFORE_ACTIVATION", "conv2d_forward", "conv2d_backward", "max_pool2d_forward",
            "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward", "linear_forward", "linear_backward",
-           "relu_forward", "relu_backward", "add_forward", "add_backward", "crop_flip", "batch_norm_forward", "batch_norm_backward",
-           "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward"]
+           "relu_forward", "relu_backward", "add_forward", "add_backward", "crop_flip", "batch_norm_forward",
+           "batch_norm_backward", "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward"]

@@ -13,12 +13,12 @@ engine does not define runs the reference. The setting ``engine`` of cnn_gpu.con
                 the kernels, tests/emulation)
 
 A backward runs on the engine that made its forward's cache (``cache.engine``).
+The engines register themselves here (cnn_gpu/__init__.py), so this module imports none of them.
 
 Some public ops take keywords that an engine may do inside its own launches, or not at all
 (a backward's ``accumulate_into``: add the parameter gradients into given arrays). An engine
 function marks the ones it does with :func:`native`; for the others the public API does the
 work around the call (:func:`backward_into`), so every engine gives the same result.
-The engines register themselves here (cnn_gpu/__init__.py), so this module imports none of them.
 """
 from __future__ import annotations
 

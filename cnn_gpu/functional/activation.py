@@ -144,6 +144,6 @@ def dropout_backward(dy, cache: DropoutCache):
     return _dispatch.impl("dropout_backward", dy)(dy, cache)
 
 
-__all__ = ["add_forward", "add_backward", "AddCache", "relu_forward", "relu_backward", "leaky_relu_forward", "leaky_relu_backward", "sigmoid_forward",
-           "sigmoid_backward", "tanh_forward", "tanh_backward", "gelu_forward", "gelu_backward", "flatten_forward", "flatten_backward",
+__all__ = ["add_forward", "add_backward", "AddCache", "relu_forward", "relu_backward", "leaky_relu_forward",
+           "leaky_relu_backward", "sigmoid_forward", "sigmoid_backward", "tanh_forward", "tanh_backward", "gelu_forward", "gelu_backward", "flatten_forward", "flatten_backward",
            "dropout_forward", "dropout_backward", "DropoutCache"]
