@@ -13,6 +13,7 @@ classes, and each function's parameter list (defaults as None).
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import importlib
 import inspect
@@ -45,13 +46,28 @@ def _source_defs(path: str) -> dict:
     return {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
 
 
-def _source_signature(fn: ast.FunctionDef) -> inspect.Signature:
-    args = fn.args
+def _signature_of(params: str) -> inspect.Signature | None:
+    """The signature of ``def f(<params>)`` (a parameter list from CuPy's own docs or source), or
+    None when it does not parse."""
+    try:
+        fn = ast.parse(f"def f({params}): pass").body[0]
+    except SyntaxError:
+        return None
+    ns: dict = {}
+    exec(compile(ast.Module([fn], []), "<sig>", "exec"), ns)  # noqa: S102 (CuPy's own parameter list)
+    return inspect.signature(ns["f"])
+
+
+def _source_signature(fn: ast.FunctionDef) -> inspect.Signature | None:
+    """A source function's parameters, defaults as None and annotations dropped (the cached node
+    is left as it is)."""
+    args = copy.deepcopy(fn.args)
     args.defaults = [ast.Constant(None) for _ in args.defaults]
     args.kw_defaults = [None if d is None else ast.Constant(None) for d in args.kw_defaults]
-    ns: dict = {}
-    exec(f"def f({ast.unparse(args)}): pass", ns)  # noqa: S102 (a parameter list from CuPy's own source)
-    return inspect.signature(ns["f"])
+    for a in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
+        if a is not None:
+            a.annotation = None
+    return _signature_of(ast.unparse(args))
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,13 +126,7 @@ def _from_docstring(obj: Any) -> inspect.Signature | None:
         name, _, default = p.partition("=")
         name = name.strip().split()[-1]  # drop a Cython type: "str code" -> "code"
         cleaned.append(f"{name}=None" if default else name)
-    try:
-        fn = ast.parse(f"def f({', '.join(cleaned)}): pass").body[0]
-    except SyntaxError:
-        return None
-    ns: dict = {}
-    exec(compile(ast.Module([fn], []), "<sig>", "exec"), ns)  # noqa: S102 (a parameter list from CuPy's own docs)
-    return inspect.signature(ns["f"])
+    return _signature_of(", ".join(cleaned))
 
 
 @functools.lru_cache(maxsize=None)
