@@ -114,8 +114,18 @@ class Communicator:
         print(message, file=sys.stderr, flush=True)
         raise SystemExit(code)
 
-    def select_device(self) -> None:
-        """Make GPU ``local_rank`` the current CuPy device (a no-op alone)."""
+    device: int | None = None  # the CuPy device this rank uses (None: CPU only, or alone)
+    device_error: str = ""  # why selecting this rank's GPU failed ("" when it did not)
+
+    def select_device(self) -> int | None:
+        """Alone: nothing (CuPy's current device, GPU 0 of those visible). Under several ranks:
+        make GPU ``local_rank % visible GPUs`` current; -> its index, or None without a GPU."""
+        return None
+
+    def require_device(self) -> None:
+        """Raise DistributedError when this rank's GPU could not be selected (at init)."""
+        if self.device_error:
+            raise DistributedError(self.device_error)
 
     def _check_root(self, root: int) -> None:
         if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
@@ -155,6 +165,7 @@ class MPICommunicator(Communicator):
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
         self.timeout_s = config.get().timeout_s if timeout_s is None else float(timeout_s)
+        self.host = MPI.Get_processor_name()
         self._nccl: NcclChannel | None = None
 
     def allreduce_(self, array: Any, op: str = "sum") -> Any:
@@ -193,14 +204,42 @@ class MPICommunicator(Communicator):
         time.sleep(0.3)  # let the launcher forward the message before MPI_Abort tears the job down
         self.comm.Abort(int(code))
 
-    def select_device(self) -> None:
-        import cupy  # noqa: PLC0415  (only for CuPy runs)
+    def select_device(self) -> int | None:
+        """Make this rank's GPU the current CuPy device (cudaSetDevice), before anything touches a
+        GPU: GPU ``local_rank % visible`` of those this rank sees (device_for). -> its index, or None
+        when CuPy sees no GPU (a CPU run). A failure (a GPU in exclusive-process mode taken by
+        another rank, say) is kept in ``device_error`` and raised when a GPU is needed."""
+        if self.device is not None or self.device_error:
+            return self.device
+        count = visible_gpus()
+        if not count:
+            return None
+        try:
+            import cupy  # noqa: PLC0415  (visible_gpus imported it)
 
-        count = cupy.cuda.runtime.getDeviceCount()
-        if self.local_size > count:
-            raise DistributedError(f"NCCL needs one GPU per rank: {self.local_size} ranks on this machine, "
-                                   f"{count} GPU(s); start at most {count} ranks per machine")
-        cupy.cuda.Device(self.local_rank).use()
+            device = device_for(self.local_rank, count)
+            cupy.cuda.Device(device).use()
+        except Exception as exc:  # cudaErrorDevicesUnavailable, ...
+            self.device_error = (f"rank {self.rank} (local rank {self.local_rank} of {self.local_size}) could not "
+                                 f"select GPU {self.local_rank % count} of the {count} it sees "
+                                 f"({type(exc).__name__}: {exc})")
+            return None
+        self.device = device
+        return device
+
+    def _gpu_of_every_rank(self) -> None:
+        """Before the NCCL communicator: every rank's GPU as (host, PCI bus id), or why it has none,
+        gathered (so every rank raises the same error instead of some waiting in NCCL's init)."""
+        import cupy  # noqa: PLC0415
+
+        if self.select_device() is None:
+            mine = self.device_error or f"rank {self.rank}: CuPy arrays need a GPU on every rank; CuPy sees none"
+        else:
+            mine = (self.host, cupy.cuda.Device(self.device).pci_bus_id)
+        check_one_gpu_per_rank(self.allgather_object(mine))
+
+    def allgather_object(self, obj: Any) -> list:
+        return self.comm.allgather(obj)  # startup only (blocking)
 
     def nccl(self) -> "NcclChannel":
         """The NCCL communicator, created on first use (collectively: every rank's first CuPy collective)."""
@@ -210,9 +249,9 @@ class MPICommunicator(Communicator):
             from cupy.cuda import nccl  # noqa: PLC0415
 
             if not getattr(nccl, "available", True):
-                raise DistributedError("CuPy arrays need NCCL, which CuPy could not load: pip install nvidia-nccl-cu12 "
-                                       "(or the nccl package of your CUDA version)")
-            self.select_device()
+                raise DistributedError("CuPy arrays need NCCL, which CuPy could not load: pip install -e '.[cuda12-mpi]' "
+                                       "(or '.[cuda13-mpi]'; NCCL alone: nvidia-nccl-cu12 / nvidia-nccl-cu13)")
+            self._gpu_of_every_rank()
             self._nccl = NcclChannel(self, nccl, cupy.cuda)
         return self._nccl
 
@@ -275,10 +314,18 @@ class NcclChannel:
 _current: list[Communicator] = []
 
 
-def init() -> Communicator:
+def init(gpu: bool | None = None) -> Communicator:
     """The communicator of this process (created once): MPI when a launcher started several ranks,
-    else a size-1 communicator that does nothing."""
-    if not _current:
+    else a size-1 communicator that does nothing.
+
+    Under several ranks it also selects this rank's GPU (``select_device``: GPU ``local_rank %
+    visible``) before it returns, so the model a script builds next is allocated there, and the
+    NCCL communicator finds its buffers on its own GPU. ``gpu``: True or None (the default) select
+    a GPU when CuPy sees one, unless CNN_GPU_BACKEND=numpy is set; False never touches a GPU (a CPU
+    run). Only the first call creates the communicator and decides; a later call selects the GPU
+    only when it passes ``gpu=True``."""
+    first = not _current
+    if first:
         size = launched_size()
         if size <= 1:
             _current.append(Communicator())
@@ -289,7 +336,51 @@ def init() -> Communicator:
                 raise DistributedError(f"started as one of {size} ranks, but mpi4py is not installed: "
                                        "pip install 'cnn_gpu[mpi]'") from None
             _current.append(MPICommunicator(MPI))
-    return _current[0]
+    comm = _current[0]
+    cpu_only = "backend" in config.given_by_environment() and config.get().backend == "numpy"
+    if gpu or (first and gpu is None and not cpu_only):
+        comm.select_device()
+    return comm
+
+
+def visible_gpus() -> int:
+    """How many GPUs CuPy sees here (0 without CuPy, a driver or a device); touches no GPU
+    (cudaGetDeviceCount creates no context)."""
+    try:
+        import cupy  # noqa: PLC0415
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # ImportError, or CUDARuntimeError without a driver
+        return 0
+
+
+def device_for(local_rank: int, visible: int) -> int:
+    """The GPU (an index among those visible to the rank) that local rank ``local_rank`` uses:
+    ``local_rank % visible``. Every rank sees every GPU of its machine: rank r takes GPU r. Each
+    rank sees one GPU of its own (per-rank CUDA_VISIBLE_DEVICES, Slurm --gpus-per-task=1,
+    Kubernetes): each takes the one it sees. More ranks than GPUs share one, which NCCL refuses
+    (check_one_gpu_per_rank says so before the first GPU collective)."""
+    if visible < 1:
+        raise DistributedError(f"a GPU was asked for, but CuPy sees none (local rank {local_rank})")
+    return local_rank % visible
+
+
+def check_one_gpu_per_rank(entries: list) -> None:
+    """``entries[rank]`` = (host, PCI bus id) of each rank's GPU, or a text saying why the rank has
+    none: raise DistributedError with the first such text, or naming the first two ranks that share
+    a GPU (NCCL needs one GPU per rank)."""
+    for text in entries:
+        if isinstance(text, str):
+            raise DistributedError(text)
+    seen: dict = {}
+    for rank, key in enumerate(entries):
+        if tuple(key) in seen:
+            host, bus = key
+            raise DistributedError(
+                f"NCCL needs one GPU per rank: ranks {seen[tuple(key)]} and {rank} on {host} both use GPU {bus} "
+                "(a rank takes GPU local_rank % the GPUs it sees); start at most one rank per GPU, or give each "
+                "rank its own GPU (CUDA_VISIBLE_DEVICES)")
+        seen[tuple(key)] = rank
 
 
 def broadcast_parameters(model: Any, comm: Communicator, root: int = 0) -> None:
@@ -523,7 +614,7 @@ def fail_together(comm: Communicator, what: str = "cnn-gpu") -> Iterator[None]:
         raise
 
 
-__all__ = ["init", "Communicator", "MPICommunicator", "NcclChannel", "DistributedError", "DistributedOptimizer",
+__all__ = ["init", "visible_gpus", "device_for", "check_one_gpu_per_rank", "Communicator", "MPICommunicator", "NcclChannel", "DistributedError", "DistributedOptimizer",
            "ShardedLoader", "CollectiveStop", "GlobalMetrics", "ShardedEvaluate", "broadcast_parameters",
            "launched_size", "shard_bounds", "lead_only", "global_position", "resumed_position", "fail_together",
            "decorrelate_dropout", "check_resume", "rank_zero_first"]

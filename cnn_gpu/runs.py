@@ -681,7 +681,9 @@ def train_run(cfg: TrainConfig, out: Callable[[str], None] = print, *, resume: s
 
     Under mpiexec (cnn_gpu.distributed) every rank trains its shard of each batch; only rank 0
     prints and writes the run folder; an error on one rank aborts them all with its message."""
-    comm = distributed.init()
+    # under several ranks: this rank's GPU is selected first, before the backend check's probe
+    # kernel or any allocation touches one (with a CPU backend, no GPU is touched)
+    comm = distributed.init(gpu=(cfg.backend or default_backend()) != "numpy")
     with distributed.fail_together(comm, "cnn-gpu train"):
         return _train_run(cfg, out, resume, list(callbacks), comm)
 
@@ -690,6 +692,8 @@ def _train_run(cfg: TrainConfig, out: Callable[[str], None], resume, callbacks: 
     cfg, ckpt, run = _settings(cfg, resume)
     if ckpt is not None:
         distributed.check_resume(ckpt.extra.get("ranks"), comm, str(run))
+    if cfg.backend != "numpy":
+        comm.require_device()  # this rank could not take its GPU: say so, not a probe failure on another GPU
     backend_module(cfg.backend)  # an unusable backend is an error before anything is written
     quiet = cfg.quiet or cfg.progress == "none" or not comm.is_lead
     say = (lambda msg: None) if quiet else out
@@ -699,9 +703,7 @@ def _train_run(cfg: TrainConfig, out: Callable[[str], None], resume, callbacks: 
         path = str(RunDir.create(cfg.dataset, cfg.model, cfg.run_dir)) if comm.is_lead else None
         run = RunDir(comm.broadcast_object(path))  # rank 0 alone creates (and writes) the run folder
         cfg = dataclasses.replace(cfg, run_dir=str(run))
-    with use_backend(cfg.backend) as xp:
-        if xp is not np and comm.size > 1:
-            comm.select_device()  # GPU local_rank, before anything is allocated
+    with use_backend(cfg.backend):
         s = _build(cfg, data, ckpt)
         if comm.is_lead:
             run.write_config(dict(_config_doc(cfg, data, s, run, ckpt is not None), ranks=comm.size))

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,10 @@ def test_dropout_seeds_differ_by_rank_but_not_on_rank_zero():
 
 
 # --- NCCL: the call sequence, against a fake cupy.cuda.nccl ------------------------------------------
+UID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
+UID = bytes(range(UID_BYTES))
+
+
 class FakeNccl:
     NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64, NCCL_INT32, NCCL_INT64 = 6, 7, 8, 2, 4
     NCCL_SUM, NCCL_AVG = 0, 4
@@ -174,6 +179,8 @@ class FakeNccl:
 
         class NcclCommunicator:
             def __init__(self, ndev, uid, rank):
+                if not isinstance(uid, bytes) or len(uid) != UID_BYTES:  # CuPy 14: bytes commId, 128 of them
+                    raise TypeError(f"Argument 'commId' has incorrect type (expected bytes, got {type(uid).__name__})")
                 outer.log.append(("NcclCommunicator", ndev, uid, rank))
 
             def allReduce(self, send, recv, count, dtype, op, stream):
@@ -189,7 +196,7 @@ class FakeNccl:
 
     def get_unique_id(self):
         self.log.append(("get_unique_id",))
-        return (1, 2, 3)
+        return UID  # CuPy 14: bytes (a tuple of ints before)
 
 
 class FakeCuda:
@@ -215,13 +222,20 @@ class FakeCuda:
 
 
 class FakeMPIRanks(distributed.MPICommunicator):
-    def __init__(self, rank, size, timeout_s=5.0):
+    """Rank ``rank`` of ``size``, all on one machine ("node0"); the other ranks' GPUs, as gathered
+    before NCCL starts, are ``peers`` (default: a GPU of their own each)."""
+
+    def __init__(self, rank, size, timeout_s=5.0, peers=None):
         self.rank, self.size, self.local_rank, self.local_size, self.timeout_s = rank, size, rank, size, timeout_s
-        self.sent, self.aborted = [], None
+        self.sent, self.aborted, self.host, self._nccl = [], None, "node0", None
+        self.peers = [("node0", f"peer GPU {r}") for r in range(size)] if peers is None else list(peers)
+
+    def allgather_object(self, obj):
+        return [obj if r == self.rank else p for r, p in enumerate(self.peers)]
 
     def broadcast_object(self, obj, root=0):
         self.sent.append(obj)
-        return (1, 2, 3)  # what rank 0 sent
+        return UID  # what rank 0 sent
 
     def abort(self, code, message):
         self.aborted = (code, message)
@@ -239,8 +253,8 @@ def test_nccl_channel_call_sequence(rank):
     log = []
     comm = FakeMPIRanks(rank, 2)
     ch = distributed.NcclChannel(comm, FakeNccl(log), FakeCuda(log))
-    assert log[: 2 - rank] == ([("get_unique_id",)] if rank == 0 else []) + [("NcclCommunicator", 2, (1, 2, 3), rank)]
-    assert comm.sent == [(1, 2, 3) if rank == 0 else None]  # the unique id goes out from rank 0, over MPI
+    assert log[: 2 - rank] == ([("get_unique_id",)] if rank == 0 else []) + [("NcclCommunicator", 2, UID, rank)]
+    assert comm.sent == [UID if rank == 0 else None]  # the unique id goes out from rank 0, over MPI
     log.clear()
     a = FakeDeviceArray(10, np.float32)
     ch.allreduce_(a, "mean")
@@ -362,8 +376,9 @@ def test_a_failing_rank_ends_every_rank_in_bounded_time(how, expect, tmp_path):
 
 # --- NCCL on the CuPy path, through the CuPy stand-in ------------------------------------------------
 def test_standin_distributed_step_is_one_nccl_allreduce_of_the_flat_gradient(standin):
-    """A data-parallel training step on CuPy arrays (the stand-in's, with its cupy.cuda streams and
-    events; NCCL itself faked, as it needs libnccl): exactly one allReduce per step, in place on
+    """A data-parallel training step on CuPy arrays (the stand-in's, with its cupy.cuda streams,
+    events and NCCL, typed as CuPy 14's): the communicator is made on first use from a bytes unique
+    id, then exactly one allReduce per step, in place on
     the optimizer's flat float32 gradient buffer, with NCCL's AVG op, on the current stream, an
     event recorded after it, and no host sync in the step."""
     from standin import counting  # noqa: PLC0415
@@ -371,9 +386,8 @@ def test_standin_distributed_step_is_one_nccl_allreduce_of_the_flat_gradient(sta
     from cnn_gpu import models  # noqa: PLC0415
     from cnn_gpu.train import train_step  # noqa: PLC0415
 
-    log = []
     comm = FakeMPIRanks(0, 2)
-    comm._nccl = distributed.NcclChannel(comm, FakeNccl(log), standin.cuda)
+    log = standin.cuda.nccl.log
     rng = np.random.default_rng(0)
     x = standin.asarray(rng.standard_normal((4, 1, 28, 28)).astype(np.float32))
     y = standin.asarray(rng.integers(0, 10, 4))
@@ -381,14 +395,194 @@ def test_standin_distributed_step_is_one_nccl_allreduce_of_the_flat_gradient(sta
         model = models.lenet5()
         opt = distributed.DistributedOptimizer(optim.SGD(model, 0.1, momentum=0.9), comm)
         loss_fn = nn.CrossEntropyLoss(validate_range=False)
+        log.clear()
         train_step(model, loss_fn, opt, x, y)
+        assert log[:2] == [("get_unique_id",), ("NcclCommunicator", 2, 0)] and comm.device == 0
         log.clear()
         with counting() as c:
             train_step(model, loss_fn, opt, x, y)
     (group,) = opt.optimizer.groups
     assert isinstance(group.grad, standin.ndarray) and group.grad.dtype == np.float32
     stream = standin.cuda.get_current_stream().ptr
+    nccl = standin.cuda.nccl
     assert log == [("allReduce", group.grad.data.ptr, group.grad.data.ptr, model.num_parameters(),
-                    FakeNccl.NCCL_FLOAT32, FakeNccl.NCCL_AVG, stream)]
+                    nccl.NCCL_FLOAT32, nccl.NCCL_AVG, stream)]
     assert comm._nccl.last_event.recorded_on == stream  # what the next collective checks (done)
     assert c.total_syncs == 0, c.syncs
+
+
+# --- one GPU per rank, selected before anything touches a GPU (the stand-in sees any GPU count) ------
+@pytest.mark.parametrize("visible", [1, 2, 8])
+@pytest.mark.parametrize("local_size", [2, 3, 4, 8])
+def test_standin_each_rank_takes_gpu_local_rank_modulo_the_gpus_it_sees(standin, visible, local_size):
+    """Every rank sees every GPU of the machine: rank r takes GPU r (NCCL's one GPU per rank is
+    refused with a message naming two ranks when there are more ranks than GPUs). Each rank sees
+    GPUs of its own (per-rank CUDA_VISIBLE_DEVICES, Slurm --gpus-per-task): each takes one of its
+    own, whatever their count; select_device raised when a rank saw fewer GPUs than local ranks."""
+    from standin import devices  # noqa: PLC0415
+
+    def run(visible_of_rank):
+        taken = []
+        for r in range(local_size):
+            with devices.visible(*visible_of_rank(r)) as m:
+                comm = FakeMPIRanks(r, local_size)
+                index = comm.select_device()
+                assert index == r % visible and comm.device == index and not comm.device_error
+                assert m.trace == [("select", visible_of_rank(r)[index])]  # cudaSetDevice, nothing else yet
+                taken.append(("node0", standin.cuda.Device(index).pci_bus_id))
+        return taken
+
+    shared = run(lambda r: range(visible))
+    if local_size <= visible:
+        distributed.check_one_gpu_per_rank(shared)
+        assert len(set(shared)) == local_size
+    else:
+        with pytest.raises(distributed.DistributedError, match=f"ranks 0 and {visible} on node0 both use GPU"):
+            distributed.check_one_gpu_per_rank(shared)
+    own = run(lambda r: range(r * visible, (r + 1) * visible))
+    distributed.check_one_gpu_per_rank(own)
+    assert len(set(own)) == local_size
+
+
+def test_check_one_gpu_per_rank_reports_a_rank_without_its_gpu_on_every_rank():
+    entries = [("a", "0000:18:00.0"), "rank 1 (local rank 1 of 2) could not select GPU 1", ("a", "0000:19:00.0")]
+    with pytest.raises(distributed.DistributedError, match="rank 1 .* could not select GPU 1"):
+        distributed.check_one_gpu_per_rank(entries)
+    distributed.check_one_gpu_per_rank([("a", "0000:18:00.0"), ("b", "0000:18:00.0")])  # two machines: fine
+
+
+def test_standin_a_rank_whose_gpu_is_refused_says_so_when_a_gpu_is_needed(standin, monkeypatch):
+    """cudaSetDevice failing (a GPU in exclusive-process mode held by another process) is kept, not
+    raised at init (a CPU run needs no GPU), and raised by require_device and before NCCL starts."""
+    from standin import devices  # noqa: PLC0415
+
+    def refuse(self):
+        raise devices.CUDARuntimeError("cudaErrorDevicesUnavailable: CUDA-capable device(s) is/are busy or unavailable")
+
+    monkeypatch.setattr(type(standin.cuda.Device()), "use", refuse)
+    with devices.visible(0, 1):
+        comm = FakeMPIRanks(1, 2)
+        assert comm.select_device() is None and "could not select GPU 1 of the 2 it sees" in comm.device_error
+        with pytest.raises(distributed.DistributedError, match="cudaErrorDevicesUnavailable"):
+            comm.require_device()
+        with pytest.raises(distributed.DistributedError, match="rank 1 .*could not select GPU 1"):
+            comm.nccl()
+    with devices.visible() as m:  # no GPU at all: a CPU rank, nothing touched, no error
+        comm = FakeMPIRanks(0, 2)
+        assert comm.select_device() is None and comm.device_error == "" and m.trace == []
+
+
+class _FakeWorld:
+    """mpi4py's COMM_WORLD for one rank of ``size`` as MPICommunicator's constructor uses it."""
+
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.size
+
+    def Split_type(self, kind, key):
+        return self
+
+    def Free(self):
+        pass
+
+
+def _fake_mpi(monkeypatch, rank, size):
+    mpi = types.SimpleNamespace(COMM_WORLD=_FakeWorld(rank, size), COMM_TYPE_SHARED=1,
+                                Get_processor_name=lambda: "node0")
+    monkeypatch.setattr(distributed, "_current", [])
+    monkeypatch.setattr(distributed, "launched_size", lambda environ=None: size)
+    monkeypatch.setitem(sys.modules, "mpi4py", types.SimpleNamespace(MPI=mpi))
+
+
+def test_standin_init_selects_the_gpu_before_the_probe_and_the_model(standin, monkeypatch):
+    """The README's script: init(), then the backend check's probe kernel, then the model. Every
+    one of them lands on GPU local_rank (rank 2 of 4 here): GPU 0 is never touched."""
+    from standin import devices  # noqa: PLC0415
+
+    from cnn_gpu import backend, models  # noqa: PLC0415
+
+    _fake_mpi(monkeypatch, 2, 4)
+    with devices.visible(0, 1, 2, 3) as m:
+        comm = distributed.init()
+        assert comm.size == 4 and comm.device == 2 and m.trace == [("select", 2)]
+        backend._cupy_status.cache_clear()
+        assert backend.backend_module("cupy") is standin  # the probe: an allocation, then a launch
+        with cnn_gpu.use_backend("cupy"):
+            models.lenet5()
+    assert [w for w, _ in m.trace[:3]] == ["select", "alloc", "launch"], m.trace
+    assert {gpu for _, gpu in m.trace} == {2}, m.trace
+
+
+@pytest.mark.parametrize("how", ["gpu=False", "CNN_GPU_BACKEND=numpy"])
+def test_standin_init_for_a_cpu_run_touches_no_gpu(standin, monkeypatch, how):
+    from standin import devices  # noqa: PLC0415
+
+    _fake_mpi(monkeypatch, 1, 2)
+    with devices.visible(0, 1) as m:
+        if how == "gpu=False":
+            comm = distributed.init(gpu=False)
+        else:
+            monkeypatch.setattr(cnn_gpu.config, "_env_given", [frozenset({"backend"})])  # as if set
+            with cnn_gpu.config.override(backend="numpy"):
+                comm = distributed.init()
+        assert comm.device is None and m.trace == []
+        assert distributed.init() is comm and m.trace == []  # a later init() keeps the first decision
+        assert distributed.init(gpu=True).device == 1 and m.trace == [("select", 1)]
+
+
+class _Done:
+    def Test(self):
+        return True
+
+
+class _FakeWorldOps(_FakeWorld):
+    """A world whose other ranks hold what this one holds: collectives complete at once and leave
+    the values as they are (enough to follow one rank through a whole run)."""
+
+    from_root: list = []  # what rank 0 broadcasts, in order (this rank's own value when empty)
+
+    def bcast(self, obj, root=0):
+        return self.from_root.pop(0) if self.rank != root and self.from_root else obj
+
+    def Abort(self, code):
+        raise SystemExit(code)
+
+    def allgather(self, obj):
+        return [obj if r == self.rank else ("node0", f"peer GPU {r}") for r in range(self.size)]
+
+    def Iallreduce(self, sendbuf, recvbuf, op=None):
+        return _Done()
+
+    def Ibcast(self, buf, root=0):
+        return _Done()
+
+    def Ibarrier(self):
+        return _Done()
+
+
+def test_standin_train_run_on_rank_1_of_2_selects_its_gpu_first(standin, monkeypatch, tmp_path):
+    """cnn-gpu train under mpiexec (rank 1 of 2, CuPy): its GPU is selected before the backend
+    check's probe kernel and before the model; GPU 0 is never touched; the gradients go through
+    the stand-in's NCCL."""
+    from standin import devices  # noqa: PLC0415
+
+    from cnn_gpu import backend, runs  # noqa: PLC0415
+
+    _fake_mpi(monkeypatch, 1, 2)
+    mpi = sys.modules["mpi4py"].MPI
+    mpi.COMM_WORLD, mpi.IN_PLACE, mpi.SUM = _FakeWorldOps(1, 2), object(), "sum"
+    mpi.COMM_WORLD.from_root = [str(tmp_path / "run"), UID]  # rank 0 names the run folder, then NCCL's unique id
+    standin.cuda.nccl.log.clear()
+    cfg = runs.TrainConfig(dataset="digits", epochs=1, batch_size=256, backend="cupy", run_dir=str(tmp_path / "run"),
+                           progress="none", quiet=True, data_dir=str(tmp_path / "data"))
+    with devices.visible(0, 1) as m:
+        backend._cupy_status.cache_clear()
+        runs.train_run(cfg, out=lambda line: None)
+    assert m.trace[0] == ("select", 1) and {gpu for _, gpu in m.trace} == {1}, m.trace[:5]
+    assert ("NcclCommunicator", 2, 1) in standin.cuda.nccl.log
+    assert sum(e[0] == "allReduce" for e in standin.cuda.nccl.log) >= 1

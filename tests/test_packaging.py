@@ -71,3 +71,7 @@ def test_gpu_extras_bring_the_cuda_libraries():
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["cuda12"] == ["cupy-cuda12x[ctk]>=14"] and extras["cuda13"] == ["cupy-cuda13x[ctk]>=14"]
+    for cuda in ("12", "13"):  # the multi-GPU install: the same CuPy, mpi4py, and the NCCL of that CUDA
+        names = [r.split("[")[0].split(">")[0].split("<")[0] for r in extras[f"cuda{cuda}-mpi"]]
+        assert names == [f"cupy-cuda{cuda}x", "mpi4py", f"nvidia-nccl-cu{cuda}"], names
+        assert extras[f"cuda{cuda}-mpi"][0] == extras[f"cuda{cuda}"][0]

@@ -9,6 +9,9 @@ drives CuPy runs in CI without a GPU. Test support, not part of cnn_gpu.
   (tests/emulation), with CuPy's argument conversion (tests/standin/kernels.py).
 * It counts what a GPU step costs: launches by kind, host syncs, transfers, allocations and
   layout-only copies (tests/standin/counters.py).
+* It can see any number of GPUs (tests/standin/devices.py: ``with devices.visible(0, 1, 2, 3):``,
+  as CUDA_VISIBLE_DEVICES) and traces what touches which GPU: selected, launched on, allocated on.
+* ``cupy.cuda.nccl`` as CuPy 14 has it (tests/standin/nccl.py): bytes unique ids, typed arguments.
 
     from standin import activated, counting
     with activated() as cupy:          # `import cupy` gives the stand-in; cnn_gpu sees a GPU
@@ -25,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import kernels, module, surface
+from . import devices, kernels, module, nccl, surface
 from .array import StandinGap, ndarray
 from .counters import Counters, counting, current
 
@@ -95,6 +98,8 @@ def make() -> types.ModuleType:
     cuda.runtime = module._runtime()
     cuda.function = _submodule("cupy.cuda.function", "cupy.cuda.function", vars(kernels.function_namespace()))
     cuda.compiler = _submodule("cupy.cuda.compiler", "cupy.cuda.compiler", {"CompileException": _CompileException})
+    cuda.nccl = types.ModuleType("cupy.cuda.nccl")  # its surface: CuPy's compiled NCCL module (standin/nccl.py)
+    vars(cuda.nccl).update(nccl.members())
     cp.cuda = cuda
     cp.cublas = _submodule("cupy.cublas", "cupy.cublas", {"gemm": module._checked("cupy.cublas", "gemm",
                                                                                 module.cublas_gemm)})
@@ -130,10 +135,9 @@ def activated() -> Iterator[types.ModuleType]:
     hidden = {k: v for k, v in sys.modules.items() if k == "cupyx" or k.startswith("cupyx.")}
     for k in hidden:
         del sys.modules[k]
-    saved = sys.modules.get("cupy")
-    saved_cublas = sys.modules.get("cupy.cublas")
-    sys.modules["cupy"] = cp
-    sys.modules["cupy.cublas"] = cp.cublas
+    replaced = {"cupy": cp, "cupy.cublas": cp.cublas, "cupy.cuda": cp.cuda, "cupy.cuda.nccl": cp.cuda.nccl}
+    saved = {k: sys.modules.get(k) for k in replaced}
+    sys.modules.update(replaced)
     sys.modules.update(cp._standin_cupyx)
     backend._cupy_status.cache_clear()
     build.clear_caches()
@@ -143,16 +147,14 @@ def activated() -> Iterator[types.ModuleType]:
         for k in cp._standin_cupyx:
             sys.modules.pop(k, None)
         sys.modules.update(hidden)
-        if saved is None:
-            sys.modules.pop("cupy", None)
-        else:
-            sys.modules["cupy"] = saved
-        if saved_cublas is None:
-            sys.modules.pop("cupy.cublas", None)
-        else:
-            sys.modules["cupy.cublas"] = saved_cublas
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
         backend._cupy_status.cache_clear()
         build.clear_caches()
 
 
-__all__ = ["activated", "make", "counting", "current", "Counters", "StandinGap", "ndarray", "kernels", "surface"]
+__all__ = ["activated", "make", "counting", "current", "Counters", "StandinGap", "ndarray", "kernels", "surface",
+           "devices", "nccl"]

@@ -7,6 +7,8 @@ import contextlib
 import dataclasses
 from typing import Iterator
 
+from . import devices
+
 
 @dataclasses.dataclass
 class Counters:
@@ -32,6 +34,7 @@ class Counters:
         return sum(self.syncs.values())
 
     def launch(self, kind: str, kernel: str | None = None) -> None:
+        devices.machine().touch("launch")
         self.launches[kind] += 1
         if kernel is not None:
             self.kernels[kernel] += 1
@@ -45,6 +48,7 @@ class Counters:
         self.upload_bytes += nbytes
 
     def alloc(self, nbytes: int) -> None:
+        devices.machine().touch("alloc")
         self.allocations += 1
         self.alloc_bytes += nbytes
 

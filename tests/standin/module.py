@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import surface
+from . import devices, surface
 from .array import StandinGap, ndarray, unwrap, wrap
 from .counters import current
 
@@ -252,26 +252,40 @@ def default_rng(seed=None):
 
 # ------------------------------------------------------------------ cuda
 class Device:
-    """One simulated GPU: id 0, compute capability 9.0, 132 multiprocessors."""
+    """A simulated GPU (compute capability 9.0, 132 multiprocessors): ``Device(i)`` is the i-th GPU
+    this process sees (tests/standin/devices.py: the visible GPUs, the current one, the trace)."""
 
     __module__ = "cupy.cuda.device"
 
     def __init__(self, device=None):
-        self.id = 0 if device is None else int(device)
+        m = devices.machine()
+        self.id = m.current if device is None else int(getattr(device, "id", device))
+        if device is not None:
+            m.physical(self.id)  # an invalid ordinal fails here, as cudaDeviceGetAttribute would
 
     compute_capability = "90"
     attributes = {"MultiProcessorCount": 132, "MaxThreadsPerBlock": 1024}
+
+    @property
+    def pci_bus_id(self):
+        return devices.pci_bus_id(devices.machine().physical(self.id))
 
     def synchronize(self):
         current().sync("synchronize")
 
     def use(self):
-        return None
+        m = devices.machine()
+        m.physical(self.id)
+        m.current = self.id
+        m.touch("select")
 
     def __enter__(self):
+        self._before = devices.machine().current
+        self.use()
         return self
 
     def __exit__(self, *exc):
+        devices.machine().current = self._before
         return None
 
 
@@ -312,11 +326,19 @@ class Event:
         current().sync("Event.synchronize")
 
 
+def _device_count():
+    """cudaGetDeviceCount: how many GPUs the process sees; with none, CUDA's error (not 0)."""
+    count = len(devices.machine().visible)
+    if count == 0:
+        raise devices.CUDARuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+    return count
+
+
 def _runtime():
     props = {"name": b"cnn_gpu CuPy stand-in (emulated sm_90)", "totalGlobalMem": 80 * 2**30, "major": 9, "minor": 0,
              "multiProcessorCount": 132}
     ns = types.SimpleNamespace(
-        getDeviceCount=lambda: 1, getDeviceProperties=lambda i: dict(props), runtimeGetVersion=lambda: 12090,
+        getDeviceCount=_device_count, getDeviceProperties=lambda i: dict(props), runtimeGetVersion=lambda: 12090,
         driverGetVersion=lambda: 12090, deviceSynchronize=lambda: current().sync("synchronize"))
     for n in vars(ns):
         assert surface.has("cupy.cuda.runtime", n), n

@@ -144,6 +144,32 @@ def signature(path: str, name: str) -> inspect.Signature | None:
         return _from_docstring(obj)
 
 
+@functools.lru_cache(maxsize=None)
+def compiled_signature(module: str, qualname: str) -> list[tuple[str, str, bool]] | None:
+    """The typed parameters [(C type or "", name, has a default)] of ``qualname`` in the compiled
+    CuPy module ``module`` (e.g. "cupy_backends.cuda.libs.nccl", "NcclCommunicator.allReduce"),
+    read from the signature Cython embeds in its docstring, in the extension file itself: such a
+    module (NCCL's) cannot be imported where its library is missing. None when it has none."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        return None
+    data = Path(spec.origin).read_bytes()
+    m = re.search(rb"(?:^|\x00|\n)" + re.escape(qualname.encode()) + rb"\(([^()\x00\n]*)\)", data)
+    if m is None:
+        return None
+    params = []
+    for p in m.group(1).decode().split(","):
+        p = p.strip()
+        if not p or p == "self":
+            continue
+        decl, _, default = p.partition("=")
+        words = decl.split()
+        params.append((" ".join(words[:-1]), words[-1], bool(default)))
+    return params
+
+
 def check_call(path: str, name: str, args: tuple, kwargs: dict, method: bool = False) -> None:
     """Raise TypeError, as the real CuPy would, when ``args``/``kwargs`` do not fit ``path.name``."""
     if not has(path, name):
@@ -157,4 +183,4 @@ def check_call(path: str, name: str, args: tuple, kwargs: dict, method: bool = F
         raise TypeError(f"{path}.{name}{sig}: {exc} (as the installed CuPy would refuse)") from None
 
 
-__all__ = ["namespace", "names", "has", "signature", "check_call", "real_cupy"]
+__all__ = ["namespace", "names", "has", "signature", "check_call", "real_cupy", "compiled_signature"]
