@@ -94,12 +94,16 @@ def run(cp, batch: int, repeat: int, with_torch: bool) -> list[str]:
     return rows
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--standin", action="store_true", help="through the CuPy stand-in (no GPU; times meaningless)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.standin:
         from standin import activated  # noqa: PLC0415  (test support: the CuPy stand-in)
 

@@ -172,7 +172,7 @@ def bench_step(name: str, batch: int, backend: str, compare: bool, repeat: int, 
     return row
 
 
-def machine() -> str:
+def machine(backend: str = "numpy") -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -181,7 +181,20 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, numpy {np.__version__}"
+    desc = f"{cpu}, {os.cpu_count()} cores, numpy {np.__version__}"
+    if backend == "cupy":
+        try:
+            import cupy
+
+            props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+            name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+            desc += f"; GPU {name}, CuPy {cupy.__version__}"
+            import torch
+
+            desc += f", torch {torch.__version__} (cuDNN {torch.backends.cudnn.version()})"
+        except Exception:  # noqa: BLE001  (a description only)
+            pass
+    return desc
 
 
 def profile(args) -> int:
@@ -202,7 +215,7 @@ def profile(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["lenet5", "vgg_small"])
@@ -213,7 +226,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--profile", action="store_true",
                     help="cupy: split our step into host (Python + launch) time and GPU time with cupyx.profiler")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.profile:
         return profile(args)
     cmp, why = torch_comparison(args.backend, args.compare)
@@ -223,18 +240,20 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-    rows = [bench_step(m, b, args.backend, cmp, args.repeat, args.warmup, block=3)
-            for m in args.models for b in args.batch]
+    configs = [(m, b) for m in args.models for b in args.batch]
     if args.json:
-        print(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+        rows = [bench_step(m, b, args.backend, cmp, args.repeat, args.warmup, block=3) for m, b in configs]
+        print(json.dumps({"machine": machine(args.backend), "rows": rows}, indent=2))
         return 0
-    print(f"# step time (forward + backward + SGD-momentum), median of {args.repeat} after {args.warmup} warm-up; {machine()}")
+    # the table row by row, each printed when measured (a run cut short keeps what it measured)
+    print(f"# step time (forward + backward + SGD-momentum), median of {args.repeat} after {args.warmup} warm-up; {machine(args.backend)}")
     print("| model | batch | backend | cnn_gpu ms | torch ms | ratio |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
+    print("|---|---|---|---|---|---|", flush=True)
+    for m, b in configs:
+        r = bench_step(m, b, args.backend, cmp, args.repeat, args.warmup, block=3)
         t = f"{r['torch_ms']:.2f}" if "torch_ms" in r else "-"
         q = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
-        print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['ours_ms']:.2f} | {t} | {q} |")
+        print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['ours_ms']:.2f} | {t} | {q} |", flush=True)
     return 0
 
 

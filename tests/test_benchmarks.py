@@ -129,3 +129,84 @@ def test_bn_gpu_benchmark_runs_through_the_standin():
     rows = [ln.split("|")[1:-1] for ln in res.stdout.splitlines() if ln.startswith("| 8x")]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [("8x16x32x32", "2"), ("8x32x16x16", "1"), ("8x64x8x8", "1")]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 and r[4].strip() == "-" for r in rows)
+
+
+# ------------------------------------------------------------------ gpu_budget.py --real
+GPU_BUDGET = ROOT / "benchmarks" / "gpu_budget.py"
+
+
+def _gpu_budget_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_budget  # noqa: PLC0415
+
+    return gpu_budget
+
+
+def _cupy_gpu() -> bool:
+    from cnn_gpu.backend import cupy_available  # noqa: PLC0415
+
+    return cupy_available()
+
+
+@pytest.mark.skipif(_cupy_gpu(), reason="a GPU is usable here: --real runs")
+def test_gpu_budget_real_without_a_gpu_says_why_in_one_line():
+    res = subprocess.run([sys.executable, str(GPU_BUDGET), "--real", "--models", "lenet5"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 2, res.stderr
+    assert res.stdout == "" and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_budget.py --real needs CuPy and an NVIDIA GPU: ")
+    from cnn_gpu.backend import _cupy_status  # noqa: PLC0415
+
+    assert lines[0].endswith(_cupy_status()[1])  # why: the backend's own reason
+
+
+@pytest.fixture(params=[pytest.param("standin", id="standin"),
+                        pytest.param("cupy", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                            not _cupy_gpu(), reason="needs CuPy and a GPU")])])
+def budget_cupy(request):
+    """(cupy module, spin): the stand-in with a spin that does nothing, or real CuPy with the spin kernel."""
+    gb = _gpu_budget_module()
+    if request.param == "standin":
+        return request.getfixturevalue("standin"), (lambda ms: None)
+    import cupy  # noqa: PLC0415
+
+    return cupy, gb.gpu_spinner(cupy)
+
+
+@pytest.mark.parametrize("spun", [True, False], ids=["spin", "loop-only"])
+def test_gpu_budget_real_times_the_counted_step(budget_cupy, spun):
+    """The --real timing code: the loop's GPU and host times per step, and, behind the spin, each
+    step's dispatch and kernel times; the bound is the larger. Through the stand-in (times
+    meaningless) here, on real CuPy in scripts/gpu_check.sh."""
+    gb = _gpu_budget_module()
+    cp, spin = budget_cupy
+    r = gb.real_budget(cp, "lenet5", 4, steps=2, warmup=1, spin=spin if spun else None)
+    assert (r["model"], r["batch"], r["steps"]) == ("lenet5", 4, 2)
+    for k in ("loop_gpu_ms", "loop_gpu_step_ms_median", "loop_host_ms", "loop_wall_ms"):
+        assert _positive(r[k]), k
+    assert r["loop_wall_ms"] >= r["loop_host_ms"]
+    assert r["bound"] in ("host", "GPU")
+    if spun:
+        assert _positive(r["dispatch_ms"]) and _positive(r["kernels_ms"]) and r["spin_ms"] > r["dispatch_ms"]
+        assert r["bound"] == ("host" if r["dispatch_ms"] > r["kernels_ms"] else "GPU")
+    else:
+        assert "kernels_ms" not in r
+    line = gb.real_line(r)
+    assert line.startswith("lenet5 batch 4: ") and line.endswith(f"bound by the {r['bound']}")
+    assert ("dispatch" in line) == spun
+
+
+def test_gpu_budget_real_cli_through_the_standin(standin, capsys):
+    """`--real` end to end (parsing, the rows, --json) through the stand-in, which has no spin kernel
+    (no RawKernel): the loop timing alone, saying why."""
+    gb = _gpu_budget_module()
+    argv = ["--real", "--standin", "--models", "lenet5", "--steps", "1", "--warmup", "1"]
+    assert gb.main(argv + ["--batch", "2", "3", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["device"].startswith("the CuPy stand-in") and r["spin"] is False and r["no_spin_why"]
+    assert [(row["model"], row["batch"]) for row in r["rows"]] == [("lenet5", 2), ("lenet5", 3)]
+    assert gb.main(argv + ["--batch", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("# one training step timed on the CuPy stand-in") and out[1].startswith("# no spin kernel")
+    assert [ln.split(":")[0] for ln in out[2:]] == ["lenet5 batch 2"]

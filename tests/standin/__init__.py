@@ -93,7 +93,7 @@ def make() -> types.ModuleType:
     cp.random = _submodule("cupy.random", "cupy.random", {"default_rng": module.default_rng,
                                                           "Generator": module.Generator})
     cuda = _submodule("cupy.cuda", "cupy.cuda", {"Device": module.Device, "nvrtc": kernels.nvrtc,
-                                                 "Stream": module.Stream, "Event": module.Event,
+                                                 "Stream": module.Stream, "Event": module.Event, "get_elapsed_time": module.get_elapsed_time,
                                                  "get_current_stream": module.get_current_stream})
     cuda.runtime = module._runtime()
     cuda.function = _submodule("cupy.cuda.function", "cupy.cuda.function", vars(kernels.function_namespace()))

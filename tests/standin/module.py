@@ -6,6 +6,7 @@ NumPy function on the device buffers, one launch of the right kind); the rest ar
 """
 from __future__ import annotations
 
+import time
 import types
 from typing import Any
 
@@ -313,10 +314,11 @@ class Event:
     __module__ = "cupy.cuda.stream"
 
     def __init__(self, block=False, disable_timing=False, interprocess=False):
-        self.recorded_on = None
+        self.recorded_on, self._t, self._timing = None, None, not disable_timing
 
     def record(self, stream=None):
         self.recorded_on = (stream or _NULL_STREAM).ptr
+        self._t = time.perf_counter()  # the simulated device runs each launch at once: host time
 
     @property
     def done(self):  # a query (cudaEventQuery), not a wait: no sync counted
@@ -324,6 +326,18 @@ class Event:
 
     def synchronize(self):
         current().sync("Event.synchronize")
+
+
+def get_elapsed_time(start_event, end_event):
+    """cupy.cuda.get_elapsed_time: milliseconds between two recorded timing events (the stand-in's
+    device is the host, so it is host time); unrecorded or timing-disabled events fail as in CUDA."""
+    for e in (start_event, end_event):
+        if e._t is None:
+            raise devices.CUDARuntimeError("cudaErrorInvalidResourceHandle: invalid resource handle")
+        if not e._timing:
+            raise devices.CUDARuntimeError("cudaErrorInvalidResourceHandle: invalid resource handle "
+                                           "(an event made with disable_timing=True)")
+    return (end_event._t - start_event._t) * 1e3
 
 
 def _device_count():
