@@ -10,7 +10,9 @@
 //     instantiated by CNN_ENTRY_POINTS as extern "C" <name>_f32 / <name>_f64;
 //   * grid-stride loops with 64-bit indices (CNN_GRID_STRIDE_LOOP);
 //   * gathers only, no atomics: results are bitwise reproducible;
-//   * block reductions use a fixed tree order (cnn_block_sum / cnn_block_max).
+//   * block reductions use a fixed tree order (cnn_block_sum / cnn_block_max);
+//   * a sum over a channel's N*H*W values runs as blocks over (row, segment), then a fixed-order
+//     sum of the segments' partial sums (cnn_segment_blocks / cnn_segment_values).
 #ifndef CNN_GPU_COMMON_CUH
 #define CNN_GPU_COMMON_CUH
 
@@ -150,6 +152,40 @@ __device__ __forceinline__ T cnn_block_max(T v, T* sh) {
     const T total = sh[0];
     __syncthreads();
     return total;
+}
+
+// ---- segmented row sums (epilogue.cu's bias gradient, depthwise.cu's weight gradient) ---------
+// A row r (a filter, a weight) sums M = N*P values j = n*P + p. They are cut into S segments of
+// L = ceil(M / S) values; block b = r*S + s (grid-stride over the R*S blocks) sums segment s of
+// row r into part[b] (cnn_block_sum), and a second launch adds each row's S partial sums in the
+// fixed order s = 0, 1, ... (epilogue.cu: sum_segments). The launcher picks S from the shape
+// alone, so the bits depend on S and the block size, never on the grid. (batchnorm.cu walks its
+// channels' segments the same way, with helpers of its own.)
+
+// f(r, s) for every (row, segment) block of this thread block: b = blockIdx.x, + gridDim.x, ...
+// < R*S (uniform across the block, so f may synchronise it)
+template <typename Fn>
+__device__ __forceinline__ void cnn_segment_blocks(long long R, int S, Fn f) {
+    for (long long b = blockIdx.x; b < R * S; b += gridDim.x) f(b / S, (int)(b % S));
+}
+
+// f(n, p) for this thread's values of segment s (of S) of M = N*P values: j = n*P + p = j0 +
+// threadIdx.x, j0 + threadIdx.x + blockDim.x, ... < j1; (n, p) advance without a division per value
+template <typename Fn>
+__device__ __forceinline__ void cnn_segment_values(int s, int S, long long M, long long P, Fn f) {
+    const long long L = (M + S - 1) / S, j0 = (long long)s * L, j1 = j0 + L < M ? j0 + L : M;
+    long long j = j0 + threadIdx.x;
+    long long n = j / P, p = j - n * P;  // once per thread
+    const long long dn = blockDim.x / P, dp = blockDim.x % P;
+    for (; j < j1; j += blockDim.x) {
+        f(n, p);
+        p += dp;
+        n += dn;
+        if (p >= P) {
+            p -= P;
+            ++n;
+        }
+    }
 }
 
 #endif  // CNN_GPU_COMMON_CUH

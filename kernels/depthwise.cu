@@ -10,9 +10,12 @@
 //                               over the (oh, ow) whose tap (kh, kw) reads (h, w): a gather, one
 //                               thread per element of dx, in the fixed order m, kh, kw
 //   depthwise_conv_weight_grad: dw[f, kh, kw] = sum_{n, oh, ow} delta[n, f, oh, ow] * x[n, c, ih, iw]
-//                               one block per (f, kh, kw) (grid-stride), a fixed-order block
-//                               reduction (cnn_block_sum): deterministic, no atomics; with
-//                               `accumulate` added into dw (a Parameter.grad) instead
+//                               a block per (weight r = (f*KH + kh)*KW + kw, segment s of its
+//                               N*OH*OW terms) (grid-stride over the R*S blocks, R = F*KH*KW): the
+//                               segment's sum (cnn_block_sum) into part[r*S + s], then epilogue.cu's
+//                               sum_segments adds each weight's S sums in order: deterministic, no
+//                               atomics. With S = 1 part is dw itself and there is no second launch;
+//                               `accumulate`: added into it (a Parameter.grad) instead
 // delta = dy (* (y > 0) with a fused ReLU, and db, from act_backward_bias_grad in epilogue.cu).
 // The taps are summed kh then kw, as the reference's GEMM rows (c*KH + kh)*KW + kw.
 #include "common.cuh"
@@ -93,33 +96,33 @@ __device__ __forceinline__ void depthwise_conv_input_grad_body(DW_DX_PARAMS(T)) 
 }
 CNN_ENTRY_POINTS(depthwise_conv_input_grad, DW_DX_PARAMS, DW_DX_ARGS)
 
-// ---- weight gradient: one block per (f, kh, kw), a deterministic block reduction --------------
+// ---- weight gradient: a block per (weight, segment), a deterministic block reduction ----------
 #define DW_DW_PARAMS(T) \
-    const T* __restrict__ delta, const T* __restrict__ x, T* __restrict__ dw, DW_GEOM_PARAMS, int accumulate
-#define DW_DW_ARGS delta, x, dw, DW_GEOM_ARGS, accumulate
+    const T* __restrict__ delta, const T* __restrict__ x, T* __restrict__ part, DW_GEOM_PARAMS, int S, int accumulate
+#define DW_DW_ARGS delta, x, part, DW_GEOM_ARGS, S, accumulate
 
 template <typename T>
 __device__ __forceinline__ void depthwise_conv_weight_grad_body(DW_DW_PARAMS(T)) {
     __shared__ T sh[CNN_MAX_BLOCK];
     const int M = F / C;
     const long long P = (long long)OH * OW;
-    const long long work = (long long)N * P;
-    for (int r = blockIdx.x; r < F * KH * KW; r += gridDim.x) {  // uniform across the block
-        const int kw = r % KW;
-        const int kh = (r / KW) % KH;
-        const int f = r / (KW * KH);
-        const int c = f / M;
-        T part = T(0);
-        for (long long j = threadIdx.x; j < work; j += blockDim.x) {  // j = n*P + oh*OW + ow
-            const long long n = j / P;
-            const int p = (int)(j % P);
-            const int ih = (p / OW) * SH - PH + kh * DH;
-            const int iw = (p % OW) * SW - PW + kw * DW;
+    cnn_segment_blocks((long long)F * KH * KW, S, [&](long long r, int s) {  // segment s of weight r
+        const int kw = (int)(r % KW);
+        const int kh = (int)((r / KW) % KH);
+        const int f = (int)(r / ((long long)KW * KH));
+        const long long c = f / M;
+        T sum = T(0);
+        cnn_segment_values(s, S, N * P, P, [&](long long n, long long p) {  // p = oh*OW + ow
+            const int ih = (int)(p / OW) * SH - PH + kh * DH;
+            const int iw = (int)(p % OW) * SW - PW + kw * DW;
             if (ih >= 0 && ih < H && iw >= 0 && iw < W)
-                part += delta[(n * F + f) * P + p] * x[((n * C + c) * H + ih) * (long long)W + iw];
+                sum += delta[(n * F + f) * P + p] * x[((n * C + c) * H + ih) * (long long)W + iw];
+        });
+        sum = cnn_block_sum(sum, sh);
+        if (threadIdx.x == 0) {
+            const long long b = r * S + s;
+            part[b] = accumulate ? part[b] + sum : sum;
         }
-        const T total = cnn_block_sum(part, sh);
-        if (threadIdx.x == 0) dw[r] = accumulate ? dw[r] + total : total;
-    }
+    });
 }
 CNN_ENTRY_POINTS(depthwise_conv_weight_grad, DW_DW_PARAMS, DW_DW_ARGS)

@@ -10,15 +10,17 @@
 //   dlogits[n, k] = (exp(logp[n, k]) - t[n, k]) * inv_n,   inv_n = 1/N
 //   t[n, k] = [k == label[n]] * on + off      (the smoothed one-hot; with eps = 0, the one-hot)
 // Same formulas as softmax_cross_entropy in cnn_gpu/functional/reference.py. A label outside [0, K) gives
-// NaN in that sample's loss and dlogits row (never an out-of-bounds read).
+// NaN in that sample's loss and dlogits row (never an out-of-bounds read), and with `check` sets the
+// sticky flag bad[0] = 1 (the range check on the device: every writer writes the same 1, so the
+// result does not depend on their order; the host reads it when it chooses, CrossEntropyLoss.check_labels).
 // scaled_sum then reduces the per-sample losses to the batch mean in one block.
 #include "common.cuh"
 
 // ---- one block per row (grid-stride over rows), deterministic block reductions -------
 #define SCE_PARAMS(T)                                                                  \
     const T* __restrict__ logits, const long long* __restrict__ labels, T* __restrict__ loss, \
-    T* __restrict__ dlogits, int N, int K, T inv_n, T on, T off
-#define SCE_ARGS logits, labels, loss, dlogits, N, K, inv_n, on, off
+    T* __restrict__ dlogits, long long* __restrict__ bad, int N, int K, T inv_n, T on, T off, int check
+#define SCE_ARGS logits, labels, loss, dlogits, bad, N, K, inv_n, on, off, check
 
 template <typename T>
 __device__ __forceinline__ void softmax_cross_entropy_body(SCE_PARAMS(T)) {
@@ -46,6 +48,7 @@ __device__ __forceinline__ void softmax_cross_entropy_body(SCE_PARAMS(T)) {
             d[k] = ok ? (p - (k == label ? hit : off)) * inv_n : cnn_limits<T>::nan();
         }
         if (threadIdx.x == 0) {
+            if (check && !ok) bad[0] = 1;
             const T lp = ok ? (z[label] - m) - lse : cnn_limits<T>::nan();
             loss[n] = off != T(0) ? -(on * lp + off * slp) : -lp;
         }

@@ -548,7 +548,8 @@ def test_emul_bias_act_forward(emul, shape, cm, relu, bias, dtype, launch):
 
 @pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("cm,relu,bias", [(0, 1, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1), (1, 0, 1), (1, 1, 0)])
+@pytest.mark.parametrize("cm,relu,bias", [(0, 1, 1), (0, 1, 0), (0, 0, 1), (0, 0, 0), (1, 1, 1), (1, 0, 1), (1, 1, 0),
+                                         (1, 0, 0)])
 @pytest.mark.parametrize("shape", EPI_SHAPES)
 def test_emul_act_backward_bias_grad(emul, shape, cm, relu, bias, dtype, launch):
     N, F_, P = shape
@@ -615,6 +616,139 @@ def test_emul_bias_grad_is_deterministic_per_launch_config(emul):
     exact(a, b, "same launch configuration: identical bits")
 
 
+def same_bits(a, b, what=""):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{what}: different bits"
+
+
+def launched(emul, start):
+    """The kernels launched since emul.log[start], without their _f32/_f64 suffix."""
+    return [k.rsplit("_f", 1)[0] for k, _, _ in emul.log[start:]]
+
+
+# (N, F, P): N*P = 21 values per filter (segments of 11, 7, 6, 3 and empty ones), P = 7 crossed by a
+# block of 4 threads in steps of (0, 4) and (1, 1); a fully connected layer's P = 1
+SEG_SHAPES = [(3, 5, 7), (13, 3, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("cm,relu", [(0, 0), (0, 1), (1, 0), (1, 1)])
+@pytest.mark.parametrize("segments", [1, 2, 3, 4, 7, 25])
+@pytest.mark.parametrize("shape", SEG_SHAPES)
+def test_emul_bias_grad_segments(emul, shape, segments, cm, relu, dtype):
+    """db over S segments of each filter's N*P values (S > 1: a second launch adds the S sums):
+    the reference's sums, set or added (accumulate); delta exact; for a given S the same bits
+    whatever the grid, and with S = 1 a single launch."""
+    N, F_, P = shape
+    rng = rng_for("bias-seg", shape, segments, cm, relu, dtype)
+    y, _ = R.relu_forward(rng.standard_normal((N, F_, P)).astype(dtype))
+    dy = rng.standard_normal((N, F_, P)).astype(dtype)
+    delta = R.relu_backward(dy, y) if relu else dy
+    want_dst = np.ascontiguousarray(delta.transpose(1, 0, 2)).reshape(F_, N * P) if cm else delta
+    db0 = rng.standard_normal(F_).astype(dtype)
+    for accumulate in (False, True):
+        results = []
+        for grid, block in ((1, 4), (3, 4), (None, 4), (2, 32)):
+            dst, db = np.empty(want_dst.shape, dtype), db0.copy()
+            start = len(emul.log)
+            out = ops.act_backward_bias_grad(dy, y if relu else None, dst, N, F_, P, cm=cm, relu=relu, bias=True, db=db,
+                                             accumulate=accumulate, grid=grid, block=block, segments=segments)
+            assert out is db
+            assert launched(emul, start) == ["act_backward_bias_grad"] + (["sum_segments"] if segments > 1 else [])
+            exact(dst, want_dst, "delta")
+            close(db, delta.astype(np.float64).sum(axis=(0, 2)) + (db0 if accumulate else 0), dtype, "db")
+            results.append((block, db))
+        for (block_a, a), (block_b, b) in zip(results, results[1:]):
+            if block_a == block_b:
+                same_bits(a, b, f"db, S={segments}, accumulate={accumulate}: another grid")
+
+
+@pytest.mark.parametrize("cm,relu", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_emul_delta_without_bias_is_one_elementwise_launch(emul, cm, relu):
+    """Without a bias: delta alone, one thread per element (the launch covers every element, not a
+    block per filter), segments not used."""
+    N, F_, P = 3, 5, 7
+    rng = rng_for("delta-only", cm, relu)
+    y, _ = R.relu_forward(rng.standard_normal((N, F_, P)))
+    dy = rng.standard_normal((N, F_, P))
+    want = R.relu_backward(dy, y) if relu else dy
+    want = np.ascontiguousarray(want.transpose(1, 0, 2)).reshape(F_, N * P) if cm else want
+    for grid, block in ((None, None), (1, 32), (2, 8)):
+        dst = np.empty(want.shape)
+        start = len(emul.log)
+        assert ops.act_backward_bias_grad(dy, y, dst, N, F_, P, cm=cm, relu=relu, bias=False, grid=grid, block=block,
+                                          segments=3) is None
+        (kernel, g, b), = emul.log[start:]
+        assert kernel.startswith("act_backward_bias_grad") and (grid, block) in ((None, None), (g, b))
+        if grid is None:
+            assert (g, b) == (min(math.ceil(dy.size / 256), emul.max_grid()), 256)
+        exact(dst, want, "delta")
+
+
+def test_emul_bias_grad_checks_its_arguments(emul):
+    dy = np.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match=r"dst: expected N\*F\*P = 2\*3\*4 = 24 float64 values, got 20 float64"):
+        ops.act_backward_bias_grad(dy, None, np.zeros((4, 5)), 2, 3, 4, cm=True, relu=False, bias=True)
+    with pytest.raises(ValueError, match="y: expected .* got None"):
+        ops.act_backward_bias_grad(dy, None, np.zeros((3, 8)), 2, 3, 4, cm=True, relu=True, bias=True)
+    with pytest.raises(ValueError, match="dst: expected .* float64 values, got 24 float32"):
+        ops.act_backward_bias_grad(dy, None, np.zeros((3, 8), np.float32), 2, 3, 4, cm=True, relu=False, bias=False)
+    with pytest.raises(ValueError, match="segments: expected at least 1, got 0"):
+        ops.act_backward_bias_grad(dy, None, np.zeros((3, 8)), 2, 3, 4, cm=True, relu=False, bias=True, segments=0)
+
+
+def test_segment_counts_depend_on_the_shape_only():
+    """A batch of 128 32x32 maps: 32 segments of 4096 values for 16, 32 or 64 filters (512, 1024, 2048
+    blocks); at most 2048 blocks; small sums keep one block (one launch) per row."""
+    assert [ops._segments(F_, 128 * 32 * 32) for F_ in (6, 16, 32, 64, 128)] == [32, 32, 32, 32, 16]
+    assert ops._segments(6, 128 * 28 * 28) == 25 and ops._segments(16, 128 * 10 * 10) == 4  # lenet5
+    assert ops._segments(10, 128) == 1 and ops._segments(4096, 10**6) == 1 and ops._segments(0, 0) == 1
+    assert ops._segments(32 * 9, 128 * 32 * 32) == 7 and ops._segments(128 * 9, 128 * 8 * 8) == 1  # depthwise 3x3
+
+
+# (x shape, filters per channel M, kernel, stride, padding, dilation): N*OH*OW = 2*5*4 = 40 and 1*3*3 = 9
+DW_SEG_CASES = [((2, 3, 5, 4), 1, 3, 1, 1, 1), ((1, 2, 6, 5), 2, (3, 2), (2, 2), (1, 0), (1, 2))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("relu,bias", [(0, 0), (1, 0), (0, 1), (1, 1)])
+@pytest.mark.parametrize("segments", [1, 2, 3, 7, 50])
+@pytest.mark.parametrize("case", DW_SEG_CASES, ids=["3x3", "3x2-strided"])
+def test_emul_depthwise_weight_grad_segments(emul, case, segments, relu, bias, dtype):
+    """Depthwise dw (and db) over S segments of each weight's N*OH*OW terms: the reference's, set or
+    added (accumulate_into), the same bits whatever the grid for a given S; S = 1: one launch for dw."""
+    xs, M, k, s, p, d = case
+    rng = rng_for("dw-seg", case, segments, relu, bias, dtype)
+    x = rng.standard_normal(xs).astype(dtype)
+    g = conv_geometry(xs, xs[1] * M, k, s, p, d, xs[1])
+    w = rng.standard_normal((g.F, 1, g.KH, g.KW)).astype(dtype)
+    b = rng.standard_normal(g.F).astype(dtype) if bias else None
+    act = "relu" if relu else None
+    y, cache_ref = R.conv2d_forward(x, w, b, g, act)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    _, dw_ref, db_ref = R.conv2d_backward(dy, cache_ref, input_grad=False)
+    cache = cache_ref._replace(engine="cuda", aux=None)
+    w0, b0 = rng.standard_normal(w.shape).astype(dtype), rng.standard_normal(g.F).astype(dtype)
+    for accumulate in (False, True):
+        runs = []
+        for grid, block in ((1, 4), (3, 4), (None, 4)):
+            acc = (w0.copy(), b0.copy() if bias else None) if accumulate else None
+            start = len(emul.log)
+            _, dw, db = ops.depthwise_conv2d_backward(dy, cache, False, accumulate_into=acc, grid=grid, block=block,
+                                                      segments=segments)
+            assert launched(emul, start).count("sum_segments") == (segments > 1) * (1 + bias)
+            close(dw, dw_ref + (w0 if accumulate else 0), dtype, "dw")
+            if bias:
+                close(db, db_ref + (b0 if accumulate else 0), dtype, "db")
+            else:
+                assert db is None
+            runs.append((dw, db))
+        for (dw_a, db_a), (dw_b, db_b) in zip(runs, runs[1:]):
+            same_bits(dw_a, dw_b, f"dw, S={segments}: another grid")
+            if bias:
+                same_bits(db_a, db_b, f"db, S={segments}: another grid")
+
+
 # ============================================================================== loss
 SCE_CASES = [(1, 1), (1, 10), (4, 10), (7, 3), (33, 100), (5, 1000), (64, 10), (3, 257)]
 
@@ -640,6 +774,27 @@ def test_emul_softmax_cross_entropy(emul, case, dtype, launch):
     onehot = np.eye(K)[labels]
     close(loss, naive_loss, dtype, "loss vs naive")
     close(dlogits, (p - onehot) / N, dtype, "dlogits vs naive")
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+def test_emul_softmax_cross_entropy_sets_the_label_flag_on_the_device(emul, launch):
+    """A label outside [0, K) sets label_check to 1 in the loss kernel itself (and NaNs its row);
+    in-range labels leave it as it was: the flag is sticky until the host resets it."""
+    rng = rng_for("sce-flag")
+    logits = rng.standard_normal((6, 5)).astype(np.float32)
+    good = rng.integers(0, 5, size=6)
+    flag = np.zeros((), np.int64)
+    _, d = ops.softmax_cross_entropy(logits, good, label_check=flag, **launch_kw(launch))
+    assert int(flag) == 0 and np.all(np.isfinite(d))
+    for bad_label in (5, -1, 2**40):
+        flag[...] = 0
+        bad = good.copy()
+        bad[3] = bad_label
+        loss, d = ops.softmax_cross_entropy(logits, bad, label_check=flag, **launch_kw(launch))
+        assert int(flag) == 1 and np.isnan(loss) and np.isnan(d[3]).all()
+        close(np.delete(d, 3, axis=0), np.delete(R.softmax_cross_entropy(logits, good)[1], 3, axis=0), np.float32)
+        ops.softmax_cross_entropy(logits, good, label_check=flag, **launch_kw(launch))
+        assert int(flag) == 1  # sticky
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -861,12 +1016,16 @@ def test_emul_grid_stride_loops_are_exercised(emul):
 
 def test_emul_default_launch_configuration(emul):
     emul.log.clear()
-    x = np.zeros((4, 8, 32, 32), np.float32)  # 32768 elements
+    x = np.zeros((4, 8, 32, 32), np.float32)  # 32768 elements, 4096 per filter: one segment
     ops.bias_act_forward(x, x, None, 4, 8, 1024, cm=False, relu=True)
     ops.act_backward_bias_grad(x, x, np.empty_like(x), 4, 8, 1024, cm=False, relu=True, bias=True)
     (k1, g1, b1), (k2, g2, b2) = emul.log
     assert (g1, b1) == (min(math.ceil(x.size / 256), emul.max_grid()), 256)
     assert (g2, b2) == (min(8, emul.max_grid()), 256)  # one block per filter
+    emul.log.clear()
+    x = np.zeros((9, 2, 32, 32), np.float32)  # 9216 values per filter: 3 segments
+    ops.act_backward_bias_grad(x, x, np.empty_like(x), 9, 2, 1024, cm=True, relu=False, bias=True)
+    assert emul.log == [("act_backward_bias_grad_f32", min(2 * 3, emul.max_grid()), 256), ("sum_segments_f32", 1, 256)]
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.int32, np.int64, np.complex64])
@@ -1038,6 +1197,9 @@ def test_emul_matches_the_gpu(dtype):
         out["bias_relu"] = ops.bias_act_forward(y, y, to(flat[0][:4].copy()), 3, 4, 110, cm=False, relu=True)
         out["dst"] = to(np.empty((4, 330), dtype))
         out["db"] = ops.act_backward_bias_grad(to(x), y, out["dst"], 3, 4, 110, cm=True, relu=True, bias=True)
+        out["dst3"] = to(np.empty((4, 330), dtype))
+        out["db3"] = ops.act_backward_bias_grad(to(x), y, out["dst3"], 3, 4, 110, cm=True, relu=True, bias=True,
+                                                segments=3)
         out["loss"], out["dlogits"] = ops.softmax_cross_entropy(to(logits), to(labels))
         p, g, m, v = (to(a.copy()) for a in flat)
         ops.adam_update_(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 1e-2, True, 0.1, 0.001)

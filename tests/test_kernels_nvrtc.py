@@ -83,6 +83,19 @@ def test_nvrtc_ptx_for_the_oldest_target(nvrtc):
     assert b".visible .entry im2col_f32" in ptx and b".visible .entry col2im_f64" in ptx
 
 
+def test_nvrtc_kernels_use_no_atomics(nvrtc):
+    """Gathers and fixed-order sums only (the bias and depthwise weight gradients in (row, segment)
+    blocks, then a second launch over the segments' sums): no atom.* / red.* in any file's PTX."""
+    import re  # noqa: PLC0415
+
+    for name in KERNEL_FILES:
+        ptx, _ = cuda.nvrtc_compile(name, "compute_80")
+        found = re.findall(rb"^\s*(?:@%p\d+\s+)?((?:atom|red)\.[\w.]+)", ptx, re.M)
+        assert not found, f"{name}.cu uses atomics: {sorted(set(found))}"
+    ptx, _ = cuda.nvrtc_compile("epilogue", "compute_80")
+    assert b".visible .entry sum_segments_f32" in ptx and b".visible .entry act_backward_bias_grad_f64" in ptx
+
+
 def test_nvrtc_compile_error_is_reported_with_the_log(nvrtc, tmp_path, monkeypatch):
     (tmp_path / "common.cuh").write_text("#define X 1\n")
     (tmp_path / "broken.cu").write_text('#include "common.cuh"\nextern "C" __global__ void k(float* x) { x[0] = undefined_name; }\n')

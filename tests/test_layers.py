@@ -481,3 +481,24 @@ def test_sequential_plans_fusion_from_what_the_layers_declare():
         commutes_with_max = False
 
     assert shape(plan([conv, MyAct(), pool], cpu)) == ["Conv2d", "MyAct", "MaxPool2d"]
+
+
+@pytest.mark.parametrize("engine", ["reference", "cpu"])
+def test_cross_entropy_loss_range_check_numpy_at_once_and_the_flag_elsewhere(engine):
+    """On NumPy arrays the layer checks the labels at once; the functional device flag
+    (label_check) works on every engine: engines without it in their kernel get it from the
+    public API (a few array ops), with the same sticky semantics."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((4, 3))
+    with cnn_gpu.config.override(engine=engine):
+        with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 2\], got values in \[0, 3\]"):
+            nn.CrossEntropyLoss()(z, np.array([0, 1, 3, 2]))
+        flag = np.zeros((), np.int64)
+        F.softmax_cross_entropy(z, np.array([0, 1, 2, 2]), label_check=flag)
+        assert int(flag) == 0
+        loss, _ = F.softmax_cross_entropy(z, np.array([0, -1, 2, 2]), label_check=flag)  # no error raised here
+        assert int(flag) == 1
+        F.softmax_cross_entropy(z, np.array([0, 1, 2, 2]), label_check=flag)
+        assert int(flag) == 1  # sticky
+        with pytest.raises(TypeError, match="label_check: expected a 0-d int64 array"):
+            F.softmax_cross_entropy(z, np.array([0, 1, 2, 2]), label_check=np.zeros(1, np.int32))

@@ -6,7 +6,7 @@ convolution's GEMMs run on the channel-major form (F, N*P) of its output (P = OH
     forward    cols (K, N*P) = im2col_cm(x)                  one kernel, from NCHW x
                y_cm (F, N*P) = W2 (F, K) @ cols              one cuBLAS GEMM
                y = act(y_cm + b), written NCHW               bias_act_forward (the epilogue)
-    backward   delta_cm (F, N*P) = dy (* y > 0), db          act_backward_bias_grad (one kernel)
+    backward   delta_cm (F, N*P) = dy (* y > 0), db          act_backward_bias_grad (+ sum_segments for db)
                dW2 = delta_cm @ cols^T                       cuBLAS (cols^T: a transposed view)
                dcols = W2^T @ delta_cm;  dx = col2im_cm(dcols)
 so no transpose or layout copy runs outside a kernel that does arithmetic anyway. A layer's
@@ -111,6 +111,40 @@ def _geom_args(g: ConvGeometry) -> tuple:
     return _i32(g.N, g.C, g.H, g.W, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.OH, g.OW)
 
 
+# ------------------------------------------------------------------- segmented sums
+#: A sum per channel (or per weight) over N*H*W values runs as a block per (row, segment of about
+#: _SEGMENT values), up to _SEGMENT_BLOCKS blocks in all: a network's 6-64 channels then fill the
+#: GPU (a block per channel would leave most of its 132 multiprocessors idle). The count depends on
+#: the shape only, so the fixed-order sums (kernels/batchnorm.cu, epilogue.cu, depthwise.cu) give
+#: the same bits on every GPU and for every grid.
+_SEGMENT = 4096
+_SEGMENT_BLOCKS = 2048
+
+
+def _segments(rows: int, M: int, segments=None) -> int:
+    """Segments for each of ``rows`` sums of M values: ``segments`` if given (tests), else about
+    M / _SEGMENT, at most _SEGMENT_BLOCKS / rows, at least 1."""
+    if segments is not None:
+        if int(segments) < 1:
+            raise ValueError(f"segments: expected at least 1, got {segments}")
+        return int(segments)
+    return max(1, min(-(-M // _SEGMENT), _SEGMENT_BLOCKS // max(1, rows)))
+
+
+def _blocks_launch(file: str, kernel: str, a, blocks: int, args: tuple, grid, block, name: str = "x",
+                   default_block: int = DEFAULT_BLOCK) -> None:
+    """Launch a kernel that runs a thread block per item (grid-stride over ``blocks`` items)."""
+    block = default_block if block is None else block
+    _launch(file, kernel, a, blocks * int(block), args, grid, block, name)
+
+
+def _sum_segments(part, out, rows: int, S: int, accumulate: bool, grid=None, block=None) -> None:
+    """out[r] = the sum of part[r*S : r*S + S] in order (added to out with ``accumulate``), one
+    thread per row: the second pass of a segmented sum (part from the first, S > 1)."""
+    _launch("epilogue", "sum_segments", part, rows, (part, out, np.int64(rows), *_i32(S, accumulate)), grid, block,
+            "part")
+
+
 # ------------------------------------------------------------------- im2col / col2im
 def im2col(x, g: ConvGeometry, *, cm=False, out=None, grid=None, block=None):
     """x (N, C, H, W) -> cols (N, C*KH*KW, P) (torch's unfold), or with ``cm`` the channel-major
@@ -144,19 +178,41 @@ def bias_act_forward(src, y, b, N, F, P, *, cm, relu, grid=None, block=None):
     return y
 
 
-def act_backward_bias_grad(dy, y, dst, N, F, P, *, cm, relu, bias, db=None, accumulate=False, grid=None, block=None):
+def _check_act_backward(dy, y, dst, N, F, P, relu) -> None:
+    n = N * F * P
+    for name, a in (("dy", dy), ("dst", dst)) + ((("y", y),) if relu else ()):
+        if a is None or a.size != n or a.dtype != dy.dtype:
+            got = "None" if a is None else f"{a.size} {a.dtype} values"
+            raise ValueError(f"{name}: expected N*F*P = {N}*{F}*{P} = {n} {dy.dtype} values, got {got}")
+
+
+def act_backward_bias_grad(dy, y, dst, N, F, P, *, cm, relu, bias, db=None, accumulate=False, grid=None, block=None,
+                           segments=None):
     """dst = dy (* (y > 0) with ``relu``) in the (F, N*P) form with ``cm``, else (N, F, P);
     returns db (F,) = the sums of dst over n and p when ``bias`` (into ``db`` if given; with
-    ``accumulate`` added to what ``db`` holds), else None."""
+    ``accumulate`` added to what ``db`` holds), else None. Without a bias one elementwise launch;
+    with one, a block per (f, segment of its N*P values) and, with more than one segment
+    (``segments``, else from the shape: :func:`_segments`), a second launch summing them in order."""
     if bias:
         db = _empty((F,), dy.dtype) if db is None else _checked_out(db, (F,), dy.dtype)
     elif db is not None:
         raise ValueError("db: a bias gradient needs bias=True")
+    _suffix("dy", dy)
+    _check_act_backward(dy, y, dst, N, F, P, relu)
     dy = _contiguous("dy", dy)
-    args = (dy, _contiguous("y", y) if relu else dy, _writable("dst", dst),
-            dy if db is None else db, *_i32(N, F, P, cm, bias, relu, accumulate))
+    y, dst = _contiguous("y", y) if relu else dy, _writable("dst", dst)
+    if not bias:
+        if dy.size:
+            _launch("epilogue", "act_backward_bias_grad", dy, dy.size, (dy, y, dst, dy, *_i32(N, F, P, 1, cm, 0, relu, 0)),
+                    grid, block, "dy")  # a thread per element
+        return None
+    S = _segments(F, N * P, segments)
+    part = db if S == 1 else _empty((F * S,), dy.dtype)  # (F, S): each filter's segments' sums
     if F:
-        _launch("epilogue", "act_backward_bias_grad", dy, F * DEFAULT_BLOCK, args, grid, block, "dy")  # a block per f
+        _blocks_launch("epilogue", "act_backward_bias_grad", dy, F * S,  # a block per (f, segment)
+                       (dy, y, dst, part, *_i32(N, F, P, S, cm, 1, relu, accumulate and S == 1)), grid, block, "dy")
+        if S > 1:
+            _sum_segments(part, db, F, S, accumulate, grid, block)
     return db
 
 
@@ -269,7 +325,7 @@ def _grad_arrays(accumulate_into, shapes, dtype) -> tuple:
 @native("accumulate_into")
 def conv2d_backward(dy, cache, input_grad=True, accumulate_into=None):
     """-> (dx or None, dw, db or None), per chunk as the forward ran; the chunks' dw and db (and
-    with ``accumulate_into`` the first chunk's too) are added in place by the GEMM and the kernel."""
+    with ``accumulate_into`` the first chunk's too) are added in place by the GEMM and the kernels."""
     g, aux = cache.g, cache.aux
     if _is_depthwise(g):
         return depthwise_conv2d_backward(dy, cache, input_grad, accumulate_into=accumulate_into)
@@ -319,10 +375,12 @@ def depthwise_conv2d_forward(x, w, b, g, activation=None, *, grid=None, block=No
     return y
 
 
-def depthwise_conv2d_backward(dy, cache, input_grad=True, *, accumulate_into=None, grid=None, block=None):
+def depthwise_conv2d_backward(dy, cache, input_grad=True, *, accumulate_into=None, grid=None, block=None,
+                              segments=None):
     """-> (dx or None, dw, db or None): delta and db from the epilogue kernel (when there is a ReLU
-    or a bias; else delta = dy), dw by a deterministic block reduction per weight, dx by a gather;
-    with ``accumulate_into`` dw and db are added into those arrays by the kernels."""
+    or a bias; else delta = dy), dw by a block per (weight, segment of its N*OH*OW terms) and, with
+    more than one segment (``segments``, else from the shape), a second launch summing them in
+    order; dx by a gather. With ``accumulate_into`` dw and db are added into those arrays."""
     g, relu = cache.g, cache.activation == "relu"
     dy = _contiguous("dy", dy)
     dw, db = _grad_arrays(accumulate_into, (cache.w.shape, (g.F,) if cache.has_bias else None), dy.dtype)
@@ -331,16 +389,29 @@ def depthwise_conv2d_backward(dy, cache, input_grad=True, *, accumulate_into=Non
     if relu or cache.has_bias:
         delta = _empty(g.y_shape, dy.dtype)
         act_backward_bias_grad(dy, cache.y, delta, g.N, g.F, g.P, cm=False, relu=relu, bias=cache.has_bias, db=db,
-                               accumulate=add, grid=grid, block=block)
-    threads = DEFAULT_BLOCK if block is None else int(block)
-    _launch("depthwise", "depthwise_conv_weight_grad", dy, dw.size * threads,  # a block per weight
-            (delta, _contiguous("x", cache.x), dw, *_dw_args(g), *_i32(add)), grid, block, "dy")
+                               accumulate=add, grid=grid, block=block, segments=segments)
+    _depthwise_weight_grad(delta, _contiguous("x", cache.x), dw, g, add, grid, block, segments)
     dx = None
     if input_grad:
         dx = _empty(g.x_shape, dy.dtype)
         _launch("depthwise", "depthwise_conv_input_grad", dy, dx.size, (delta, cache.w, dx, *_dw_args(g)), grid, block,
                 "dy")
     return dx, dw, db
+
+
+def _depthwise_weight_grad(delta, x, dw, g: ConvGeometry, add: bool, grid, block, segments) -> None:
+    """dw (F, 1, KH, KW) = (+=, with ``add``) the sums over n, oh, ow of delta * x's tap: R = F*KH*KW
+    sums of N*OH*OW terms, cut into S segments (a block each), then the segments' sums in order."""
+    R = dw.size
+    if delta.dtype != dw.dtype or not dw.flags.c_contiguous or R != g.F * g.KH * g.KW:
+        raise ValueError(f"dw: expected a C-contiguous {delta.dtype} array of F*KH*KW = {g.F * g.KH * g.KW} values, "
+                         f"got {R} {dw.dtype}")
+    S = _segments(R, g.N * g.P, segments)
+    part = dw if S == 1 else _empty((R * S,), delta.dtype)  # (R, S): each weight's segments' sums
+    _blocks_launch("depthwise", "depthwise_conv_weight_grad", delta, R * S,  # a block per (weight, segment)
+                   (delta, x, part, *_dw_args(g), *_i32(S, add and S == 1)), grid, block, "dy")
+    if S > 1:
+        _sum_segments(part, dw, R, S, add, grid, block)
 
 
 # ------------------------------------------------------------------- pooling
@@ -406,13 +477,9 @@ def adaptive_avg_pool2d_backward(dy, cache, *, grid=None, block=None):
 
 
 # ------------------------------------------------------------------- batch normalisation
-#: BatchNorm cuts each channel's N*H*W values into segments of about _BN_SEGMENT values, a block
-#: each, up to _BN_BLOCKS blocks in all: a ResNet's 16-64 channels then fill the GPU (one block per
-#: channel would leave most of its multiprocessors idle). The count depends on the shape only, so
-#: the fixed-order sums (kernels/batchnorm.cu) give the same bits on every GPU.
+#: BatchNorm's blocks over (channel, segment): see _segments
 _BN_BLOCK = 256
-_BN_SEGMENT = 4096
-_BN_BLOCKS = 2048
+_bn_segments = _segments  # (channels, N*H*W, segments): benchmarks/bn_gpu.py reads it too
 
 
 def _ncp(x) -> tuple:
@@ -421,19 +488,8 @@ def _ncp(x) -> tuple:
     return N, C, int(math.prod(x.shape[2:]))
 
 
-def _bn_segments(C: int, M: int, segments) -> int:
-    """Segments per channel of M values: ``segments`` if given (tests), else about M / _BN_SEGMENT,
-    at most _BN_BLOCKS / C, at least 1."""
-    if segments is not None:
-        if int(segments) < 1:
-            raise ValueError(f"segments: expected at least 1, got {segments}")
-        return int(segments)
-    return max(1, min(-(-M // _BN_SEGMENT), _BN_BLOCKS // C))
-
-
 def _bn_launch(kernel, a, C, S, args, grid, block, name="x"):
-    block = _BN_BLOCK if block is None else block
-    _launch("batchnorm", kernel, a, C * S * block, args, grid, block, name)  # a block per (channel, segment)
+    _blocks_launch("batchnorm", kernel, a, C * S, args, grid, block, name, _BN_BLOCK)  # a block per (channel, segment)
 
 
 @native("num_batches_tracked")
@@ -505,8 +561,9 @@ def linear_forward(x, w, b, activation=None):
 @native("accumulate_into")
 def linear_backward(dy, cache, input_grad=True, accumulate_into=None):
     """delta = dy (* y > 0) and db in one kernel (with a ReLU or a bias; delta is then a copy of
-    dy's N x out values without the ReLU), then two cuBLAS GEMMs; with ``accumulate_into`` the
-    kernel adds db into it and dw's GEMM adds dw (beta = 1)."""
+    dy's N x out values without the ReLU; a batch of more than 4096 sums db in segments, then a
+    second launch), then two cuBLAS GEMMs; with ``accumulate_into`` the kernels add db into it and
+    dw's GEMM adds dw (beta = 1)."""
     xp = get_array_module(dy)
     add = accumulate_into is not None
     dw, db = _grad_arrays(accumulate_into, (cache.w.shape, None), dy.dtype)
@@ -539,25 +596,29 @@ def dropout_forward(x, p, training, rng=None, key=None, *, grid=None, block=None
 
 
 # ------------------------------------------------------------------------------ loss
-def softmax_cross_entropy(logits, labels, label_smoothing=0.0, *, grid=None, block=None, return_per_sample=False):
+@native("label_check")
+def softmax_cross_entropy(logits, labels, label_smoothing=0.0, *, label_check=None, grid=None, block=None,
+                          return_per_sample=False):
     """Mean softmax cross-entropy -> (loss 0-d array, dlogits (N, K) = (softmax - t) / N) for
     integer labels, t the one-hot smoothed by ``label_smoothing`` eps ((1 - eps) * onehot + eps/K),
     in two launches (per-sample loss + dlogits, then the batch mean on the device). A label
-    outside [0, K) gives a NaN loss (the caller validates the range). One-hot labels: the
-    reference."""
+    outside [0, K) gives a NaN loss, and sets ``label_check`` (an int64 array, sticky) when given:
+    the range check on the device, in the same launch. One-hot labels: the reference."""
     if labels.dtype.kind not in "iu":
         return reference.softmax_cross_entropy(logits, labels, label_smoothing)
     T = np.float32 if _suffix("logits", logits) == "f32" else np.float64
     N, K = (int(s) for s in logits.shape)
     labels = labels.astype(np.int64, copy=False)  # int64 labels (NumPy's default) are passed as they are
+    # (without label_check the kernel's flag pointer is labels itself, never written: check = 0)
     per_sample, dlogits, loss = _empty((N,), logits.dtype), _empty((N, K), logits.dtype), _empty((), logits.dtype)
     if block is None:
         block = min(DEFAULT_BLOCK, max(32, 1 << (K - 1).bit_length()))  # one block per row
     inv_n = T(1.0 / N)
     on, off = (T(1), T(0)) if label_smoothing == 0 else (T(1.0 - label_smoothing), T(label_smoothing / K))
     _launch("loss", "softmax_cross_entropy", logits, N * block,
-            (_contiguous("logits", logits), _contiguous("labels", labels), per_sample, dlogits, *_i32(N, K), inv_n,
-             on, off), grid, block, "logits")
+            (_contiguous("logits", logits), _contiguous("labels", labels), per_sample, dlogits,
+             labels if label_check is None else _writable("label_check", label_check), *_i32(N, K), inv_n,
+             on, off, *_i32(label_check is not None)), grid, block, "logits")
     _launch("loss", "scaled_sum", logits, block, (per_sample, loss, np.int64(N), inv_n), 1, block, "logits")
     return (loss, dlogits, per_sample) if return_per_sample else (loss, dlogits)
 

@@ -51,7 +51,14 @@ def check_label_smoothing(label_smoothing) -> float:
     return float(label_smoothing)
 
 
-def softmax_cross_entropy(logits, labels, validate_range=True, *, label_smoothing=0.0):
+def check_label_flag(label_check, logits) -> None:
+    """Raise unless ``label_check`` is a writable 0-d int64 array on logits' backend."""
+    same_xp("label_check", label_check, "logits", logits)
+    if label_check.dtype != np.int64 or label_check.ndim != 0:
+        raise TypeError(f"label_check: expected a 0-d int64 array (the device-side flag), got {describe(label_check)}")
+
+
+def softmax_cross_entropy(logits, labels, validate_range=True, *, label_smoothing=0.0, label_check=None):
     """Mean cross-entropy of softmax(logits) against labels -> (loss, dlogits).
 
     ``label_smoothing`` eps in [0, 1] (torch's semantics): the target becomes
@@ -60,13 +67,27 @@ def softmax_cross_entropy(logits, labels, validate_range=True, *, label_smoothin
     ``loss`` is a 0-d array of logits' dtype on logits' device (reading it is the caller's
     choice of host sync). ``validate_range=False`` skips the labels' range check, which
     reads the labels on the host; pass it only for labels checked once beforehand.
+    ``label_check`` (a 0-d int64 array on logits' device, for integer labels): the range check
+    runs on the device instead, with no host read: a label outside [0, K) sets it to 1 (it is
+    never reset here) and gives that sample a NaN loss; the caller reads it when it chooses
+    (nn.CrossEntropyLoss.check_labels). The CUDA engine sets it inside its loss kernel.
     An empty batch (N = 0) gives a NaN loss (the mean over no rows, as torch's) and an empty
     (0, K) dlogits.
     """
     check_float("logits", logits, ndim=2)
     eps = check_label_smoothing(label_smoothing)
-    check_labels(labels, logits, validate_range)
-    return _dispatch.impl("softmax_cross_entropy", logits)(logits, labels, eps)
+    on_device = label_check is not None and validate_range
+    if on_device:
+        check_label_flag(label_check, logits)
+    kind = check_labels(labels, logits, validate_range and not on_device)
+    fn = _dispatch.impl("softmax_cross_entropy", logits)
+    if not on_device or kind != "index":
+        return fn(logits, labels, eps)
+    if _dispatch.takes(fn, "label_check"):
+        return fn(logits, labels, eps, label_check=label_check)
+    K = logits.shape[1]
+    label_check |= ((labels < 0) | (labels >= K)).any()  # an engine without the flag: a few launches
+    return fn(logits, labels, eps)
 
 
-__all__ = ["softmax", "log_softmax", "softmax_cross_entropy", "check_labels", "check_label_smoothing"]
+__all__ = ["softmax", "log_softmax", "softmax_cross_entropy", "check_labels", "check_label_smoothing", "check_label_flag"]

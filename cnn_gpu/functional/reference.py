@@ -515,8 +515,8 @@ def crop_flip(x, a):
     n = xp.arange(a.N)[:, None, None, None]
     c = xp.arange(a.C)[None, :, None, None]
     y = x[n, c, rows[:, None, :, None], cols[:, None, None, :]]  # (N, C, OH, OW)
-    if not a.reflect:
-        y[~xp.broadcast_to(inside[:, None], y.shape)] = 0
+    if not a.reflect:  # zero padding: a select, not y[~inside] = 0 (a boolean mask syncs on CuPy)
+        y = xp.where(inside[:, None], y, x.dtype.type(0))  # (N, 1, OH, OW) broadcast over C
     return y
 
 

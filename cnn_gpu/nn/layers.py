@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .. import functional as F
-from ..backend import current_xp, get_array_module
+from ..backend import current_xp, get_array_module, is_cupy_array
 from ..functional import counter_rng
 from ..functional._checks import FLOAT_DTYPES, describe, pair
 from ..functional.activation import GELU_APPROXIMATIONS
@@ -402,18 +402,47 @@ class Dropout(Module):
 class CrossEntropyLoss(Module):
     """Softmax + mean cross-entropy. ``forward(logits, labels) -> loss`` (0-d array, stays on
     the device); ``backward(dloss=1) -> dlogits``. ``label_smoothing`` eps in [0, 1]: the target
-    is (1 - eps) * onehot + eps / K, as torch.nn.CrossEntropyLoss(label_smoothing=eps)."""
+    is (1 - eps) * onehot + eps / K, as torch.nn.CrossEntropyLoss(label_smoothing=eps).
+
+    The labels' range check (``validate_range``): on NumPy arrays at once (a ValueError from
+    forward); on CuPy arrays on the device, with no host sync: a label outside [0, K) makes its
+    sample's loss NaN and sets a flag that :meth:`check_labels` reads (one host read, where your
+    loop reads the loss anyway) and raises on. ``validate_range=False``: no check at all."""
 
     def __init__(self, validate_range: bool = True, label_smoothing: float = 0.0):
         super().__init__()
         self.validate_range = bool(validate_range)
         self.label_smoothing = F.check_label_smoothing(label_smoothing)
         self._dlogits = None
+        self._flag, self._classes = None, None  # the device-side range flag (0-d int64), and K
 
     def forward(self, logits, labels):
+        flag = self._device_flag(logits, labels) if self.validate_range else None
         loss, self._dlogits = F.softmax_cross_entropy(logits, labels, validate_range=self.validate_range,
-                                                      label_smoothing=self.label_smoothing)
+                                                      label_smoothing=self.label_smoothing, label_check=flag)
         return loss
+
+    def _device_flag(self, logits, labels):
+        """The range flag for CuPy logits (N, K) with integer labels, made at the first such batch;
+        None where the check runs on the host (NumPy, or arguments the public API will refuse)."""
+        kind = getattr(getattr(labels, "dtype", None), "kind", "")
+        if not (is_cupy_array(logits) and getattr(logits, "ndim", 0) == 2 and kind in "iu" and kind):
+            return None
+        if self._flag is None:
+            self._flag = get_array_module(logits).zeros((), dtype=np.int64)
+        self._classes = int(logits.shape[1])
+        return self._flag
+
+    def check_labels(self) -> None:
+        """Raise ValueError if a batch since the last call had a label outside [0, K) (the check on
+        the device, for CuPy arrays; one host read). Nothing to do for NumPy arrays (checked at once)."""
+        if self._flag is None:
+            return
+        if int(self._flag):
+            self._flag.fill(0)
+            raise ValueError(f"labels: expected class indices in [0, {self._classes - 1}]; a batch since the last "
+                             "check_labels() held one outside that range (checked on the device: those samples' "
+                             "loss is NaN)")
 
     def backward(self, dy=None, input_grad=True):
         if self._dlogits is None:
