@@ -256,12 +256,18 @@ def _rows(g: ConvGeometry) -> int:
     return g.G * g.K  # C*KH*KW: the rows of the channel-major columns (group gi's are rows gi*K ...)
 
 
-def _forward_gemm(xp, w, cols, out, g: ConvGeometry):
-    """y_cm (F, n*P) = W2 @ cols; with groups one batched GEMM (G, F/G, K) @ (G, K, n*P) on
-    contiguous views (group gi's filters read its K rows of the columns)."""
+def _forward_gemm(w, cols, out, g: ConvGeometry):
+    """y_cm (F, n*P) = W2 @ cols into ``out``, through the launcher's GEMM (cnn_gpu's own cuBLAS
+    handle on a GPU: capturable in a CUDA graph); with groups one GEMM per group (group gi's
+    filters read its K rows of the columns; every operand a contiguous view)."""
+    gemm = get_launcher().gemm
     if g.G == 1:
-        return xp.matmul(_w2(w, g), cols, out=out)
-    xp.matmul(w.reshape(g.G, g.F // g.G, g.K), cols.reshape(g.G, g.K, -1), out=out.reshape(g.G, g.F // g.G, -1))
+        gemm(_w2(w, g), cols, out)  # (F, K) @ (K, n*P)
+        return out
+    Fg = g.F // g.G
+    w3, c3, o3 = w.reshape(g.G, Fg, g.K), cols.reshape(g.G, g.K, -1), out.reshape(g.G, Fg, -1)  # views
+    for gi in range(g.G):
+        gemm(w3[gi], c3[gi], o3[gi])  # (F/G, K) @ (K, n*P)
     return out
 
 
@@ -280,13 +286,17 @@ def _weight_grad_gemm(delta, cols, dw2, g: ConvGeometry, add: bool) -> None:
         gemm(d3[gi], c3[gi], o3[gi], transb=True, beta=beta)
 
 
-def _input_grad_gemm(xp, w, delta, out, g: ConvGeometry):
-    """dcols (C*KH*KW, n*P) = W2^T @ delta_cm per group; with groups one batched GEMM
-    (G, K, F/G) @ (G, F/G, n*P), the weights' transpose made contiguous (a copy of w only)."""
+def _input_grad_gemm(w, delta, out, g: ConvGeometry):
+    """dcols (C*KH*KW, n*P) = W2^T @ delta_cm into ``out`` per group (cuBLAS reads W2 transposed
+    as it lies: no copy of the weights)."""
+    gemm = get_launcher().gemm
     if g.G == 1:
-        return xp.matmul(_w2(w, g).T, delta, out=out)
-    wt = xp.ascontiguousarray(w.reshape(g.G, g.F // g.G, g.K).transpose(0, 2, 1))  # (G, K, F/G)
-    xp.matmul(wt, delta.reshape(g.G, g.F // g.G, -1), out=out.reshape(g.G, g.K, -1))
+        gemm(_w2(w, g), delta, out, transa=True)  # (F, K)^T @ (F, n*P)
+        return out
+    Fg = g.F // g.G
+    w3, d3, o3 = w.reshape(g.G, Fg, g.K), delta.reshape(g.G, Fg, -1), out.reshape(g.G, g.K, -1)  # views
+    for gi in range(g.G):
+        gemm(w3[gi], d3[gi], o3[gi], transa=True)  # (F/G, K)^T @ (F/G, n*P)
     return out
 
 
@@ -307,7 +317,7 @@ def conv2d_forward(x, w, b, g, activation=None, workspace=None):
         n = min(nb, g.N - n0)
         gc = g._replace(N=n)  # the chunk's geometry
         cols = im2col(x[n0 : n0 + n], gc, cm=True, out=scratch(workspace, "cols", (R, n * g.P), x.dtype, xp))
-        y_cm = _forward_gemm(xp, w, cols, scratch(workspace, "y_cm", (g.F, n * g.P), x.dtype, xp), g)  # (F, n*P)
+        y_cm = _forward_gemm(w, cols, scratch(workspace, "y_cm", (g.F, n * g.P), x.dtype, xp), g)  # (F, n*P)
         bias_act_forward(y_cm, y[n0 : n0 + n], b, n, g.F, g.P, cm=True, relu=activation == "relu")
     kept = cols if nb >= g.N else None
     return y, Conv2dCache(NAME, g, x, w, b is not None, activation, y if activation else None,
@@ -348,7 +358,7 @@ def conv2d_backward(dy, cache, input_grad=True, accumulate_into=None):
         _weight_grad_gemm(delta, cols, _w2(dw, g), g, add)  # (F, K)
         add = True  # the next chunks add to this one's
         if input_grad:
-            dcols = _input_grad_gemm(xp, cache.w, delta, scratch(aux.workspace, "dcols", (R, n * g.P), dy.dtype, xp), g)
+            dcols = _input_grad_gemm(cache.w, delta, scratch(aux.workspace, "dcols", (R, n * g.P), dy.dtype, xp), g)
             dxs.append(col2im(dcols, gc, cm=True))
     dx = None if not input_grad else dxs[0] if len(dxs) == 1 else xp.concatenate(dxs)
     return dx, dw, db
@@ -550,9 +560,11 @@ def batch_norm_backward(dy, cache, *, accumulate_into=None, grid=None, block=Non
 
 # ------------------------------------------------------------------- fully connected
 def linear_forward(x, w, b, activation=None):
-    """y = x @ w^T (cuBLAS; w^T is a transposed view), then the bias and the ReLU in one epilogue."""
-    xp = get_array_module(x)
-    y = xp.matmul(x, w.T)  # (N, out)
+    """y = x @ w^T (one GEMM through the launcher; cuBLAS reads w transposed as it lies), then the
+    bias and the ReLU in one epilogue."""
+    x = _contiguous("x", x)
+    y = _empty((x.shape[0], w.shape[0]), x.dtype)  # (N, out)
+    get_launcher().gemm(x, _contiguous("w", w), y, transb=True)  # (N, in) @ (out, in)^T
     if b is not None or activation:
         bias_act_forward(y, y, b, y.shape[0], y.shape[1], 1, cm=False, relu=activation == "relu")
     return y, LinearCache(NAME, x, w, b is not None, activation, y if activation else None)
@@ -575,7 +587,10 @@ def linear_backward(dy, cache, input_grad=True, accumulate_into=None):
                                     bias=cache.has_bias, db=db, accumulate=add)
     get_launcher().gemm(delta, _contiguous("x", cache.x), dw, transa=True,
                         beta=1.0 if add else 0.0)  # (N, out)^T @ (N, in)
-    dx = xp.matmul(delta, cache.w) if input_grad else None
+    dx = None
+    if input_grad:
+        dx = _empty((dy.shape[0], cache.w.shape[1]), dy.dtype)  # (N, in)
+        get_launcher().gemm(delta, _contiguous("w", cache.w), dx)  # (N, out) @ (out, in)
     return dx, dw, db
 
 
