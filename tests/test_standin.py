@@ -86,6 +86,134 @@ def test_standin_kernel_arguments_follow_cupys_rules(standin):
         build.get_function("probe", "cnn_probe")((1,), (8,), (out, np.int32(8)))
 
 
+def test_standin_python_scalars_reach_kernels_as_cupy_converts_them(standin):
+    """CuPy's numpy_dtype_from_pyscalar: a bool is a 1-byte numpy.bool_ (not an int64), an int is
+    an int64 below 2**63 and a uint64 from there, a float a float64: the emulator then refuses a
+    bool or a huge int where the kernel takes a long long."""
+    from standin import kernels  # noqa: PLC0415
+
+    from cnn_gpu.cuda import build  # noqa: PLC0415
+
+    conv = [kernels._kernel_arg(v) for v in (True, 7, 2**63 - 1, 2**63, 2.5, 1j)]
+    assert [type(v) for v in conv] == [np.bool_, np.int64, np.int64, np.uint64, np.float64, np.complex128]
+    assert conv[3] == 2**63
+    out = standin.empty((8,), dtype=np.int64)
+    harness_error = __import__("helpers").load_harness().EmulationError
+    for bad in (True, 2**63):
+        with pytest.raises(harness_error, match="must be passed as int64"):
+            build.get_function("probe", "cnn_probe")((1,), (8,), (out, bad))
+
+
+def test_standin_launch_and_load_take_cupys_argument_types(standin):
+    """Function.__call__(self, tuple grid, tuple block, args, ...) and Module.load(self, bytes cubin)
+    (CuPy's function.pyx): a list grid or a bytearray binary is a TypeError, as on a GPU."""
+    from cnn_gpu.cuda import build  # noqa: PLC0415
+
+    fn = build.get_function("probe", "cnn_probe")
+    out = standin.empty((8,), dtype=np.int64)
+    for grid, block in (([1], (8,)), ((1,), [8]), (1, (8,))):
+        with pytest.raises(TypeError, match="expected tuple"):
+            fn(grid, block, (out, np.int64(8)))
+    binary, _ = build.nvrtc_compile("probe", "sm_90")
+    assert isinstance(binary, bytes)
+    with pytest.raises(TypeError, match="expected bytes"):
+        standin.cuda.function.Module().load(bytearray(binary))
+    standin.cuda.function.Module().load(binary)
+
+
+def test_standin_boolean_mask_indexing_is_a_host_sync(standin):
+    """CuPy sizes a[mask] by reading the count of true values on the host
+    (_prepare_mask_indexing_single); a[mask] = v takes the same path."""
+    a = standin.asarray(np.arange(6, dtype=np.float32))
+    mask = a > 2
+    with counting() as c:
+        a[mask]
+    assert c.syncs == {"boolean mask": 1}
+    with counting() as c:
+        a[mask] = 0
+        a[np.array([True, False] * 3)] = 1
+    assert c.syncs == {"boolean mask": 2}
+    with counting() as c:
+        standin.where(mask, a, np.float32(0))  # the select that replaces a masked write
+    assert c.total_syncs == 0
+
+
+@pytest.mark.parametrize("reflect", [0, 1])
+def test_standin_crop_flip_reference_has_no_host_sync(standin, reflect):
+    """The reference crop+flip (what every engine is held to, and what runs on CuPy under
+    engine="reference") zeroes the padding with a select, not with a boolean mask (a sync)."""
+    from cnn_gpu.functional import reference as R  # noqa: PLC0415
+    from cnn_gpu.functional.geometry import CropFlip  # noqa: PLC0415
+
+    x = np.random.default_rng(0).standard_normal((3, 2, 6, 6)).astype(np.float32)
+    a = CropFlip(3, 2, 6, 6, 6, 6, 2, 2, reflect, 11, 12, 2**52)
+    with counting() as c:
+        y = R.crop_flip(standin.asarray(x), a)
+    assert c.total_syncs == 0, c.syncs
+    np.testing.assert_array_equal(y.get(), R.crop_flip(x, a))
+
+
+def test_standin_nccl_is_cupy_14s(standin):
+    """cupy.cuda.nccl in the stand-in, typed from the installed CuPy's compiled NCCL module: the
+    unique id is bytes of NCCL_UNIQUE_ID_BYTES (a tuple of ints before CuPy 14), the communicator
+    refuses anything else, and the collectives take integer pointers, counts and enums."""
+    from standin import surface  # noqa: PLC0415
+
+    nccl = standin.cuda.nccl
+    typed = surface.compiled_signature("cupy_backends.cuda.libs.nccl", "NcclCommunicator")
+    assert typed[:3] == [("int", "ndev", False), ("bytes", "commId", False), ("int", "rank", False)]
+    uid = nccl.get_unique_id()
+    assert isinstance(uid, bytes) and len(uid) == 128
+    with pytest.raises(TypeError, match="expected bytes, got tuple"):
+        nccl.NcclCommunicator(2, tuple(uid), 0)
+    with pytest.raises(ValueError, match="expected 128 bytes"):
+        nccl.NcclCommunicator(2, uid[:64], 0)
+    comm = nccl.NcclCommunicator(2, uid, 1)
+    buf = standin.asarray(np.arange(4, dtype=np.float32))
+    comm.allReduce(buf.data.ptr, buf.data.ptr, 4, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, 0)
+    assert buf.get().tolist() == [0.0, 2.0, 4.0, 6.0]  # two ranks holding the same values
+    comm.allReduce(buf.data.ptr, buf.data.ptr, 4, nccl.NCCL_FLOAT32, nccl.NCCL_AVG, 0)
+    assert buf.get().tolist() == [0.0, 2.0, 4.0, 6.0]
+    with pytest.raises(TypeError, match="sendbuf"):
+        comm.allReduce(buf, buf.data.ptr, 4, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, 0)
+
+
+def test_standin_readme_training_loop_has_no_host_sync_and_still_catches_bad_labels(standin):
+    """The README's hand-written loop (default CrossEntropyLoss) on CuPy arrays: 0 host syncs per
+    step (its label range check runs on the device, inside the loss kernel); an out-of-range
+    label is reported by loss_fn.check_labels(), the one host read, naming the range."""
+    rng = np.random.default_rng(0)
+    x = standin.asarray(rng.random((8, 1, 28, 28)).astype(np.float32))
+    y = standin.asarray(rng.integers(0, 10, 8))
+    with cnn_gpu.use_backend("cupy"):
+        cnn_gpu.manual_seed(0)
+        model = models.lenet5()
+        loss_fn = nn.CrossEntropyLoss()
+        opt = optim.SGD(model, lr=0.05, momentum=0.9)
+
+        def step(labels):
+            opt.zero_grad()
+            loss = loss_fn(model(x), labels)
+            model.backward(loss_fn.backward())
+            opt.step()
+            return loss
+
+        step(y)  # warm-up: compiles, allocates, makes the flag
+        with counting() as c:
+            for _ in range(2):
+                step(y)
+        assert c.total_syncs == 0, c.syncs
+        loss_fn.check_labels()  # nothing out of range
+        bad = standin.asarray(np.array([0, 1, 2, 3, 4, 5, 6, 12]))
+        with counting() as c:
+            loss = step(bad)
+        assert c.total_syncs == 0, c.syncs
+        assert np.isnan(float(loss))
+        with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 9\]"):
+            loss_fn.check_labels()
+        loss_fn.check_labels()  # the flag was reset
+
+
 # ======================================================================== planted bugs
 def test_standin_catches_planted_bugs(standin, monkeypatch):
     """Calls CuPy lacks, planted in the library, fail under the stand-in."""

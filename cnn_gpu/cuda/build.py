@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import config
+from . import cublas
 
 __all__ = [
     "COMPILE_OPTIONS", "BLOCKS_PER_SM", "KernelCompileError",
@@ -298,7 +299,15 @@ class CupyLauncher:
 
     def gemm(self, a, b, out, *, transa=False, transb=False, beta=0.0) -> None:
         """out = op(a) @ op(b) + beta * out (op: the transpose with ``trans*``), one cuBLAS GEMM on
-        2-D C-contiguous arrays: with beta = 1 it adds into ``out`` (a Parameter.grad) in place."""
+        2-D C-contiguous arrays: with beta = 1 it adds into ``out`` (a Parameter.grad) in place.
+        Through cnn_gpu's own cuBLAS handle (cuda/cublas.py: callable during CUDA-graph stream
+        capture, which CuPy's cuBLAS wrappers refuse); where that cannot be made, cupy.cublas.gemm,
+        after one warning saying why."""
+        handle, why = cublas.get_handle()
+        if handle is not None:
+            handle.gemm(a, b, out, transa=transa, transb=transb, beta=beta)
+            return
+        cublas.warn_fallback(why)
         import cupy.cublas  # noqa: PLC0415  (loads cuBLAS: only on a GPU)
 
         cupy.cublas.gemm("T" if transa else "N", "T" if transb else "N", a, b, out=out, beta=beta)

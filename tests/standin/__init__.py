@@ -12,6 +12,9 @@ drives CuPy runs in CI without a GPU. Test support, not part of cnn_gpu.
 * It can see any number of GPUs (tests/standin/devices.py: ``with devices.visible(0, 1, 2, 3):``,
   as CUDA_VISIBLE_DEVICES) and traces what touches which GPU: selected, launched on, allocated on.
 * ``cupy.cuda.nccl`` as CuPy 14 has it (tests/standin/nccl.py): bytes unique ids, typed arguments.
+* Streams, stream capture and CUDA graphs (tests/standin/graph.py): on a capturing stream work is
+  recorded, not run, and ``Graph.launch`` replays it; what CuPy and CUDA refuse during capture
+  refuses. ``MemoryPool`` and ``using_allocator`` (tests/standin/memory.py).
 
     from standin import activated, counting
     with activated() as cupy:          # `import cupy` gives the stand-in; cnn_gpu sees a GPU
@@ -28,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import devices, kernels, module, nccl, surface
+from . import devices, graph, kernels, memory, module, nccl, surface
 from .array import StandinGap, ndarray
 from .counters import Counters, counting, current
 
@@ -93,8 +96,14 @@ def make() -> types.ModuleType:
     cp.random = _submodule("cupy.random", "cupy.random", {"default_rng": module.default_rng,
                                                           "Generator": module.Generator})
     cuda = _submodule("cupy.cuda", "cupy.cuda", {"Device": module.Device, "nvrtc": kernels.nvrtc,
-                                                 "Stream": module.Stream, "Event": module.Event, "get_elapsed_time": module.get_elapsed_time,
-                                                 "get_current_stream": module.get_current_stream})
+                                                 "Stream": graph.Stream, "Event": module.Event,
+                                                 "get_elapsed_time": module.get_elapsed_time,
+                                                 "get_current_stream": graph.get_current_stream,
+                                                 "MemoryPool": memory.MemoryPool, "MemoryPointer": memory.MemoryPointer,
+                                                 "using_allocator": memory.using_allocator,
+                                                 "set_allocator": memory.set_allocator,
+                                                 "get_allocator": memory.get_allocator})
+    cuda.graph = _submodule("cupy.cuda.graph", "cupy.cuda.graph", {"Graph": graph.Graph})
     cuda.runtime = module._runtime()
     cuda.function = _submodule("cupy.cuda.function", "cupy.cuda.function", vars(kernels.function_namespace()))
     cuda.compiler = _submodule("cupy.cuda.compiler", "cupy.cuda.compiler", {"CompileException": _CompileException})
@@ -135,15 +144,24 @@ def activated() -> Iterator[types.ModuleType]:
     hidden = {k: v for k, v in sys.modules.items() if k == "cupyx" or k.startswith("cupyx.")}
     for k in hidden:
         del sys.modules[k]
-    replaced = {"cupy": cp, "cupy.cublas": cp.cublas, "cupy.cuda": cp.cuda, "cupy.cuda.nccl": cp.cuda.nccl}
+    replaced = {"cupy": cp, "cupy.cublas": cp.cublas, "cupy.cuda": cp.cuda, "cupy.cuda.nccl": cp.cuda.nccl,
+                "cupy.cuda.graph": cp.cuda.graph}
     saved = {k: sys.modules.get(k) for k in replaced}
     sys.modules.update(replaced)
     sys.modules.update(cp._standin_cupyx)
     backend._cupy_status.cache_clear()
     build.clear_caches()
+    graph.reset()
+    memory.reset()
+    from . import cublas as fake_cublas  # noqa: PLC0415  (cnn_gpu's cuBLAS binding loads the fake libcublas)
+
+    uninstall_cublas = fake_cublas.install()
     try:
         yield cp
     finally:
+        graph.reset()
+        memory.reset()
+        uninstall_cublas()
         for k in cp._standin_cupyx:
             sys.modules.pop(k, None)
         sys.modules.update(hidden)
@@ -157,4 +175,4 @@ def activated() -> Iterator[types.ModuleType]:
 
 
 __all__ = ["activated", "make", "counting", "current", "Counters", "StandinGap", "ndarray", "kernels", "surface",
-           "devices", "nccl"]
+           "devices", "nccl", "graph", "memory"]

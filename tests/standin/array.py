@@ -2,12 +2,16 @@
 
 * Its type is its own (``type(a).__module__ == "cupy"``), so the library takes its CuPy branches.
 * Implicit conversion to NumPy raises TypeError, as in CuPy; ``float(a)``, ``int(a)``,
-  ``bool(a)``, ``a.item()``, ``a.get()``, ``a.tolist()``, iteration and printing are host syncs
+  ``bool(a)``, ``a.item()``, ``a.get()``, ``a.tolist()``, iteration, printing and indexing with a
+  boolean array (``a[mask]``, ``a[mask] = v``: CuPy reads the count of true values) are host syncs
   and are counted; mixing with a NumPy array in arithmetic raises, as in CuPy.
 * Every operation counts its launches (elementwise, reduction, gather, copy, fill, ...),
   allocations and copies; a copy that only changes the memory layout is counted apart.
 * A method CuPy's ndarray lacks raises AttributeError; known methods are checked against the
   installed CuPy's signatures (tests/standin/surface.py).
+* Each operation is issued through tests/standin/graph.py: on a capturing stream it is recorded
+  into the CUDA graph instead of run, and transfers refuse as CuPy's do; each new buffer goes
+  through tests/standin/memory.py (counted, charged to the current allocator).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import surface
+from . import graph, memory, surface
 from .counters import current
 
 _REDUCTIONS = {"sum", "prod", "max", "min", "argmax", "argmin", "mean", "var", "std", "all", "any", "cumsum"}
@@ -42,14 +46,15 @@ def wrap(a, alloc: bool = True):
     """A stand-in array around NumPy result ``a`` (counted as an allocation when new)."""
     if isinstance(a, np.ndarray):
         if alloc:
-            current().alloc(a.nbytes)
+            memory.allocated(a)
         return ndarray._of(a)
     if isinstance(a, tuple):
         return tuple(wrap(v, alloc) for v in a)
     if isinstance(a, np.generic):  # CuPy returns 0-d arrays, never host scalars
+        a = np.asarray(a)
         if alloc:
-            current().alloc(a.nbytes)
-        return ndarray._of(np.asarray(a))
+            memory.allocated(a)
+        return ndarray._of(a)
     return a
 
 
@@ -78,8 +83,7 @@ class ndarray:
     def __init__(self, shape, dtype=float, memptr=None, strides=None, order="C"):
         if memptr is not None or strides is not None:
             raise StandinGap("ndarray(memptr=, strides=) is not simulated")
-        self._a = np.empty(shape, dtype=dtype, order=order)
-        current().alloc(self._a.nbytes)
+        self._a = memory.allocated(graph.fresh(np.empty(shape, dtype=dtype, order=order)))
 
     @classmethod
     def _of(cls, a: np.ndarray) -> "ndarray":
@@ -112,18 +116,30 @@ class ndarray:
 
     def _generic(self, name, args, kwargs):
         surface.check_call("cupy.ndarray", name, args, kwargs, method=True)
-        out = getattr(self._a, name)(*unwrap(args), **{k: unwrap(v) for k, v in kwargs.items()})
+        if name == "nonzero":
+            graph.refuse_transfer("D2H")  # CuPy reads the count of nonzero values to size the result
+        if name == "dot":
+            graph.refuse_cublas(self.dtype)
+        src, np_args, np_kwargs = self._a, unwrap(args), {k: unwrap(v) for k, v in kwargs.items()}
         if name in _VIEWS:
-            return wrap(out, alloc=False)
-        current().launch("reduction" if name in _REDUCTIONS else "elementwise")
-        return wrap(out)
+            return wrap(getattr(src, name)(*np_args, **np_kwargs), alloc=False)
+        kind = "reduction" if name in _REDUCTIONS else "elementwise"
+        if np_kwargs.get("out") is not None:
+            graph.launch(kind, lambda: getattr(src, name)(*np_args, **np_kwargs), inplace=True)
+            return kwargs["out"]
+        return wrap(graph.launch(kind, lambda: getattr(src, name)(*np_args, **np_kwargs),
+                                 inputs=graph._arrays([src], np_args, np_kwargs)))
 
     # ------------------------------------------------------------- host syncs
-    def _sync(self, why):
+    def _sync(self, why, stream=None):
+        """A device-to-host read: CuPy's copy_to_host_async refuses a capturing stream first
+        (iteration is not one in CuPy: it yields views; the stand-in counts it)."""
+        if why != "iteration":
+            graph.refuse_transfer("D2H", stream)
         current().sync(why, self._a.nbytes)
 
     def get(self, stream=None, order="C", out=None, blocking=True):
-        self._sync("get")
+        self._sync("get", stream)
         return np.array(self._a, order=order)
 
     def item(self):
@@ -168,6 +184,7 @@ class ndarray:
 
     def set(self, arr, stream=None):
         arr = np.asarray(arr)
+        graph.refuse_transfer("H2D", stream)
         current().upload(arr.nbytes)
         self._a[...] = arr
 
@@ -175,10 +192,10 @@ class ndarray:
     def reshape(self, *shape, order="C", copy=None):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        out = self._a.reshape(shape, order=order)
-        if out.size and not np.shares_memory(out, self._a):  # a reshape that needs a copy
-            current().launch("copy")
-            current().alloc(out.nbytes)
+        src = self._a
+        out = src.reshape(shape, order=order)
+        if out.size and not np.shares_memory(out, src):  # a reshape that needs a copy
+            out = memory.allocated(graph.launch("copy", lambda: src.reshape(shape, order=order)))
             current().copy(out.nbytes, layout=True, site="reshape")
         return ndarray._of(out)
 
@@ -192,50 +209,54 @@ class ndarray:
         return ndarray._of(self._a.view(dtype) if dtype is not None else self._a.view())
 
     def copy(self, order="C"):
-        out = np.array(self._a, order=order)
-        current().launch("copy")
-        current().copy(out.nbytes, layout=not self._a.flags.c_contiguous, site="copy")
+        src = self._a
+        out = graph.launch("copy", lambda: np.array(src, order=order))
+        current().copy(out.nbytes, layout=not src.flags.c_contiguous, site="copy")
         return wrap(out)
 
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
         if not copy and np.dtype(dtype) == self.dtype:
             return self
-        out = self._a.astype(dtype, order="C" if order in ("K", "A") and self._a.flags.c_contiguous else order)
-        current().launch("elementwise")
-        current().copy(out.nbytes, layout=np.dtype(dtype) == self.dtype and not self._a.flags.c_contiguous,
+        src = self._a
+        order = "C" if order in ("K", "A") and src.flags.c_contiguous else order
+        out = graph.launch("elementwise", lambda: src.astype(dtype, order=order))
+        current().copy(out.nbytes, layout=np.dtype(dtype) == self.dtype and not src.flags.c_contiguous,
                        site="astype")
         return wrap(out)
 
     def fill(self, value):
-        current().launch("fill")
-        self._a.fill(value)
+        dst = self._a
+        graph.launch("fill", lambda: dst.fill(value), inplace=True)
 
     # ------------------------------------------------------------- indexing
     def __getitem__(self, key):
+        _mask_sync(key)
         key = _index(key)
-        out = self._a[key]
-        if isinstance(out, np.ndarray) and np.shares_memory(out, self._a):
-            return ndarray._of(out)  # a view: no launch
-        current().launch("gather")
-        return wrap(out)
+        src = self._a
+        if _basic(key):  # no index array: a view, or (every axis an int) one element
+            out = src[key]
+            if isinstance(out, np.ndarray) and np.shares_memory(out, src):
+                return ndarray._of(out)  # a view: no launch
+        # under capture the index arrays' values are not known yet: zeros give the result's shape
+        return wrap(graph.launch("gather", lambda: src[key], probe=lambda: src[_probe_key(key)]))
 
     def __setitem__(self, key, value):
+        _mask_sync(key)
         key = _index(key)
+        whole = self._a
         if isinstance(value, np.ndarray):
+            graph.refuse_transfer("H2D")  # CuPy moves the host value to the device first
             current().upload(value.nbytes)
-            current().launch("copy")
-            self._a[key] = value
+            graph.launch("copy", lambda: whole.__setitem__(key, value), inplace=True)
             return
         if isinstance(value, ndarray):
-            src, dst = value._a, self._a[key] if _basic(key) else None
-            current().launch("copy" if _basic(key) else "scatter")
+            src, dst = value._a, whole[key] if _basic(key) else None
             layout = dst is not None and src.dtype == dst.dtype and src.size == dst.size and (
                 not src.flags.c_contiguous or not dst.flags.c_contiguous) and src.size > 1
             current().copy(src.nbytes, layout=layout, site="setitem")
-            self._a[key] = src
+            graph.launch("copy" if _basic(key) else "scatter", lambda: whole.__setitem__(key, src), inplace=True)
             return
-        current().launch("fill")
-        self._a[key] = value
+        graph.launch("fill", lambda: whole.__setitem__(key, value), inplace=True)
 
     # ------------------------------------------------------------- numpy protocols
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
@@ -245,15 +266,24 @@ class ndarray:
         out = kwargs.pop("out", None)
         if out is not None:
             kwargs["out"] = tuple(unwrap(o, "out") for o in (out if isinstance(out, tuple) else (out,)))
-        current().launch("elementwise")
-        result = ufunc(*args, **kwargs)
-        if out is not None:
+            graph.launch("elementwise", lambda: ufunc(*args, **kwargs), inplace=True)
             return out[0] if isinstance(out, tuple) and len(out) == 1 else out
-        return wrap(result)
+        return wrap(graph.launch("elementwise", lambda: ufunc(*args, **kwargs), inputs=args))
 
     def __array_function__(self, func, types, args, kwargs):
         raise TypeError(f"numpy.{func.__name__} on a cupy array: call cupy.{func.__name__} (the stand-in does not "
                         "dispatch NumPy functions)")
+
+
+def _mask_sync(key) -> None:
+    """Indexing with a boolean array (``a[mask]``, ``a[mask] = v``) is a host sync in CuPy: its
+    _prepare_mask_indexing_single (cupy/_core/_routines_indexing.pyx) reads the number of true
+    values, ``int(mask_scanned[-1])``, to size the result."""
+    for k in key if isinstance(key, tuple) else (key,):
+        if isinstance(k, (ndarray, np.ndarray)) and k.dtype == np.bool_ and k.ndim > 0:
+            graph.refuse_transfer("D2H")  # that count is a device-to-host read
+            current().sync("boolean mask")
+            return
 
 
 def _basic(key) -> bool:
@@ -267,8 +297,18 @@ def _index(key):
     if isinstance(key, ndarray):
         return key._a
     if isinstance(key, np.ndarray):
+        graph.refuse_transfer("H2D")  # CuPy moves a host index array to the device
         current().upload(key.nbytes)
         return key
+    return key
+
+
+def _probe_key(key):
+    """``key`` with zeros for its integer index arrays: the same result shape, whatever they hold."""
+    if isinstance(key, tuple):
+        return tuple(_probe_key(k) for k in key)
+    if isinstance(key, np.ndarray) and key.dtype.kind in "iu":
+        return np.zeros_like(key)
     return key
 
 

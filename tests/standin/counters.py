@@ -1,5 +1,10 @@
 """What a GPU step costs, as the stand-in sees it: launches by kind, host syncs, transfers,
-allocations and copies (layout-only copies apart)."""
+allocations and copies (layout-only copies apart).
+
+CUDA graphs (tests/standin/graph.py): work issued on a capturing stream is recorded, not run, so
+it counts in ``captured`` (kind -> count), not as a launch. ``Graph.launch`` is one host launch,
+``launches["graph"]``; the work it replays counts apart, in ``graph_kernels`` (kind -> count), so a
+budget reads "1 graph launch (K kernels inside)" with K = ``total_graph_kernels``."""
 from __future__ import annotations
 
 import collections
@@ -24,6 +29,8 @@ class Counters:
     layout_copies: int = 0
     layout_copy_bytes: int = 0
     layout_copy_sites: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    captured: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # kind -> recorded
+    graph_kernels: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # kind -> replayed
 
     @property
     def total_launches(self) -> int:
@@ -33,11 +40,22 @@ class Counters:
     def total_syncs(self) -> int:
         return sum(self.syncs.values())
 
+    @property
+    def total_graph_kernels(self) -> int:
+        """The launches run inside graph launches (none of them a host launch)."""
+        return sum(self.graph_kernels.values())
+
     def launch(self, kind: str, kernel: str | None = None) -> None:
         devices.machine().touch("launch")
         self.launches[kind] += 1
         if kernel is not None:
             self.kernels[kernel] += 1
+
+    def graph_launch(self, inside: collections.Counter) -> None:
+        """One cudaGraphLaunch (one host launch) that runs the launches ``inside`` (kind -> count)."""
+        devices.machine().touch("launch")
+        self.launches["graph"] += 1
+        self.graph_kernels.update(inside)
 
     def sync(self, why: str, nbytes: int = 0) -> None:
         self.syncs[why] += 1
@@ -65,7 +83,8 @@ class Counters:
                 "upload_bytes": self.upload_bytes, "download_bytes": self.download_bytes,
                 "alloc_bytes": self.alloc_bytes, "allocations": self.allocations, "copy_bytes": self.copy_bytes,
                 "layout_copies": self.layout_copies, "layout_copy_bytes": self.layout_copy_bytes,
-                "kernels": dict(self.kernels)}
+                "kernels": dict(self.kernels), "captured": dict(self.captured),
+                "graph_kernels": dict(self.graph_kernels), "total_graph_kernels": self.total_graph_kernels}
 
 
 _current = [Counters()]

@@ -3,12 +3,19 @@ kernels compiled by g++ and run on the CPU by the emulator (tests/emulation).
 
 * ``cupy.cuda.nvrtc`` (simulated): compileProgram records the options (the tests check
   cnn_gpu's: no ``-ftz=true``), getCUBIN/getPTX return a token that names the source.
-* ``cupy.cuda.function.Module().load(token)`` builds that source for the CPU;
-  ``get_function(name)`` gives a Function whose call converts the arguments as CuPy does
-  (cupy/cuda/function.pyx ``_pointer``: an array passes its data pointer, whatever its
-  strides; a Python int becomes a 64-bit integer, a float a double, a bool a 64-bit integer)
-  and launches the emulated grid. The emulator then checks every argument against the
-  kernel's C signature, so a width CuPy would get wrong is an error here.
+* ``cupy.cuda.function.Module().load(token)`` builds that source for the CPU (the token must be
+  ``bytes``: ``Module.load(self, bytes cubin)``, the signature embedded in CuPy's compiled
+  module); ``get_function(name)`` gives a Function whose call takes ``grid`` and ``block`` as
+  tuples (``Function.__call__(self, tuple grid, tuple block, args, ...)`` in function.pyx: a list
+  is a TypeError), converts the arguments as CuPy does and launches the emulated grid. An array
+  passes its data pointer, whatever its strides; a Python scalar becomes the NumPy scalar of
+  CuPy's ``numpy_dtype_from_pyscalar`` (cupy/_core/_scalar.pyx): a bool a 1-byte ``numpy.bool_``,
+  an int an int64, or a uint64 from 2**63 up, a float a float64, a complex a complex128. The
+  emulator then checks every argument against the kernel's C signature, so a width CuPy would get
+  wrong is an error here.
+* On a capturing stream (the ``stream`` argument, else the current one) the launch is recorded
+  into the CUDA graph with the converted arguments (tests/standin/graph.py): the arguments are
+  checked now, the kernel runs at each replay, on the same buffers.
 """
 from __future__ import annotations
 
@@ -19,8 +26,8 @@ import types
 
 import numpy as np
 
+from . import graph
 from .array import StandinGap, ndarray
-from .counters import current
 
 _programs: dict[int, dict] = {}
 _binaries: dict[bytes, tuple[str, str]] = {}  # token -> (name, source)
@@ -80,10 +87,20 @@ def _kernel_arg(x):
         raise TypeError(f"Unsupported type {type(x)}: a host NumPy array cannot be a kernel argument")
     if isinstance(x, (np.integer, np.floating, np.bool_)):
         return x
-    if isinstance(x, bool) or isinstance(x, int):
-        return np.int64(x)  # CuPy's rule for a Python int (and bool)
-    if isinstance(x, float):
+    return _from_pyscalar(x)
+
+
+def _from_pyscalar(x):
+    """CuPy's numpy_dtype_from_pyscalar: the exact type decides (a bool is not an int here)."""
+    typ = type(x)
+    if typ is bool:
+        return np.bool_(x)
+    if typ is int:
+        return np.uint64(x) if x >= 0x8000000000000000 else np.int64(x)
+    if typ is float:
         return np.float64(x)
+    if typ is complex:
+        return np.complex128(x)
     raise TypeError(f"Unsupported type {type(x)}")
 
 
@@ -95,13 +112,17 @@ class Function:
         if name not in lib.kernels:
             raise RuntimeError(f"CUDA_ERROR_NOT_FOUND: named symbol not found: {name}")
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None):
-        grid, block = tuple(grid) + (1, 1), tuple(block) + (1, 1)
+    def __call__(self, grid, block, args, shared_mem=0, stream=None, enable_cooperative_groups=False):
+        for name, value in (("grid", grid), ("block", block)):
+            if not isinstance(value, tuple):  # Cython's `tuple grid, tuple block`
+                raise TypeError(f"Argument '{name}' has incorrect type (expected tuple, got {type(value).__name__})")
+        grid, block = grid + (1, 1), block + (1, 1)
         if grid[1:3] != (1, 1) or block[1:3] != (1, 1):
             raise StandinGap("2-D and 3-D launch configurations are not emulated")
-        current().launch("kernel", self.name)
         launcher = _harness().EmulationLauncher(check_order=False, grid_cap=132 * 32)
-        launcher.launch_with(self.lib, self.name, int(grid[0]), int(block[0]), tuple(_kernel_arg(a) for a in args))
+        lib, name, g, b, kargs = self.lib, self.name, int(grid[0]), int(block[0]), tuple(_kernel_arg(a) for a in args)
+        graph.launch("kernel", lambda: launcher.launch_with(lib, name, g, b, kargs), inplace=True, kernel=name,
+                     stream=stream, check=lambda: launcher._check_args(name, lib.signature(name), kargs))
 
 
 class Module:
@@ -111,9 +132,11 @@ class Module:
         self.lib = None
 
     def load(self, cubin):
-        if bytes(cubin) not in _binaries:
+        if not isinstance(cubin, bytes):  # Module.load(self, bytes cubin)
+            raise TypeError(f"Argument 'cubin' has incorrect type (expected bytes, got {type(cubin).__name__})")
+        if cubin not in _binaries:
             raise RuntimeError("CUDA_ERROR_INVALID_IMAGE: not a binary the stand-in's NVRTC produced")
-        name, src = _binaries[bytes(cubin)]
+        name, src = _binaries[cubin]
         self.lib = _harness().build_source(src, name)
 
     def get_function(self, name):

@@ -3,6 +3,8 @@ numbers and the ``cupy.cuda`` pieces cnn_gpu uses, each checked against the inst
 
 Functions that NumPy also has and that need nothing special are simulated generically (the
 NumPy function on the device buffers, one launch of the right kind); the rest are written out.
+Work is issued through tests/standin/graph.py (recorded, not run, on a capturing stream); new
+buffers go through tests/standin/memory.py.
 """
 from __future__ import annotations
 
@@ -12,13 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from . import devices, surface
+from . import devices, graph, memory, surface
 from .array import StandinGap, ndarray, unwrap, wrap
 from .counters import current
+from .graph import Stream, get_current_stream  # noqa: F401  (cupy.cuda's, defined with capture)
 
 _REDUCTIONS = {"sum", "prod", "max", "min", "amax", "amin", "argmax", "argmin", "mean", "var", "std", "all", "any",
                "count_nonzero", "nansum", "nanmax", "nanmin", "argsort", "sort", "cumsum"}
 _CREATION = {"empty": np.empty, "zeros": np.zeros, "ones": np.ones, "full": np.full}
+# CuPy reads how many values there are (a device-to-host copy) to size these results
+_VALUE_SIZED = {"nonzero", "flatnonzero", "argwhere", "unique"}
 
 
 def _checked(path: str, name: str, impl):
@@ -37,11 +42,10 @@ def _checked(path: str, name: str, impl):
 # ------------------------------------------------------------------ creation and transfers
 def _create(name):
     def create(shape, *args, **kwargs):
-        a = _CREATION[name](shape, *args, **kwargs)
-        current().alloc(a.nbytes)
-        if name != "empty":
-            current().launch("fill")
-        return ndarray._of(a)
+        def make():
+            return _CREATION[name](shape, *args, **kwargs)
+        a = graph.fresh(make()) if name == "empty" else graph.launch("fill", make)
+        return ndarray._of(memory.allocated(a))
     return create
 
 
@@ -50,11 +54,12 @@ def _like(name):
 
     def like(a, *args, **kwargs):
         kwargs.pop("subok", None)
-        out = getattr(np, name)(unwrap(a), *args, **kwargs)
-        current().alloc(out.nbytes)
-        if base != "empty":
-            current().launch("fill")
-        return ndarray._of(out)
+        src = unwrap(a)
+
+        def make():
+            return getattr(np, name)(src, *args, **kwargs)
+        out = graph.fresh(make()) if base == "empty" else graph.launch("fill", make)
+        return ndarray._of(memory.allocated(out))
     return like
 
 
@@ -64,9 +69,9 @@ def asarray(a, dtype=None, order=None, *, copy=None, blocking=False):
     host = np.array(a, dtype=dtype, order="C" if order in (None, "K", "A") else order)
     if host.dtype == object:
         raise ValueError("Unsupported dtype object")
+    graph.refuse_transfer("H2D")
     current().upload(host.nbytes)
-    current().alloc(host.nbytes)
-    return ndarray._of(host)
+    return ndarray._of(memory.allocated(host))
 
 
 def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocking=False):
@@ -86,16 +91,16 @@ def ascontiguousarray(a, dtype=None):
     a = asarray(a) if not isinstance(a, ndarray) else a
     if a._a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
         return a
-    out = np.ascontiguousarray(a._a, dtype=dtype)
-    current().launch("copy")
+    src = a._a
+    out = graph.launch("copy", lambda: np.ascontiguousarray(src, dtype=dtype))
     current().copy(out.nbytes, layout=dtype is None or np.dtype(dtype) == a.dtype, site="ascontiguousarray")
     return wrap(out)
 
 
 def arange(start, stop=None, step=1, dtype=None):
-    out = np.arange(start, stop, step, dtype=dtype) if stop is not None else np.arange(start, dtype=dtype)
-    current().launch("elementwise")
-    return wrap(out)
+    def make():
+        return np.arange(start, stop, step, dtype=dtype) if stop is not None else np.arange(start, dtype=dtype)
+    return wrap(graph.launch("elementwise", make))
 
 
 def get_array_module(*args):
@@ -122,6 +127,7 @@ def matmul(a, b, out=None, **kwargs):
     if kwargs:
         raise StandinGap(f"matmul keywords {sorted(kwargs)}")
     A, B = unwrap(a, "matmul a"), unwrap(b, "matmul b")
+    graph.refuse_cublas(np.result_type(A, B))  # its cuBLAS handle takes the current stream
     if A.ndim <= 2 and B.ndim <= 2:
         A2, B2 = _blas_operand(A, "matmul a") if A.ndim == 2 else A, _blas_operand(B, "matmul b") if B.ndim == 2 else B
         current().launch("cublas")
@@ -161,6 +167,7 @@ def cublas_gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
     ``out`` neither C- nor F-contiguous gets an F-ordered temporary and a copy back; without ``out``
     a new F-ordered array (beta ignored). Its checks are CuPy's asserts."""
     A, B = unwrap(a, "cublas.gemm a"), unwrap(b, "cublas.gemm b")
+    graph.refuse_cublas(A.dtype)  # cupy_backends.cuda.libs.cublas.setStream, before any check of CuPy's
     assert A.ndim == B.ndim == 2
     assert A.dtype == B.dtype
     if A.dtype.char not in "fdFD":
@@ -193,8 +200,7 @@ def dot(a, b, out=None):
 
 def concatenate(tup, axis=0, out=None, *, dtype=None, casting="same_kind"):
     parts = [unwrap(t, "concatenate") for t in tup]
-    current().launch("copy")
-    result = np.concatenate(parts, axis=axis, dtype=dtype)
+    result = graph.launch("copy", lambda: np.concatenate(parts, axis=axis, dtype=dtype))
     current().copy(result.nbytes, layout=False, site="concatenate")
     return wrap(result)
 
@@ -206,11 +212,14 @@ def _generic(name):
 
     def call(*args, **kwargs):
         outs = kwargs.get("out")
+        if name in _VALUE_SIZED:
+            graph.refuse_transfer("D2H")
         np_args = unwrap(list(args), f"cupy.{name}")
         np_kwargs = {k: unwrap(v, f"cupy.{name}({k}=)") for k, v in kwargs.items()}
-        current().launch(kind)
-        result = fn(*np_args, **np_kwargs)
-        return outs if outs is not None else wrap(result)
+        if outs is not None:
+            graph.launch(kind, lambda: fn(*np_args, **np_kwargs), inplace=True)
+            return outs
+        return wrap(graph.launch(kind, lambda: fn(*np_args, **np_kwargs), inputs=graph._arrays(np_args, np_kwargs)))
     return call
 
 
@@ -219,8 +228,8 @@ def elementwise_from(site: str, fn):
     def call(x, *args, **kwargs):
         if args or kwargs:
             raise StandinGap(f"{site}: the stand-in simulates one array argument, got more")
-        current().launch("elementwise")
-        return wrap(fn(unwrap(x, site)))
+        src = unwrap(x, site)
+        return wrap(graph.launch("elementwise", lambda: fn(src)))
     return call
 
 
@@ -241,9 +250,9 @@ class Generator:
             raise StandinGap(f"cupy.random.Generator.{name}")
 
         def draw(*args, **kwargs):
+            """A draw; captured, each replay draws anew (the generator's state lives on the device)."""
             surface.check_call("cupy.random.Generator", name, args, kwargs, method=True)
-            current().launch("curand")
-            return wrap(np.asarray(getattr(self._g, name)(*args, **kwargs)))
+            return wrap(graph.launch("curand", lambda: np.asarray(getattr(self._g, name)(*args, **kwargs))))
         return draw
 
 
@@ -272,7 +281,7 @@ class Device:
         return devices.pci_bus_id(devices.machine().physical(self.id))
 
     def synchronize(self):
-        current().sync("synchronize")
+        _device_synchronize()
 
     def use(self):
         m = devices.machine()
@@ -290,41 +299,42 @@ class Device:
         return None
 
 
-class Stream:
-    """The current (null) stream: work runs in order, so it is always done."""
-
-    __module__ = "cupy.cuda.stream"
-    ptr = 0
-    done = True
-
-    def synchronize(self):
-        current().sync("Stream.synchronize")
-
-
-_NULL_STREAM = Stream()
-
-
-def get_current_stream(device_id=-1):
-    return _NULL_STREAM
+def _device_synchronize():
+    """cudaDeviceSynchronize (Device.synchronize, runtime.deviceSynchronize): a host sync;
+    refused while a stream of the device captures (tests/standin/graph.py)."""
+    graph.refuse_device_sync()
+    current().sync("synchronize")
 
 
 class Event:
-    """A CUDA event on the simulated device: recorded work is complete at once (``done``)."""
+    """A CUDA event on the simulated device: recorded work is complete at once (``done``). Recorded
+    on a capturing stream it is a node of the graph: each replay records it (its time); querying
+    or waiting on it while the capture lasts is refused, as CUDA does (tests/standin/graph.py)."""
 
     __module__ = "cupy.cuda.stream"
 
     def __init__(self, block=False, disable_timing=False, interprocess=False):
-        self.recorded_on, self._t, self._timing = None, None, not disable_timing
+        self.recorded_on, self._t, self._timing, self._capture = None, None, not disable_timing, None
 
     def record(self, stream=None):
-        self.recorded_on = (stream or _NULL_STREAM).ptr
-        self._t = time.perf_counter()  # the simulated device runs each launch at once: host time
+        stream = get_current_stream() if stream is None else stream
+        cap = graph.target(stream)
+        self.recorded_on, self._capture = stream.ptr, cap
+        if cap is None:
+            self._t = time.perf_counter()  # the simulated device runs each launch at once: host time
+        else:
+            cap.record("event", None, self._replayed, launches=0)
+
+    def _replayed(self):
+        self._t = time.perf_counter()
 
     @property
     def done(self):  # a query (cudaEventQuery), not a wait: no sync counted
+        graph.refuse_event_query(self._capture)
         return True
 
     def synchronize(self):
+        graph.refuse_event_query(self._capture)
         current().sync("Event.synchronize")
 
 
@@ -332,6 +342,7 @@ def get_elapsed_time(start_event, end_event):
     """cupy.cuda.get_elapsed_time: milliseconds between two recorded timing events (the stand-in's
     device is the host, so it is host time); unrecorded or timing-disabled events fail as in CUDA."""
     for e in (start_event, end_event):
+        graph.refuse_event_query(e._capture)
         if e._t is None:
             raise devices.CUDARuntimeError("cudaErrorInvalidResourceHandle: invalid resource handle")
         if not e._timing:
@@ -353,7 +364,11 @@ def _runtime():
              "multiProcessorCount": 132}
     ns = types.SimpleNamespace(
         getDeviceCount=_device_count, getDeviceProperties=lambda i: dict(props), runtimeGetVersion=lambda: 12090,
-        driverGetVersion=lambda: 12090, deviceSynchronize=lambda: current().sync("synchronize"))
+        driverGetVersion=lambda: 12090, deviceSynchronize=_device_synchronize,
+        streamIsCapturing=graph.stream_is_capturing, streamCaptureModeGlobal=graph.CAPTURE_MODE_GLOBAL,
+        streamCaptureModeThreadLocal=graph.CAPTURE_MODE_THREAD_LOCAL,
+        streamCaptureModeRelaxed=graph.CAPTURE_MODE_RELAXED, streamLegacy=graph.STREAM_LEGACY,
+        streamPerThread=graph.STREAM_PER_THREAD, CUDARuntimeError=devices.CUDARuntimeError)
     for n in vars(ns):
         assert surface.has("cupy.cuda.runtime", n), n
     return ns

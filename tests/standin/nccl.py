@@ -7,7 +7,11 @@ Cython embeds there; the module itself needs libnccl to import): ``get_unique_id
 ``bytes`` of NCCL_UNIQUE_ID_BYTES (128, nccl.h); ``NcclCommunicator(int ndev, bytes commId, int
 rank, ...)`` refuses anything but bytes of that length, and every pointer, count and enum argument
 must be an int, as Cython's ``intptr_t`` / ``size_t`` / ``int`` conversions require. The enum
-values are nccl.h's."""
+values are nccl.h's.
+
+NCCL collectives can be captured: on a capturing stream (the ``stream`` handle) a collective is
+logged when called and recorded into the CUDA graph, which runs it at each replay
+(tests/standin/graph.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -15,8 +19,7 @@ import os
 
 import numpy as np
 
-from . import surface
-from .counters import current
+from . import graph, surface
 
 _MODULE = "cupy_backends.cuda.libs.nccl"
 NCCL_UNIQUE_ID_BYTES = 128  # nccl.h
@@ -77,16 +80,19 @@ class NcclCommunicator:
     def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
         _check("NcclCommunicator.allReduce", (sendbuf, recvbuf, count, datatype, op, stream))
         log.append(("allReduce", sendbuf, recvbuf, count, datatype, op, stream))
-        current().launch("nccl")
         if op not in (NCCL_SUM, NCCL_AVG):
             raise AssertionError(f"the stand-in simulates NCCL_SUM and NCCL_AVG, got op {op}")
         src, dst = _buffer(sendbuf, count, datatype), _buffer(recvbuf, count, datatype)
-        dst[...] = src * src.dtype.type(self.ndev) if op == NCCL_SUM else src
+        scale = src.dtype.type(self.ndev if op == NCCL_SUM else 1)
+
+        def run():
+            dst[...] = src * scale if op == NCCL_SUM else src
+        graph.launch("nccl", run, inplace=True, stream=stream)
 
     def bcast(self, buff, count, datatype, root, stream):
         _check("NcclCommunicator.bcast", (buff, count, datatype, root, stream))
         log.append(("bcast", buff, count, datatype, root, stream))
-        current().launch("nccl")
+        graph.launch("nccl", lambda: None, inplace=True, stream=stream)  # every rank holds the root's values
 
     def abort(self):
         log.append(("abort",))
