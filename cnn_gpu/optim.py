@@ -12,6 +12,11 @@ on the GPU one fused kernel launch per group):
     SGD    g = grad + wd*p;  buf = g (first step) or mu*buf + g;  g = g + mu*buf (Nesterov) or buf;  p -= lr*g
     Adam   g = grad + wd*p;  m = b1*m + (1-b1) g;  v = b2*v + (1-b2) g^2;  p -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)
     AdamW  as Adam with g = grad, after the decoupled decay p *= 1 - lr*wd
+
+``use_device_scalars()``: each step's scalars (lr; Adam's step_size = lr/bc1, bc2, decay = 1 - lr*wd)
+reach the CUDA kernel through a small device array per group, uploaded by ``step()`` with one
+asynchronous copy (cnn_gpu/cuda/scalars.py), not as launch arguments, so a CUDA graph that replays
+the step sees each step's values; the same bits either way.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .backend import get_array_module, on_same_backend, to_numpy
+from .cuda.scalars import DeviceScalars, adam_scalars, takes_device_scalars
 from .functional import _dispatch
 from .nn.module import Module, Parameter
 
@@ -72,6 +78,7 @@ class _Group:
         self.params = [p for _, p in items]
         self.views = [p.data for p in self.params]
         self.state: dict[str, Any] = {}
+        self.scalars: DeviceScalars | None = None  # the update kernel's per-step scalars (device-scalar mode)
 
     def zeros(self):
         return get_array_module(self.data).zeros_like(self.data)
@@ -99,6 +106,49 @@ class Optimizer:
             groups.setdefault(key, []).append((name, p))
         self.groups = [_Group(g) for g in groups.values()]
         self.step_count = 0
+        self.device_scalars = self.staged = False
+
+    _op = ""  # the engine op of the update (its device scalars' layout: cuda/scalars.py)
+
+    def use_device_scalars(self, enabled: bool = True, *, staged: bool = False) -> "Optimizer":
+        """From now on ``step()`` uploads the step's scalars (lr; Adam's step_size, bc2, decay, in
+        double precision) to a device array per group, one asynchronous copy each, and the CUDA
+        update kernel reads them there instead of from its launch arguments (a CUDA graph replaying
+        the step then sees each step's values). Same bits as without; on NumPy arrays and the
+        reference and CPU engines nothing changes. ``staged``: ``step()`` uploads nothing, and
+        :meth:`stage_scalars` (called before each step, outside the graph) uploads the coming
+        step's values. Returns the optimizer."""
+        self.device_scalars = bool(enabled)
+        self.staged = self.device_scalars and bool(staged)
+        return self
+
+    def _step_values(self, t: int) -> tuple:  # pragma: no cover - abstract
+        """The update kernel's per-step scalars for step number ``t`` (from 1) at the current lr."""
+        raise NotImplementedError
+
+    def stage_scalars(self) -> None:
+        """Staged mode: upload the coming step's values (step step_count + 1 at the current lr) for
+        every group the CUDA engine updates; one asynchronous copy per group, no host sync."""
+        values = self._step_values(self.step_count + 1)
+        for g in self.groups:
+            if takes_device_scalars(_dispatch.impl(self._op, g.data), g.data):
+                if g.scalars is None:
+                    g.scalars = DeviceScalars(get_array_module(g.data), self._op)
+                g.scalars.upload(values)
+
+    def _scalars_kw(self, g: _Group, fn) -> dict:
+        """``{"device_scalars": array}`` (this step's values uploaded, or staged before) for engine
+        function ``fn``, or {} where the values go as launch arguments (eager mode, NumPy arrays,
+        other engines)."""
+        if not (self.device_scalars and takes_device_scalars(fn, g.data)):
+            return {}
+        if self.staged:
+            if g.scalars is None:
+                raise RuntimeError(f"{type(self).__name__}: staged device scalars: call stage_scalars() before step()")
+            return {"device_scalars": g.scalars.array}
+        if g.scalars is None:
+            g.scalars = DeviceScalars(get_array_module(g.data), self._op)
+        return {"device_scalars": g.scalars.upload(self._step_values(self.step_count))}
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -180,8 +230,14 @@ class SGD(Optimizer):
         first = "momentum_buffer" not in g.state
         if self.momentum != 0 and first:
             g.state["momentum_buffer"] = g.zeros()
-        _dispatch.impl("sgd_update_", g.data)(g.data, g.grad, g.state.get("momentum_buffer"), self.lr,
-                                               self.momentum, self.weight_decay, self.nesterov, first)
+        fn = _dispatch.impl("sgd_update_", g.data)
+        fn(g.data, g.grad, g.state.get("momentum_buffer"), self.lr, self.momentum, self.weight_decay, self.nesterov,
+           first, **self._scalars_kw(g, fn))
+
+    _op = "sgd_update_"
+
+    def _step_values(self, t: int) -> tuple:
+        return (self.lr,)
 
 
 class Adam(Optimizer):
@@ -205,8 +261,15 @@ class Adam(Optimizer):
         m, v = g.state["exp_avg"], g.state["exp_avg_sq"]
         b1, b2 = self.betas
         bc1, bc2 = 1.0 - b1 ** self.step_count, 1.0 - b2 ** self.step_count
-        _dispatch.impl("adam_update_", g.data)(g.data, g.grad, m, v, self.lr, b1, b2, self.eps, self.weight_decay,
-                                                self._decoupled, bc1, bc2)
+        fn = _dispatch.impl("adam_update_", g.data)
+        fn(g.data, g.grad, m, v, self.lr, b1, b2, self.eps, self.weight_decay, self._decoupled, bc1, bc2,
+           **self._scalars_kw(g, fn))
+
+    _op = "adam_update_"
+
+    def _step_values(self, t: int) -> tuple:
+        b1, b2 = self.betas
+        return adam_scalars(self.lr, self.weight_decay, 1.0 - b1 ** t, 1.0 - b2 ** t)
 
 
 class AdamW(Adam):

@@ -10,14 +10,19 @@
 // bits = cnn_random_bits (common.cuh), the counter-based generator of
 // cnn_gpu/functional/counter_rng.py: the same offsets and flips as the reference engine
 // (crop_flip in cnn_gpu/functional/reference.py), so CPU and GPU give identical batches.
-// The 64-bit keys arrive as long long (their bits reinterpreted). One thread per element of y
-// recomputes its sample's draws (three hashes); no state, no upload, no atomics.
+// The 64-bit keys arrive as long long (their bits reinterpreted): as the arguments crop_key and
+// flip_key, or with use_scalars from scalars (2,) = {crop_key, flip_key} in device memory, written
+// by the host before the launch (a CUDA graph replays frozen arguments; scalars is not read
+// otherwise). One thread per element of y recomputes its sample's draws (three hashes); no state,
+// no atomics.
 #include "common.cuh"
 
-#define CROP_FLIP_PARAMS(T)                                                              \
-    const T* __restrict__ x, T* __restrict__ y, int N, int C, int H, int W, int OH, int OW, \
-    int PH, int PW, int reflect, long long crop_key, long long flip_key, long long flip_threshold
-#define CROP_FLIP_ARGS x, y, N, C, H, W, OH, OW, PH, PW, reflect, crop_key, flip_key, flip_threshold
+#define CROP_FLIP_PARAMS(T)                                                                            \
+    const T* __restrict__ x, T* __restrict__ y, int N, int C, int H, int W, int OH, int OW, int PH, int PW, \
+    int reflect, long long crop_key, long long flip_key, long long flip_threshold,                       \
+    const long long* __restrict__ scalars, int use_scalars
+#define CROP_FLIP_ARGS \
+    x, y, N, C, H, W, OH, OW, PH, PW, reflect, crop_key, flip_key, flip_threshold, scalars, use_scalars
 
 __device__ __forceinline__ int cnn_reflect(int r, int n) {  // torch's reflect padding (pad < n)
     return r < 0 ? -r : (r >= n ? 2 * (n - 1) - r : r);
@@ -26,7 +31,8 @@ __device__ __forceinline__ int cnn_reflect(int r, int n) {  // torch's reflect p
 template <typename T>
 __device__ __forceinline__ void crop_flip_body(CROP_FLIP_PARAMS(T)) {
     const long long total = (long long)N * C * OH * OW;
-    const unsigned long long ck = (unsigned long long)crop_key, fk = (unsigned long long)flip_key;
+    const unsigned long long ck = (unsigned long long)(use_scalars ? scalars[0] : crop_key);
+    const unsigned long long fk = (unsigned long long)(use_scalars ? scalars[1] : flip_key);
     const unsigned long long ry = (unsigned long long)(H + 2 * PH - OH + 1);
     const unsigned long long rx = (unsigned long long)(W + 2 * PW - OW + 1);
     CNN_GRID_STRIDE_LOOP(i, total) {  // i walks y (NCHW) in memory order

@@ -5,15 +5,20 @@
 // and the CPU (cnn_gpu/functional/counter_rng.py) draws the same bits. With p the drop
 // probability and scale = 1 / (1 - p), both rounded to T on the host as the reference does:
 //   mask[i] = u_i >= p ? scale : 0,   y[i] = x[i] * mask[i]
+// The key changes every call: with use_scalars it is read (once per thread) from scalars (1,) =
+// {key} in device memory, written by the host before the launch (a CUDA graph replays a frozen
+// `key` argument); else the argument `key` is used and scalars is not read.
 #include "common.cuh"
 
-#define DROPOUT_PARAMS(T) \
-    const T* __restrict__ x, T* __restrict__ y, T* __restrict__ mask, long long n, long long key, T p, T scale
-#define DROPOUT_ARGS x, y, mask, n, key, p, scale
+#define DROPOUT_PARAMS(T)                                                                                   \
+    const T* __restrict__ x, T* __restrict__ y, T* __restrict__ mask, long long n, long long key, T p, T scale, \
+    const long long* __restrict__ scalars, int use_scalars
+#define DROPOUT_ARGS x, y, mask, n, key, p, scale, scalars, use_scalars
 
 template <typename T>
 __device__ __forceinline__ void dropout_forward_body(DROPOUT_PARAMS(T)) {
-    const unsigned long long k = (unsigned long long)key;  // the key's 64 bits, passed as a signed word
+    // the key's 64 bits, passed as a signed word
+    const unsigned long long k = (unsigned long long)(use_scalars ? scalars[0] : key);
     CNN_GRID_STRIDE_LOOP(i, n) {
         const T u = cnn_uniform<T>(cnn_random_bits(k, (unsigned long long)i));
         const T m = u >= p ? scale : T(0);

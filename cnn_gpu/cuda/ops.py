@@ -37,6 +37,7 @@ from ..functional.caches import AdaptivePool2dCache, AddCache, AvgPool2dCache, B
 from ..functional.geometry import ConvGeometry, PoolGeometry
 from ..workspace import chunk_size, scratch
 from .build import get_launcher
+from .scalars import adam_scalars, kernel_args
 
 NAME = "cuda"
 #: activations a layer can run inside the layer before it (the epilogue kernels; see nn.Sequential)
@@ -595,17 +596,20 @@ def linear_backward(dy, cache, input_grad=True, accumulate_into=None):
 
 
 # ------------------------------------------------------------------------------ dropout
-def dropout_forward(x, p, training, rng=None, key=None, *, grid=None, block=None):
+@native("device_scalars")
+def dropout_forward(x, p, training, rng=None, key=None, *, device_scalars=None, grid=None, block=None):
     """With a counter-based ``key``: one launch draws the mask and applies it (the reference's
-    bits); with a Generator ``rng``: the reference."""
-    if key is None or not training or p == 0.0:
+    bits); with a Generator ``rng``: the reference. ``device_scalars``: an int64 device array (1,)
+    holding the key's bits, read by the kernel instead of ``key`` (cuda/scalars.py)."""
+    if (key is None and device_scalars is None) or not training or p == 0.0:
         return reference.dropout_forward(x, p, training, rng, key)
     x = _contiguous("x", x)
     T = x.dtype.type
+    scalars = kernel_args("dropout_forward", x, device_scalars)
     y, mask = _empty(x.shape, x.dtype), _empty(x.shape, x.dtype)
     if x.size:
         _launch("dropout", "dropout_forward", x, x.size,
-                (x, y, mask, np.int64(x.size), _as_int64(int(key)), T(p), T(1.0 / (1.0 - p))),
+                (x, y, mask, np.int64(x.size), _as_int64(int(key or 0)), T(p), T(1.0 / (1.0 - p)), *scalars),
                 grid, block)
     return y, DropoutCache(mask)
 
@@ -644,35 +648,48 @@ def _as_int64(key: int) -> np.int64:
     return np.int64(key - (1 << 64) if key >= 1 << 63 else key)
 
 
-def crop_flip(x, a, *, grid=None, block=None):
+@native("device_scalars")
+def crop_flip(x, a, *, device_scalars=None, grid=None, block=None):
     """Random crop + horizontal flip of a batch (a: functional.geometry.CropFlip) -> y (N, C, OH, OW):
-    one gather kernel, the draws recomputed on the device from the keys (no upload)."""
+    one gather kernel, the draws recomputed on the device from the keys (no upload).
+    ``device_scalars``: an int64 device array (2,) = (crop_key, flip_key) bits, read instead of a's."""
+    scalars = kernel_args("crop_flip", x, device_scalars)
     y = _empty(a.y_shape, x.dtype)
     if y.size:
         _launch("augment", "crop_flip", x, y.size,
                 (_contiguous("x", x), y, *_i32(a.N, a.C, a.H, a.W, a.OH, a.OW, a.PH, a.PW, a.reflect),
-                 _as_int64(a.crop_key), _as_int64(a.flip_key), np.int64(a.flip_threshold)), grid, block)
+                 _as_int64(a.crop_key), _as_int64(a.flip_key), np.int64(a.flip_threshold), *scalars), grid, block)
     return y
 
 
 # ------------------------------------------------------------------------- optimizers
-def sgd_update_(p, g, buf, lr, momentum, weight_decay, nesterov, first_step, *, grid=None, block=None):
-    """One SGD step in place over flat buffers, one launch (the reference's formulas)."""
+@native("device_scalars")
+def sgd_update_(p, g, buf, lr, momentum, weight_decay, nesterov, first_step, *, device_scalars=None, grid=None,
+                block=None):
+    """One SGD step in place over flat buffers, one launch (the reference's formulas).
+    ``device_scalars``: a float64 device array (1,) = (lr,), read by the kernel instead of ``lr``."""
     T = p.dtype.type
+    scalars = kernel_args("sgd_update_", p, device_scalars)
     if p.size:
         _launch("optim", "sgd_update", p, p.size,
                 (p, g, p if buf is None else buf, np.int64(p.size), T(lr), T(momentum), T(weight_decay),
-                 np.int32(bool(nesterov)), np.int32(bool(first_step))), grid, block, "p")
+                 np.int32(bool(nesterov)), np.int32(bool(first_step)), *scalars), grid, block, "p")
 
 
-def adam_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bc1, bc2, *, grid=None, block=None):
+@native("device_scalars")
+def adam_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bc1, bc2, *, device_scalars=None,
+                 grid=None, block=None):
     """One Adam / AdamW step in place over flat buffers, one launch. The scalars the kernel needs
-    (lr/bc1, 1 - lr*wd, 1 - beta) are formed here in double precision, as the reference does."""
+    (lr/bc1, 1 - lr*wd, 1 - beta) are formed here in double precision, as the reference does.
+    ``device_scalars``: a float64 device array (3,) = adam_scalars(lr, weight_decay, bc1, bc2) =
+    (step_size, bc2, decay), read by the kernel instead of the step's arguments."""
     T = p.dtype.type
+    step_size, bc2, decay = adam_scalars(lr, weight_decay, bc1, bc2)
+    scalars = kernel_args("adam_update_", p, device_scalars)
     if p.size:
         _launch("optim", "adam_update", p, p.size,
                 (p, g, m, v, np.int64(p.size), T(beta1), T(1.0 - beta1), T(beta2), T(1.0 - beta2), T(eps),
-                 T(weight_decay), np.int32(bool(decoupled)), T(1.0 - lr * weight_decay), T(lr / bc1), T(bc2)),
+                 T(weight_decay), np.int32(bool(decoupled)), T(decay), T(step_size), T(bc2), *scalars),
                 grid, block, "p")
 
 

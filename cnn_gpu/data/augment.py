@@ -15,6 +15,11 @@ would give one after the other). On NumPy the CPU engine's window gather runs (c
 no loop over samples): engine dispatch as for every op (cnn_gpu/functional/_dispatch.py), the
 reference (functional/reference.py crop_flip) being the definition all engines match bit for bit.
 
+``Compose(..., device_scalars=True)`` (or ``use_device_scalars()``): on the CUDA engine each launch
+reads its two keys from a small device array, uploaded per batch with one asynchronous copy
+(cnn_gpu/cuda/scalars.py), instead of from its launch arguments, so a CUDA graph that replays the
+augmentation draws each batch anew; the same batches either way.
+
 The DataLoader applies a transform to each training batch with its (epoch, step)
 (``DataLoader(..., transform=aug)``); ``cnn-gpu train --augment crop-flip`` builds one (see
 :func:`from_name`).
@@ -26,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..backend import get_array_module
+from ..cuda.scalars import DeviceScalars, takes_device_scalars
 from ..functional import _dispatch, counter_rng
 from ..functional._checks import check_float, describe, pair
 from ..functional.geometry import CropFlip
@@ -105,19 +112,29 @@ def _plan(x, crop: RandomCrop | None, flip: RandomHorizontalFlip | None, crop_ke
 
 class Compose:
     """Transforms applied in order to a batch; a RandomCrop directly followed by a
-    RandomHorizontalFlip runs as one gather (one kernel launch on the GPU)."""
+    RandomHorizontalFlip runs as one gather (one kernel launch on the GPU). ``device_scalars``:
+    the keys reach the CUDA kernels through device memory (see the module's docstring)."""
 
-    def __init__(self, transforms: Sequence):
+    def __init__(self, transforms: Sequence, *, device_scalars: bool = False):
         self.transforms = list(transforms)
         for i, t in enumerate(self.transforms):
             if not isinstance(t, (RandomCrop, RandomHorizontalFlip)):
                 raise TypeError(f"transforms[{i}]: expected a RandomCrop or RandomHorizontalFlip, got {t!r}")
+        self.device_scalars = bool(device_scalars)
+        self._keys: dict[int, DeviceScalars] = {}  # launch's first transform -> its keys' device array
+
+    def use_device_scalars(self, enabled: bool = True) -> "Compose":
+        """Device-scalar mode on (or off): per batch, each launch's (crop_key, flip_key) is uploaded
+        (one asynchronous 16-byte copy) to a device array its kernel reads. Returns the Compose."""
+        self.device_scalars = bool(enabled)
+        return self
 
     def __call__(self, x, *, seed: int = 0, epoch: int = 0, step: int = 0):
         check_float("x", x, ndim=4)
         ts, i = self.transforms, 0
         while i < len(ts):
             t, nxt = ts[i], ts[i + 1] if i + 1 < len(ts) else None
+            first = i
             if isinstance(t, RandomCrop) and isinstance(nxt, RandomHorizontalFlip):
                 a = _plan(x, t, nxt, batch_key(seed, epoch, step, i), batch_key(seed, epoch, step, i + 1))
                 i += 2
@@ -125,8 +142,18 @@ class Compose:
                 k = batch_key(seed, epoch, step, i)
                 a = _plan(x, t, None, k, 0) if isinstance(t, RandomCrop) else _plan(x, None, t, 0, k)
                 i += 1
-            x = _dispatch.impl("crop_flip", x)(x, a)
+            fn = _dispatch.impl("crop_flip", x)
+            x = fn(x, a, **self._scalars_kw(fn, x, first, a))
         return x
+
+    def _scalars_kw(self, fn, x, first: int, a: CropFlip) -> dict:
+        """``{"device_scalars": array}`` with a's keys uploaded, for the launch of transform
+        ``first`` in device-scalar mode on the CUDA engine; else {} (the keys go in ``a``)."""
+        if not (self.device_scalars and takes_device_scalars(fn, x)):
+            return {}
+        if first not in self._keys:
+            self._keys[first] = DeviceScalars(get_array_module(x), "crop_flip")
+        return {"device_scalars": self._keys[first].upload((a.crop_key, a.flip_key))}
 
     def __repr__(self) -> str:
         return f"Compose({self.transforms!r})"

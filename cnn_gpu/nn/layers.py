@@ -371,7 +371,8 @@ class LeakyReLU(_Activation):
 class Dropout(Module):
     """Inverted dropout. The mask of call k is the counter-based draw of key (seed, k)
     (functional/counter_rng.py): the same masks on every engine, reproducible and resumable from
-    (seed, calls), with no generator state."""
+    (seed, calls), with no generator state. ``use_device_scalars()``: the key reaches the CUDA
+    kernel through device memory (for CUDA graphs), the same masks."""
 
     def __init__(self, p=0.5, generator=None):
         super().__init__()
@@ -381,14 +382,57 @@ class Dropout(Module):
         self.seed = int(resolve_generator(generator).integers(2**62))
         self.calls = 0
         self._cache = None
+        self.device_scalars = self.staged = False
+        self._key_scalars = None  # the key's device array (cuda/scalars.py), made at its first use
+
+    def use_device_scalars(self, enabled: bool = True, *, staged: bool = False) -> "Dropout":
+        """From now on a training call on the CUDA engine uploads its key (one asynchronous 8-byte
+        copy) to a device array the kernel reads, instead of passing it as a launch argument: a CUDA
+        graph replaying the forward then draws each call's mask. NumPy arrays and the reference and
+        CPU engines take the key as before. ``staged``: the call uploads nothing, and
+        :meth:`stage_scalars` (before each call, outside the graph) uploads the coming call's key.
+        Returns the layer."""
+        self.device_scalars = bool(enabled)
+        self.staged = self.device_scalars and bool(staged)
+        return self
+
+    def stage_scalars(self, xp) -> None:
+        """Staged mode: upload the key of the coming training call (seed, calls) to the device
+        array of ``xp`` (cupy) the kernel reads; one asynchronous copy, no host sync."""
+        from ..cuda.scalars import DeviceScalars  # noqa: PLC0415
+
+        if self._key_scalars is None:
+            self._key_scalars = DeviceScalars(xp, "dropout_forward")
+        self._key_scalars.upload((counter_rng.key(self.seed, self.calls),))
 
     def forward(self, x):
         key = None
         if self.training and self.p > 0:
             key = counter_rng.key(self.seed, self.calls)
             self.calls += 1
-        y, self._cache = F.dropout_forward(x, self.p, self.training, key=key)
+        fn = self._device_kernel(x) if key is not None else None
+        if fn is not None:
+            scalars = self._key_scalars.array if self.staged else self._key_scalars.upload((key,))
+            y, self._cache = fn(x, self.p, True, None, key, device_scalars=scalars)
+        else:
+            y, self._cache = F.dropout_forward(x, self.p, self.training, key=key)
         return y
+
+    def _device_kernel(self, x):
+        """The CUDA engine's dropout_forward for ``x`` (x checked, the key's device array made) in
+        device-scalar mode; None where the key goes as an argument (F.dropout_forward)."""
+        from ..cuda.scalars import DeviceScalars, takes_device_scalars  # noqa: PLC0415
+        from ..functional import _checks, _dispatch  # noqa: PLC0415
+
+        fn = _dispatch.impl("dropout_forward", x) if self.device_scalars else None
+        if fn is None or not takes_device_scalars(fn, x):
+            return None
+        _checks.check_float("x", x)  # what F.dropout_forward checks
+        if self._key_scalars is None:
+            if self.staged:
+                raise RuntimeError("Dropout: staged device scalars: call stage_scalars() before the training call")
+            self._key_scalars = DeviceScalars(get_array_module(x), "dropout_forward")
+        return fn
 
     def backward(self, dy, input_grad=True):
         if self._cache is None:

@@ -98,6 +98,7 @@ def make() -> types.ModuleType:
     cuda = _submodule("cupy.cuda", "cupy.cuda", {"Device": module.Device, "nvrtc": kernels.nvrtc,
                                                  "Stream": graph.Stream, "Event": module.Event,
                                                  "get_elapsed_time": module.get_elapsed_time,
+                                                 "alloc_pinned_memory": module.alloc_pinned_memory,
                                                  "get_current_stream": graph.get_current_stream,
                                                  "MemoryPool": memory.MemoryPool, "MemoryPointer": memory.MemoryPointer,
                                                  "using_allocator": memory.using_allocator,

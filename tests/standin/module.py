@@ -338,6 +338,19 @@ class Event:
         current().sync("Event.synchronize")
 
 
+pinned_sizes: list = []  # every cupy.cuda.alloc_pinned_memory size asked, in order (tests read it)
+
+
+def alloc_pinned_memory(size):
+    """cupy.cuda.alloc_pinned_memory: a block of page-locked host memory from CuPy's pinned pool;
+    the stand-in's host memory is all alike, so a buffer of that size (NumPy arrays can view it,
+    as they view a PinnedMemoryPointer), its size recorded in ``pinned_sizes``."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+        raise TypeError(f"an integer size is required, got {size!r}")
+    pinned_sizes.append(int(size))
+    return memoryview(bytearray(int(size)))
+
+
 def get_elapsed_time(start_event, end_event):
     """cupy.cuda.get_elapsed_time: milliseconds between two recorded timing events (the stand-in's
     device is the host, so it is host time); unrecorded or timing-disabled events fail as in CUDA."""
