@@ -99,6 +99,10 @@ def _add_train_parser(sub, DATASET_NAMES, MODELS, OPTIMIZERS, SCHEDULES, default
                         "horizontal flip (default: the recipe's, else none)")
     t.add_argument("--label-smoothing", type=_unit, default=None, metavar="EPS",
                    help="label smoothing of the loss, in [0, 1] (default: the recipe's, else 0)")
+    t.add_argument("--cuda-graph", choices=("auto", "on", "off"), default=None,
+                   help="on the GPU, capture the training step once as a CUDA graph and replay it each batch "
+                        "(auto: on with the cupy backend, its first replay checked against an eager step; "
+                        f"default {TrainConfig.cuda_graph})")
     t.add_argument("--val-fraction", type=_fraction, default=None,
                    help="hold out this fraction of the training set (stratified, fixed) for validation "
                         f"(default {TrainConfig.val_fraction})")
@@ -474,7 +478,7 @@ def _train_config(args, parser) -> tuple[TrainConfig, str | None]:
         if clash:
             flags = ", ".join("--" + k.replace("_", "-") for k in clash)
             parser.error(f"--resume: continues a run with its saved settings; got {flags} as well "
-                         "(only --data-dir, --backend, --workspace-mb, --save, --progress and --quiet may be given)")
+                         "(only --data-dir, --backend, --workspace-mb, --save, --progress, --quiet and --cuda-graph may be given)")
     return TrainConfig(**given), args.resume
 
 

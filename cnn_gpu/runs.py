@@ -88,6 +88,7 @@ RECIPE_DEFAULTS = dict(augment="none", label_smoothing=0.0)
 RUN_SETTINGS = ("dataset", "model", "epochs", "batch_size", "optimizer", "lr", "schedule", "warmup", "momentum",
                 "nesterov", "weight_decay", "seed", "val_fraction", "augment", "label_smoothing")
 PROGRESS_MODES = ("auto", "bar", "plain", "none")
+CUDA_GRAPH_SETTINGS = {"auto": "auto", "on": True, "off": False}  # --cuda-graph -> fit(cuda_graph=)
 
 
 @dataclasses.dataclass
@@ -116,6 +117,7 @@ class TrainConfig:
     workspace_mb: float | None = None  # cap on one convolution's im2col workspace (cnn_gpu.set_workspace_limit)
     augment: str | None = None  # training-batch augmentation, one of data.augment.AUGMENTATIONS
     label_smoothing: float | None = None  # the loss's label smoothing, in [0, 1]
+    cuda_graph: str = "auto"  # the GPU training step as one CUDA graph: auto (on for CuPy), on, off (fit's cuda_graph)
 
     def with_defaults(self) -> "TrainConfig":
         """A copy with the settings still None after the recipe taken from RECIPE_DEFAULTS."""
@@ -168,6 +170,8 @@ class TrainConfig:
         ls = self.label_smoothing
         if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0.0 <= ls <= 1.0:
             raise bad("label_smoothing", "a number in [0, 1]", ls)
+        if self.cuda_graph not in CUDA_GRAPH_SETTINGS:
+            raise bad("cuda_graph", f"one of {tuple(CUDA_GRAPH_SETTINGS)}", self.cuda_graph)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -528,7 +532,7 @@ class _Session:
 
 def _settings(cfg: TrainConfig, resume) -> tuple[TrainConfig, Checkpoint | None, RunDir | None]:
     """The run's settings: ``cfg`` with the recipe filled in, or those saved in the run to resume
-    (only data_dir, backend, save, progress and quiet come from ``cfg`` then)."""
+    (only data_dir, backend, save, progress, quiet and cuda_graph come from ``cfg`` then)."""
     if resume is None:
         return cfg.resolved(), None, None
     run = RunDir.resumable(resume)
@@ -536,7 +540,7 @@ def _settings(cfg: TrainConfig, resume) -> tuple[TrainConfig, Checkpoint | None,
     saved = TrainConfig.from_dict(ckpt.config).with_defaults()
     cfg = dataclasses.replace(saved, data_dir=cfg.data_dir if cfg.data_dir is not None else saved.data_dir,
                               backend=cfg.backend or default_backend(), save=cfg.save, progress=cfg.progress, quiet=cfg.quiet,
-                              run_dir=str(run))
+                              cuda_graph=cfg.cuda_graph, run_dir=str(run))
     cfg.check()
     return cfg, ckpt, run
 
@@ -650,7 +654,8 @@ def _fit(s: _Session, cfg: TrainConfig, callbacks: list, saver: SaveCheckpoint, 
     try:
         with _sigint_requests_stop(stop, _stderr):
             fit(s.model, s.optimizer, s.loader, cfg.epochs, scheduler=s.scheduler, callbacks=callbacks,
-                position=s.position, label_smoothing=cfg.label_smoothing)
+                position=s.position, label_smoothing=cfg.label_smoothing,
+                cuda_graph=CUDA_GRAPH_SETTINGS[cfg.cuda_graph])
     except TrainingInterrupted as exc:
         pos = distributed.global_position(exc.position, distributed.init())  # every rank stopped at this step
         if pos.step > 0:

@@ -20,6 +20,7 @@ bookkeeping (step counters, ``optimizer.lr``, batch sizes, the clock) never touc
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any, Sequence
 
@@ -132,6 +133,7 @@ class Loop:
     started: float = 0.0  # perf_counter at the epoch's (or the resume's) start
     seconds_before: float = 0.0  # of this epoch, before a resume
     stop: bool = False  # set by a callback: stop before the next step
+    graph: Any = None  # the training step as a CUDA graph (cuda/graph.py), once made
 
     @property
     def steps_per_epoch(self) -> int:
@@ -240,16 +242,21 @@ def train_step(model: Module, loss_fn: CrossEntropyLoss, optimizer: Optimizer, x
     return loss, logits
 
 
-def _run_epoch(loop: Loop, loss_fn: CrossEntropyLoss, max_label: int | None) -> None:
+def _run_epoch(loop: Loop, loss_fn: CrossEntropyLoss, max_label: int | None, graph: Any = None) -> None:
     """Train one epoch from loop.step; raises TrainingInterrupted when stopped mid-epoch.
-    ``max_label`` is checked at the first step."""
+    ``max_label`` is checked at the first step (always eager). ``graph``: a callable that makes
+    the CUDA-graph step (cuda/graph.py training_graph), built after that first step."""
     loop.started = time.perf_counter()
     loop.call("on_epoch_begin")
     try:
         for xb, yb in loop.loader.epoch(loop.epoch, start=loop.step):
             if loop.stop:
                 break
-            loss, logits = train_step(loop.model, loss_fn, loop.optimizer, xb, yb, max_label)
+            if max_label is not None or graph is None:
+                loss, logits = train_step(loop.model, loss_fn, loop.optimizer, xb, yb, max_label)
+            else:
+                loop.graph = loop.graph or graph()
+                loss, logits = loop.graph(xb, yb)
             max_label = None
             if loop.scheduler is not None:
                 loop.scheduler.step()
@@ -271,16 +278,44 @@ def _run_epoch(loop: Loop, loss_fn: CrossEntropyLoss, max_label: int | None) -> 
     loop.history.append(stats)
 
 
+CUDA_GRAPH_MODES = ("auto", True, False)
+
+
+def _graph_maker(mode: Any, xp, model, loss_fn, optimizer):
+    """The maker of fit's CUDA-graph training step, or None (eager): ``mode`` "auto" (CuPy arrays:
+    on, the first replay checked against an eager step; NumPy: off), True (CuPy arrays only) or False."""
+    if mode not in CUDA_GRAPH_MODES or isinstance(mode, int) and not isinstance(mode, bool):
+        raise ValueError(f"cuda_graph: expected one of 'auto', True, False, got {mode!r}")
+    if mode is False or (mode == "auto" and xp is np):
+        return None
+    if xp is np:
+        raise ValueError("cuda_graph: CUDA graphs replay GPU work: expected the loader's arrays on CuPy, got NumPy "
+                         "arrays (use cuda_graph='auto' or False)")
+    from .cuda.graph import graphs_usable, training_graph  # noqa: PLC0415  (CuPy runs only)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    why = graphs_usable()
+    if why:
+        say(f"cuda graph: off ({why}); training eagerly")
+        return None
+    return lambda: training_graph(model, loss_fn, optimizer, check=mode == "auto", say=say)
+
+
 def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,
         scheduler: LRSchedule | None = None, callbacks: Sequence = (), position: Position | None = None,
-        label_smoothing: float = 0.0):
+        label_smoothing: float = 0.0, cuda_graph: Any = "auto"):
     """Train from ``position`` (default: the start) to the end of epoch ``epochs``; -> the EpochStats
     of the epochs run. ``callbacks`` (cnn_gpu.callbacks) run in order at each hook; a
     StopOnNonFinite is added first unless one is given. The labels' range is checked once (one
     host read), against the model's outputs at the first step. Raises NonFiniteLossError (naming
     the epoch and step) and TrainingInterrupted (with the position to resume from) when a
     callback stops the loop. ``label_smoothing``: the loss's (nn.CrossEntropyLoss); the loader's
-    ``transform`` augments the batches."""
+    ``transform`` augments the batches. ``cuda_graph`` ("auto", True, False): on CuPy arrays the
+    training step is captured once as a CUDA graph and replayed each batch (cuda/graph.py; "auto":
+    the first replay is checked once against an eager step); the first step of a fit and a last
+    partial batch run eagerly, and a step that cannot be captured runs eagerly, saying why."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs: expected a non-negative int, got {epochs!r}")
     if len(loader) == 0:  # an epoch of no steps has no mean loss to report
@@ -295,17 +330,22 @@ def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,
     loop = Loop(model, optimizer, loader, epochs, scheduler, cbs, [])
     loss_fn = CrossEntropyLoss(validate_range=False, label_smoothing=label_smoothing)
     xp = get_array_module(loader.x)
+    graph = _graph_maker(cuda_graph, xp, model, loss_fn, optimizer)
     model.train()
     loop.call("on_train_begin")
-    for epoch in range(position.epoch, epochs):
-        resuming = epoch == position.epoch
-        p = position if resuming else Position(epoch)
-        loop.epoch, loop.step, loop.seconds_before = epoch, p.step, p.seconds
-        loop.meter = Meter(xp, len(loader), p.step, p.loss_sum, p.correct, p.seen)
-        _run_epoch(loop, loss_fn, max_label)
-        max_label = None
-        if loop.stop and epoch + 1 < epochs:
-            raise TrainingInterrupted(Position(epoch + 1), loop.history)
+    try:
+        for epoch in range(position.epoch, epochs):
+            resuming = epoch == position.epoch
+            p = position if resuming else Position(epoch)
+            loop.epoch, loop.step, loop.seconds_before = epoch, p.step, p.seconds
+            loop.meter = Meter(xp, len(loader), p.step, p.loss_sum, p.correct, p.seen)
+            _run_epoch(loop, loss_fn, max_label, graph)
+            max_label = None
+            if loop.stop and epoch + 1 < epochs:
+                raise TrainingInterrupted(Position(epoch + 1), loop.history)
+    finally:
+        if loop.graph is not None:  # the optimizer and the Dropouts step eagerly again after fit
+            loop.graph.close()
     loop.call("on_train_end")
     return loop.history
 

@@ -153,3 +153,136 @@ def test_standin_other_shapes_run_eagerly_and_keep_the_graph(standin):
 def test_step_graph_refuses_a_non_callable():
     with pytest.raises(TypeError, match="step: expected a callable"):
         StepGraph(3)
+
+
+# ------------------------------------------------------------------ fit(cuda_graph=...)
+def _lenet5_dropout():
+    """lenet5 with a Dropout before its classifier's last Linear."""
+    g = dict(generator=np.random.default_rng(3))
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2, **g), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5, **g), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120, **g), nn.ReLU(), nn.Dropout(0.4, **g),
+        nn.Linear(120, 10, **g))
+
+
+def _fit(cp, make, make_opt, shape, mode, epochs=2, n=24, batch=8, augment=None, schedule=False, position=None,
+         stop_at=None):
+    from cnn_gpu.data import DataLoader  # noqa: PLC0415
+    from cnn_gpu.train import Callback, TrainingInterrupted, fit  # noqa: PLC0415
+
+    rng = np.random.default_rng(5)
+    x = cp.asarray(rng.standard_normal((n,) + shape).astype(np.float32))
+    y = cp.asarray(rng.integers(0, 10, n))
+    with cnn_gpu.use_backend("cupy"):
+        model = make()
+        opt = make_opt(model)
+        sched = optim.OneCycleLR(opt, 0.1, epochs * -(-n // batch)) if schedule else None
+        loader = DataLoader(x, y, batch, shuffle=True, seed=2, transform=augment)
+        cbs = []
+        if stop_at is not None:
+            class Stop(Callback):
+                def on_step(self, loop):
+                    if (loop.epoch, loop.step) == stop_at:
+                        loop.stop = True
+            cbs.append(Stop())
+        try:
+            hist = fit(model, opt, loader, epochs, scheduler=sched, cuda_graph=mode, callbacks=cbs, position=position)
+        except TrainingInterrupted as exc:
+            return model, opt, sched, exc.position
+    return model, opt, sched, hist
+
+
+def _same_weights(a, b):
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        np.testing.assert_array_equal(p.data.get(), q.data.get(), err_msg=name)
+    for (name, p), (_, q) in zip(a.named_buffers(), b.named_buffers()):
+        np.testing.assert_array_equal(p.get(), q.get(), err_msg=name)
+
+
+def test_standin_fit_with_a_cuda_graph_equals_eager_lenet5_dropout_onecycle_sgd(standin, capsys):
+    """2 epochs of lenet5 with Dropout, OneCycleLR and SGD Nesterov: the CUDA-graph fit (auto: the
+    first replay checked) gives the eager fit's weights and metrics bit for bit (the same kernels
+    and GEMMs in the same order; per-step values through device memory), and says nothing."""
+    sgd = lambda m: optim.SGD(m, 0.05, momentum=0.9, nesterov=True)  # noqa: E731
+    me, _, _, he = _fit(standin, _lenet5_dropout, sgd, (1, 28, 28), False, schedule=True)
+    mg, og, _, hg = _fit(standin, _lenet5_dropout, sgd, (1, 28, 28), "auto", schedule=True)
+    _same_weights(mg, me)
+    assert [(s.train_loss, s.train_accuracy, s.lr) for s in hg] == [(s.train_loss, s.train_accuracy, s.lr) for s in he]
+    assert og.staged and "cuda graph" not in capsys.readouterr().err
+
+
+def test_standin_fit_with_a_cuda_graph_equals_eager_resnet20_batchnorm_cropflip_adam(standin):
+    """resnet20 (BatchNorm, residual blocks) with crop+flip augmentation and Adam, 2 epochs on 8x8
+    images: the CUDA-graph fit equals the eager one bit for bit, running statistics included."""
+    from cnn_gpu.data.augment import Compose, RandomCrop, RandomHorizontalFlip  # noqa: PLC0415
+
+    aug = Compose([RandomCrop(8, padding=1), RandomHorizontalFlip()])
+    make = lambda: models.resnet20(in_channels=1, generator=np.random.default_rng(4))  # noqa: E731
+    adam = lambda m: optim.Adam(m, 1e-3)  # noqa: E731
+    me, _, _, he = _fit(standin, make, adam, (1, 8, 8), False, n=12, batch=4, augment=aug)
+    mg, _, _, hg = _fit(standin, make, adam, (1, 8, 8), True, n=12, batch=4, augment=aug)
+    _same_weights(mg, me)
+    assert [s.train_loss for s in hg] == [s.train_loss for s in he]
+
+
+def test_standin_an_interrupted_and_resumed_graph_fit_equals_an_uninterrupted_one(standin):
+    """Stopped at epoch 1 step 2 and resumed from that position (the same model and optimizer
+    objects, as a checkpoint restores them): the weights equal an uninterrupted graph fit's."""
+    sgd = lambda m: optim.SGD(m, 0.05, momentum=0.9, nesterov=True)  # noqa: E731
+    full, _, _, _ = _fit(standin, _lenet5_dropout, sgd, (1, 28, 28), "auto")
+    m1, o1, _, pos = _fit(standin, _lenet5_dropout, sgd, (1, 28, 28), "auto", stop_at=(1, 2))
+    assert (pos.epoch, pos.step) == (1, 2)
+    from cnn_gpu.data import DataLoader  # noqa: PLC0415
+    from cnn_gpu.train import fit  # noqa: PLC0415
+
+    rng = np.random.default_rng(5)
+    x = standin.asarray(rng.standard_normal((24, 1, 28, 28)).astype(np.float32))
+    y = standin.asarray(rng.integers(0, 10, 24))
+    with cnn_gpu.use_backend("cupy"):
+        fit(m1, o1, DataLoader(x, y, 8, shuffle=True, seed=2), 2, position=pos, cuda_graph="auto")
+    _same_weights(m1, full)
+
+
+def test_fit_cuda_graph_argument_is_checked():
+    from cnn_gpu.data import DataLoader  # noqa: PLC0415
+    from cnn_gpu.train import fit  # noqa: PLC0415
+
+    model = models.lenet5()
+    x, y = np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int64)
+    for bad, match in (("on", "cuda_graph: expected one of"), (1, "cuda_graph: expected one of"),
+                       (True, "cuda_graph: CUDA graphs replay GPU work")):
+        with pytest.raises(ValueError, match=match):
+            fit(model, optim.SGD(model, 0.1), DataLoader(x, y, 2), 1, cuda_graph=bad)
+
+
+def test_cuda_graph_setting_in_the_run_config_and_the_command_line(capsys):
+    from cnn_gpu import cli, runs  # noqa: PLC0415
+
+    assert runs.TrainConfig().cuda_graph == "auto" and runs.CUDA_GRAPH_SETTINGS == {"auto": "auto", "on": True,
+                                                                                  "off": False}
+    with pytest.raises(ValueError, match="cuda_graph: expected one of"):
+        runs.TrainConfig(cuda_graph="yes").resolved()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--cuda-graph", "yes"])
+    assert exc.value.code == 2 and "--cuda-graph: invalid choice: 'yes'" in capsys.readouterr().err
+
+
+def test_standin_cli_train_with_and_without_a_cuda_graph_gives_the_same_run(standin, tmp_path):
+    """cnn-gpu train --backend cupy --cuda-graph on / off: the same test accuracy and weights, and
+    the setting recorded in the run's config.json."""
+    import json  # noqa: PLC0415
+
+    from cnn_gpu import cli  # noqa: PLC0415
+
+    out = {}
+    for mode in ("on", "off"):
+        run = tmp_path / mode
+        lines = []
+        cli.cmd_train(cli.TrainConfig(dataset="digits", epochs=1, backend="cupy", run_dir=str(run), progress="none",
+                                      cuda_graph=mode, data_dir=str(tmp_path / "data")), out=lines.append)
+        out[mode] = lines[-1]
+        assert json.loads((run / "config.json").read_text())["config"]["cuda_graph"] == mode
+    assert out["on"] == out["off"] and out["on"].startswith("test accuracy: ")
+    on, off = cnn_gpu.load(str(tmp_path / "on" / "last.npz")), cnn_gpu.load(str(tmp_path / "off" / "last.npz"))
+    for (name, p), (_, q) in zip(on.named_parameters(), off.named_parameters()):
+        np.testing.assert_array_equal(cnn_gpu.to_numpy(p.data), cnn_gpu.to_numpy(q.data), err_msg=name)

@@ -42,12 +42,12 @@ class StepGraph:
 
     def __init__(self, step: Callable[..., Any], *, name: str = "step", stage: Callable[[], None] | None = None,
                  state: Callable[[], Sequence[Any]] | None = None, host_state: tuple | None = None,
-                 after_replay: Callable[[], None] | None = None, check: bool = True,
-                 say: Callable[[str], None] = print):
+                 after_replay: Callable[[], None] | None = None, on_close: Callable[[], None] | None = None,
+                 check: bool = True, say: Callable[[str], None] = print):
         if not callable(step):
             raise TypeError(f"step: expected a callable, got {type(step).__name__}")
         self.step, self.name, self.stage, self.state, self.host_state = step, name, stage, state, host_state
-        self.after_replay = after_replay
+        self.after_replay, self.on_close = after_replay, on_close
         self.check, self.say = bool(check), say
         self.graph = self.stream = self.pool = None
         self.inputs: tuple = ()  # the static input buffers the graph reads
@@ -135,6 +135,16 @@ class StepGraph:
             return out_eager
         return self.outputs
 
+    def close(self) -> None:
+        """Drop the graph and its buffers and run ``on_close`` (what the step's owners need to work
+        eagerly again, e.g. leave staged device-scalar mode); later calls run eagerly."""
+        self.graph = self.pool = self.outputs = None
+        self.inputs = ()
+        self.disabled = self.disabled or "closed"
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
+
     # ------------------------------------------------------------------ helpers
     def _copy_in(self, args) -> None:
         for static, a in zip(self.inputs, args):
@@ -195,6 +205,57 @@ def _first_mismatch(cupy, pairs) -> str:
     return ""
 
 
+def training_graph(model, loss_fn, optimizer, *, check: bool = True, say: Callable[[str], None] = print) -> StepGraph:
+    """The training step of ``fit`` (zero_grad, forward, loss, backward, the optimizer's update;
+    cnn_gpu.train.train_step) as a StepGraph returning (loss, logits). What changes per step reaches
+    the graph through device memory: the optimizer's scalars (lr from any schedule; Adam's bias
+    corrections) and every Dropout's key are staged before each call (cuda/scalars.py: one async
+    copy each from pinned memory), and the host counters (the optimizer's step count, the
+    Dropouts' call counts) advance after each replay as an eager step would advance them."""
+    from ..nn.layers import Dropout  # noqa: PLC0415  (nn imports nothing of cuda)
+    from ..train import train_step  # noqa: PLC0415  (train imports nothing of cuda)
+
+    cupy = _cupy()
+    dropouts = [m for _, m in model.named_modules() if isinstance(m, Dropout)]
+    modes = [(optimizer, optimizer.device_scalars, optimizer.staged)] + [(d, d.device_scalars, d.staged) for d in dropouts]
+    optimizer.use_device_scalars(staged=True)
+    for d in dropouts:
+        d.use_device_scalars(staged=True)
+
+    def on_close():  # back to the modes they had: an eager step after the fit stages nothing
+        for owner, enabled, staged in modes:
+            owner.use_device_scalars(enabled, staged=staged)
+    drawing = [d for d in dropouts if d.training and d.p > 0]  # those that draw a mask each step
+
+    def stage():
+        optimizer.stage_scalars()
+        for d in drawing:
+            d.stage_scalars(cupy)
+
+    def step(x, y):
+        return train_step(model, loss_fn, optimizer, x, y)
+
+    def state():
+        arrays = [a for g in optimizer.groups for a in (g.data, *g.state.values())]
+        return arrays + [b for _, b in model.named_buffers()]
+
+    def save():
+        return optimizer.step_count, [d.calls for d in dropouts]
+
+    def restore(saved):
+        optimizer.step_count, calls = saved[0], saved[1]
+        for d, c in zip(dropouts, calls):
+            d.calls = c
+
+    def advance():
+        optimizer.step_count += 1
+        for d in drawing:
+            d.calls += 1
+
+    return StepGraph(step, name="training step", stage=stage, state=state, host_state=(save, restore),
+                     after_replay=advance, on_close=on_close, check=check, say=say)
+
+
 def graphs_usable() -> str:
     """'' when CuPy can capture CUDA graphs here, else why not (one line)."""
     try:
@@ -207,4 +268,4 @@ def graphs_usable() -> str:
     return ""
 
 
-__all__ = ["StepGraph", "graphs_usable"]
+__all__ = ["StepGraph", "training_graph", "graphs_usable"]
