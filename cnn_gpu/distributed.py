@@ -280,6 +280,9 @@ class NcclChannel:
         return self.types[np.dtype(array.dtype)]
 
     def _before(self, what: str) -> Any:
+        stream = self.cuda.get_current_stream()
+        if _capturing(stream):  # inside a CUDA graph being captured: the collective becomes a graph node;
+            return stream  # querying an event there would invalidate the capture (see _capturing)
         event = self.last_event
         if event is not None and not event.done:
             deadline = time.monotonic() + self.owner.timeout_s
@@ -292,6 +295,8 @@ class NcclChannel:
         return self.cuda.get_current_stream()
 
     def _after(self, stream: Any) -> None:
+        if _capturing(stream):
+            return
         self.last_event = self.cuda.Event(block=False, disable_timing=True)
         self.last_event.record(stream)
 
@@ -309,6 +314,14 @@ class NcclChannel:
         self.comm.bcast(array.data.ptr, array.size, dtype, root, stream.ptr)
         self._after(stream)
         return array
+
+
+def _capturing(stream: Any) -> bool:
+    """Whether ``stream`` is capturing a CUDA graph (cuda/graph.py): then a collective is recorded
+    into the graph (NCCL supports stream capture) and replayed with it, and its completion is not
+    watched from the host (an event queried or recorded during the capture would belong to it)."""
+    is_capturing = getattr(stream, "is_capturing", None)
+    return bool(is_capturing()) if callable(is_capturing) else False
 
 
 _current: list[Communicator] = []
@@ -434,6 +447,16 @@ class DistributedOptimizer(Optimizer):
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
+
+    device_scalars = property(lambda self: self.optimizer.device_scalars)
+    staged = property(lambda self: self.optimizer.staged)
+
+    def use_device_scalars(self, enabled: bool = True, *, staged: bool = False) -> "DistributedOptimizer":
+        self.optimizer.use_device_scalars(enabled, staged=staged)
+        return self
+
+    def stage_scalars(self) -> None:
+        self.optimizer.stage_scalars()
 
     def hyperparameters(self) -> dict:
         return self.optimizer.hyperparameters()

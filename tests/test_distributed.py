@@ -586,3 +586,44 @@ def test_standin_train_run_on_rank_1_of_2_selects_its_gpu_first(standin, monkeyp
     assert m.trace[0] == ("select", 1) and {gpu for _, gpu in m.trace} == {1}, m.trace[:5]
     assert ("NcclCommunicator", 2, 1) in standin.cuda.nccl.log
     assert sum(e[0] == "allReduce" for e in standin.cuda.nccl.log) >= 1
+
+
+def test_standin_a_data_parallel_step_captures_its_allreduce_inside_the_cuda_graph(standin):
+    """With the training step as a CUDA graph (cuda/graph.py), the gradient allreduce is recorded
+    into the graph (NCCL supports capture): each replay runs it, the host issues no NCCL call and
+    no sync, and the weights equal eager data-parallel steps' (the stand-in's NCCL: every rank
+    holds the same values)."""
+    from standin import counting  # noqa: PLC0415
+
+    from cnn_gpu import models  # noqa: PLC0415
+    from cnn_gpu.cuda.graph import training_graph  # noqa: PLC0415
+    from cnn_gpu.train import train_step  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    batches = [(standin.asarray(rng.standard_normal((4, 1, 28, 28)).astype(np.float32)),
+                standin.asarray(rng.integers(0, 10, 4))) for _ in range(4)]
+
+    def setup():
+        with cnn_gpu.use_backend("cupy"):
+            cnn_gpu.manual_seed(0)
+            model = models.lenet5()
+            opt = distributed.DistributedOptimizer(optim.SGD(model, 0.1, momentum=0.9), FakeMPIRanks(0, 2))
+        return model, opt, nn.CrossEntropyLoss(validate_range=False)
+
+    model_e, opt_e, loss_e = setup()
+    for x, y in batches:
+        train_step(model_e, loss_e, opt_e, x, y)
+    model_g, opt_g, loss_g = setup()
+    lines = []
+    graphed = training_graph(model_g, loss_g, opt_g, say=lines.append)
+    for x, y in batches[:3]:
+        graphed(x, y)
+    log = standin.cuda.nccl.log
+    log.clear()
+    with counting() as c:
+        graphed(*batches[3])
+    assert lines == [] and graphed.graph is not None
+    assert log == [] and c.total_syncs == 0  # the host made no NCCL call: the replay did
+    assert c.launches == {"copy": 2, "graph": 1} and c.graph_kernels["nccl"] == 1  # one allreduce inside
+    for (name, p), (_, q) in zip(model_g.named_parameters(), model_e.named_parameters()):
+        np.testing.assert_array_equal(p.data.get(), q.data.get(), err_msg=name)
