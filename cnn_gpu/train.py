@@ -207,20 +207,37 @@ class StopOnNonFinite(Callback):
                                  loop.epoch + 1, step, global_step, value)
 
 
-def evaluate(model: Module, x: Any, y: Any, batch_size: int = 512) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` on (x, y) in eval mode; restores the model's mode."""
+def evaluate(model: Module, x: Any, y: Any, batch_size: int = 512, *, cuda_graph: Any = "auto") -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on (x, y) in eval mode; restores the model's mode.
+    ``cuda_graph`` ("auto", True, False): on CuPy arrays each full batch's forward and loss replay
+    one CUDA graph (captured at the first batch; "auto": its first replay checked once); a last
+    partial batch runs eagerly."""
     if int(x.shape[0]) == 0:  # the mean over no examples is undefined
         raise ValueError(f"x: expected at least one example to evaluate, got an array of shape {tuple(x.shape)}")
+    xp = get_array_module(x)
+    graphed = _graphs_on(cuda_graph, xp)
     was_training = model.training
     model.eval()
     loss_fn = CrossEntropyLoss(validate_range=False)
-    meter = Meter(get_array_module(x), 0)
+    meter = Meter(xp, 0)
+
+    def forward(xb, yb):
+        logits = model.forward(xb)
+        return loss_fn.forward(logits, yb), logits
+
+    step = forward
+    if graphed:
+        from .cuda.graph import StepGraph  # noqa: PLC0415
+
+        step = StepGraph(forward, name="evaluation batch", check=cuda_graph == "auto", say=_say)
     try:
         for xb, yb in DataLoader(x, y, batch_size).epoch(0):
-            logits = model.forward(xb)
-            meter.loss_sum += loss_fn.forward(logits, yb) * xb.shape[0]
+            loss, logits = step(xb, yb)
+            meter.loss_sum += loss * xb.shape[0]
             meter.correct += (logits.argmax(axis=1) == yb).sum()
     finally:
+        if graphed:
+            step.close()
         model.train(was_training)
     loss, hits = read_metrics(meter.loss_sum, meter.correct)
     n = int(x.shape[0])
@@ -281,26 +298,36 @@ def _run_epoch(loop: Loop, loss_fn: CrossEntropyLoss, max_label: int | None, gra
 CUDA_GRAPH_MODES = ("auto", True, False)
 
 
-def _graph_maker(mode: Any, xp, model, loss_fn, optimizer):
-    """The maker of fit's CUDA-graph training step, or None (eager): ``mode`` "auto" (CuPy arrays:
-    on, the first replay checked against an eager step; NumPy: off), True (CuPy arrays only) or False."""
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _graphs_on(mode: Any, xp) -> bool:
+    """Whether to capture CUDA graphs: ``mode`` "auto" (CuPy arrays: yes; NumPy: no), True (CuPy
+    arrays only) or False; on CuPy without stream capture, no (saying why)."""
     if mode not in CUDA_GRAPH_MODES or isinstance(mode, int) and not isinstance(mode, bool):
         raise ValueError(f"cuda_graph: expected one of 'auto', True, False, got {mode!r}")
     if mode is False or (mode == "auto" and xp is np):
-        return None
+        return False
     if xp is np:
-        raise ValueError("cuda_graph: CUDA graphs replay GPU work: expected the loader's arrays on CuPy, got NumPy "
-                         "arrays (use cuda_graph='auto' or False)")
-    from .cuda.graph import graphs_usable, training_graph  # noqa: PLC0415  (CuPy runs only)
-
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        raise ValueError("cuda_graph: CUDA graphs replay GPU work: expected the arrays on CuPy, got NumPy arrays "
+                         "(use cuda_graph='auto' or False)")
+    from .cuda.graph import graphs_usable  # noqa: PLC0415  (CuPy runs only)
 
     why = graphs_usable()
     if why:
-        say(f"cuda graph: off ({why}); training eagerly")
+        _say(f"cuda graph: off ({why}); running eagerly")
+    return not why
+
+
+def _graph_maker(mode: Any, xp, model, loss_fn, optimizer):
+    """The maker of fit's CUDA-graph training step (cuda/graph.py training_graph), or None (eager);
+    with "auto" its first replay is checked against an eager step."""
+    if not _graphs_on(mode, xp):
         return None
-    return lambda: training_graph(model, loss_fn, optimizer, check=mode == "auto", say=say)
+    from .cuda.graph import training_graph  # noqa: PLC0415
+
+    return lambda: training_graph(model, loss_fn, optimizer, check=mode == "auto", say=_say)
 
 
 def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,

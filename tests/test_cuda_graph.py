@@ -286,3 +286,22 @@ def test_standin_cli_train_with_and_without_a_cuda_graph_gives_the_same_run(stan
     on, off = cnn_gpu.load(str(tmp_path / "on" / "last.npz")), cnn_gpu.load(str(tmp_path / "off" / "last.npz"))
     for (name, p), (_, q) in zip(on.named_parameters(), off.named_parameters()):
         np.testing.assert_array_equal(cnn_gpu.to_numpy(p.data), cnn_gpu.to_numpy(q.data), err_msg=name)
+
+
+def test_standin_evaluate_replays_one_graph_per_full_batch_and_equals_eager(standin):
+    """evaluate() on CuPy arrays: the first full batch eager + capture, the other full batches
+    graph launches (the first checked), the last partial batch eager; the same loss and accuracy
+    as an eager evaluation, bit for bit."""
+    from cnn_gpu.train import evaluate  # noqa: PLC0415
+
+    rng = np.random.default_rng(9)
+    x = standin.asarray(rng.standard_normal((22, 1, 28, 28)).astype(np.float32))
+    y = standin.asarray(rng.integers(0, 10, 22))
+    with cnn_gpu.use_backend("cupy"):
+        cnn_gpu.manual_seed(0)
+        model = models.lenet5()
+    eager = evaluate(model, x, y, batch_size=5, cuda_graph=False)
+    with counting() as c:
+        got = evaluate(model, x, y, batch_size=5, cuda_graph="auto")
+    assert got == eager and model.training
+    assert c.launches.get("graph") == 3  # batches 2, 3, 4 of 5 (4 full, 1 partial)
