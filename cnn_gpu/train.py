@@ -327,7 +327,10 @@ def _graph_maker(mode: Any, xp, model, loss_fn, optimizer):
         return None
     from .cuda.graph import training_graph  # noqa: PLC0415
 
-    return lambda: training_graph(model, loss_fn, optimizer, check=mode == "auto", say=_say)
+    def step(x, y):
+        return train_step(model, loss_fn, optimizer, x, y)
+
+    return lambda: training_graph(model, optimizer, step, check=mode == "auto", say=_say)
 
 
 def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,

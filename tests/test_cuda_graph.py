@@ -205,10 +205,12 @@ def test_standin_fit_with_a_cuda_graph_equals_eager_lenet5_dropout_onecycle_sgd(
     and GEMMs in the same order; per-step values through device memory), and says nothing."""
     sgd = lambda m: optim.SGD(m, 0.05, momentum=0.9, nesterov=True)  # noqa: E731
     me, _, _, he = _fit(standin, _lenet5_dropout, sgd, (1, 28, 28), False, schedule=True)
-    mg, og, _, hg = _fit(standin, _lenet5_dropout, sgd, (1, 28, 28), "auto", schedule=True)
+    with counting() as c:
+        mg, og, _, hg = _fit(standin, _lenet5_dropout, sgd, (1, 28, 28), "auto", schedule=True)
     _same_weights(mg, me)
     assert [(s.train_loss, s.train_accuracy, s.lr) for s in hg] == [(s.train_loss, s.train_accuracy, s.lr) for s in he]
-    assert og.staged and "cuda graph" not in capsys.readouterr().err
+    assert c.launches["graph"] == 2 * 3 - 2  # 3 steps an epoch: all but the first step and the capture's
+    assert not og.staged and "cuda graph" not in capsys.readouterr().err  # eager modes back after fit
 
 
 def test_standin_fit_with_a_cuda_graph_equals_eager_resnet20_batchnorm_cropflip_adam(standin):

@@ -615,7 +615,7 @@ def test_standin_a_data_parallel_step_captures_its_allreduce_inside_the_cuda_gra
         train_step(model_e, loss_e, opt_e, x, y)
     model_g, opt_g, loss_g = setup()
     lines = []
-    graphed = training_graph(model_g, loss_g, opt_g, say=lines.append)
+    graphed = training_graph(model_g, opt_g, lambda x, y: train_step(model_g, loss_g, opt_g, x, y), say=lines.append)
     for x, y in batches[:3]:
         graphed(x, y)
     log = standin.cuda.nccl.log

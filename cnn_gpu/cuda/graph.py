@@ -205,15 +205,16 @@ def _first_mismatch(cupy, pairs) -> str:
     return ""
 
 
-def training_graph(model, loss_fn, optimizer, *, check: bool = True, say: Callable[[str], None] = print) -> StepGraph:
-    """The training step of ``fit`` (zero_grad, forward, loss, backward, the optimizer's update;
-    cnn_gpu.train.train_step) as a StepGraph returning (loss, logits). What changes per step reaches
+def training_graph(model, optimizer, step: Callable[..., Any], *, check: bool = True,
+                   say: Callable[[str], None] = print) -> StepGraph:
+    """The training step of ``fit``, ``step(x, y) -> (loss, logits)`` (zero_grad, forward, loss,
+    backward, the optimizer's update: cnn_gpu.train.train_step on ``model`` and ``optimizer``), as a
+    StepGraph. What changes per step reaches
     the graph through device memory: the optimizer's scalars (lr from any schedule; Adam's bias
     corrections) and every Dropout's key are staged before each call (cuda/scalars.py: one async
     copy each from pinned memory), and the host counters (the optimizer's step count, the
     Dropouts' call counts) advance after each replay as an eager step would advance them."""
-    from ..nn.layers import Dropout  # noqa: PLC0415  (nn imports nothing of cuda)
-    from ..train import train_step  # noqa: PLC0415  (train imports nothing of cuda)
+    from ..nn.layers import Dropout  # noqa: PLC0415
 
     cupy = _cupy()
     dropouts = [m for _, m in model.named_modules() if isinstance(m, Dropout)]
@@ -231,9 +232,6 @@ def training_graph(model, loss_fn, optimizer, *, check: bool = True, say: Callab
         optimizer.stage_scalars()
         for d in drawing:
             d.stage_scalars(cupy)
-
-    def step(x, y):
-        return train_step(model, loss_fn, optimizer, x, y)
 
     def state():
         arrays = [a for g in optimizer.groups for a in (g.data, *g.state.values())]
