@@ -68,6 +68,19 @@ def standin():
         yield cp
 
 
+@pytest.fixture(params=[pytest.param("standin", id="standin"),
+                        pytest.param("cupy", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                            not cupy_available(), reason="needs CuPy and a GPU")])])
+def gpu_cupy(request):
+    """The cupy module: the stand-in (CI), or the real one on a GPU (marked gpu): the same test
+    holds the stand-in to CuPy where a GPU is there to compare."""
+    if request.param == "standin":
+        return request.getfixturevalue("standin")
+    import cupy  # noqa: PLC0415
+
+    return cupy
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

@@ -13,25 +13,12 @@ import pytest
 
 import cnn_gpu
 from cnn_gpu import models, nn, optim
-from cnn_gpu.backend import cupy_available
 from cnn_gpu.cuda import build, cublas
 from cnn_gpu.train import train_step
 
 standin = pytest.importorskip("standin", reason="tests/standin needs the cupy package installed")
 from standin import counting  # noqa: E402
 from standin import cublas as fake  # noqa: E402
-
-
-@pytest.fixture(params=[pytest.param("standin", id="standin"),
-                        pytest.param("cupy", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
-                            not cupy_available(), reason="needs CuPy and a GPU")])])
-def gpu_cupy(request):
-    """The cupy module: the stand-in (its fake libcublas), or the real one on a GPU."""
-    if request.param == "standin":
-        return request.getfixturevalue("standin")
-    import cupy  # noqa: PLC0415
-
-    return cupy
 
 
 def _handle():

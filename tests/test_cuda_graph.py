@@ -94,25 +94,28 @@ def test_standin_a_step_that_reads_the_device_runs_eagerly_saying_why(standin):
     assert lines[0].endswith("running it eagerly from now on")
 
 
+def _frozen_lr_plant(cp, check):
+    """Eager training with a learning rate that falls per step, and the same training through a
+    StepGraph whose stage() sets the lr on the host (a launch scalar: frozen at capture)."""
+    batches = _batches(cp, 3)
+    model_e, opt_e, step_e, _ = _trainer(cp)
+    for i, (x, y) in enumerate(batches):
+        opt_e.lr = 0.05 / (i + 1)
+        step_e(x, y)
+    model_g, opt_g, step_g, hooks = _trainer(cp)
+    calls, lines = iter(range(3)), []
+    graphed = StepGraph(step_g, name="train step", stage=lambda: setattr(opt_g, "lr", 0.05 / (next(calls) + 1)),
+                        check=check, say=lines.append, **hooks)
+    for x, y in batches:
+        graphed(x, y)
+    return graphed, lines, model_g, model_e
+
+
 def test_standin_a_frozen_launch_scalar_is_caught_by_the_first_replays_check(standin):
     """A learning rate that changes per call but reaches the kernel as a launch scalar is frozen
     into the graph at capture: the first replay's check against an eager step sees the weights
     differ, drops the graph (one line) and keeps the eager result, so training stays right."""
-    lines = []
-    batches = _batches(standin, 3)
-    model_e, opt_e, step_e, _ = _trainer(standin)
-    for i, (x, y) in enumerate(batches):
-        opt_e.lr = 0.05 / (i + 1)
-        step_e(x, y)
-    model_g, opt_g, step_g, hooks = _trainer(standin)
-    calls = iter(range(3))
-
-    def stage():
-        opt_g.lr = 0.05 / (next(calls) + 1)  # what a schedule does, on the host
-
-    graphed = StepGraph(step_g, name="train step", stage=stage, say=lines.append, **hooks)
-    for x, y in batches:
-        graphed(x, y)
+    graphed, lines, model_g, model_e = _frozen_lr_plant(standin, check=True)
     assert graphed.graph is None and len(lines) == 1 and "its first replay differs from an eager step" in lines[0]
     for (name, p), (_, q) in zip(model_g.named_parameters(), model_e.named_parameters()):
         np.testing.assert_array_equal(p.data.get(), q.data.get(), err_msg=name)
@@ -122,18 +125,8 @@ def test_standin_without_the_check_a_frozen_scalar_diverges(standin):
     """The same plant with the check off: graph replays keep the capture's learning rate, so the
     weights differ from eager training (why the check exists, and why per-step values must reach
     the graph through device memory)."""
-    batches = _batches(standin, 3)
-    model_e, opt_e, step_e, _ = _trainer(standin)
-    for i, (x, y) in enumerate(batches):
-        opt_e.lr = 0.05 / (i + 1)
-        step_e(x, y)
-    model_g, opt_g, step_g, hooks = _trainer(standin)
-    calls = iter(range(3))
-    graphed = StepGraph(step_g, stage=lambda: setattr(opt_g, "lr", 0.05 / (next(calls) + 1)), check=False,
-                        say=lambda line: None, **hooks)
-    for x, y in batches:
-        graphed(x, y)
-    assert graphed.graph is not None
+    graphed, lines, model_g, model_e = _frozen_lr_plant(standin, check=False)
+    assert graphed.graph is not None and lines == []
     w_g, w_e = model_g.parameters()[0].data.get(), model_e.parameters()[0].data.get()
     assert not np.array_equal(w_g, w_e)
 

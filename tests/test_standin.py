@@ -11,7 +11,6 @@ import pytest
 
 import cnn_gpu
 from cnn_gpu import cli, models, nn, optim
-from cnn_gpu.backend import cupy_available
 from cnn_gpu.checkpoint import load_checkpoint, restore, save_checkpoint
 from cnn_gpu.data import DataLoader
 from cnn_gpu.train import NonFiniteLossError, Position, fit, train_step
@@ -19,18 +18,6 @@ from cnn_gpu.train import NonFiniteLossError, Position, fit, train_step
 standin = pytest.importorskip("standin", reason="tests/standin needs the cupy package installed")
 from standin import counting  # noqa: E402
 from standin.array import StandinGap  # noqa: E402
-
-
-@pytest.fixture(params=[pytest.param("standin", id="standin"),
-                        pytest.param("cupy", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
-                            not cupy_available(), reason="needs CuPy and a GPU")])])
-def gpu_cupy(request):
-    """The cupy module: the stand-in, or the real one on a GPU."""
-    if request.param == "standin":
-        return request.getfixturevalue("standin")
-    import cupy  # noqa: PLC0415
-
-    return cupy
 
 
 def _batch(cp, n=8, shape=(1, 28, 28), seed=0):
