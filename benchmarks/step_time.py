@@ -2,11 +2,20 @@
 
     python benchmarks/step_time.py [--backend numpy|cupy] [--batch 128 ...] [--models lenet5 vgg_small]
                                    [--repeat 20] [--warmup 3] [--compare torch] [--json]
+                                   [--cuda-graph off|on|both]
 
 With ``--compare torch`` (the default when torch imports) the same nets run in torch on the
 same device (CPU, or CUDA with cuDNN for the cupy backend), interleaved with ours, and the
 ratio cnn_gpu / torch of the median step times is printed. Speed is only ever reported as
 such a ratio against a reference measured in the same run.
+
+``--cuda-graph`` (cupy backend): ``on`` times cnn_gpu's step captured once as a CUDA graph and
+replayed (cnn_gpu.cuda.graph.training_graph, as ``fit(cuda_graph=...)`` runs it: the batch copied
+into the graph's static inputs, the optimizer's scalars staged, one graph launch), ``both`` times
+it beside the eager step (columns ``cnn_gpu graph ms`` and ``graph ratio``; JSON ``graph_ms``,
+``graph_ratio``), ``off`` (the default) the eager step only. The graph warms up with at least two
+calls (the eager step + capture, then the first replay, checked once against an eager step); if it
+is dropped (a failed capture or check) its column times the eager fallback and says so.
 """
 from __future__ import annotations
 
@@ -59,6 +68,45 @@ class OursStep:
         self.model.backward(self.loss.backward(), input_grad=self.input_grad)
         self.opt.step()
         _sync(self.backend)
+
+
+def training_graph_step(model, loss_fn, optimizer, *, check: bool = True, say=print):
+    """cnn_gpu's training step (cnn_gpu.train.train_step: zero_grad, forward, loss, backward
+    without the input's gradient, the update) as one CUDA graph: cnn_gpu.cuda.graph.training_graph,
+    as fit builds it (``check``: fit's "auto", the first replay compared once with an eager step).
+    Call it with (x, y); it returns (loss, logits)."""
+    from cnn_gpu.cuda.graph import training_graph  # noqa: PLC0415  (CuPy runs only)
+    from cnn_gpu.train import train_step  # noqa: PLC0415
+
+    def step(x, y):
+        return train_step(model, loss_fn, optimizer, x, y)
+
+    return training_graph(model, optimizer, step, check=check, say=say)
+
+
+class OursGraphStep(OursStep):
+    """Our training step as one CUDA graph (``training_graph_step``), replayed on the same batch:
+    each call copies the batch into the graph's static inputs, stages the optimizer's scalars and
+    launches the graph once, then waits for the GPU (as OursStep does)."""
+
+    def __init__(self, name: str, batch: int, backend: str, seed: int = 0):
+        super().__init__(name, batch, backend, seed)
+        self.lines: list[str] = []  # what the graph said (a failed capture, a dropped graph)
+        self.graph = training_graph_step(self.model, self.loss, self.opt, say=self.lines.append)
+
+    def __call__(self) -> None:
+        self.graph(self.x, self.y)
+        _sync(self.backend)
+
+    def state(self) -> str:
+        return graph_state(self.graph)
+
+
+def graph_state(graphed) -> str:
+    """"on" while a StepGraph replays, else why its calls run eagerly ("off (<why>)")."""
+    if graphed.graph is not None and not graphed.disabled:
+        return "on"
+    return f"off ({graphed.disabled})" if graphed.disabled else "off (not captured)"
 
 
 def torch_resnet(depth: int = 20, num_classes: int = 10):
@@ -139,18 +187,33 @@ def torch_comparison(backend: str, requested: str | None) -> tuple[bool, str]:
     return False, why
 
 
+GRAPH_MODES = {"off": ("eager",), "on": ("graph",), "both": ("eager", "graph")}
+
+
 def bench_step(name: str, batch: int, backend: str, compare: bool, repeat: int, warmup: int,
-               clock=time.perf_counter, block: int = 1) -> dict:
+               clock=time.perf_counter, block: int = 1, cuda_graph: str = "off") -> dict:
     """Median step times of cnn_gpu and torch, alternating in blocks of ``block`` timed steps,
     each block after one untimed step of the same framework (so each block runs as a training
-    loop does, after the same framework's step, not right after the other framework's)."""
-    ours = OursStep(name, batch, backend)
+    loop does, after the same framework's step, not right after the other framework's).
+    ``cuda_graph`` (GRAPH_MODES): time cnn_gpu's eager step (``ours_ms``, ``ratio``), its CUDA-graph
+    step (``graph_ms``, ``graph_ratio``, ``graph``: "on" or why it ran eagerly), or both."""
+    variants = GRAPH_MODES[cuda_graph]
+    if "graph" in variants and backend != "cupy":
+        raise ValueError(f"cuda_graph={cuda_graph!r}: CUDA graphs need the cupy backend, got {backend!r}")
+    steps = {"eager": OursStep(name, batch, backend)} if "eager" in variants else {}
+    if "graph" in variants:
+        steps["graph"] = OursGraphStep(name, batch, backend)
     ref = TorchStep(name, batch, "cuda" if backend == "cupy" else "cpu") if compare else None
     for _ in range(warmup):
-        ours()
+        for step in steps.values():
+            step()
         if ref:
             ref()
-    t_ours, t_ref = [], []
+    if "graph" in steps:  # call 1: the eager step and the capture; call 2: the first replay (checked)
+        for _ in range(max(0, 2 - warmup)):
+            steps["graph"]()
+    times: dict[str, list] = {k: [] for k in steps}
+    t_ref: list = []
 
     def timed(step, out, k):
         if block > 1:
@@ -160,15 +223,25 @@ def bench_step(name: str, batch: int, backend: str, compare: bool, repeat: int, 
             step()
             out.append(clock() - t0)
 
-    while len(t_ours) < repeat:  # interleaved, so both see the same machine state
-        k = min(block, repeat - len(t_ours))
-        timed(ours, t_ours, k)
+    done = 0
+    while done < repeat:  # interleaved, so all see the same machine state
+        k = min(block, repeat - done)
+        for variant, step in steps.items():
+            timed(step, times[variant], k)
         if ref:
             timed(ref, t_ref, k)
-    row = {"model": name, "batch": batch, "backend": backend, "ours_ms": 1e3 * statistics.median(t_ours)}
+        done += k
+    row = {"model": name, "batch": batch, "backend": backend}
+    keys = {"eager": ("ours_ms", "ratio"), "graph": ("graph_ms", "graph_ratio")}
+    for variant, t in times.items():
+        row[keys[variant][0]] = 1e3 * statistics.median(t)
+    if "graph" in steps:
+        row["graph"] = steps["graph"].state()
     if ref:
         row["torch_ms"] = 1e3 * statistics.median(t_ref)
-        row["ratio"] = row["ours_ms"] / row["torch_ms"]
+        for variant in times:
+            ms, ratio = keys[variant]
+            row[ratio] = row[ms] / row["torch_ms"]
     return row
 
 
@@ -226,13 +299,31 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--profile", action="store_true",
                     help="cupy: split our step into host (Python + launch) time and GPU time with cupyx.profiler")
+    ap.add_argument("--cuda-graph", choices=list(GRAPH_MODES), default="off",
+                    help="cupy: time cnn_gpu's step as one CUDA graph (on), beside the eager step (both), or not (off)")
     return ap
+
+
+def _columns(variants) -> list[tuple[str, str, str]]:
+    """The table's timing columns: (header, row key, format)."""
+    cols = [("cnn_gpu ms", "ours_ms", "{:.2f}")] if "eager" in variants else []
+    if "graph" in variants:
+        cols.append(("cnn_gpu graph ms", "graph_ms", "{:.2f}"))
+    cols.append(("torch ms", "torch_ms", "{:.2f}"))
+    if "eager" in variants:
+        cols.append(("ratio", "ratio", "{:.2f}x"))
+    if "graph" in variants:
+        cols.append(("graph ratio", "graph_ratio", "{:.2f}x"))
+    return cols
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.profile:
         return profile(args)
+    if args.cuda_graph != "off" and args.backend != "cupy":
+        print(f"--cuda-graph {args.cuda_graph} needs --backend cupy (CUDA graphs replay GPU work)")
+        return 2
     cmp, why = torch_comparison(args.backend, args.compare)
     if why:
         print(f"# no torch comparison: {why}", file=sys.stderr)  # stdout stays the table or the JSON
@@ -241,19 +332,27 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(os.cpu_count() or 1)
     configs = [(m, b) for m in args.models for b in args.batch]
+    run = dict(block=3, cuda_graph=args.cuda_graph)
     if args.json:
-        rows = [bench_step(m, b, args.backend, cmp, args.repeat, args.warmup, block=3) for m, b in configs]
+        rows = [bench_step(m, b, args.backend, cmp, args.repeat, args.warmup, **run) for m, b in configs]
         print(json.dumps({"machine": machine(args.backend), "rows": rows}, indent=2))
         return 0
     # the table row by row, each printed when measured (a run cut short keeps what it measured)
-    print(f"# step time (forward + backward + SGD-momentum), median of {args.repeat} after {args.warmup} warm-up; {machine(args.backend)}")
-    print("| model | batch | backend | cnn_gpu ms | torch ms | ratio |")
-    print("|---|---|---|---|---|---|", flush=True)
+    cols = _columns(GRAPH_MODES[args.cuda_graph])
+    what = {"off": "", "on": "; cnn_gpu as one CUDA graph", "both": "; cnn_gpu eager and as one CUDA graph"}
+    print(f"# step time (forward + backward + SGD-momentum), median of {args.repeat} after {args.warmup} warm-up"
+          f"{what[args.cuda_graph]}; {machine(args.backend)}")
+    print("| model | batch | backend | " + " | ".join(h for h, _, _ in cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols), flush=True)
+    notes = []
     for m, b in configs:
-        r = bench_step(m, b, args.backend, cmp, args.repeat, args.warmup, block=3)
-        t = f"{r['torch_ms']:.2f}" if "torch_ms" in r else "-"
-        q = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
-        print(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['ours_ms']:.2f} | {t} | {q} |", flush=True)
+        r = bench_step(m, b, args.backend, cmp, args.repeat, args.warmup, **run)
+        cells = [fmt.format(r[key]) if key in r else "-" for _, key, fmt in cols]
+        print(f"| {r['model']} | {r['batch']} | {r['backend']} | " + " | ".join(cells) + " |", flush=True)
+        if r.get("graph", "on") != "on":
+            notes.append(f"{m} batch {b}: the CUDA graph is {r['graph']}, so its column timed the eager step")
+    if notes:  # after the table, which stays one block of markdown
+        print("\n" + "\n".join(notes))
     return 0
 
 

@@ -8,9 +8,12 @@
 # tests/test_gpu_check.py checks that). Sections run in order of importance, correctness first:
 #   1. the GPU tests (pytest -m gpu: the suite with xp = cupy, the stand-in tests on real CuPy,
 #      gpu_budget.py --real's timing code),
-#   2. training runs on real-shaped data (MNIST- and CIFAR-10-shaped, made here, learnable),
-#   3. step times against torch (eager, cuDNN) for lenet5, vgg_small, resnet20 at batch 128 and 512,
+#   2. training runs on real-shaped data (MNIST- and CIFAR-10-shaped, made here, learnable): lenet5
+#      with the training step as one CUDA graph (--cuda-graph on) and eagerly (off), resnet20 (auto),
+#   3. step times of cnn_gpu's step as one CUDA graph and eagerly against torch (eager, cuDNN) for
+#      lenet5, vgg_small, resnet20 at batch 128 and 512,
 #   4. benchmarks/gpu_budget.py --real: each step's host (dispatch) time against its kernel time,
+#      eagerly and as one CUDA graph,
 #   5. the BatchNorm kernels against torch's.
 # Each section's output goes to its log under $OUT as it comes and to the report $OUT/gpu-results.md
 # as soon as the section ends, so a run cut short keeps every section it finished. $OUT (default
@@ -145,26 +148,32 @@ section 25 env.log all "cnn-gpu info (compiles every kernel for this GPU)" "$PY"
 FIRST_TESTS=(tests/test_gpu_training.py tests/test_standin.py tests/test_benchmarks.py)
 section 60 pytest-gpu.log tail "GPU tests, first: training, the stand-in tests and --real timing on real CuPy (pytest -m gpu)" \
     "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfEs "${FIRST_TESTS[@]}"
-section 120 pytest-gpu.log tail "GPU tests, the rest of the suite with xp = cupy (pytest -m gpu)" \
+section 110 pytest-gpu.log tail "GPU tests, the rest of the suite with xp = cupy (pytest -m gpu)" \
     "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfE --durations=5 tests \
     "${FIRST_TESTS[@]/#/--ignore=}"
 
-# 2. training runs on real-shaped data: one train_run line each (new flags, e.g. CUDA graphs or a
-#    precision, go on a new line here)
+# 2. training runs on real-shaped data: one train_run line each (new flags, e.g. a precision, go on a
+#    new line here). lenet5 twice, its training step as one CUDA graph and eagerly: the same accuracy
+#    expected, and each epoch line's img/s compares the two; resnet20 with fit's default (auto: the
+#    graph, its first replay checked against an eager step)
 section 10 train.log all "Synthetic MNIST- and CIFAR-10-shaped data" "$PY" -c "$MAKE_DATA" "$SCRATCH/data"
-train_run 30 95 "Training: lenet5 on MNIST-shaped data, 1 epoch (cnn-gpu train --backend cupy)" \
-    --dataset mnist --epochs 1
-train_run 45 90 "Training: resnet20 on CIFAR-10-shaped data, crop-flip augmentation, 1 epoch" \
-    --dataset cifar10 --epochs 1
+train_run 25 95 "Training: lenet5 on MNIST-shaped data, 1 epoch, the step as one CUDA graph (cnn-gpu train --backend cupy --cuda-graph on)" \
+    --dataset mnist --epochs 1 --cuda-graph on
+train_run 25 95 "Training: lenet5 on MNIST-shaped data, 1 epoch, eagerly (--cuda-graph off)" \
+    --dataset mnist --epochs 1 --cuda-graph off
+train_run 45 90 "Training: resnet20 on CIFAR-10-shaped data, crop-flip augmentation, 1 epoch (--cuda-graph auto)" \
+    --dataset cifar10 --epochs 1 --cuda-graph auto
 
-# 3. speed against torch (eager, cuDNN) on the same GPU; one table row printed per configuration
-section 100 step_time.log md "Training step time against torch (CUDA, cuDNN) on the same GPU" \
+# 3. speed against torch (eager, cuDNN) on the same GPU, cnn_gpu's step as one CUDA graph and eagerly;
+#    one table row printed per configuration
+section 100 step_time.log md "Training step time, as one CUDA graph and eagerly, against torch (CUDA, cuDNN) on the same GPU" \
     "$PY" benchmarks/step_time.py --backend cupy --models lenet5 vgg_small resnet20 --batch 128 512 \
-    --repeat 21 --warmup 5
+    --repeat 21 --warmup 5 --cuda-graph both
 
-# 4. where the time goes: host dispatch against kernels, per step (CUDA events)
-section 45 gpu_budget_real.log all "Host dispatch time against kernel time per step (gpu_budget.py --real)" \
-    "$PY" benchmarks/gpu_budget.py --real --models lenet5 vgg_small resnet20 --batch 128 512 --steps 20 --warmup 3
+# 4. where the time goes: host dispatch against kernels, per step (CUDA events), eagerly and as one CUDA graph
+section 45 gpu_budget_real.log all "Host dispatch time against kernel time per step, eager and CUDA graph (gpu_budget.py --real)" \
+    "$PY" benchmarks/gpu_budget.py --real --models lenet5 vgg_small resnet20 --batch 128 512 --steps 20 --warmup 3 \
+    --cuda-graph on
 
 # 5. the BatchNorm kernels: segments per channel (auto) against one block per channel, and torch
 section 20 bn_gpu.log md "BatchNorm kernels against one block per channel and torch" \

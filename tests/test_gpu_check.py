@@ -92,6 +92,7 @@ def test_every_command_parses(sections):
     from cnn_gpu import cli  # noqa: PLC0415
 
     checked = set()
+    graph_runs = []  # (dataset, --cuda-graph) of each training run
     for s in sections:
         argv, kind = s["argv"], _kind(s["argv"])
         if kind.startswith("benchmarks/"):
@@ -101,15 +102,19 @@ def test_every_command_parses(sections):
             if kind == "benchmarks/step_time.py":
                 assert args.backend == "cupy" and args.compare != "none"
                 assert args.models == ["lenet5", "vgg_small", "resnet20"] and args.batch == [128, 512]
+                assert args.cuda_graph == "both"  # cnn_gpu's step as one CUDA graph and eagerly, against torch
             if kind == "benchmarks/gpu_budget.py":
-                assert args.real and args.steps >= 5
+                assert args.real and args.steps >= 5 and args.cuda_graph == "on"
         elif kind == "cnn_gpu train":
             args = cli.build_parser().parse_args(argv[3:])
             assert args.backend == "cupy" and args.epochs == 1 and args.dataset in ("mnist", "cifar10")
+            graph_runs.append((args.dataset, args.cuda_graph))
             checked.add(kind)
         elif kind == "cnn_gpu info":
             cli.build_parser().parse_args(argv[3:])
     assert checked == {"benchmarks/step_time.py", "benchmarks/gpu_budget.py", "benchmarks/bn_gpu.py", "cnn_gpu train"}
+    # one run with the training step as one CUDA graph and one without, on the same data
+    assert ("mnist", "on") in graph_runs and ("mnist", "off") in graph_runs, graph_runs
 
 
 def test_output_files_at_most_8_with_plain_names(sections):

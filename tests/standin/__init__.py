@@ -15,6 +15,11 @@ drives CuPy runs in CI without a GPU. Test support, not part of cnn_gpu.
 * Streams, stream capture and CUDA graphs (tests/standin/graph.py): on a capturing stream work is
   recorded, not run, and ``Graph.launch`` replays it; what CuPy and CUDA refuse during capture
   refuses. ``MemoryPool`` and ``using_allocator`` (tests/standin/memory.py).
+* ``with null_compute():`` (tests/standin/null.py): launches cost nothing. Work is issued, checked
+  and counted as always but no arithmetic runs (our kernels, the fake cuBLAS GEMMs, CuPy's
+  elementwise, reduction, copy and fill operations, graph replays); new results are unwritten
+  arrays of the right shape and dtype. For timing our Python alone (benchmarks/gpu_budget.py
+  --host-time); values are garbage inside the block.
 
     from standin import activated, counting
     with activated() as cupy:          # `import cupy` gives the stand-in; cnn_gpu sees a GPU
@@ -31,9 +36,10 @@ from typing import Iterator
 
 import numpy as np
 
-from . import devices, graph, kernels, memory, module, nccl, surface
+from . import devices, graph, kernels, memory, module, nccl, null, surface
 from .array import StandinGap, ndarray
 from .counters import Counters, counting, current
+from .null import null_compute
 
 _MODULE: types.ModuleType | None = None
 
@@ -176,4 +182,4 @@ def activated() -> Iterator[types.ModuleType]:
 
 
 __all__ = ["activated", "make", "counting", "current", "Counters", "StandinGap", "ndarray", "kernels", "surface",
-           "devices", "nccl", "graph", "memory"]
+           "devices", "nccl", "graph", "memory", "null", "null_compute"]

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import graph, memory, surface
+from . import null as null_mode
 from .counters import current
 
 _REDUCTIONS = {"sum", "prod", "max", "min", "argmax", "argmin", "mean", "var", "std", "all", "any", "cumsum"}
@@ -127,8 +128,10 @@ class ndarray:
         if np_kwargs.get("out") is not None:
             graph.launch(kind, lambda: getattr(src, name)(*np_args, **np_kwargs), inplace=True)
             return kwargs["out"]
+        meta = null_mode.reduction_meta(name, lambda z: getattr(z, name)(*np_args, **np_kwargs), src, np_args,
+                                        np_kwargs) if kind == "reduction" and name != "sort" else None
         return wrap(graph.launch(kind, lambda: getattr(src, name)(*np_args, **np_kwargs),
-                                 inputs=graph._arrays([src], np_args, np_kwargs)))
+                                 inputs=graph._arrays([src], np_args, np_kwargs), meta=meta))
 
     # ------------------------------------------------------------- host syncs
     def _sync(self, why, stream=None):
@@ -210,7 +213,7 @@ class ndarray:
 
     def copy(self, order="C"):
         src = self._a
-        out = graph.launch("copy", lambda: np.array(src, order=order))
+        out = graph.launch("copy", lambda: np.array(src, order=order), meta=lambda: np.empty_like(src, order=order))
         current().copy(out.nbytes, layout=not src.flags.c_contiguous, site="copy")
         return wrap(out)
 
@@ -219,7 +222,8 @@ class ndarray:
             return self
         src = self._a
         order = "C" if order in ("K", "A") and src.flags.c_contiguous else order
-        out = graph.launch("elementwise", lambda: src.astype(dtype, order=order))
+        out = graph.launch("elementwise", lambda: src.astype(dtype, order=order),
+                           meta=lambda: np.empty_like(src, dtype=dtype, order=order))
         current().copy(out.nbytes, layout=np.dtype(dtype) == self.dtype and not src.flags.c_contiguous,
                        site="astype")
         return wrap(out)
@@ -268,7 +272,8 @@ class ndarray:
             kwargs["out"] = tuple(unwrap(o, "out") for o in (out if isinstance(out, tuple) else (out,)))
             graph.launch("elementwise", lambda: ufunc(*args, **kwargs), inplace=True)
             return out[0] if isinstance(out, tuple) and len(out) == 1 else out
-        return wrap(graph.launch("elementwise", lambda: ufunc(*args, **kwargs), inputs=args))
+        return wrap(graph.launch("elementwise", lambda: ufunc(*args, **kwargs), inputs=args,
+                                 meta=null_mode.ufunc_meta(ufunc, args, kwargs)))
 
     def __array_function__(self, func, types, args, kwargs):
         raise TypeError(f"numpy.{func.__name__} on a cupy array: call cupy.{func.__name__} (the stand-in does not "

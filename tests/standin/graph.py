@@ -57,6 +57,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from . import devices
+from . import null as null_mode  # the null-compute switch (not Stream.null)
 from .counters import current
 
 CAPTURE_MODE_GLOBAL, CAPTURE_MODE_THREAD_LOCAL, CAPTURE_MODE_RELAXED = 0, 1, 2  # cupy.cuda.runtime's values
@@ -487,9 +488,12 @@ def _store(out, value) -> None:
 
 
 def launch(kind: str, fn: Callable[[], Any], *, inplace: bool = False, kernel: str | None = None, stream=None,
-           inputs=(), probe: Callable[[], Any] | None = None, check: Callable[[], None] | None = None):
+           inputs=(), probe: Callable[[], Any] | None = None, check: Callable[[], None] | None = None,
+           meta: Callable[[], Any] | None = None):
     """Issue work of ``kind`` on ``stream`` (default: the current stream). Outside capture: count
-    the launch and return ``fn()``. Under capture nothing runs and nothing is written:
+    the launch and return ``fn()`` (under tests/standin/null.py's null compute: nothing for
+    ``inplace`` work, ``meta()``, an unwritten result of ``fn``'s shape and dtype, for new arrays).
+    Under capture nothing runs and nothing is written:
 
     * ``inplace`` (``fn`` writes existing buffers: ``out=``, ``a[k] = v``, ``fill``, a kernel): the
       node ``fn`` is recorded; returns None;
@@ -502,14 +506,14 @@ def launch(kind: str, fn: Callable[[], Any], *, inplace: bool = False, kernel: s
     cap = target(stream) if _captures else None
     if cap is None:
         current().launch(kind, kernel)
-        return fn()
+        return null_mode.issued(kind, fn, inplace, meta, inputs) if null_mode.active() else fn()
     if check is not None:
         check()
     if inplace:
         cap.record(kind, kernel, fn)
         return None
     with np.errstate(all="ignore"):
-        shaped = (probe or fn)()
+        shaped = (meta if meta is not None and null_mode.active() else probe or fn)()
     if probe is None and _is_view(shaped, inputs):
         cap.record(kind, kernel, None)
         return shaped
@@ -526,6 +530,9 @@ def stream_is_capturing(stream):
 
 
 # ------------------------------------------------------------------ graphs
+_BOOKKEEPING = ("event", "host", "graph")  # nodes a replay runs under null compute (a child graph filters its own)
+
+
 class Graph:
     """cupy.cuda.graph.Graph: made only by ``Stream.end_capture()``; ``launch(stream=None)``
     replays the recorded work on the given or the current stream (cudaGraphLaunch: one host
@@ -546,8 +553,9 @@ class Graph:
         return g
 
     def _run(self) -> None:
+        skip = null_mode.active()  # null compute (tests/standin/null.py): only event and host nodes run
         for node in self._nodes:
-            if node.run is not None:
+            if node.run is not None and (not skip or node.kind in _BOOKKEEPING):
                 node.run()
 
     def launch(self, stream=None):

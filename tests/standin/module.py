@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import devices, graph, memory, surface
+from . import null as null_mode
 from .array import StandinGap, ndarray, unwrap, wrap
 from .counters import current
 from .graph import Stream, get_current_stream  # noqa: F401  (cupy.cuda's, defined with capture)
@@ -92,7 +93,8 @@ def ascontiguousarray(a, dtype=None):
     if a._a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
         return a
     src = a._a
-    out = graph.launch("copy", lambda: np.ascontiguousarray(src, dtype=dtype))
+    out = graph.launch("copy", lambda: np.ascontiguousarray(src, dtype=dtype),
+                       meta=lambda: np.empty(src.shape, src.dtype if dtype is None else dtype))
     current().copy(out.nbytes, layout=dtype is None or np.dtype(dtype) == a.dtype, site="ascontiguousarray")
     return wrap(out)
 
@@ -131,7 +133,7 @@ def matmul(a, b, out=None, **kwargs):
     if A.ndim <= 2 and B.ndim <= 2:
         A2, B2 = _blas_operand(A, "matmul a") if A.ndim == 2 else A, _blas_operand(B, "matmul b") if B.ndim == 2 else B
         current().launch("cublas")
-        result = np.matmul(A2, B2)
+        result = _null_matmul(A2, B2) if null_mode.active() else np.matmul(A2, B2)
     else:
         ops = []
         for name, M in (("a", A), ("b", B)):
@@ -144,15 +146,21 @@ def matmul(a, b, out=None, **kwargs):
             for _ in range(3):
                 current().launch("elementwise")  # the _mat_ptrs kernels of a broadcast batch
         current().launch("cublas")
-        result = np.matmul(*ops)
+        result = _null_matmul(*ops) if null_mode.active() else np.matmul(*ops)
     if out is None:
         return wrap(result)
     O = unwrap(out, "out")
     if not O.flags.c_contiguous or O.dtype != result.dtype:
         current().launch("copy")
         current().copy(result.nbytes, layout=False, site="matmul out")
-    O[...] = result
+    if not null_mode.active():
+        O[...] = result
     return out
+
+
+def _null_matmul(A, B):
+    """Under null compute (tests/standin/null.py): an unwritten result of the product's shape and dtype."""
+    return np.empty(null_mode.matmul_shape(A.shape, B.shape), np.result_type(A, B))
 
 
 def _gemm_op(M, trans: str, what: str):
@@ -177,11 +185,15 @@ def cublas_gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
     for M, what in ((A, "cublas.gemm a"), (B, "cublas.gemm b")):
         _blas_operand(M, what)
     current().launch("cublas")
-    r = opA @ opB
-    if alpha != 1:
-        r = r * A.dtype.type(alpha)
+    null = null_mode.active()  # tests/standin/null.py: the GEMM costs nothing, its result is unwritten
+    if null:
+        r = np.empty((opA.shape[0], opB.shape[1]), A.dtype, order="F")
+    else:
+        r = opA @ opB
+        if alpha != 1:
+            r = r * A.dtype.type(alpha)
     if out is None:
-        return wrap(np.asfortranarray(r))
+        return wrap(r if null else np.asfortranarray(r))
     O = unwrap(out, "cublas.gemm out")
     assert O.ndim == 2
     assert O.shape == r.shape
@@ -190,7 +202,8 @@ def cublas_gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
         for _ in range(2):
             current().launch("copy")
             current().copy(O.nbytes, layout=True, site="cublas.gemm out")
-    O[...] = r if beta == 0 else r + A.dtype.type(beta) * O
+    if not null:
+        O[...] = r if beta == 0 else r + A.dtype.type(beta) * O
     return out
 
 
@@ -219,7 +232,15 @@ def _generic(name):
         if outs is not None:
             graph.launch(kind, lambda: fn(*np_args, **np_kwargs), inplace=True)
             return outs
-        return wrap(graph.launch(kind, lambda: fn(*np_args, **np_kwargs), inputs=graph._arrays(np_args, np_kwargs)))
+        if isinstance(fn, np.ufunc):
+            meta = null_mode.ufunc_meta(fn, np_args, np_kwargs)
+        elif kind == "reduction" and np_args:
+            meta = null_mode.reduction_meta(name, lambda z: fn(z, *np_args[1:], **np_kwargs), np_args[0],
+                                            tuple(np_args[1:]), np_kwargs)
+        else:
+            meta = None
+        return wrap(graph.launch(kind, lambda: fn(*np_args, **np_kwargs), inputs=graph._arrays(np_args, np_kwargs),
+                                 meta=meta))
     return call
 
 
@@ -229,7 +250,8 @@ def elementwise_from(site: str, fn):
         if args or kwargs:
             raise StandinGap(f"{site}: the stand-in simulates one array argument, got more")
         src = unwrap(x, site)
-        return wrap(graph.launch("elementwise", lambda: fn(src)))
+        meta = null_mode.ufunc_meta(fn, (src,), {}) if isinstance(fn, np.ufunc) else None
+        return wrap(graph.launch("elementwise", lambda: fn(src), meta=meta))
     return call
 
 
