@@ -182,7 +182,7 @@ exec {sys.executable} "$@"
     titles = [ln[3:] for ln in report.splitlines() if ln.startswith("## ")]
     assert titles == [s["title"] for s in sections] + ["Summary"]
     assert "(exit 0 after" in report  # cnn-gpu info ran to its end
-    assert re.search(r"\(TIMED OUT \(exit 124\) after 1\d s; limit 1\d s\)", report)
+    assert re.search(r"\(TIMED OUT \(exit 124\) after \d+ s; limit \d+ s\)", report)  # (how long: the machine's pace)
     assert report.count("Not run: the 20 s budget is spent.") == len(sections) - 3
     log = (out / "pytest-gpu.log").read_text()
     assert "a test run that hangs" in log and "interrupted by SIGINT" in log
