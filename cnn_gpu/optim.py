@@ -132,9 +132,13 @@ class Optimizer:
         values = self._step_values(self.step_count + 1)
         for g in self.groups:
             if takes_device_scalars(_dispatch.impl(self._op, g.data), g.data):
-                if g.scalars is None:
-                    g.scalars = DeviceScalars(get_array_module(g.data), self._op)
-                g.scalars.upload(values)
+                (g.scalars or self._group_scalars(g)).upload(values)  # (no extra call per step)
+
+    def _group_scalars(self, g: _Group) -> DeviceScalars:
+        """Group ``g``'s device scalars, made at their first use (the address then stays)."""
+        if g.scalars is None:
+            g.scalars = DeviceScalars(get_array_module(g.data), self._op)
+        return g.scalars
 
     def _scalars_kw(self, g: _Group, fn) -> dict:
         """``{"device_scalars": array}`` (this step's values uploaded, or staged before) for engine
@@ -146,9 +150,7 @@ class Optimizer:
             if g.scalars is None:
                 raise RuntimeError(f"{type(self).__name__}: staged device scalars: call stage_scalars() before step()")
             return {"device_scalars": g.scalars.array}
-        if g.scalars is None:
-            g.scalars = DeviceScalars(get_array_module(g.data), self._op)
-        return {"device_scalars": g.scalars.upload(self._step_values(self.step_count))}
+        return {"device_scalars": self._group_scalars(g).upload(self._step_values(self.step_count))}
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -260,16 +262,20 @@ class Adam(Optimizer):
             g.state["exp_avg"], g.state["exp_avg_sq"] = g.zeros(), g.zeros()
         m, v = g.state["exp_avg"], g.state["exp_avg_sq"]
         b1, b2 = self.betas
-        bc1, bc2 = 1.0 - b1 ** self.step_count, 1.0 - b2 ** self.step_count
+        bc1, bc2 = self._bias_corrections(self.step_count)
         fn = _dispatch.impl("adam_update_", g.data)
         fn(g.data, g.grad, m, v, self.lr, b1, b2, self.eps, self.weight_decay, self._decoupled, bc1, bc2,
            **self._scalars_kw(g, fn))
 
     _op = "adam_update_"
 
-    def _step_values(self, t: int) -> tuple:
+    def _bias_corrections(self, t: int) -> tuple[float, float]:
+        """(1 - beta1^t, 1 - beta2^t) of step ``t`` (from 1), in double precision."""
         b1, b2 = self.betas
-        return adam_scalars(self.lr, self.weight_decay, 1.0 - b1 ** t, 1.0 - b2 ** t)
+        return 1.0 - b1 ** t, 1.0 - b2 ** t
+
+    def _step_values(self, t: int) -> tuple:
+        return adam_scalars(self.lr, self.weight_decay, *self._bias_corrections(t))
 
 
 class AdamW(Adam):

@@ -399,11 +399,15 @@ class Dropout(Module):
     def stage_scalars(self, xp) -> None:
         """Staged mode: upload the key of the coming training call (seed, calls) to the device
         array of ``xp`` (cupy) the kernel reads; one asynchronous copy, no host sync."""
+        self._keys(xp).upload((counter_rng.key(self.seed, self.calls),))
+
+    def _keys(self, xp):
+        """The key's device array (cuda/scalars.py), made at its first use (the address then stays)."""
         from ..cuda.scalars import DeviceScalars  # noqa: PLC0415
 
         if self._key_scalars is None:
             self._key_scalars = DeviceScalars(xp, "dropout_forward")
-        self._key_scalars.upload((counter_rng.key(self.seed, self.calls),))
+        return self._key_scalars
 
     def forward(self, x):
         key = None
@@ -421,17 +425,16 @@ class Dropout(Module):
     def _device_kernel(self, x):
         """The CUDA engine's dropout_forward for ``x`` (x checked, the key's device array made) in
         device-scalar mode; None where the key goes as an argument (F.dropout_forward)."""
-        from ..cuda.scalars import DeviceScalars, takes_device_scalars  # noqa: PLC0415
+        from ..cuda.scalars import takes_device_scalars  # noqa: PLC0415
         from ..functional import _checks, _dispatch  # noqa: PLC0415
 
         fn = _dispatch.impl("dropout_forward", x) if self.device_scalars else None
         if fn is None or not takes_device_scalars(fn, x):
             return None
         _checks.check_float("x", x)  # what F.dropout_forward checks
-        if self._key_scalars is None:
-            if self.staged:
-                raise RuntimeError("Dropout: staged device scalars: call stage_scalars() before the training call")
-            self._key_scalars = DeviceScalars(get_array_module(x), "dropout_forward")
+        if self.staged and self._key_scalars is None:
+            raise RuntimeError("Dropout: staged device scalars: call stage_scalars() before the training call")
+        self._keys(get_array_module(x))
         return fn
 
     def backward(self, dy, input_grad=True):
@@ -470,7 +473,7 @@ class CrossEntropyLoss(Module):
         """The range flag for CuPy logits (N, K) with integer labels, made at the first such batch;
         None where the check runs on the host (NumPy, or arguments the public API will refuse)."""
         kind = getattr(getattr(labels, "dtype", None), "kind", "")
-        if not (is_cupy_array(logits) and getattr(logits, "ndim", 0) == 2 and kind in "iu" and kind):
+        if not (is_cupy_array(logits) and getattr(logits, "ndim", 0) == 2 and kind in ("i", "u")):
             return None
         if self._flag is None:
             self._flag = get_array_module(logits).zeros((), dtype=np.int64)
