@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -101,18 +101,48 @@ def read_metrics(*device_values: Any) -> list[float]:
 
 class Meter:
     """One epoch's running sums, on the device: the loss (times the batch size), the hits, and
-    every step's loss (so a non-finite one can be found later without a per-step sync)."""
+    every step's loss (so a non-finite one can be found later without a per-step sync), written
+    at the step number ``counter`` (on the device too). The arrays keep their addresses for the
+    meter's life (``reset`` starts an epoch in place), so a CUDA graph that captured ``accumulate``
+    adds each replayed step into them."""
 
     def __init__(self, xp, steps: int, first: int = 0, loss_sum: float = 0.0, correct: int = 0, seen: int = 0):
-        self.loss_sum = xp.full((), loss_sum, dtype=np.float64)
-        self.correct = xp.full((), correct, dtype=np.int64)
+        self.xp = xp
+        self.loss_sum = xp.zeros((), dtype=np.float64)
+        self.correct = xp.zeros((), dtype=np.int64)
         self.step_losses = xp.zeros(steps, dtype=np.float64)
+        self.counter = xp.zeros((), dtype=np.int64)  # the next step's number
+        self.reset(first, loss_sum, correct, seen)
+
+    def reset(self, first: int = 0, loss_sum: float = 0.0, correct: int = 0, seen: int = 0) -> None:
+        """Start an epoch at step ``first`` with the sums so far (a resume's), in place."""
+        self.loss_sum.fill(loss_sum)
+        self.correct.fill(correct)
+        self.step_losses.fill(0)
+        self.counter.fill(first)
         self.first, self.seen, self.seen_before = first, seen, seen  # first: the step this meter started at
 
-    def add(self, step: int, loss, logits, labels) -> None:
-        self.loss_sum += loss * labels.shape[0]
-        self.correct += (logits.argmax(axis=1) == labels).sum()
-        self.step_losses[step] = loss
+    def arrays(self) -> list:
+        """The device arrays ``accumulate`` writes (what a CUDA graph's first-replay check restores)."""
+        return [self.loss_sum, self.correct, self.step_losses, self.counter]
+
+    def accumulate(self, loss, logits, labels) -> None:
+        """The device part of a step's metrics (no host read; capturable): one launch on CuPy."""
+        if self.xp is np:
+            self.loss_sum += loss * labels.shape[0]
+            self.correct += (logits.argmax(axis=1) == labels).sum()
+            step = int(self.counter)
+            if 0 <= step < self.step_losses.shape[0]:
+                self.step_losses[step] = loss
+            self.counter += 1
+            return
+        from .cuda import ops  # noqa: PLC0415  (CuPy arrays only)
+
+        ops.epoch_sums(loss, logits, labels, self.loss_sum, self.correct, self.step_losses, self.counter)
+
+    def add(self, loss, logits, labels) -> None:
+        """A step's metrics: the device sums and the host's count of examples seen."""
+        self.accumulate(loss, logits, labels)
         self.seen += int(labels.shape[0])
 
 
@@ -221,20 +251,16 @@ def evaluate(model: Module, x: Any, y: Any, batch_size: int = 512, *, cuda_graph
     loss_fn = CrossEntropyLoss(validate_range=False)
     meter = Meter(xp, 0)
 
-    def forward(xb, yb):
+    def forward(xb, yb):  # the forward, the loss and the sums: one graph
         logits = model.forward(xb)
-        return loss_fn.forward(logits, yb), logits
+        loss = loss_fn.forward(logits, yb)
+        meter.accumulate(loss, logits, yb)
+        return loss
 
-    step = forward
-    if graphed:
-        from .cuda.graph import StepGraph  # noqa: PLC0415
-
-        step = StepGraph(forward, name="evaluation batch", check=cuda_graph == "auto", say=_say)
+    step = _batch_graph(forward, graphed, "evaluation batch", cuda_graph, meter.arrays)
     try:
         for xb, yb in DataLoader(x, y, batch_size).epoch(0):
-            loss, logits = step(xb, yb)
-            meter.loss_sum += loss * xb.shape[0]
-            meter.correct += (logits.argmax(axis=1) == yb).sum()
+            step(xb, yb)
     finally:
         if graphed:
             step.close()
@@ -242,6 +268,45 @@ def evaluate(model: Module, x: Any, y: Any, batch_size: int = 512, *, cuda_graph
     loss, hits = read_metrics(meter.loss_sum, meter.correct)
     n = int(x.shape[0])
     return loss / n, hits / n
+
+
+def _batch_graph(forward: Callable, graphed: bool, name: str, mode: Any, state: Callable | None = None):
+    """``forward`` as a StepGraph (cuda/graph.py: captured at the first batch, replayed for every
+    batch of that shape; "auto": its first replay checked once), or itself when not ``graphed``."""
+    if not graphed:
+        return forward
+    from .cuda.graph import StepGraph  # noqa: PLC0415
+
+    return StepGraph(forward, name=name, state=state, check=mode == "auto", say=_say)
+
+
+def predict_proba(model: Module, x: Any, batch_size: int = 512, *, cuda_graph: Any = "auto"):
+    """Class probabilities (softmax of the logits), shape (N, K), of ``model`` on ``x`` in eval
+    mode, on x's backend; restores the model's mode. ``cuda_graph`` as in :func:`evaluate`: on
+    CuPy arrays each full batch replays one CUDA graph; a last partial batch runs eagerly."""
+    if not hasattr(x, "shape") or len(x.shape) < 1 or int(x.shape[0]) == 0:
+        raise ValueError(f"x: expected an array of at least one example, got {getattr(x, 'shape', type(x).__name__)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    from .functional import softmax  # noqa: PLC0415
+
+    xp, n = get_array_module(x), int(x.shape[0])
+    graphed = _graphs_on(cuda_graph, xp)
+    was_training = model.training
+    model.eval()
+    step = _batch_graph(lambda xb: softmax(model.forward(xb), axis=1), graphed, "prediction batch", cuda_graph)
+    probs = None
+    try:
+        for first in range(0, n, int(batch_size)):
+            p = step(x[first : first + batch_size])  # a graph's output is rewritten by its next replay: copy it out
+            if probs is None:
+                probs = xp.empty((n,) + tuple(p.shape[1:]), dtype=p.dtype)
+            probs[first : first + p.shape[0]] = p
+    finally:
+        if graphed:
+            step.close()
+        model.train(was_training)
+    return probs
 
 
 def train_step(model: Module, loss_fn: CrossEntropyLoss, optimizer: Optimizer, xb, yb, max_label: int | None = None):
@@ -271,13 +336,14 @@ def _run_epoch(loop: Loop, loss_fn: CrossEntropyLoss, max_label: int | None, gra
                 break
             if max_label is not None or graph is None:
                 loss, logits = train_step(loop.model, loss_fn, loop.optimizer, xb, yb, max_label)
-            else:
+                loop.meter.accumulate(loss, logits, yb)
+            else:  # the graph's step adds into the sums itself
                 loop.graph = loop.graph or graph()
-                loss, logits = loop.graph(xb, yb)
+                loop.graph(xb, yb)
             max_label = None
             if loop.scheduler is not None:
                 loop.scheduler.step()
-            loop.meter.add(loop.step, loss, logits, yb)
+            loop.meter.seen += int(yb.shape[0])
             loop.step += 1
             try:
                 loop.call("on_step")
@@ -320,17 +386,20 @@ def _graphs_on(mode: Any, xp) -> bool:
     return not why
 
 
-def _graph_maker(mode: Any, xp, model, loss_fn, optimizer):
-    """The maker of fit's CUDA-graph training step (cuda/graph.py training_graph), or None (eager);
-    with "auto" its first replay is checked against an eager step."""
+def _graph_maker(mode: Any, xp, model, loss_fn, optimizer, meter: Meter):
+    """The maker of fit's CUDA-graph training step (cuda/graph.py training_graph), or None (eager):
+    the step and its metric sums (into ``meter``'s arrays, which live as long as the fit); with
+    "auto" its first replay is checked against an eager step."""
     if not _graphs_on(mode, xp):
         return None
     from .cuda.graph import training_graph  # noqa: PLC0415
 
     def step(x, y):
-        return train_step(model, loss_fn, optimizer, x, y)
+        loss, logits = train_step(model, loss_fn, optimizer, x, y)
+        meter.accumulate(loss, logits, y)
+        return loss, logits
 
-    return lambda: training_graph(model, optimizer, step, check=mode == "auto", say=_say)
+    return lambda: training_graph(model, optimizer, step, check=mode == "auto", say=_say, extra_state=meter.arrays)
 
 
 def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,
@@ -360,7 +429,8 @@ def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,
     loop = Loop(model, optimizer, loader, epochs, scheduler, cbs, [])
     loss_fn = CrossEntropyLoss(validate_range=False, label_smoothing=label_smoothing)
     xp = get_array_module(loader.x)
-    graph = _graph_maker(cuda_graph, xp, model, loss_fn, optimizer)
+    loop.meter = Meter(xp, len(loader))  # one for the fit: reset in place at each epoch
+    graph = _graph_maker(cuda_graph, xp, model, loss_fn, optimizer, loop.meter)
     model.train()
     loop.call("on_train_begin")
     try:
@@ -368,7 +438,7 @@ def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,
             resuming = epoch == position.epoch
             p = position if resuming else Position(epoch)
             loop.epoch, loop.step, loop.seconds_before = epoch, p.step, p.seconds
-            loop.meter = Meter(xp, len(loader), p.step, p.loss_sum, p.correct, p.seen)
+            loop.meter.reset(p.step, p.loss_sum, p.correct, p.seen)
             _run_epoch(loop, loss_fn, max_label, graph)
             max_label = None
             if loop.stop and epoch + 1 < epochs:

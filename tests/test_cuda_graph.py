@@ -203,6 +203,9 @@ def test_standin_fit_with_a_cuda_graph_equals_eager_lenet5_dropout_onecycle_sgd(
     _same_weights(mg, me)
     assert [(s.train_loss, s.train_accuracy, s.lr) for s in hg] == [(s.train_loss, s.train_accuracy, s.lr) for s in he]
     assert c.launches["graph"] == 2 * 3 - 2  # 3 steps an epoch: all but the first step and the capture's
+    # the metric sums are inside the graph: only the eager steps (the first, the capture's warm-up
+    # and the first replay's check) launch them from the host
+    assert c.kernels["epoch_sums_f32"] == 3
     assert not og.staged and "cuda graph" not in capsys.readouterr().err  # eager modes back after fit
 
 
@@ -300,3 +303,40 @@ def test_standin_evaluate_replays_one_graph_per_full_batch_and_equals_eager(stan
         got = evaluate(model, x, y, batch_size=5, cuda_graph="auto")
     assert got == eager and model.training
     assert c.launches.get("graph") == 3  # batches 2, 3, 4 of 5 (4 full, 1 partial)
+
+
+def test_standin_predict_proba_replays_one_graph_per_full_batch_and_equals_eager(standin):
+    """predict_proba() on CuPy arrays: full batches replay one graph (the first checked), the last
+    partial batch runs eagerly; the probabilities equal an eager prediction's bit for bit, each row
+    sums to 1, the model's mode is restored, and NumPy gives the same numbers to float32 round-off."""
+    from cnn_gpu.functional import softmax  # noqa: PLC0415
+    from cnn_gpu.train import predict_proba  # noqa: PLC0415
+
+    rng = np.random.default_rng(11)
+    xh = rng.standard_normal((13, 1, 28, 28)).astype(np.float32)
+    with cnn_gpu.use_backend("cupy"):
+        cnn_gpu.manual_seed(0)
+        model = _lenet5_dropout()
+    x = standin.asarray(xh)
+    eager = predict_proba(model, x, batch_size=4, cuda_graph=False)
+    with counting() as c:
+        got = predict_proba(model, x, batch_size=4, cuda_graph="auto")
+    assert c.launches.get("graph") == 2 and c.total_syncs == 1  # batches 2 and 3 of 4; the check's one read
+    np.testing.assert_array_equal(got.get(), eager.get())
+    assert got.shape == (13, 10) and model.training
+    np.testing.assert_allclose(got.get().sum(axis=1), 1.0, rtol=1e-5)
+    model.to("numpy").eval()
+    want = softmax(model.forward(xh), axis=1)
+    np.testing.assert_allclose(got.get(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_proba_arguments_are_checked():
+    from cnn_gpu.train import predict_proba  # noqa: PLC0415
+
+    model = models.lenet5()
+    with pytest.raises(ValueError, match="x: expected an array of at least one example"):
+        predict_proba(model, np.zeros((0, 1, 28, 28), np.float32))
+    with pytest.raises(ValueError, match="batch_size: expected a positive int, got 0"):
+        predict_proba(model, np.zeros((2, 1, 28, 28), np.float32), batch_size=0)
+    with pytest.raises(ValueError, match="cuda_graph: CUDA graphs replay GPU work"):
+        predict_proba(model, np.zeros((2, 1, 28, 28), np.float32), cuda_graph=True)

@@ -1360,3 +1360,39 @@ def test_emul_batch_norm_is_bitwise_reproducible(emul):
         runs.append((y, *ops.batch_norm_backward(dy, cache, grid=3, block=64, segments=5)[:1]))
     for a, b in zip(*runs):
         exact(a, b, "rerun")
+
+
+# ------------------------------------------------------------------------------ metric sums
+@pytest.mark.parametrize("launch", [None, (1, 32), (1, 64)], ids=["default", "g1b32", "g1b64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("N, K", [(1, 1), (7, 3), (130, 10)])
+def test_emul_epoch_sums(emul, N, K, dtype, launch):
+    """kernels/metrics.cu adds a step into its epoch's sums exactly as cnn_gpu.train.Meter does on
+    NumPy (the loss times N in the data's type, NumPy's argmax: first maximum, first NaN), and
+    writes the step's loss at the step number kept on the device."""
+    rng = rng_for("epoch-sums", N, K)
+    logits = rng.integers(-2, 3, size=(N, K)).astype(dtype)  # small integers: many ties
+    if N > 1 and K > 1:
+        logits[1, K - 1] = np.nan  # NumPy's argmax: the first NaN
+    labels = rng.integers(0, K, size=N)
+    loss = np.asarray(rng.standard_normal(), dtype=dtype)
+    sums = [np.full((), 1.25), np.full((), 3, np.int64), np.zeros(4), np.full((), 2, np.int64)]
+    for step in range(2, 6):  # the counter runs past the 4 slots: those steps write no slot
+        ops.epoch_sums(loss, logits, labels, *sums, **({} if launch is None else {"block": launch[1]}))
+    hits = int((logits.argmax(axis=1) == labels).sum())
+    assert sums[0] == 1.25 + 4 * np.float64(loss * N) and sums[0].dtype == np.float64
+    assert int(sums[1]) == 3 + 4 * hits and int(sums[3]) == 6
+    np.testing.assert_array_equal(sums[2], [0, 0, np.float64(loss), np.float64(loss)])
+
+
+def test_emul_epoch_sums_checks_its_arguments(emul):
+    logits, labels, loss = np.zeros((3, 2), np.float32), np.zeros(3, np.int64), np.zeros((), np.float32)
+    good = [np.zeros(()), np.zeros((), np.int64), np.zeros(2), np.zeros((), np.int64)]
+    start = len(emul.log)
+    with pytest.raises(ValueError, match="correct: expected a int64 0-d array, got float64"):
+        ops.epoch_sums(loss, logits, labels, good[0], np.zeros(()), *good[2:])
+    with pytest.raises(ValueError, match="loss, labels: expected a 0-d float32 loss"):
+        ops.epoch_sums(loss.astype(np.float64), logits, labels, *good)
+    with pytest.raises(ValueError, match=r"expected a 0-d float32 loss and \(3,\) labels"):
+        ops.epoch_sums(loss, logits, labels[:2], *good)
+    assert emul.log[start:] == []  # refused before any launch

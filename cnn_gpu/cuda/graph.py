@@ -221,14 +221,17 @@ def _agree(cupy, a, b):
 
 
 def training_graph(model, optimizer, step: Callable[..., Any], *, check: bool = True,
-                   say: Callable[[str], None] = print) -> StepGraph:
+                   say: Callable[[str], None] = print,
+                   extra_state: Callable[[], Sequence[Any]] | None = None) -> StepGraph:
     """The training step of ``fit``, ``step(x, y) -> (loss, logits)`` (zero_grad, forward, loss,
     backward, the optimizer's update: cnn_gpu.train.train_step on ``model`` and ``optimizer``), as a
     StepGraph. What changes per step reaches
     the graph through device memory: the optimizer's scalars (lr from any schedule; Adam's bias
     corrections) and every Dropout's key are staged before each call (cuda/scalars.py: one async
     copy each from pinned memory), and the host counters (the optimizer's step count, the
-    Dropouts' call counts) advance after each replay as an eager step would advance them."""
+    Dropouts' call counts) advance after each replay as an eager step would advance them.
+    ``extra_state()``: further device arrays ``step`` updates (fit's metric sums), restored with
+    the parameters and buffers before the first replay's check runs the eager step."""
     from ..nn.layers import Dropout  # noqa: PLC0415
 
     cupy = _cupy()
@@ -250,7 +253,7 @@ def training_graph(model, optimizer, step: Callable[..., Any], *, check: bool = 
 
     def state():
         arrays = [a for g in optimizer.groups for a in (g.data, *g.state.values())]
-        return arrays + [b for _, b in model.named_buffers()]
+        return arrays + [b for _, b in model.named_buffers()] + (list(extra_state()) if extra_state else [])
 
     def save():
         return optimizer.step_count, [d.calls for d in dropouts]

@@ -642,6 +642,31 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0, *, label_check=No
     return (loss, dlogits, per_sample) if return_per_sample else (loss, dlogits)
 
 
+def epoch_sums(loss, logits, labels, loss_sum, correct, step_losses, counter, *, block=None) -> None:
+    """Add one step to its epoch's sums on the device, in one launch (kernels/metrics.cu):
+    ``loss_sum += loss * N``, ``correct += hits``, ``step_losses[counter] = loss``, ``counter += 1``.
+    The sums are float64 / int64 0-d arrays (``step_losses`` float64 (S,), ``counter`` int64 0-d),
+    written in place at fixed addresses: a CUDA graph replays this launch step after step."""
+    N, K = (int(s) for s in logits.shape)
+    if tuple(loss.shape) != () or loss.dtype != logits.dtype or tuple(labels.shape) != (N,):
+        raise ValueError(f"loss, labels: expected a 0-d {logits.dtype} loss and ({N},) labels for logits of shape "
+                         f"({N}, {K}), got {loss.dtype} {tuple(loss.shape)} and {tuple(labels.shape)}")
+    for name, a, dtype in (("loss_sum", loss_sum, np.float64), ("correct", correct, np.int64),
+                           ("counter", counter, np.int64), ("step_losses", step_losses, np.float64)):
+        if a.dtype != dtype or (name != "step_losses" and a.shape != ()):
+            raise ValueError(f"{name}: expected a {np.dtype(dtype)} {'(S,)' if name == 'step_losses' else '0-d'} "
+                             f"array, got {a.dtype} of shape {tuple(a.shape)}")
+    if N == 0 or K == 0:
+        raise ValueError(f"logits: expected at least one row and one class, got shape ({N}, {K})")
+    labels = labels.astype(np.int64, copy=False)
+    block = DEFAULT_BLOCK if block is None else block
+    S = int(step_losses.shape[0])
+    _launch("metrics", "epoch_sums", logits, block,
+            (loss, _contiguous("logits", logits), _contiguous("labels", labels), _writable("loss_sum", loss_sum),
+             _writable("correct", correct), _writable("step_losses", step_losses), _writable("counter", counter),
+             *_i32(N, K, S)), 1, block, "logits")
+
+
 # ------------------------------------------------------------------------- augmentation
 def _as_int64(key: int) -> np.int64:
     """A 64-bit key's bits as the kernel's long long."""
@@ -698,5 +723,5 @@ __all__ = ["NAME", "FUSED_ACTIVATIONS", "im2col", "col2im", "bias_act_forward", 
            "conv2d_forward", "conv2d_backward", "depthwise_conv2d_forward", "depthwise_conv2d_backward",
            "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
            "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward", "linear_forward",
-           "linear_backward", "dropout_forward", "softmax_cross_entropy", "crop_flip", "sgd_update_",
+           "linear_backward", "dropout_forward", "softmax_cross_entropy", "epoch_sums", "crop_flip", "sgd_update_",
            "adam_update_"]
