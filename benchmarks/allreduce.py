@@ -6,6 +6,7 @@ Buffers of lenet5's, resnet20's (~0.27 M, He et al. 2016) and vgg_small's parame
 float32 (the flat gradient buffer DistributedOptimizer reduces each step), and one host value
 (the per-step stop vote). Median of ``--reps`` after a barrier; rank 0 prints.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,10 @@ def main() -> None:
         a = np.ones(n, np.float32)
         for _ in range(5):
             comm.allreduce_(a, "mean")
-        ours = median_ms(comm, lambda: comm.allreduce_(a, "mean"), args.reps)
-        plain = median_ms(comm, lambda: world.Allreduce(MPI.IN_PLACE, a), args.reps)
+        ours = median_ms(comm, lambda a=a: comm.allreduce_(a, "mean"), args.reps)
+        plain = median_ms(comm, lambda a=a: world.Allreduce(MPI.IN_PLACE, a), args.reps)
         if comm.rank == 0:
-            print(f"{name:10s} {n:>9,} float32: allreduce_ {ours:.3f} ms, MPI_Allreduce {plain:.3f} ms, "
-                  f"ratio {ours / plain:.2f}")
+            print(f"{name:10s} {n:>9,} float32: allreduce_ {ours:.3f} ms, MPI_Allreduce {plain:.3f} ms, ratio {ours / plain:.2f}")
     ours = median_ms(comm, lambda: comm.any(False), 5 * args.reps)
     plain = median_ms(comm, lambda: world.allreduce(0), 5 * args.reps)
     if comm.rank == 0:

@@ -9,6 +9,7 @@ Each time is the mean of ``--repeat`` calls between two device synchronisations,
 ``--standin`` runs the same code through the CuPy stand-in (tests/standin: no GPU, the kernels in
 the CPU emulation): its times mean nothing; it shows that the script runs.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ nothing.
                                     [--cuda-graph on|off] [--json]
     python benchmarks/gpu_budget.py --host-time [--models lenet5 vgg_small resnet20] [--batch 128]
                                     [--steps 20] [--runs 5] [--json]
+    python benchmarks/gpu_budget.py --bytes [--models lenet5 vgg_small] [--batch 128] [--json]
 
 No GPU is needed for the counts: the stand-in runs CuPy's API on the CPU (our kernels in the g++
 emulation) and counts what a GPU would be asked to do. Launches, not FLOPs, bound small CNNs on a
@@ -53,7 +54,14 @@ replays). So a step's time is the host's alone: our Python plus the stand-in's p
 which is NOT CuPy's (real CuPy's launch path is Cython and the driver's), so these are our
 Python's share of a real step, not a GPU step time; ``cProfile`` splits off cnn_gpu's own part
 (its functions' own time and the C functions they call) as an estimate.
+
+``--bytes`` (``step_bytes``): the device memory one training step's kernels and GEMMs read and write,
+in fp32 and in fp16 (``fit(precision="fp16")``'s step, cnn_gpu/precision.py), on the CPU emulation of
+the kernels: per launch, the bytes of its distinct array arguments (what the kernel reads or writes,
+each once; a GEMM's A, B and C, C twice when it adds into it). CuPy's own elementwise ops (the
+gradients' zeroing, the batch's float16 cast) are not counted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,13 +77,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+from step_time import SHAPES, graph_state, machine, training_graph_step  # noqa: E402  (benchmarks/ on sys.path)
+
 import cnn_gpu  # noqa: E402
 from cnn_gpu import models, nn, optim  # noqa: E402
 from cnn_gpu.callbacks import Evaluate  # noqa: E402
 from cnn_gpu.data import DataLoader  # noqa: E402
 from cnn_gpu.train import fit, train_step  # noqa: E402
 
-from step_time import SHAPES, graph_state, machine, training_graph_step  # noqa: E402  (benchmarks/ on sys.path)
 _MB = 1e6
 
 
@@ -172,8 +181,10 @@ def epoch_budget(cp, counting, name, batch, steps):
 
 
 def line(name, batch, c, what) -> str:
-    return (f"{name} batch {batch}: {c.total_launches} launches, {c.total_syncs} host syncs, "
-            f"{c.upload_bytes / _MB:.1f} MB uploaded, {c.layout_copy_bytes / _MB:.1f} MB layout copies {what}")
+    return (
+        f"{name} batch {batch}: {c.total_launches} launches, {c.total_syncs} host syncs, "
+        f"{c.upload_bytes / _MB:.1f} MB uploaded, {c.layout_copy_bytes / _MB:.1f} MB layout copies {what}"
+    )
 
 
 def graph_line(name, batch, c, calls: int, eager_calls: int | None = None, state: str = "on") -> str:
@@ -254,8 +265,12 @@ def _time_loop(cp, step, steps: int, spin=None) -> dict:
     marks[-1].synchronize()
     wall = time.perf_counter() - t0
     per_step = [elapsed(a, b) for a, b in zip(marks, marks[1:])]
-    row = {"loop_gpu_ms": elapsed(marks[0], marks[-1]) / steps, "loop_gpu_step_ms_median": _median(per_step),
-           "loop_host_ms": 1e3 * host_loop / steps, "loop_wall_ms": 1e3 * wall / steps}
+    row = {
+        "loop_gpu_ms": elapsed(marks[0], marks[-1]) / steps,
+        "loop_gpu_step_ms_median": _median(per_step),
+        "loop_host_ms": 1e3 * host_loop / steps,
+        "loop_wall_ms": 1e3 * wall / steps,
+    }
 
     # each step alone behind the spin kernel: dispatch time and kernel time apart
     if spin is not None:
@@ -285,8 +300,7 @@ def _time_loop(cp, step, steps: int, spin=None) -> dict:
     return row
 
 
-def real_budget(cp, name: str, batch: int, steps: int = 20, warmup: int = 3, spin=None,
-                cuda_graph: bool = True) -> dict:
+def real_budget(cp, name: str, batch: int, steps: int = 20, warmup: int = 3, spin=None, cuda_graph: bool = True) -> dict:
     """Times (ms per step) of the counted training step on a GPU with CuPy module ``cp``: see the
     module docstring. ``spin``: ``gpu_spinner(cp)``, or None to time the loop only. ``cuda_graph``:
     also time the step as one CUDA graph (a second model and optimizer, the same batch; at least two
@@ -326,11 +340,12 @@ def real_line(r: dict, graph: bool = False) -> str:
     s = f"{r['model']} batch {r['batch']}"
     if graph:
         s += ", CUDA graph" + ("" if r["graph"] == "on" else f" {r['graph']}")
-    s += (f": {r[p + 'loop_gpu_ms']:.3f} ms per step in a loop of {r['steps']} "
-          f"(GPU, events; host {r[p + 'loop_host_ms']:.3f} ms)")
+    s += f": {r[p + 'loop_gpu_ms']:.3f} ms per step in a loop of {r['steps']} (GPU, events; host {r[p + 'loop_host_ms']:.3f} ms)"
     if p + "kernels_ms" in r:
-        s += (f"; each step alone: dispatch {r[p + 'dispatch_ms']:.3f} ms (host: Python + launches), "
-              f"kernels {r[p + 'kernels_ms']:.3f} ms (GPU, back to back)")
+        s += (
+            f"; each step alone: dispatch {r[p + 'dispatch_ms']:.3f} ms (host: Python + launches), "
+            f"kernels {r[p + 'kernels_ms']:.3f} ms (GPU, back to back)"
+        )
     return s + f"; bound by the {r[p + 'bound']}"
 
 
@@ -357,9 +372,11 @@ def _real_with(cp, args, device: str) -> int:
     except Exception as exc:  # noqa: BLE001  (the loop timing still stands without it)
         spin, no_spin = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if not args.json:
-        print(f"# one training step timed on {device}: SGD (Nesterov, weight decay), "
-              f"{args.steps} steps after {args.warmup} warm-up"
-              + ("; eagerly, then as one CUDA graph" if args.cuda_graph == "on" else ""))
+        print(
+            f"# one training step timed on {device}: SGD (Nesterov, weight decay), "
+            f"{args.steps} steps after {args.warmup} warm-up"
+            + ("; eagerly, then as one CUDA graph" if args.cuda_graph == "on" else "")
+        )
         if no_spin:
             print(f"# no spin kernel ({no_spin}): the loop timing only")
     rows = []
@@ -372,8 +389,7 @@ def _real_with(cp, args, device: str) -> int:
                 if "graph" in r:
                     print(real_line(r, graph=True), flush=True)
     if args.json:
-        print(json.dumps({"device": device, "spin": not no_spin, "no_spin_why": no_spin, "rows": rows},
-                         indent=1, sort_keys=True))
+        print(json.dumps({"device": device, "spin": not no_spin, "no_spin_why": no_spin, "rows": rows}, indent=1, sort_keys=True))
     return 0
 
 
@@ -453,12 +469,24 @@ def host_time(cp, name: str, batch: int, steps: int = 20, runs: int = 5, share: 
         finally:
             if enabled:
                 gc.enable()
-        row = {"model": name, "batch": batch, "steps": steps, "runs": runs, "eager_ms": _median(t_e),
-               "graph_ms": _median(t_g), "eager_runs_ms": t_e, "graph_runs_ms": t_g,
-               "eager_host_calls": calls_e, "graph_host_calls": calls_g,
-               "eager_launches": ce.total_launches, "graph_launches": cg.total_launches,
-               "graph_kernels_inside": cg.total_graph_kernels, "graph": graph_state(graphed), "graph_said": said,
-               "computed": dict(computed)}
+        row = {
+            "model": name,
+            "batch": batch,
+            "steps": steps,
+            "runs": runs,
+            "eager_ms": _median(t_e),
+            "graph_ms": _median(t_g),
+            "eager_runs_ms": t_e,
+            "graph_runs_ms": t_g,
+            "eager_host_calls": calls_e,
+            "graph_host_calls": calls_g,
+            "eager_launches": ce.total_launches,
+            "graph_launches": cg.total_launches,
+            "graph_kernels_inside": cg.total_graph_kernels,
+            "graph": graph_state(graphed),
+            "graph_said": said,
+            "computed": dict(computed),
+        }
         if share:
             row["eager_cnn_gpu_share"] = own_share(eager, steps)
             row["graph_cnn_gpu_share"] = own_share(graph, steps)
@@ -467,18 +495,24 @@ def host_time(cp, name: str, batch: int, steps: int = 20, runs: int = 5, share: 
     return row
 
 
-HOST_TIME_HEADER = ("| model | batch | eager ms / step | graph ms / step | eager / graph | host calls eager / graph "
-                    "| launches eager / graph (kernels inside) | cnn_gpu's own ms eager / graph (cProfile share) |")
+HOST_TIME_HEADER = (
+    "| model | batch | eager ms / step | graph ms / step | eager / graph | host calls eager / graph "
+    "| launches eager / graph (kernels inside) | cnn_gpu's own ms eager / graph (cProfile share) |"
+)
 
 
 def host_time_row(r: dict) -> str:
     own = "-"
     if "eager_cnn_gpu_share" in r:
-        own = (f"{r['eager_ms'] * r['eager_cnn_gpu_share']:.3f} ({100 * r['eager_cnn_gpu_share']:.0f}%) / "
-               f"{r['graph_ms'] * r['graph_cnn_gpu_share']:.3f} ({100 * r['graph_cnn_gpu_share']:.0f}%)")
-    return (f"| {r['model']} | {r['batch']} | {r['eager_ms']:.3f} | {r['graph_ms']:.3f} | {r['speedup']:.0f}x | "
-            f"{r['eager_host_calls']['cnn_gpu']} / {r['graph_host_calls']['cnn_gpu']} | "
-            f"{r['eager_launches']} / {r['graph_launches']} ({r['graph_kernels_inside']}) | {own} |")
+        own = (
+            f"{r['eager_ms'] * r['eager_cnn_gpu_share']:.3f} ({100 * r['eager_cnn_gpu_share']:.0f}%) / "
+            f"{r['graph_ms'] * r['graph_cnn_gpu_share']:.3f} ({100 * r['graph_cnn_gpu_share']:.0f}%)"
+        )
+    return (
+        f"| {r['model']} | {r['batch']} | {r['eager_ms']:.3f} | {r['graph_ms']:.3f} | {r['speedup']:.0f}x | "
+        f"{r['eager_host_calls']['cnn_gpu']} / {r['graph_host_calls']['cnn_gpu']} | "
+        f"{r['eager_launches']} / {r['graph_launches']} ({r['graph_kernels_inside']}) | {own} |"
+    )
 
 
 def _host_time(args) -> int:
@@ -489,11 +523,15 @@ def _host_time(args) -> int:
     where = f"Python {platform.python_version()} on {machine()}"
     rows = []
     if not args.json:
-        print(f"# host time per training step with null-cost launches (the CuPy stand-in's null_compute: every "
-              f"launch issued, checked and counted, no arithmetic), median of {args.runs} runs of {args.steps} "
-              f"steps, eager and as one CUDA graph; {where}")
-        print("# the stand-in's per-call overhead is not CuPy's: these times are our Python's share of a step "
-              "plus the stand-in's, not a GPU step time; cProfile estimates cnn_gpu's own part")
+        print(
+            f"# host time per training step with null-cost launches (the CuPy stand-in's null_compute: every "
+            f"launch issued, checked and counted, no arithmetic), median of {args.runs} runs of {args.steps} "
+            f"steps, eager and as one CUDA graph; {where}"
+        )
+        print(
+            "# the stand-in's per-call overhead is not CuPy's: these times are our Python's share of a step "
+            "plus the stand-in's, not a GPU step time; cProfile estimates cnn_gpu's own part"
+        )
         print(HOST_TIME_HEADER)
         print("|---|---|---|---|---|---|---|---|", flush=True)
     with activated() as cp:
@@ -504,33 +542,106 @@ def _host_time(args) -> int:
                 if not args.json:
                     print(host_time_row(r), flush=True)
     notes = [f"{r['model']} batch {r['batch']}: the CUDA graph is {r['graph']}" for r in rows if r["graph"] != "on"]
-    notes += [f"{r['model']} batch {r['batch']}: computed for lack of a shape rule: {r['computed']}"
-              for r in rows if r["computed"]]
+    notes += [
+        f"{r['model']} batch {r['batch']}: computed for lack of a shape rule: {r['computed']}" for r in rows if r["computed"]
+    ]
     if args.json:
-        print(json.dumps({"machine": where, "steps": args.steps, "runs": args.runs, "rows": rows}, indent=1,
-                         sort_keys=True))
+        print(json.dumps({"machine": where, "steps": args.steps, "runs": args.runs, "rows": rows}, indent=1, sort_keys=True))
     elif notes:
         print("\n" + "\n".join(notes))
     return 0
 
 
+class _ByteCounter:
+    """A launcher around the CPU emulation's: adds up the bytes of each launch's distinct array
+    arguments and of each GEMM's operands (``bytes``, ``launches``)."""
+
+    def __init__(self, inner):
+        self.inner, self.bytes, self.launches = inner, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def launch(self, name, kernel, grid, block, args):
+        arrays = {id(a): a for a in args if isinstance(a, np.ndarray)}
+        self.bytes += sum(a.nbytes for a in arrays.values())
+        self.launches += 1
+        self.inner.launch(name, kernel, grid, block, args)
+
+    def gemm(self, a, b, out, *, transa=False, transb=False, beta=0.0):
+        self.bytes += a.nbytes + b.nbytes + out.nbytes * (2 if beta else 1)
+        self.launches += 1
+        self.inner.gemm(a, b, out, transa=transa, transb=transb, beta=beta)
+
+
+def step_bytes(name: str, batch: int, precision: str) -> dict:
+    """{"bytes", "launches"} of one training step of ``name`` at ``batch`` in ``precision`` ("fp32",
+    "fp16"): the second step (the first allocates), counted on the kernels' CPU emulation."""
+    from helpers import load_harness  # noqa: PLC0415  (tests/: the emulation)
+
+    from cnn_gpu.cuda import use_launcher  # noqa: PLC0415
+    from cnn_gpu.precision import Float16Step  # noqa: PLC0415
+
+    counter = _ByteCounter(load_harness().EmulationLauncher(check_order=False, grid_cap=64))
+    with use_launcher(counter), cnn_gpu.config.override(engine="cuda"):
+        model, opt, x, y = _setup(np, name, batch)
+        loss_fn = nn.CrossEntropyLoss(validate_range=False)
+        half = Float16Step(model, opt, loss_fn) if precision == "fp16" else None
+        train_step(model, loss_fn, opt, x, y)
+        counter.bytes = counter.launches = 0
+        train_step(model, loss_fn, opt, x, y)
+        if half is not None:
+            half.close()
+    return {"bytes": counter.bytes, "launches": counter.launches}
+
+
+def _bytes(args) -> int:
+    report = {}
+    for name in args.models:
+        for batch in args.batch:
+            r = {p: step_bytes(name, batch, p) for p in ("fp32", "fp16")}
+            report[f"{name} batch {batch}"] = r
+            if not args.json:
+                print(
+                    f"{name} batch {batch}: {r['fp32']['bytes'] / _MB:.2f} MB moved per training step in fp32, "
+                    f"{r['fp16']['bytes'] / _MB:.2f} MB in fp16 ({r['fp16']['bytes'] / r['fp32']['bytes']:.2f}x; "
+                    f"{r['fp32']['launches']} and {r['fp16']['launches']} launches)"
+                )
+    if args.json:
+        print(json.dumps(report, indent=1, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=None, choices=list(SHAPES),
-                    help="default: lenet5 vgg_small (--host-time: and resnet20)")
+    ap.add_argument(
+        "--models", nargs="+", default=None, choices=list(SHAPES), help="default: lenet5 vgg_small (--host-time: and resnet20)"
+    )
     ap.add_argument("--batch", nargs="+", type=int, default=[128], help="one or more batch sizes (default 128)")
     ap.add_argument("--epoch-steps", type=int, default=8, help="steps in the fit epoch that is counted")
-    ap.add_argument("--cuda-graph", choices=["on", "off"], default="on",
-                    help="count (and with --real time) the step as one CUDA graph too (default on)")
+    ap.add_argument(
+        "--cuda-graph",
+        choices=["on", "off"],
+        default="on",
+        help="count (and with --real time) the step as one CUDA graph too (default on)",
+    )
     ap.add_argument("--json", action="store_true")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--real", action="store_true",
-                      help="time the step on a real GPU (CuPy + an NVIDIA GPU) instead of counting it")
-    mode.add_argument("--host-time", action="store_true",
-                      help="time the host side of a step, eager and as a CUDA graph, with null-cost launches "
-                           "(the CuPy stand-in's null_compute)")
-    ap.add_argument("--steps", type=int, default=20,
-                    help="--real, --host-time: timed steps per model and batch (default 20)")
+    mode.add_argument(
+        "--real", action="store_true", help="time the step on a real GPU (CuPy + an NVIDIA GPU) instead of counting it"
+    )
+    mode.add_argument(
+        "--host-time",
+        action="store_true",
+        help="time the host side of a step, eager and as a CUDA graph, with null-cost launches "
+        "(the CuPy stand-in's null_compute)",
+    )
+    mode.add_argument(
+        "--bytes",
+        action="store_true",
+        help="the bytes one training step's kernels and GEMMs move, fp32 against fp16 (the emulation)",
+    )
+    ap.add_argument("--steps", type=int, default=20, help="--real, --host-time: timed steps per model and batch (default 20)")
     ap.add_argument("--warmup", type=int, default=3, help="--real: untimed steps first (default 3, at least 1)")
     ap.add_argument("--runs", type=int, default=5, help="--host-time: timed runs of --steps steps (default 5)")
     ap.add_argument("--standin", action="store_true", help=argparse.SUPPRESS)  # --real through the stand-in
@@ -545,6 +656,8 @@ def main(argv=None) -> int:
         return _real(args)
     if args.host_time:
         return _host_time(args)
+    if args.bytes:
+        return _bytes(args)
     from standin import activated, counting  # noqa: PLC0415  (test support: the CuPy stand-in)
 
     graphs = args.cuda_graph == "on"
@@ -557,23 +670,32 @@ def main(argv=None) -> int:
                 g = graph_budget(cp, counting, name, batch, host=ghost) if graphs else None
                 e = epoch_budget(cp, counting, name, batch, args.epoch_steps)
                 key = name if len(args.batch) == 1 else f"{name} batch {batch}"
-                report[key] = {"step": c.summary(), "epoch": e.summary(), "epoch_steps": args.epoch_steps,
-                               "host_calls": host}
+                report[key] = {"step": c.summary(), "epoch": e.summary(), "epoch_steps": args.epoch_steps, "host_calls": host}
                 if g is not None:
-                    report[key]["graph"] = {"step": g.summary(), "state": ghost["graph"], "said": ghost["said"],
-                                            "host_calls": {k: ghost[k] for k in ("cnn_gpu", "python")}}
+                    report[key]["graph"] = {
+                        "step": g.summary(),
+                        "state": ghost["graph"],
+                        "said": ghost["said"],
+                        "host_calls": {k: ghost[k] for k in ("cnn_gpu", "python")},
+                    }
                 if not args.json:
                     print(line(name, batch, c, "per training step"))
                     print(f"  launches by kind: {dict(sorted(c.launches.items()))}; kernels: {dict(sorted(c.kernels.items()))}")
-                    print(f"  device bytes allocated {c.alloc_bytes / _MB:.1f} MB in {c.allocations} arrays, "
-                          f"{c.download_bytes / _MB:.3f} MB downloaded")
-                    print(f"  host calls: {host['cnn_gpu']} per step (Python calls into cnn_gpu; {host['python']} "
-                          "with the stand-in's)")
+                    print(
+                        f"  device bytes allocated {c.alloc_bytes / _MB:.1f} MB in {c.allocations} arrays, "
+                        f"{c.download_bytes / _MB:.3f} MB downloaded"
+                    )
+                    print(
+                        f"  host calls: {host['cnn_gpu']} per step (Python calls into cnn_gpu; {host['python']} "
+                        "with the stand-in's)"
+                    )
                     if g is not None:
                         print(graph_line(name, batch, g, ghost["cnn_gpu"], host["cnn_gpu"], ghost["graph"]))
-                        print(f"  inside the graph: {dict(sorted(g.graph_kernels.items()))}; "
-                              f"{g.uploads} uploads, {g.allocations} allocations, {ghost['python']} Python calls "
-                              "with the stand-in's")
+                        print(
+                            f"  inside the graph: {dict(sorted(g.graph_kernels.items()))}; "
+                            f"{g.uploads} uploads, {g.allocations} allocations, {ghost['python']} Python calls "
+                            "with the stand-in's"
+                        )
                         for said in ghost["said"]:
                             print(f"  {said}")
                     print(line(name, batch, e, f"per fit epoch of {args.epoch_steps} steps + an evaluation"))

@@ -8,6 +8,7 @@ to the reference engine (and to torch).
 The cpu engine runs groups of >= cpu.conv.GROUPED_MIN_CHANNELS channels group by group on its
 dense path and narrower ones (depthwise included) on the reference; this measures that choice.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,23 +53,27 @@ def main(argv=None) -> int:
     C, dt = args.channels, np.dtype(args.dtype)
     x = rng.standard_normal((args.batch, C, args.size, args.size)).astype(dt)
     dy = rng.standard_normal(x.shape).astype(dt)
-    print(f"grouped 3x3 convolution, pad 1, {C} -> {C} channels, {args.size}x{args.size}, batch {args.batch}, "
-          f"{args.dtype}, forward + backward (median of {args.repeat})")
-    print(f"{'groups':>6} {'ch/group':>8} {'cpu ms':>8} {'ref ms':>8} {'cpu/ref':>8}" + (f" {'torch ms':>9} {'cpu/torch':>9}"
-                                                                                       if torch else ""))
+    print(
+        f"grouped 3x3 convolution, pad 1, {C} -> {C} channels, {args.size}x{args.size}, batch {args.batch}, "
+        f"{args.dtype}, forward + backward (median of {args.repeat})"
+    )
+    print(
+        f"{'groups':>6} {'ch/group':>8} {'cpu ms':>8} {'ref ms':>8} {'cpu/ref':>8}"
+        + (f" {'torch ms':>9} {'cpu/torch':>9}" if torch else "")
+    )
     for G in args.groups:
         w = rng.standard_normal((C, C // G, 3, 3)).astype(dt)
         b = np.zeros(C, dt)
         with cnn_gpu.config.override(engine="cpu"):
-            ours = _median_ms(lambda: _step(x, w, b, G, dy), args.repeat)
+            ours = _median_ms(lambda w=w, b=b, G=G: _step(x, w, b, G, dy), args.repeat)
         with cnn_gpu.config.override(engine="reference"):
-            ref = _median_ms(lambda: _step(x, w, b, G, dy), args.repeat)
+            ref = _median_ms(lambda w=w, b=b, G=G: _step(x, w, b, G, dy), args.repeat)
         line = f"{G:>6} {C // G:>8} {ours:>8.2f} {ref:>8.2f} {ours / ref:>8.2f}"
         if torch is not None:
             tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
             tb, tdy = torch.tensor(b, requires_grad=True), torch.tensor(dy)
 
-            def tstep():
+            def tstep(tx=tx, tw=tw, tb=tb, G=G, tdy=tdy):
                 torch.relu(torch.nn.functional.conv2d(tx, tw, tb, 1, 1, 1, G)).backward(tdy)
 
             t = _median_ms(tstep, args.repeat)

@@ -17,6 +17,7 @@ it beside the eager step (columns ``cnn_gpu graph ms`` and ``graph ratio``; JSON
 calls (the eager step + capture, then the first replay, checked once against an eager step); if it
 is dropped (a failed capture or check) its column times the eager fallback and says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,7 +104,7 @@ class OursGraphStep(OursStep):
 
 
 def graph_state(graphed) -> str:
-    """"on" while a StepGraph replays, else why its calls run eagerly ("off (<why>)")."""
+    """ "on" while a StepGraph replays, else why its calls run eagerly ("off (<why>)")."""
     if graphed.graph is not None and not graphed.disabled:
         return "on"
     return f"off ({graphed.disabled})" if graphed.disabled else "off (not captured)"
@@ -117,10 +118,18 @@ def torch_resnet(depth: int = 20, num_classes: int = 10):
     class Block(tnn.Module):
         def __init__(self, c_in, c_out, stride):
             super().__init__()
-            self.body = tnn.Sequential(tnn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), tnn.BatchNorm2d(c_out),
-                                       tnn.ReLU(), tnn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), tnn.BatchNorm2d(c_out))
-            self.shortcut = (tnn.Sequential(tnn.Conv2d(c_in, c_out, 1, stride, bias=False), tnn.BatchNorm2d(c_out))
-                             if stride != 1 or c_in != c_out else None)
+            self.body = tnn.Sequential(
+                tnn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+                tnn.BatchNorm2d(c_out),
+                tnn.ReLU(),
+                tnn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+                tnn.BatchNorm2d(c_out),
+            )
+            self.shortcut = (
+                tnn.Sequential(tnn.Conv2d(c_in, c_out, 1, stride, bias=False), tnn.BatchNorm2d(c_out))
+                if stride != 1 or c_in != c_out
+                else None
+            )
             self.relu = tnn.ReLU()
 
         def forward(self, x):
@@ -142,16 +151,39 @@ class TorchStep:
 
         torch.manual_seed(seed)
         if name == "lenet5":
-            net = tnn.Sequential(tnn.Conv2d(1, 6, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(6, 16, 5),
-                                 tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(400, 120), tnn.ReLU(),
-                                 tnn.Linear(120, 84), tnn.ReLU(), tnn.Linear(84, 10))
+            net = tnn.Sequential(
+                tnn.Conv2d(1, 6, 5, padding=2),
+                tnn.ReLU(),
+                tnn.MaxPool2d(2),
+                tnn.Conv2d(6, 16, 5),
+                tnn.ReLU(),
+                tnn.MaxPool2d(2),
+                tnn.Flatten(),
+                tnn.Linear(400, 120),
+                tnn.ReLU(),
+                tnn.Linear(120, 84),
+                tnn.ReLU(),
+                tnn.Linear(84, 10),
+            )
         elif name == "resnet20":
             net = torch_resnet(20)
         else:
-            net = tnn.Sequential(tnn.Conv2d(3, 32, 3, padding=1), tnn.ReLU(), tnn.Conv2d(32, 32, 3, padding=1), tnn.ReLU(),
-                                 tnn.MaxPool2d(2), tnn.Conv2d(32, 64, 3, padding=1), tnn.ReLU(),
-                                 tnn.Conv2d(64, 64, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
-                                 tnn.Linear(4096, 256), tnn.ReLU(), tnn.Linear(256, 10))
+            net = tnn.Sequential(
+                tnn.Conv2d(3, 32, 3, padding=1),
+                tnn.ReLU(),
+                tnn.Conv2d(32, 32, 3, padding=1),
+                tnn.ReLU(),
+                tnn.MaxPool2d(2),
+                tnn.Conv2d(32, 64, 3, padding=1),
+                tnn.ReLU(),
+                tnn.Conv2d(64, 64, 3, padding=1),
+                tnn.ReLU(),
+                tnn.MaxPool2d(2),
+                tnn.Flatten(),
+                tnn.Linear(4096, 256),
+                tnn.ReLU(),
+                tnn.Linear(256, 10),
+            )
         self.torch, self.device = torch, device
         self.net = net.to(device)
         self.opt = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9)
@@ -190,8 +222,17 @@ def torch_comparison(backend: str, requested: str | None) -> tuple[bool, str]:
 GRAPH_MODES = {"off": ("eager",), "on": ("graph",), "both": ("eager", "graph")}
 
 
-def bench_step(name: str, batch: int, backend: str, compare: bool, repeat: int, warmup: int,
-               clock=time.perf_counter, block: int = 1, cuda_graph: str = "off") -> dict:
+def bench_step(
+    name: str,
+    batch: int,
+    backend: str,
+    compare: bool,
+    repeat: int,
+    warmup: int,
+    clock=time.perf_counter,
+    block: int = 1,
+    cuda_graph: str = "off",
+) -> dict:
     """Median step times of cnn_gpu and torch, alternating in blocks of ``block`` timed steps,
     each block after one untimed step of the same framework (so each block runs as a training
     loop does, after the same framework's step, not right after the other framework's).
@@ -248,10 +289,11 @@ def bench_step(name: str, batch: int, backend: str, compare: bool, repeat: int, 
 def machine(backend: str = "numpy") -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     desc = f"{cpu}, {os.cpu_count()} cores, numpy {np.__version__}"
@@ -283,8 +325,7 @@ def profile(args) -> int:
             ours = OursStep(name, b, "cupy")
             r = benchmark(ours, n_repeat=args.repeat, n_warmup=args.warmup)
             cpu, gpu = 1e3 * float(np.median(r.cpu_times)), 1e3 * float(np.median(r.gpu_times[0]))
-            print(f"{name} batch {b}: host {cpu:.2f} ms per step (Python + launches, incl. waiting), "
-                  f"GPU {gpu:.2f} ms per step")
+            print(f"{name} batch {b}: host {cpu:.2f} ms per step (Python + launches, incl. waiting), GPU {gpu:.2f} ms per step")
     return 0
 
 
@@ -297,10 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compare", choices=["torch", "none"], default=None, help="default: torch when it imports")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    ap.add_argument("--profile", action="store_true",
-                    help="cupy: split our step into host (Python + launch) time and GPU time with cupyx.profiler")
-    ap.add_argument("--cuda-graph", choices=list(GRAPH_MODES), default="off",
-                    help="cupy: time cnn_gpu's step as one CUDA graph (on), beside the eager step (both), or not (off)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="cupy: split our step into host (Python + launch) time and GPU time with cupyx.profiler",
+    )
+    ap.add_argument(
+        "--cuda-graph",
+        choices=list(GRAPH_MODES),
+        default="off",
+        help="cupy: time cnn_gpu's step as one CUDA graph (on), beside the eager step (both), or not (off)",
+    )
     return ap
 
 
@@ -340,8 +388,10 @@ def main(argv=None) -> int:
     # the table row by row, each printed when measured (a run cut short keeps what it measured)
     cols = _columns(GRAPH_MODES[args.cuda_graph])
     what = {"off": "", "on": "; cnn_gpu as one CUDA graph", "both": "; cnn_gpu eager and as one CUDA graph"}
-    print(f"# step time (forward + backward + SGD-momentum), median of {args.repeat} after {args.warmup} warm-up"
-          f"{what[args.cuda_graph]}; {machine(args.backend)}")
+    print(
+        f"# step time (forward + backward + SGD-momentum), median of {args.repeat} after {args.warmup} warm-up"
+        f"{what[args.cuda_graph]}; {machine(args.backend)}"
+    )
     print("| model | batch | backend | " + " | ".join(h for h, _, _ in cols) + " |")
     print("|---|---|---|" + "---|" * len(cols), flush=True)
     notes = []

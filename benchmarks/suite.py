@@ -34,6 +34,7 @@ What is measured
 Speed is reported only as a ratio against a reference measured in the same run: the
 absolute times depend on the machine and on whatever else it is running.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,10 +65,6 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from step_time import SHAPES, OursStep, TorchStep, _sync, bench_step, machine, torch_comparison  # noqa: E402
-
-import cnn_gpu  # noqa: E402
-from cnn_gpu import nn  # noqa: E402
-
 
 # --clock: wall time, or the CPU time of this process (all its threads; on a machine shared
 # with other jobs it counts only the time we ran, though BLAS threads that spin count too)
@@ -151,13 +148,26 @@ def _instrument_torch(step: TorchStep, times: dict, clock) -> list:
         def bpost(mod, gin, gout, key=key):
             times[key]["backward"] += now() - start[(key, "b")]
 
-        handles += [m.register_forward_pre_hook(fpre), m.register_forward_hook(fpost),
-                    m.register_full_backward_pre_hook(bpre), m.register_full_backward_hook(bpost)]
+        handles += [
+            m.register_forward_pre_hook(fpre),
+            m.register_forward_hook(fpost),
+            m.register_full_backward_pre_hook(bpre),
+            m.register_full_backward_hook(bpost),
+        ]
     return handles
 
 
-def bench_layers(name: str, batch: int, backend: str, compare: bool, repeat: int, warmup: int,
-                 clock=time.perf_counter, block: int = 1, input_grad: bool = True) -> dict:
+def bench_layers(
+    name: str,
+    batch: int,
+    backend: str,
+    compare: bool,
+    repeat: int,
+    warmup: int,
+    clock=time.perf_counter,
+    block: int = 1,
+    input_grad: bool = True,
+) -> dict:
     """Per-leaf-layer forward/backward medians for cnn_gpu and (matched by position) torch.
 
     With ``input_grad`` (the default) both compute the input's gradient (torch's hooks need an
@@ -173,6 +183,7 @@ def bench_layers(name: str, batch: int, backend: str, compare: bool, repeat: int
     per_ours = {k: {"forward": [], "backward": []} for k in ot}
     per_torch = {k: {"forward": [], "backward": []} for k in tt}
     steps_ours, steps_torch = [], []
+
     def timed(step, times, steps, per):
         for v in times.values():
             v["forward"] = v["backward"] = 0.0
@@ -183,7 +194,7 @@ def bench_layers(name: str, batch: int, backend: str, compare: bool, repeat: int
             for ph in v:
                 per[k][ph].append(v[ph])
 
-    for i in range(warmup):
+    for _ in range(warmup):
         ours()
         if ref:
             ref()
@@ -202,17 +213,23 @@ def bench_layers(name: str, batch: int, backend: str, compare: bool, repeat: int
     torch_keys = list(per_torch)
     rows = []
     for idx, (lname, m) in enumerate(leaves):
-        row = {"layer": lname, "type": type(m).__name__,
-               "ours_fwd_ms": _median_ms(per_ours[lname]["forward"]),
-               "ours_bwd_ms": _median_ms(per_ours[lname]["backward"])}
+        row = {
+            "layer": lname,
+            "type": type(m).__name__,
+            "ours_fwd_ms": _median_ms(per_ours[lname]["forward"]),
+            "ours_bwd_ms": _median_ms(per_ours[lname]["backward"]),
+        }
         if ref and idx < len(torch_keys):
             k = torch_keys[idx]
             row["torch_fwd_ms"] = _median_ms(per_torch[k]["forward"])
             row["torch_bwd_ms"] = _median_ms(per_torch[k]["backward"])
         rows.append(row)
-    rest = {"layer": "(rest)", "type": "loss, optimizer, layout",
-            "ours_fwd_ms": _median_ms(steps_ours) - sum(r["ours_fwd_ms"] + r["ours_bwd_ms"] for r in rows),
-            "ours_bwd_ms": 0.0}
+    rest = {
+        "layer": "(rest)",
+        "type": "loss, optimizer, layout",
+        "ours_fwd_ms": _median_ms(steps_ours) - sum(r["ours_fwd_ms"] + r["ours_bwd_ms"] for r in rows),
+        "ours_bwd_ms": 0.0,
+    }
     if ref:
         rest["torch_fwd_ms"] = _median_ms(steps_torch) - sum(r.get("torch_fwd_ms", 0) + r.get("torch_bwd_ms", 0) for r in rows)
         rest["torch_bwd_ms"] = 0.0
@@ -246,8 +263,11 @@ def _memory_child(framework: str, name: str, batch: int, backend: str, steps: in
 
         pool = cupy.get_default_memory_pool()
     base = _proc_status_bytes("VmRSS") if backend != "cupy" else 0
-    step = OursStep(name, batch, backend) if framework == "cnn_gpu" else TorchStep(
-        name, batch, "cuda" if backend == "cupy" else "cpu")
+    step = (
+        OursStep(name, batch, backend)
+        if framework == "cnn_gpu"
+        else TorchStep(name, batch, "cuda" if backend == "cupy" else "cpu")
+    )
     if framework == "torch" and backend == "cupy":
         step.torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
@@ -284,30 +304,42 @@ def _fmt(v, spec=".2f"):
 
 
 def print_tables(result: dict) -> None:
-    print(f"# cnn_gpu benchmark suite, {result['backend']} backend, {result['threads']} threads, {result['clock']} clock; "
-          f"{result['machine']}")
-    print(f"# median of {result['repeat']} steps after {result['warmup']} warm-up, cnn_gpu and torch alternating in "
-          f"blocks of {result['block']}\n")
+    print(
+        f"# cnn_gpu benchmark suite, {result['backend']} backend, {result['threads']} threads, {result['clock']} clock; "
+        f"{result['machine']}"
+    )
+    print(
+        f"# median of {result['repeat']} steps after {result['warmup']} warm-up, cnn_gpu and torch alternating in "
+        f"blocks of {result['block']}\n"
+    )
     print("| model | batch | cnn_gpu ms | torch ms | ratio |")
     print("|---|---|---|---|---|")
     for r in result["steps"]:
-        print(f"| {r['model']} | {r['batch']} | {r['ours_ms']:.2f} | {_fmt(r.get('torch_ms'))} | "
-              f"{_fmt(r.get('ratio'))}{'x' if 'ratio' in r else ''} |")
+        print(
+            f"| {r['model']} | {r['batch']} | {r['ours_ms']:.2f} | {_fmt(r.get('torch_ms'))} | "
+            f"{_fmt(r.get('ratio'))}{'x' if 'ratio' in r else ''} |"
+        )
     for lay in result.get("layers", []):
-        print(f"\n## per layer: {lay['model']}, batch {lay['batch']} (step: cnn_gpu {lay['ours_step_ms']:.2f} ms, "
-              f"torch {_fmt(lay.get('torch_step_ms'))} ms)\n")
+        print(
+            f"\n## per layer: {lay['model']}, batch {lay['batch']} (step: cnn_gpu {lay['ours_step_ms']:.2f} ms, "
+            f"torch {_fmt(lay.get('torch_step_ms'))} ms)\n"
+        )
         print("| layer | type | cnn_gpu fwd | cnn_gpu bwd | torch fwd | torch bwd |")
         print("|---|---|---|---|---|---|")
         for r in lay["layers"]:
-            print(f"| {r['layer']} | {r['type']} | {r['ours_fwd_ms']:.2f} | {r['ours_bwd_ms']:.2f} | "
-                  f"{_fmt(r.get('torch_fwd_ms'))} | {_fmt(r.get('torch_bwd_ms'))} |")
+            print(
+                f"| {r['layer']} | {r['type']} | {r['ours_fwd_ms']:.2f} | {r['ours_bwd_ms']:.2f} | "
+                f"{_fmt(r.get('torch_fwd_ms'))} | {_fmt(r.get('torch_bwd_ms'))} |"
+            )
     if result.get("memory"):
         print(f"\n## peak memory, MiB ({result['memory'][0]['measures']})\n")
         print("| model | batch | cnn_gpu | torch | ratio |")
         print("|---|---|---|---|---|")
         for r in result["memory"]:
-            print(f"| {r['model']} | {r['batch']} | {r['ours_peak_mb']:.1f} | {_fmt(r.get('torch_peak_mb'), '.1f')} | "
-                  f"{_fmt(r.get('ratio'))}{'x' if r.get('ratio') is not None else ''} |")
+            print(
+                f"| {r['model']} | {r['batch']} | {r['ours_peak_mb']:.1f} | {_fmt(r.get('torch_peak_mb'), '.1f')} | "
+                f"{_fmt(r.get('ratio'))}{'x' if r.get('ratio') is not None else ''} |"
+            )
 
 
 def main(argv=None) -> int:
@@ -324,16 +356,26 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compare", choices=["torch", "none"], default=None, help="default: torch when it imports")
     ap.add_argument("--layers", action="store_true", help="also time every layer's forward and backward")
-    ap.add_argument("--layer-batch", nargs="+", type=int, default=None,
-                    help="batch sizes for --layers (default: the --batch sizes)")
+    ap.add_argument(
+        "--layer-batch", nargs="+", type=int, default=None, help="batch sizes for --layers (default: the --batch sizes)"
+    )
     ap.add_argument("--memory", action="store_true", help="also measure peak memory (a subprocess per config)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for both (cnn_gpu's workers, BLAS, torch; default: all cores)")
-    ap.add_argument("--block", type=int, default=3,
-                    help="alternate cnn_gpu and torch in blocks of this many timed steps (default 3), each "
-                         "after an untimed step of the same framework; 1: step by step")
-    ap.add_argument("--clock", choices=sorted(_CLOCKS), default="wall",
-                    help="wall (default) or cpu: this process's CPU time, steadier on a busy machine")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for both (cnn_gpu's workers, BLAS, torch; default: all cores)"
+    )
+    ap.add_argument(
+        "--block",
+        type=int,
+        default=3,
+        help="alternate cnn_gpu and torch in blocks of this many timed steps (default 3), each "
+        "after an untimed step of the same framework; 1: step by step",
+    )
+    ap.add_argument(
+        "--clock",
+        choices=sorted(_CLOCKS),
+        default="wall",
+        help="wall (default) or cpu: this process's CPU time, steadier on a busy machine",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
     args = ap.parse_args(argv)
@@ -346,15 +388,26 @@ def main(argv=None) -> int:
         print(f"# no torch comparison: {why}")
     if cmp:
         _torch_setup(args.backend, args.threads)
-    result = {"machine": machine(), "backend": args.backend, "threads": args.threads or os.cpu_count(),
-              "clock": args.clock, "block": args.block,
-              "repeat": args.repeat, "warmup": args.warmup, "compare": compare, "steps": []}
+    result = {
+        "machine": machine(),
+        "backend": args.backend,
+        "threads": args.threads or os.cpu_count(),
+        "clock": args.clock,
+        "block": args.block,
+        "repeat": args.repeat,
+        "warmup": args.warmup,
+        "compare": compare,
+        "steps": [],
+    }
     for m in args.models:
         for b in args.batch:
             result["steps"].append(bench_step(m, b, args.backend, cmp, args.repeat, args.warmup, clock, args.block))
     if args.layers:
-        result["layers"] = [bench_layers(m, b, args.backend, cmp, args.repeat, args.warmup, clock, args.block)
-                            for m in args.models for b in (args.layer_batch or args.batch)]
+        result["layers"] = [
+            bench_layers(m, b, args.backend, cmp, args.repeat, args.warmup, clock, args.block)
+            for m in args.models
+            for b in (args.layer_batch or args.batch)
+        ]
     if args.memory:
         result["memory"] = [bench_memory(m, b, args.backend, cmp) for m in args.models for b in args.batch]
     if args.out:

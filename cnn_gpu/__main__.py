@@ -1,4 +1,5 @@
 """``python -m cnn_gpu`` is the ``cnn-gpu`` command line."""
+
 import sys
 
 from .cli import main

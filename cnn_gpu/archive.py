@@ -7,6 +7,7 @@ member that claims more bytes than its array needs (a compression bomb) or an ar
 shape is refused before anything is decompressed. Members the caller does not ask for are never
 decompressed. Every failure is a ValueError naming the file and the member.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,7 @@ MAX_HEADER_BYTES = 4 << 20  # the JSON header of a model or checkpoint is a few 
 # once the archive's arrays exceed BOMB_MIN_BYTES (deflate tops out near 1032:1)
 MAX_RATIO = 100
 BOMB_MIN_BYTES = 16 << 20
-_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError, NotImplementedError,
-                RuntimeError)
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError, NotImplementedError, RuntimeError)
 
 
 class Archive:
@@ -53,10 +53,12 @@ class Archive:
         packed = sum(i.compress_size for i in self._members.values())
         if declared > BOMB_MIN_BYTES and declared > MAX_RATIO * max(packed, 1):
             self._zip.close()
-            raise self.error(f"its members declare {declared:,} bytes from {packed:,} compressed "
-                             f"(over {MAX_RATIO}:1; cnn_gpu writes uncompressed archives)")
+            raise self.error(
+                f"its members declare {declared:,} bytes from {packed:,} compressed "
+                f"(over {MAX_RATIO}:1; cnn_gpu writes uncompressed archives)"
+            )
 
-    def __enter__(self) -> "Archive":
+    def __enter__(self) -> Archive:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -86,8 +88,9 @@ class Archive:
             raise self.error(f"member {name!r}: expected a numeric array, got dtype {dtype}")
         need = offset + math.prod(shape) * dtype.itemsize
         if member.file_size != need:
-            raise self.error(f"member {name!r}: declares {member.file_size:,} bytes, but its array "
-                             f"{tuple(shape)} {dtype} takes {need:,}")
+            raise self.error(
+                f"member {name!r}: declares {member.file_size:,} bytes, but its array {tuple(shape)} {dtype} takes {need:,}"
+            )
         return tuple(shape), dtype
 
     def read(self, name: str, shape: tuple | None = None, dtype=None, max_bytes: int | None = None) -> np.ndarray:
@@ -100,8 +103,9 @@ class Archive:
         if dtype is not None and got_dtype != np.dtype(dtype):
             raise ValueError(f"{self.path}: member {name!r}: expected dtype {np.dtype(dtype)}, got {got_dtype}")
         if max_bytes is not None and self._members[name].file_size > max_bytes:
-            raise ValueError(f"{self.path}: member {name!r}: expected at most {max_bytes:,} bytes, "
-                             f"got {self._members[name].file_size:,}")
+            raise ValueError(
+                f"{self.path}: member {name!r}: expected at most {max_bytes:,} bytes, got {self._members[name].file_size:,}"
+            )
         try:
             with self._zip.open(self._members[name]) as f:
                 return np.lib.format.read_array(f, allow_pickle=False)

@@ -11,12 +11,14 @@ which lives in a :class:`contextvars.ContextVar`::
 The default backend comes from the setting ``backend`` of :mod:`cnn_gpu.config`
 (``CNN_GPU_BACKEND``: "numpy", "cupy" or "auto"), else "numpy".
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -28,13 +30,16 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (CuPy missing, or no GPU)."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cupy_status() -> tuple[ModuleType | None, str]:
     """(cupy module or None, reason it is unusable or "")."""
     try:
         import cupy  # noqa: PLC0415  (optional dependency, imported lazily)
     except Exception as exc:  # ImportError, or a broken CUDA install
-        return None, f"CuPy is not importable ({type(exc).__name__}: {exc}); install cnn_gpu[cuda12] or cnn_gpu[cuda13]"
+        return None, (
+            f"CuPy is not importable ({type(exc).__name__}: {exc}); install the cuda12 or cuda13 extra "
+            "(pip install -e '.[cuda12]' in a checkout of cnn_gpu)"
+        )
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
@@ -46,8 +51,10 @@ def _cupy_status() -> tuple[ModuleType | None, str]:
     try:
         build.probe()  # compile and launch a trivial kernel: a broken install fails here, once, clearly
     except Exception as exc:
-        return None, (f"CuPy sees a GPU but cannot compile or run cnn_gpu's kernels ({type(exc).__name__}: {exc}); "
-                      "install CuPy with its CUDA libraries: pip install 'cnn_gpu[cuda12]' (or [cuda13])")
+        return None, (
+            f"CuPy sees a GPU but cannot compile or run cnn_gpu's kernels ({type(exc).__name__}: {exc}); "
+            "install CuPy with its CUDA libraries: pip install -e '.[cuda12]' (or '.[cuda13]') in a checkout"
+        )
     return cupy, ""
 
 
@@ -83,9 +90,10 @@ def current_xp() -> ModuleType:
 
 def backend_module(name: str) -> ModuleType:
     """The array module for a backend name ("numpy", "cupy" or "auto")."""
-    resolved = _resolve(name)
-    if resolved == "cupy":
-        return _cupy_status()[0]
+    if _resolve(name) == "cupy":
+        cp, _ = _cupy_status()
+        assert cp is not None  # _resolve raised BackendUnavailableError otherwise
+        return cp
     return np
 
 
@@ -103,6 +111,7 @@ def set_backend(name: str) -> None:
 
 
 def is_cupy_array(a: Any) -> bool:
+    """Whether ``a`` is a CuPy array (by its type's module: CuPy is not imported)."""
     return type(a).__module__.split(".")[0] == "cupy"
 
 
@@ -124,8 +133,7 @@ _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 def is_dlpack_producer(a: Any) -> bool:
     """True for an array of another framework that exports DLPack (a torch tensor, a JAX array, ...);
     False for NumPy and CuPy arrays, which cnn_gpu uses as they are."""
-    return hasattr(a, "__dlpack__") and hasattr(a, "__dlpack_device__") and not (
-        isinstance(a, np.ndarray) or is_cupy_array(a))
+    return hasattr(a, "__dlpack__") and hasattr(a, "__dlpack_device__") and not (isinstance(a, np.ndarray) or is_cupy_array(a))
 
 
 def _dlpack_source(a: Any) -> Any:
@@ -149,8 +157,9 @@ def from_dlpack(a: Any, xp: ModuleType | None = None) -> Any:
             return xp.from_dlpack(a)
         return xp.asarray(np.from_dlpack(a, device="cpu" if device not in _DLPACK_HOST else None))
     except (BufferError, TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
-        raise TypeError(f"a: cannot read the {type(a).__name__} through DLPack as a {xp.__name__} array "
-                        f"({type(exc).__name__}: {exc})") from None
+        raise TypeError(
+            f"a: cannot read the {type(a).__name__} through DLPack as a {xp.__name__} array ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def to_numpy(a: Any) -> np.ndarray:

@@ -9,10 +9,12 @@ save what they measure::
 
 The run folder's callbacks (metrics, model files, the checkpoint) are in cnn_gpu.runs.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .train import Callback, EpochStats, Loop, StopOnNonFinite, evaluate, format_stats
 
@@ -29,7 +31,8 @@ class Evaluate(Callback):
         self.data, self.split, self.batch_size = data, split, batch_size
 
     def on_epoch_end(self, loop: Loop, stats: EpochStats) -> None:
-        loss, acc = evaluate(loop.model, *self.data, batch_size=self.batch_size)
+        x, y = self.data
+        loss, acc = evaluate(loop.model, x, y, batch_size=self.batch_size)
         setattr(stats, f"{self.split}_loss", loss)
         setattr(stats, f"{self.split}_accuracy", acc)
 
@@ -51,14 +54,24 @@ class ProgressBar(Callback):
 
     def __init__(self, file: Any = None, refresh_s: float | None = None, bar: Any = None):
         if bar is None:
-            from tqdm.auto import tqdm as bar  # noqa: PLC0415  (imported only when a bar is shown)
+            from tqdm.auto import tqdm  # noqa: PLC0415  (imported only when a bar is shown)
+
+            bar = tqdm
         self.make_bar, self.file = bar, file
         self.refresh_s = REFRESH_S if refresh_s is None else refresh_s
-        self.bar, self.last = None, 0.0
+        self.bar: Any = None  # the epoch's bar, made in on_epoch_begin
+        self.last = 0.0
 
     def on_epoch_begin(self, loop: Loop) -> None:
-        self.bar = self.make_bar(total=loop.steps_per_epoch, initial=loop.step, desc=f"epoch {loop.epoch + 1}/{loop.epochs}",
-                                 unit="step", leave=False, file=self.file, dynamic_ncols=True)
+        self.bar = self.make_bar(
+            total=loop.steps_per_epoch,
+            initial=loop.step,
+            desc=f"epoch {loop.epoch + 1}/{loop.epochs}",
+            unit="step",
+            leave=False,
+            file=self.file,
+            dynamic_ncols=True,
+        )
         self.last = time.monotonic()
 
     def on_step(self, loop: Loop) -> None:
@@ -66,10 +79,11 @@ class ProgressBar(Callback):
         if time.monotonic() - self.last < self.refresh_s:
             return
         loss_sum, hits = loop.read_sums()
-        seen = max(loop.meter.seen, 1)
-        rate = (loop.meter.seen - loop.meter.seen_before) / max(time.perf_counter() - loop.started, 1e-9)
-        self.bar.set_postfix_str(f"loss {loss_sum / seen:.4f}  acc {100 * hits / seen:.2f}%  {rate:.0f} img/s",
-                                 refresh=True)
+        meter = loop.meter
+        assert meter is not None  # fit made it before the first step
+        seen = max(meter.seen, 1)
+        rate = (meter.seen - meter.seen_before) / max(time.perf_counter() - loop.started, 1e-9)
+        self.bar.set_postfix_str(f"loss {loss_sum / seen:.4f}  acc {100 * hits / seen:.2f}%  {rate:.0f} img/s", refresh=True)
         self.last = time.monotonic()
 
     def on_steps_end(self, loop: Loop) -> None:
@@ -103,8 +117,9 @@ class LambdaCallback(Callback):
     """Plain functions as hooks: ``on_step(epoch, step)`` (1-based epoch, steps done in it; host
     values only) and ``on_epoch_end(stats)``."""
 
-    def __init__(self, on_step: Callable[[int, int], None] | None = None,
-                 on_epoch_end: Callable[[EpochStats], None] | None = None):
+    def __init__(
+        self, on_step: Callable[[int, int], None] | None = None, on_epoch_end: Callable[[EpochStats], None] | None = None
+    ):
         self._on_step, self._on_epoch_end = on_step, on_epoch_end
 
     def on_step(self, loop: Loop) -> None:
@@ -116,5 +131,4 @@ class LambdaCallback(Callback):
             self._on_epoch_end(stats)
 
 
-__all__ = ["Callback", "StopOnNonFinite", "Evaluate", "PrintLog", "ProgressBar", "StopRequest", "LambdaCallback",
-           "REFRESH_S"]
+__all__ = ["Callback", "StopOnNonFinite", "Evaluate", "PrintLog", "ProgressBar", "StopRequest", "LambdaCallback", "REFRESH_S"]

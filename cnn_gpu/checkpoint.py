@@ -13,7 +13,7 @@ the previous checkpoint intact):
      "position": {"epoch": completed epochs, "step": batches done in the next one,
                   "loss_sum", "correct", "seen", "seconds": that epoch's partial sums},
      "global_step": optimizer steps taken,
-     "optimizer": {"type": "Adam", "step": t, "hyper": {...}},
+     "optimizer": {"type": "Adam", "step": t, "hyper": {...}} (+ "loss_scaler": {"scale", "growth_tracker", ...}: fp16),
      "schedule": {"type": "OneCycleLR", "last_step": ..., "base_lr": ...} or null,
      "rng": {"loader": {"seed", "shuffle", "batch_size", "num_examples", "steps_per_epoch"},
              "dropout": {module name: {"seed", "calls"}},
@@ -27,6 +27,7 @@ The DataLoader's order depends only on (seed, epoch) and a Dropout layer's masks
 version and checksum (a truncated or corrupted file is a ``ValueError`` naming it), and
 :func:`restore` checks that the architecture matches the model it is loaded into.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,14 +37,25 @@ from typing import Any
 
 import numpy as np
 
+from .archive import Archive
 from .backend import to_numpy
 from .io import atomic_write
 from .nn import Dropout, Module
 from .optim import LRSchedule, Optimizer
 from .random import default_generator
-from .archive import Archive
-from .serialization import (HEADER_KEY, build_checked, check_header, describe, encode_header, field_error, model_dtype,
-                            parameter_shapes, read_weights)
+from .serialization import (
+    HEADER_KEY,
+    build_checked,
+    check_header,
+    check_header_size,
+    check_savable,
+    describe,
+    encode_header,
+    field_error,
+    model_dtype,
+    parameter_shapes,
+    read_weights,
+)
 from .serialization import read_header as _read_header
 from .train import Position
 
@@ -78,7 +90,7 @@ class Checkpoint:
         return self.header.get("extra", {})
 
     def model_state(self) -> dict:
-        return {k[len(MODEL_PREFIX):]: v for k, v in self.arrays.items() if k.startswith(MODEL_PREFIX)}
+        return {k[len(MODEL_PREFIX) :]: v for k, v in self.arrays.items() if k.startswith(MODEL_PREFIX)}
 
     def optimizer_state(self) -> dict | None:
         meta = self.header.get("optimizer")
@@ -87,9 +99,15 @@ class Checkpoint:
         state: dict[str, dict] = {}
         for key, value in self.arrays.items():
             if key.startswith(OPTIM_PREFIX):
-                name, buf = key[len(OPTIM_PREFIX):].rsplit("/", 1)
+                name, buf = key[len(OPTIM_PREFIX) :].rsplit("/", 1)
                 state.setdefault(name, {})[buf] = value
-        return {"type": meta["type"], "step": meta["step"], "hyper": meta["hyper"], "state": state}
+        return {
+            "type": meta["type"],
+            "step": meta["step"],
+            "hyper": meta["hyper"],
+            "state": state,
+            "loss_scaler": meta.get("loss_scaler"),
+        }
 
     def build_model(self, backend: str | None = None) -> Module:
         """A model of the saved architecture holding the saved weights."""
@@ -129,12 +147,21 @@ def _load_weights(model: Module, ckpt: Checkpoint) -> None:
         raise ValueError(f"{ckpt.path}: weights do not match the saved architecture: {exc}") from None
 
 
-def save_checkpoint(path: str | os.PathLike, model: Module, optimizer: Optimizer | None = None,
-                    scheduler: LRSchedule | None = None, *, position: Position, loader: Any = None,
-                    config: dict | None = None, metadata: dict | None = None, extra: dict | None = None) -> None:
-    """Write a checkpoint to ``path`` atomically (see the module docs for the layout)."""
-    if not isinstance(model, Module):
-        raise TypeError(f"model: expected a cnn_gpu.nn.Module, got {type(model).__name__}")
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: Module,
+    optimizer: Optimizer | None = None,
+    scheduler: LRSchedule | None = None,
+    *,
+    position: Position,
+    loader: Any = None,
+    config: dict | None = None,
+    metadata: dict | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write a checkpoint to ``path`` atomically (see the module docs for the layout); one that
+    :func:`load_checkpoint` would refuse (the model files' limits) is a ValueError, nothing written."""
+    check_savable(model, path)
     arrays: dict[str, np.ndarray] = {}
     for name, a in model.state_dict().items():
         arrays[MODEL_PREFIX + name] = np.array(to_numpy(a), copy=True)
@@ -145,29 +172,41 @@ def save_checkpoint(path: str | os.PathLike, model: Module, optimizer: Optimizer
             for buf, value in bufs.items():
                 arrays[f"{OPTIM_PREFIX}{name}/{buf}"] = value
         opt_meta = {"type": sd["type"], "step": sd["step"], "hyper": sd["hyper"]}
+        if sd.get("loss_scaler") is not None:  # float16 training's loss scale (cnn_gpu/precision.py)
+            opt_meta["loss_scaler"] = sd["loss_scaler"]
     loader_meta = None
     if loader is not None:
-        loader_meta = {"seed": loader.seed, "shuffle": loader.shuffle, "batch_size": loader.batch_size,
-                       "num_examples": loader.num_examples, "steps_per_epoch": len(loader)}
+        loader_meta = {
+            "seed": loader.seed,
+            "shuffle": loader.shuffle,
+            "batch_size": loader.batch_size,
+            "num_examples": loader.num_examples,
+            "steps_per_epoch": len(loader),
+        }
     header = {
-        "format": FORMAT, "version": VERSION,
-        "architecture": describe(model), "dtype": str(model_dtype(model)),
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": describe(model),
+        "dtype": str(model_dtype(model)),
         "position": position.as_dict(),
         "global_step": optimizer.step_count if optimizer is not None else None,
         "optimizer": opt_meta,
         "schedule": scheduler.state_dict() if scheduler is not None else None,
-        "rng": {"loader": loader_meta, "dropout": dropout_states(model),
-                "generator": default_generator().bit_generator.state},
-        "config": config or {}, "metadata": metadata or {}, "extra": extra or {},
+        "rng": {"loader": loader_meta, "dropout": dropout_states(model), "generator": default_generator().bit_generator.state},
+        "config": config or {},
+        "metadata": metadata or {},
+        "extra": extra or {},
         "sha256": _digest(arrays),
     }
     arrays[HEADER_KEY] = encode_header(header)
+    check_header_size(arrays[HEADER_KEY], path)
     with atomic_write(path) as f:
-        np.savez(f, **arrays)
+        np.savez(f, allow_pickle=False, **arrays)  # numbers only (the header too: JSON bytes)
 
 
 def _check_checkpoint_header(h: dict, path: Any) -> None:
     """The checkpoint's own fields (types and ranges), before any array is read."""
+
     def need(key, ok, expected, where=None):
         if not ok:
             raise field_error(path, where or key, expected, h.get(key) if where is None else None)
@@ -184,8 +223,12 @@ def _check_checkpoint_header(h: dict, path: Any) -> None:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             raise field_error(path, f"position.{key}", "a number", v)
     opt = h.get("optimizer")
-    if opt is not None and not (isinstance(opt, dict) and isinstance(opt.get("type"), str)
-                                and isinstance(opt.get("step"), int) and isinstance(opt.get("hyper"), dict)):
+    if opt is not None and not (
+        isinstance(opt, dict)
+        and isinstance(opt.get("type"), str)
+        and isinstance(opt.get("step"), int)
+        and isinstance(opt.get("hyper"), dict)
+    ):
         raise field_error(path, "optimizer", "null or {type: str, step: int, hyper: {...}}", opt)
     if h.get("schedule") is not None and not isinstance(h.get("schedule"), dict):
         raise field_error(path, "schedule", "null or a JSON object", h.get("schedule"))
@@ -200,7 +243,7 @@ def _read_optimizer_state(archive: Archive, shapes: dict, dtype: str) -> dict:
     for member in archive.names:
         if not member.startswith(OPTIM_PREFIX):
             continue
-        name, _, buf = member[len(OPTIM_PREFIX):].rpartition("/")
+        name, _, buf = member[len(OPTIM_PREFIX) :].rpartition("/")
         if name not in shapes or not buf.isidentifier():
             raise ValueError(f"{archive.path}: member {member!r}: expected optim/<parameter name>/<buffer>")
         arrays[member] = archive.read(member, shapes[name], dtype)
@@ -239,8 +282,9 @@ def _arch_summary(desc: dict) -> str:
     return desc.get("type", "?") + ("(" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")" if cfg else "")
 
 
-def restore(ckpt: Checkpoint, model: Module, optimizer: Optimizer | None = None,
-            scheduler: LRSchedule | None = None, loader: Any = None) -> Position:
+def restore(
+    ckpt: Checkpoint, model: Module, optimizer: Optimizer | None = None, scheduler: LRSchedule | None = None, loader: Any = None
+) -> Position:
     """Load weights, optimizer, schedule and RNG state into freshly built objects; -> the position.
 
     The model must have the checkpoint's architecture and dtype, and ``loader`` (if given) the
@@ -250,7 +294,8 @@ def restore(ckpt: Checkpoint, model: Module, optimizer: Optimizer | None = None,
     if own != ckpt.header["architecture"]:
         raise ValueError(
             f"{ckpt.path}: checkpoint of another architecture: expected (the model) {_arch_summary(own)}, "
-            f"got (the file) {_arch_summary(ckpt.header['architecture'])}")
+            f"got (the file) {_arch_summary(ckpt.header['architecture'])}"
+        )
     if str(model_dtype(model)) != ckpt.header["dtype"]:
         raise ValueError(f"{ckpt.path}: expected a {model_dtype(model)} checkpoint for this model, got {ckpt.header['dtype']}")
     saved_loader = ckpt.header.get("rng", {}).get("loader")
@@ -289,5 +334,4 @@ def read_header(path: str | os.PathLike) -> dict:
         return _read_header(archive)
 
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "restore", "read_header", "dropout_states",
-           "FORMAT", "VERSION"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "restore", "read_header", "dropout_states", "FORMAT", "VERSION"]

@@ -20,7 +20,13 @@ context) changes them for the current thread or task only, since the active Conf
 | ``CNN_GPU_MIRROR``     | ``mirror``     | one base URL to download datasets from                       |
 | ``CNN_GPU_TIMEOUT_S``  | ``timeout_s``  | data-parallel runs: seconds a collective may wait for the    |
 |                        |                | other ranks before every rank is aborted (default 300)       |
+| ``CNN_GPU_MMAP_MB``    | ``mmap_mb``    | a cached image array larger than this (MiB) is memory-mapped |
+|                        |                | (np.memmap), not read into memory (default 1024)             |
+| ``CNN_GPU_DEVICE_DATA``| ``device_data``| a run's data is uploaded to the GPU once when its normalised |
+|                        |                | splits take under this fraction of the free device memory;   |
+|                        |                | else batches stream from the host (default 0.5; docs/DATA.md)|
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,12 +34,15 @@ import contextvars
 import dataclasses
 import math
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 BACKENDS = ("numpy", "cupy", "auto")
 ENGINES = ("auto", "reference", "cpu", "cuda")
 DEFAULT_WORKSPACE_MB = 1024.0
 DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_MMAP_MB = 1024.0
+DEFAULT_DEVICE_DATA = 0.5
 
 # field -> environment variable
 ENV = {
@@ -45,6 +54,8 @@ ENV = {
     "data_dir": "CNN_GPU_DATA",
     "mirror": "CNN_GPU_MIRROR",
     "timeout_s": "CNN_GPU_TIMEOUT_S",
+    "mmap_mb": "CNN_GPU_MMAP_MB",
+    "device_data": "CNN_GPU_DEVICE_DATA",
 }
 
 
@@ -58,6 +69,8 @@ class Config:
     data_dir: str | None = None
     mirror: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    mmap_mb: float = DEFAULT_MMAP_MB
+    device_data: float = DEFAULT_DEVICE_DATA
 
 
 def _choice(name: str, value: Any, choices: tuple) -> str:
@@ -92,6 +105,18 @@ def _text_or_none(name: str, value: Any) -> str | None:
     return None if value is None else os.fspath(value)
 
 
+def _fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: expected a fraction in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _mib(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative number of MiB, got {value!r}")
+    return float(value)
+
+
 _CHECKS = {
     "backend": lambda n, v: _choice(n, v, BACKENDS),
     "engine": lambda n, v: _choice(n, v, ENGINES),
@@ -101,6 +126,8 @@ _CHECKS = {
     "data_dir": _text_or_none,
     "mirror": _text_or_none,
     "timeout_s": _positive_seconds,
+    "mmap_mb": _mib,
+    "device_data": _fraction,
 }
 
 
@@ -118,19 +145,24 @@ def _parse_env(field: str, text: str) -> Any:
             return check(field, int(text), var)
         except ValueError:
             raise ValueError(f"{var}: expected a positive int, got {text!r}") from None
-    if field in ("workspace_mb", "timeout_s"):
+    if field in ("workspace_mb", "timeout_s", "mmap_mb", "device_data"):
         try:
             return check(field, float(text), var)
         except ValueError:
-            unit = "MiB" if field == "workspace_mb" else "seconds"
-            raise ValueError(f"{var}: expected a positive number of {unit}, got {text!r}") from None
+            what = {
+                "workspace_mb": "a positive number of MiB",
+                "timeout_s": "a positive number of seconds",
+                "mmap_mb": "a non-negative number of MiB",
+                "device_data": "a fraction in [0, 1]",
+            }[field]
+            raise ValueError(f"{var}: expected {what}, got {text!r}") from None
     return check(field, text, var)
 
 
-def from_environment(environ: dict | None = None) -> Config:
+def from_environment(environ: Mapping[str, str] | None = None) -> Config:
     """A Config from the ``CNN_GPU_*`` variables (unset or empty ones keep their defaults)."""
-    environ = os.environ if environ is None else environ
-    values = {f: _parse_env(f, environ[v]) for f, v in ENV.items() if environ.get(v)}
+    env = os.environ if environ is None else environ
+    values = {f: _parse_env(f, env[v]) for f, v in ENV.items() if env.get(v)}
     return Config(**values)
 
 
@@ -167,9 +199,10 @@ def _replaced(changes: dict) -> Config:
 @contextlib.contextmanager
 def override(**changes: Any) -> Iterator[Config]:
     """Within the block, the given settings replace the current ones (this thread / task only)."""
-    token = _active.set(_replaced(changes))
+    cfg = _replaced(changes)
+    token = _active.set(cfg)
     try:
-        yield _active.get()
+        yield cfg
     finally:
         _active.reset(token)
 
@@ -181,5 +214,19 @@ def update(**changes: Any) -> Config:
     return cfg
 
 
-__all__ = ["Config", "get", "override", "update", "check", "from_environment", "given_by_environment", "ENV",
-           "BACKENDS", "ENGINES", "DEFAULT_WORKSPACE_MB", "DEFAULT_TIMEOUT_S"]
+__all__ = [
+    "Config",
+    "get",
+    "override",
+    "update",
+    "check",
+    "from_environment",
+    "given_by_environment",
+    "ENV",
+    "BACKENDS",
+    "ENGINES",
+    "DEFAULT_WORKSPACE_MB",
+    "DEFAULT_TIMEOUT_S",
+    "DEFAULT_MMAP_MB",
+    "DEFAULT_DEVICE_DATA",
+]

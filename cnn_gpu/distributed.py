@@ -19,6 +19,7 @@ Rules: BatchNorm statistics stay per rank (each normalises its own shard; runnin
 are not averaged); a final global batch smaller than the number of ranks is dropped so that no
 rank gets an empty batch. See docs/DISTRIBUTED.md for the cost model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,12 +28,13 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from . import config
-from .backend import get_array_module, is_cupy_array
+from .backend import is_cupy_array
 from .callbacks import Evaluate, StopRequest
 from .data.loader import DataLoader
 from .optim import Optimizer
@@ -47,11 +49,11 @@ class DistributedError(RuntimeError):
     """A data-parallel setup that cannot work (mpi4py missing under mpiexec, too few GPUs, ...)."""
 
 
-def launched_size(environ: dict | None = None) -> int:
+def launched_size(environ: Mapping[str, str] | None = None) -> int:
     """How many ranks the launcher started (1 without one), from its environment variables."""
-    environ = os.environ if environ is None else environ
+    env = os.environ if environ is None else environ
     for var in _LAUNCHER_SIZE_VARS:
-        text = environ.get(var)
+        text = env.get(var)
         if text and text.strip().isdigit():
             return int(text)
     return 1
@@ -61,8 +63,9 @@ def _check_array(array: Any, what: str) -> None:
     if not (isinstance(array, np.ndarray) or is_cupy_array(array)):
         raise TypeError(f"{what}: expected a NumPy or CuPy array, got {type(array).__name__}")
     if not array.flags.c_contiguous:
-        raise ValueError(f"{what}: expected a C-contiguous array (the collective works in place), "
-                         f"got one with strides {array.strides}")
+        raise ValueError(
+            f"{what}: expected a C-contiguous array (the collective works in place), got one with strides {array.strides}"
+        )
 
 
 def _check_op(array: Any, op: str) -> None:
@@ -135,7 +138,7 @@ class Communicator:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size}, local_rank={self.local_rank})"
 
 
-def _wait(request: Any, comm: "MPICommunicator", what: str, timeout_s: float | None = None) -> None:
+def _wait(request: Any, comm: MPICommunicator, what: str, timeout_s: float | None = None) -> None:
     """Poll a non-blocking MPI request until it completes; past the deadline (``timeout_s``, by
     default CNN_GPU_TIMEOUT_S), abort every rank."""
     timeout_s = comm.timeout_s if timeout_s is None else timeout_s
@@ -150,8 +153,11 @@ def _wait(request: Any, comm: "MPICommunicator", what: str, timeout_s: float | N
             pause = min(1e-3, max(pause * 2, 2e-5))
             time.sleep(pause)
         if waited > timeout_s:
-            comm.abort(1, f"cnn_gpu.distributed: rank {comm.rank} of {comm.size}: {what} did not complete within "
-                          f"{timeout_s:g} s (CNN_GPU_TIMEOUT_S); another rank died or hangs; aborting every rank")
+            comm.abort(
+                1,
+                f"cnn_gpu.distributed: rank {comm.rank} of {comm.size}: {what} did not complete within "
+                f"{timeout_s:g} s (CNN_GPU_TIMEOUT_S); another rank died or hangs; aborting every rank",
+            )
 
 
 class MPICommunicator(Communicator):
@@ -173,8 +179,11 @@ class MPICommunicator(Communicator):
         _check_op(array, op)
         if is_cupy_array(array):
             return self.nccl().allreduce_(array, op)
-        _wait(self.comm.Iallreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM), self,
-              f"allreduce of {array.size} {array.dtype} values")
+        _wait(
+            self.comm.Iallreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM),
+            self,
+            f"allreduce of {array.size} {array.dtype} values",
+        )
         if op == "mean":
             array *= array.dtype.type(1.0 / self.size)
         return array
@@ -220,9 +229,11 @@ class MPICommunicator(Communicator):
             device = device_for(self.local_rank, count)
             cupy.cuda.Device(device).use()
         except Exception as exc:  # cudaErrorDevicesUnavailable, ...
-            self.device_error = (f"rank {self.rank} (local rank {self.local_rank} of {self.local_size}) could not "
-                                 f"select GPU {self.local_rank % count} of the {count} it sees "
-                                 f"({type(exc).__name__}: {exc})")
+            self.device_error = (
+                f"rank {self.rank} (local rank {self.local_rank} of {self.local_size}) could not "
+                f"select GPU {self.local_rank % count} of the {count} it sees "
+                f"({type(exc).__name__}: {exc})"
+            )
             return None
         self.device = device
         return device
@@ -232,6 +243,7 @@ class MPICommunicator(Communicator):
         gathered (so every rank raises the same error instead of some waiting in NCCL's init)."""
         import cupy  # noqa: PLC0415
 
+        mine: str | tuple[Any, Any]  # why this rank has no GPU, or (host, the GPU's PCI bus id)
         if self.select_device() is None:
             mine = self.device_error or f"rank {self.rank}: CuPy arrays need a GPU on every rank; CuPy sees none"
         else:
@@ -241,16 +253,17 @@ class MPICommunicator(Communicator):
     def allgather_object(self, obj: Any) -> list:
         return self.comm.allgather(obj)  # startup only (blocking)
 
-    def nccl(self) -> "NcclChannel":
+    def nccl(self) -> NcclChannel:
         """The NCCL communicator, created on first use (collectively: every rank's first CuPy collective)."""
         if self._nccl is None:
             import cupy  # noqa: PLC0415
-
             from cupy.cuda import nccl  # noqa: PLC0415
 
             if not getattr(nccl, "available", True):
-                raise DistributedError("CuPy arrays need NCCL, which CuPy could not load: pip install -e '.[cuda12-mpi]' "
-                                       "(or '.[cuda13-mpi]'; NCCL alone: nvidia-nccl-cu12 / nvidia-nccl-cu13)")
+                raise DistributedError(
+                    "CuPy arrays need NCCL, which CuPy could not load: pip install -e '.[cuda12-mpi]' "
+                    "(or '.[cuda13-mpi]'; NCCL alone: nvidia-nccl-cu12 / nvidia-nccl-cu13)"
+                )
             self._gpu_of_every_rank()
             self._nccl = NcclChannel(self, nccl, cupy.cuda)
         return self._nccl
@@ -269,10 +282,14 @@ class NcclChannel:
         uid = nccl.get_unique_id() if comm.rank == 0 else None
         uid = comm.broadcast_object(uid, root=0)  # the NCCL unique id travels over MPI
         self.comm = nccl.NcclCommunicator(comm.size, uid, comm.rank)
-        self.types = {np.dtype(np.float16): nccl.NCCL_FLOAT16, np.dtype(np.float32): nccl.NCCL_FLOAT32,
-                      np.dtype(np.float64): nccl.NCCL_FLOAT64, np.dtype(np.int32): nccl.NCCL_INT32,
-                      np.dtype(np.int64): nccl.NCCL_INT64}
-        self.last_event = None
+        self.types = {
+            np.dtype(np.float16): nccl.NCCL_FLOAT16,
+            np.dtype(np.float32): nccl.NCCL_FLOAT32,
+            np.dtype(np.float64): nccl.NCCL_FLOAT64,
+            np.dtype(np.int32): nccl.NCCL_INT32,
+            np.dtype(np.int64): nccl.NCCL_INT64,
+        }
+        self.last_event: Any = None  # the cupy.cuda.Event after the last collective
 
     def _dtype(self, array: Any) -> int:
         if np.dtype(array.dtype) not in self.types:
@@ -289,8 +306,11 @@ class NcclChannel:
             while not event.done:
                 if time.monotonic() > deadline:
                     self.comm.abort()
-                    self.owner.abort(1, f"cnn_gpu.distributed: rank {self.owner.rank}: the NCCL collective before "
-                                        f"{what} did not complete within {self.owner.timeout_s:g} s; aborting every rank")
+                    self.owner.abort(
+                        1,
+                        f"cnn_gpu.distributed: rank {self.owner.rank}: the NCCL collective before "
+                        f"{what} did not complete within {self.owner.timeout_s:g} s; aborting every rank",
+                    )
                 time.sleep(1e-4)
         return self.cuda.get_current_stream()
 
@@ -346,8 +366,9 @@ def init(gpu: bool | None = None) -> Communicator:
             try:
                 from mpi4py import MPI  # noqa: PLC0415  (initialises MPI)
             except ImportError:
-                raise DistributedError(f"started as one of {size} ranks, but mpi4py is not installed: "
-                                       "pip install 'cnn_gpu[mpi]'") from None
+                raise DistributedError(
+                    f"started as one of {size} ranks, but mpi4py is not installed: pip install -e '.[mpi]' from a checkout"
+                ) from None
             _current.append(MPICommunicator(MPI))
     comm = _current[0]
     cpu_only = "backend" in config.given_by_environment() and config.get().backend == "numpy"
@@ -392,7 +413,8 @@ def check_one_gpu_per_rank(entries: list) -> None:
             raise DistributedError(
                 f"NCCL needs one GPU per rank: ranks {seen[tuple(key)]} and {rank} on {host} both use GPU {bus} "
                 "(a rank takes GPU local_rank % the GPUs it sees); start at most one rank per GPU, or give each "
-                "rank its own GPU (CUDA_VISIBLE_DEVICES)")
+                "rank its own GPU (CUDA_VISIBLE_DEVICES)"
+            )
         seen[tuple(key)] = rank
 
 
@@ -401,7 +423,7 @@ def broadcast_parameters(model: Any, comm: Communicator, root: int = 0) -> None:
     for _, p in model.named_parameters():
         comm.broadcast_(p.data, root)
     named_buffers = getattr(model, "named_buffers", None)
-    for _, buf in (named_buffers() if named_buffers is not None else ()):
+    for _, buf in named_buffers() if named_buffers is not None else ():
         comm.broadcast_(buf, root)
 
 
@@ -416,16 +438,16 @@ class DistributedOptimizer(Optimizer):
 
     def __init__(self, optimizer: Optimizer, comm: Communicator, loader: Any = None):  # noqa: D107
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, DistributedOptimizer):
-            raise TypeError(f"optimizer: expected a cnn_gpu.optim.Optimizer (not already distributed), "
-                            f"got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer: expected a cnn_gpu.optim.Optimizer (not already distributed), got {type(optimizer).__name__}"
+            )
         if not isinstance(comm, Communicator):
             raise TypeError(f"comm: expected a cnn_gpu.distributed communicator (init()), got {type(comm).__name__}")
         self.optimizer, self.comm, self.loader = optimizer, comm, loader  # (no repacking: the wrapped one's groups)
 
     groups = property(lambda self: self.optimizer.groups)
     lr = property(lambda self: self.optimizer.lr, lambda self, v: setattr(self.optimizer, "lr", v))
-    step_count = property(lambda self: self.optimizer.step_count,
-                          lambda self, v: setattr(self.optimizer, "step_count", v))
+    step_count = property(lambda self: self.optimizer.step_count, lambda self, v: setattr(self.optimizer, "step_count", v))
 
     def __getattr__(self, name: str) -> Any:  # momentum, betas, ... of the wrapped optimizer
         if name == "optimizer":
@@ -451,7 +473,7 @@ class DistributedOptimizer(Optimizer):
     device_scalars = property(lambda self: self.optimizer.device_scalars)
     staged = property(lambda self: self.optimizer.staged)
 
-    def use_device_scalars(self, enabled: bool = True, *, staged: bool = False) -> "DistributedOptimizer":
+    def use_device_scalars(self, enabled: bool = True, *, staged: bool = False) -> DistributedOptimizer:
         self.optimizer.use_device_scalars(enabled, staged=staged)
         return self
 
@@ -480,14 +502,24 @@ class ShardedLoader(DataLoader):
     batch with fewer examples than ranks is dropped. ``weight`` is n_rank * size / n_global of the
     batch yielded last (see DistributedOptimizer)."""
 
-    def __init__(self, x: Any, y: Any, batch_size: int, comm: Communicator, shuffle: bool = False,
-                 drop_last: bool = False, seed: int = 0, transform: Any = None):
+    def __init__(
+        self,
+        x: Any,
+        y: Any,
+        batch_size: int,
+        comm: Communicator,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        transform: Any = None,
+    ):
         super().__init__(x, y, batch_size, shuffle, drop_last, seed, transform)
         if not isinstance(comm, Communicator):
             raise TypeError(f"comm: expected a cnn_gpu.distributed communicator (init()), got {type(comm).__name__}")
         if self.batch_size < comm.size:
-            raise ValueError(f"batch_size: expected at least one example per rank ({comm.size} ranks), "
-                             f"got a global batch of {self.batch_size}")
+            raise ValueError(
+                f"batch_size: expected at least one example per rank ({comm.size} ranks), got a global batch of {self.batch_size}"
+            )
         self.comm, self.weight = comm, 1.0
 
     def __len__(self) -> int:
@@ -617,8 +649,10 @@ def check_resume(saved_ranks: int | None, comm: Communicator, where: str) -> Non
     """--resume continues with the number of ranks the run was trained with."""
     saved = 1 if saved_ranks is None else int(saved_ranks)
     if saved != comm.size:
-        raise ValueError(f"resume: {where} was trained on {saved} rank(s); continue it with the same number "
-                         f"(mpiexec -n {saved} ...), got {comm.size}")
+        raise ValueError(
+            f"resume: {where} was trained on {saved} rank(s); continue it with the same number "
+            f"(mpiexec -n {saved} ...), got {comm.size}"
+        )
 
 
 @contextlib.contextmanager
@@ -632,12 +666,35 @@ def fail_together(comm: Communicator, what: str = "cnn-gpu") -> Iterator[None]:
         if comm.size == 1 or getattr(exc, "collective", False) or isinstance(exc, SystemExit):
             raise
         text = str(exc) or type(exc).__name__
-        comm.abort(getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1),
-                   f"{what}: rank {comm.rank} of {comm.size} failed: {type(exc).__name__}: {text}; aborting every rank")
+        comm.abort(
+            getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1),
+            f"{what}: rank {comm.rank} of {comm.size} failed: {type(exc).__name__}: {text}; aborting every rank",
+        )
         raise
 
 
-__all__ = ["init", "visible_gpus", "device_for", "check_one_gpu_per_rank", "Communicator", "MPICommunicator", "NcclChannel", "DistributedError", "DistributedOptimizer",
-           "ShardedLoader", "CollectiveStop", "GlobalMetrics", "ShardedEvaluate", "broadcast_parameters",
-           "launched_size", "shard_bounds", "lead_only", "global_position", "resumed_position", "fail_together",
-           "decorrelate_dropout", "check_resume", "rank_zero_first"]
+__all__ = [
+    "init",
+    "visible_gpus",
+    "device_for",
+    "check_one_gpu_per_rank",
+    "Communicator",
+    "MPICommunicator",
+    "NcclChannel",
+    "DistributedError",
+    "DistributedOptimizer",
+    "ShardedLoader",
+    "CollectiveStop",
+    "GlobalMetrics",
+    "ShardedEvaluate",
+    "broadcast_parameters",
+    "launched_size",
+    "shard_bounds",
+    "lead_only",
+    "global_position",
+    "resumed_position",
+    "fail_together",
+    "decorrelate_dropout",
+    "check_resume",
+    "rank_zero_first",
+]

@@ -2,13 +2,15 @@
 
 A crash mid-write leaves the previous file intact and no partial file under the final name.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 
 def _umask() -> int:

@@ -10,7 +10,7 @@
   model's dtype;
 - ``onnx.checker`` (with shape inference) passed before the file is written (atomically).
 
-The graph is built with the ``onnx`` package (``pip install "cnn_gpu[onnx]"``), imported only
+The graph is built with the ``onnx`` package (the ``onnx`` extra: ``pip install -e ".[onnx]"``), imported only
 when a graph is built, so this module imports without it.
 
 Each layer type has one converter, registered by the layer's class name
@@ -22,11 +22,13 @@ returns with its shape. Converters read layers by their attribute names (``weigh
 ``running_mean``, ``kernel_size``, ...), so layers that keep the torch-like names export
 without further work.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -49,8 +51,10 @@ def _require_onnx():
     try:
         import onnx  # noqa: PLC0415 (optional dependency)
     except ImportError:
-        raise ImportError("ONNX export needs the onnx package, which is not installed: "
-                          "pip install 'cnn_gpu[onnx]' (or pip install onnx onnxruntime)") from None
+        raise ImportError(
+            "ONNX export needs the onnx package, which is not installed: "
+            "pip install -e '.[onnx]' in a checkout of cnn_gpu (or pip install onnx onnxruntime)"
+        ) from None
     return onnx
 
 
@@ -122,8 +126,9 @@ def _const_of(ctx: _Graph, layer, name: str) -> str:
     arr = _param(layer, name)
     if arr is None or arr.dtype != ctx.dtype:
         got = "none" if arr is None else str(arr.dtype)
-        raise ExportError(f"layer {ctx.path!r} ({type(layer).__name__}): expected {name} as a {ctx.dtype} array "
-                          f"(the model's dtype), got {got}")
+        raise ExportError(
+            f"layer {ctx.path!r} ({type(layer).__name__}): expected {name} as a {ctx.dtype} array (the model's dtype), got {got}"
+        )
     return ctx.const(f"{ctx.path}.{name}" if ctx.path else name, arr)
 
 
@@ -132,9 +137,11 @@ def _convert(layer, ctx: _Graph, x: str, shape: tuple, path: str) -> tuple[str, 
     fn = CONVERTERS.get(kind)
     if fn is None:
         where = f"layer {path!r}" if path else "the model"
-        raise ExportError(f"{where} ({kind}) cannot be exported to ONNX: no converter is registered for the type "
-                          f"{kind!r}; known: {sorted(CONVERTERS)}. Register one with "
-                          "@cnn_gpu.onnx.register_converter")
+        raise ExportError(
+            f"{where} ({kind}) cannot be exported to ONNX: no converter is registered for the type "
+            f"{kind!r}; known: {sorted(CONVERTERS)}. Register one with "
+            "@cnn_gpu.onnx.register_converter"
+        )
     outer, ctx.path = ctx.path, path
     try:
         return fn(layer, ctx, x, shape)
@@ -149,6 +156,7 @@ def convert_child(parent_path: str, name: str, layer, ctx: _Graph, x: str, shape
 
 # --- the layers -----------------------------------------------------------------------------------
 
+
 @register_converter("Sequential")
 def _sequential(layer, ctx, x, shape):
     path = ctx.path
@@ -159,16 +167,20 @@ def _sequential(layer, ctx, x, shape):
 
 def _expect_rank(layer, shape: tuple, rank: int, ctx: _Graph) -> None:
     if len(shape) != rank:
-        raise ExportError(f"layer {ctx.path!r} ({type(layer).__name__}): expected a {rank}-D input, got shape "
-                          f"{tuple(shape)} (does input_shape start with the batch size, like (1, C, H, W)?)")
+        raise ExportError(
+            f"layer {ctx.path!r} ({type(layer).__name__}): expected a {rank}-D input, got shape "
+            f"{tuple(shape)} (does input_shape start with the batch size, like (1, C, H, W)?)"
+        )
 
 
 def _window_out(layer, ctx: _Graph, shape: tuple, k: tuple, s: tuple, p: tuple, d: tuple = (1, 1)) -> tuple:
     """(OH, OW) of a window op on an input of ``shape``, or an ExportError when the window does not fit."""
     OH, OW = out_size(shape[2], k[0], s[0], p[0], d[0]), out_size(shape[3], k[1], s[1], p[1], d[1])
     if OH < 1 or OW < 1:
-        raise ExportError(f"layer {ctx.path!r} ({type(layer).__name__}): its {k[0]}x{k[1]} window does not fit the "
-                          f"input of shape {tuple(shape)} (padding {tuple(p)}); check input_shape")
+        raise ExportError(
+            f"layer {ctx.path!r} ({type(layer).__name__}): its {k[0]}x{k[1]} window does not fit the "
+            f"input of shape {tuple(shape)} (padding {tuple(p)}); check input_shape"
+        )
     return OH, OW
 
 
@@ -181,8 +193,15 @@ def _conv2d(layer, ctx, x, shape):
     inputs = [x, _const_of(ctx, layer, "weight")]
     if getattr(layer, "bias", None) is not None:
         inputs.append(_const_of(ctx, layer, "bias"))
-    y = ctx.node("Conv", inputs, kernel_shape=[KH, KW], strides=[SH, SW], pads=[PH, PW, PH, PW],
-                 dilations=[DH, DW], group=int(getattr(layer, "groups", 1)))
+    y = ctx.node(
+        "Conv",
+        inputs,
+        kernel_shape=[KH, KW],
+        strides=[SH, SW],
+        pads=[PH, PW, PH, PW],
+        dilations=[DH, DW],
+        group=int(getattr(layer, "groups", 1)),
+    )
     return y, (N, layer.out_channels) + _window_out(layer, ctx, shape, (KH, KW), (SH, SW), (PH, PW), (DH, DW))
 
 
@@ -190,8 +209,10 @@ def _conv2d(layer, ctx, x, shape):
 def _linear(layer, ctx, x, shape):
     _expect_rank(layer, shape, 2, ctx)
     if shape[1] != layer.in_features:
-        raise ExportError(f"layer {ctx.path!r} (Linear): expected {layer.in_features} input features, got shape "
-                          f"{tuple(shape)}; check input_shape")
+        raise ExportError(
+            f"layer {ctx.path!r} (Linear): expected {layer.in_features} input features, got shape "
+            f"{tuple(shape)}; check input_shape"
+        )
     inputs = [x, _const_of(ctx, layer, "weight")]  # weight (out, in): y = x @ weight^T + bias
     if getattr(layer, "bias", None) is not None:
         inputs.append(_const_of(ctx, layer, "bias"))
@@ -258,22 +279,29 @@ def _batch_norm(layer, ctx, x, shape):
     """Eval mode: (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel (axis 1)."""
     C = int(layer.num_features)
     if len(shape) < 2 or shape[1] != C:
-        raise ExportError(f"layer {ctx.path!r} ({type(layer).__name__}): expected an input with {C} channels "
-                          f"on axis 1, got shape {tuple(shape)}")
+        raise ExportError(
+            f"layer {ctx.path!r} ({type(layer).__name__}): expected an input with {C} channels "
+            f"on axis 1, got shape {tuple(shape)}"
+        )
     scale = _param(layer, "weight")
     bias = _param(layer, "bias")
-    inputs = [x,
-              ctx.const(f"{ctx.path}.weight", scale if scale is not None else np.ones(C)),
-              ctx.const(f"{ctx.path}.bias", bias if bias is not None else np.zeros(C)),
-              _const_of(ctx, layer, "running_mean"), _const_of(ctx, layer, "running_var")]
+    inputs = [
+        x,
+        ctx.const(f"{ctx.path}.weight", scale if scale is not None else np.ones(C)),
+        ctx.const(f"{ctx.path}.bias", bias if bias is not None else np.zeros(C)),
+        _const_of(ctx, layer, "running_mean"),
+        _const_of(ctx, layer, "running_var"),
+    ]
     return ctx.node("BatchNormalization", inputs, epsilon=float(layer.eps)), shape
 
 
 def _adaptive_window(layer, ctx, size: int, out: int, axis: str) -> int:
     if out < 1 or size % out:
-        raise ExportError(f"layer {ctx.path!r} ({type(layer).__name__}): output_size {out} along {axis} is not "
-                          f"expressible as one ONNX pooling window for an input of size {size} (ONNX needs the "
-                          "input size to be a multiple of the output size); export with another input_shape")
+        raise ExportError(
+            f"layer {ctx.path!r} ({type(layer).__name__}): output_size {out} along {axis} is not "
+            f"expressible as one ONNX pooling window for an input of size {size} (ONNX needs the "
+            "input size to be a multiple of the output size); export with another input_shape"
+        )
     return size // out
 
 
@@ -300,8 +328,7 @@ def _residual(layer, ctx, x, shape):
     shortcut = getattr(layer, "shortcut", None)
     s, sshape = (x, shape) if shortcut is None else convert_child(path, "shortcut", shortcut, ctx, x, shape)
     if tuple(yshape) != tuple(sshape):
-        raise ExportError(f"layer {path!r} (Residual): the body gives shape {tuple(yshape)} but the shortcut "
-                          f"{tuple(sshape)}")
+        raise ExportError(f"layer {path!r} (Residual): the body gives shape {tuple(yshape)} but the shortcut {tuple(sshape)}")
     y = ctx.node("Add", [y, s])
     activation = getattr(layer, "activation", None)
     if activation is None:
@@ -313,15 +340,21 @@ def _residual(layer, ctx, x, shape):
 
 # --- the model ------------------------------------------------------------------------------------
 
+
 def _check_input_shape(input_shape: Any) -> tuple:
     try:
         shape = tuple(input_shape)
     except TypeError:
         shape = None
-    if (shape is None or len(shape) < 2 or
-            not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in shape)):
-        raise ValueError(f"input_shape: expected the input's shape with the batch first, like (1, C, H, W), as "
-                         f"positive ints, got {input_shape!r}")
+    if (
+        shape is None
+        or len(shape) < 2
+        or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in shape)
+    ):
+        raise ValueError(
+            f"input_shape: expected the input's shape with the batch first, like (1, C, H, W), as "
+            f"positive ints, got {input_shape!r}"
+        )
     return tuple(int(d) for d in shape)
 
 
@@ -352,10 +385,16 @@ def to_onnx(model, input_shape, opset: int | None = None):
     ctx = _Graph(onnx, dtype, _check_opset(opset, onnx))
     y, out_shape = _convert(model, ctx, INPUT_NAME, shape, "")
     ctx.nodes.append(onnx.helper.make_node("Identity", [y], [OUTPUT_NAME], name=OUTPUT_NAME))
-    graph = onnx.helper.make_graph(ctx.nodes, type(model).__name__, [_value_info(onnx, INPUT_NAME, dtype, shape)],
-                                   [_value_info(onnx, OUTPUT_NAME, dtype, out_shape)], initializer=ctx.initializers)
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", ctx.opset)],
-                                   producer_name="cnn_gpu", producer_version=__version__)
+    graph = onnx.helper.make_graph(
+        ctx.nodes,
+        type(model).__name__,
+        [_value_info(onnx, INPUT_NAME, dtype, shape)],
+        [_value_info(onnx, OUTPUT_NAME, dtype, out_shape)],
+        initializer=ctx.initializers,
+    )
+    proto = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", ctx.opset)], producer_name="cnn_gpu", producer_version=__version__
+    )
     proto.ir_version = min(proto.ir_version, _max_ir_version(onnx, ctx.opset))
     onnx.checker.check_model(proto, full_check=True)  # also runs shape inference against the declared shapes
     return proto
@@ -378,5 +417,4 @@ def export(model, path: str | os.PathLike, input_shape, opset: int | None = None
     return proto
 
 
-__all__ = ["export", "to_onnx", "register_converter", "convert_child", "ExportError", "CONVERTERS",
-           "DEFAULT_OPSET"]
+__all__ = ["export", "to_onnx", "register_converter", "convert_child", "ExportError", "CONVERTERS", "DEFAULT_OPSET"]

@@ -18,11 +18,12 @@ reach the CUDA kernel through a small device array per group, uploaded by ``step
 asynchronous copy (cnn_gpu/cuda/scalars.py), not as launch arguments, so a CUDA graph that replays
 the step sees each step's values; the same bits either way.
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from .backend import get_array_module, on_same_backend, to_numpy
 from .cuda.scalars import DeviceScalars, adam_scalars, takes_device_scalars
 from .functional import _dispatch
 from .nn.module import Module, Parameter
+
+if TYPE_CHECKING:  # (precision imports this module)
+    from .precision import Float16Step, LossScaler
 
 
 def _named(params: Any) -> list[tuple[str, Parameter]]:
@@ -65,7 +69,7 @@ class _Group:
         total = int(sum(sizes))
         self.data = xp.empty(total, dtype=first.dtype)
         self.grad = xp.empty(total, dtype=first.dtype)
-        self.slices: "OrderedDict[str, tuple[slice, tuple]]" = OrderedDict()
+        self.slices: OrderedDict[str, tuple[slice, tuple]] = OrderedDict()
         off = 0
         for (name, p), n in zip(items, sizes):
             sl = slice(off, off + n)
@@ -79,6 +83,7 @@ class _Group:
         self.views = [p.data for p in self.params]
         self.state: dict[str, Any] = {}
         self.scalars: DeviceScalars | None = None  # the update kernel's per-step scalars (device-scalar mode)
+        self.half = None  # float16 training: the float16 copy of ``data`` the update also writes (precision.py)
 
     def zeros(self):
         return get_array_module(self.data).zeros_like(self.data)
@@ -89,10 +94,17 @@ class _Group:
             if p.data is not view:
                 raise RuntimeError(
                     f"parameter {name!r} was replaced after the optimizer was created (model.to()?); "
-                    "create the optimizer after moving or casting the model")
+                    "create the optimizer after moving or casting the model"
+                )
 
 
 class Optimizer:
+    """The base of the optimizers: the parameters (a model or its named parameters) packed into one flat
+    buffer per (backend, dtype) group, each Parameter's data and grad becoming views of it; ``step()``
+    updates every parameter with one update per group, ``zero_grad()`` clears the gradients, and
+    ``state_dict()`` / ``load_state_dict()`` carry the state keyed by parameter name. Create it after
+    ``model.to(...)``."""
+
     _state_keys: tuple[str, ...] = ()
 
     def __init__(self, params: Any, lr: float):
@@ -100,17 +112,20 @@ class Optimizer:
             raise ValueError(f"lr: expected a non-negative float, got {lr!r}")
         self.lr = float(lr)
         items = _named(params)
-        groups: "OrderedDict[tuple, list]" = OrderedDict()
+        groups: OrderedDict[tuple, list] = OrderedDict()
         for name, p in items:
             key = (get_array_module(p.data).__name__, str(p.dtype))
             groups.setdefault(key, []).append((name, p))
         self.groups = [_Group(g) for g in groups.values()]
         self.step_count = 0
         self.device_scalars = self.staged = False
+        self.scaler: LossScaler | None = None  # float16 training's LossScaler (cnn_gpu/precision.py): checks, unscales, may skip
+        self.float16_step: Float16Step | None = None  # float16 training's step (precision.Float16Step), which train_step runs
+        self.loss_scaler_state: dict | None = None  # the scaler's state when none is attached (checkpoints)
 
     _op = ""  # the engine op of the update (its device scalars' layout: cuda/scalars.py)
 
-    def use_device_scalars(self, enabled: bool = True, *, staged: bool = False) -> "Optimizer":
+    def use_device_scalars(self, enabled: bool = True, *, staged: bool = False) -> Optimizer:
         """From now on ``step()`` uploads the step's scalars (lr; Adam's step_size, bc2, decay, in
         double precision) to a device array per group, one asynchronous copy each, and the CUDA
         update kernel reads them there instead of from its launch arguments (a CUDA graph replaying
@@ -157,10 +172,19 @@ class Optimizer:
             g.grad[...] = 0
 
     def step(self) -> None:
+        """One update of every group. With a loss scaler (float16 training, cnn_gpu/precision.py):
+        first its found-inf check over every gradient buffer, then the updates (which unscale the
+        gradients, or do nothing when one was not finite), then its scale's update; all on the device."""
         self.step_count += 1
         for g in self.groups:
             g.check_views()
+        if self.scaler is not None:
+            for g in self.groups:
+                self.scaler.check(g.grad)
+        for g in self.groups:
             self._update(g)
+        if self.scaler is not None:
+            self.scaler.update()
 
     def _update(self, g: _Group) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -170,14 +194,22 @@ class Optimizer:
 
     # --- state -------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """{"step": t, "hyper": {...}, "state": {param name: {buffer name: NumPy array}}}."""
+        """{"step": t, "hyper": {...}, "state": {param name: {buffer name: NumPy array}}, "loss_scaler": the
+        LossScaler's state of float16 training (cnn_gpu/precision.py; a host read), or None}."""
         state: dict[str, dict] = {}
         for g in self.groups:
             for key, buf in g.state.items():
                 for name, (sl, shape) in g.slices.items():
                     # a copy: on NumPy to_numpy() would return a view that later steps mutate
                     state.setdefault(name, {})[key] = np.array(to_numpy(buf[sl]), copy=True).reshape(shape)
-        return {"type": type(self).__name__, "step": self.step_count, "hyper": self.hyperparameters(), "state": state}
+        scaler = self.scaler.state_dict() if self.scaler is not None else self.loss_scaler_state
+        return {
+            "type": type(self).__name__,
+            "step": self.step_count,
+            "hyper": self.hyperparameters(),
+            "state": state,
+            "loss_scaler": scaler,
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         if not isinstance(sd, dict) or sd.get("type") != type(self).__name__:
@@ -190,6 +222,9 @@ class Optimizer:
         for key, value in sd["hyper"].items():
             setattr(self, key, tuple(value) if isinstance(value, list) else value)
         self.step_count = int(sd["step"])
+        self.loss_scaler_state = sd.get("loss_scaler")  # float16 training's scale: its next fit starts from it
+        if self.scaler is not None and self.loss_scaler_state is not None:
+            self.scaler.load_state_dict(self.loss_scaler_state)
         for g in self.groups:
             g.state = {}
             for key in self._state_keys:
@@ -215,7 +250,11 @@ def _check_float(name: str, v: Any, lo: float = 0.0, hi: float = math.inf, hi_op
 
 
 class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum (``nesterov=True``: Nesterov's) and L2 weight
+    decay added to the gradient: torch.optim.SGD's update (state: ``momentum_buffer``)."""
+
     _state_keys = ("momentum_buffer",)
+    float16_masters = True  # its update kernel keeps float32 masters for float16 training (precision.py)
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
         super().__init__(params, lr)
@@ -232,9 +271,36 @@ class SGD(Optimizer):
         first = "momentum_buffer" not in g.state
         if self.momentum != 0 and first:
             g.state["momentum_buffer"] = g.zeros()
+        if g.half is not None:  # float16 training: float32 masters, the float16 copy, the loss scale
+            from .cuda import ops  # noqa: PLC0415  (the cuda engine's float16 path only)
+
+            fn = ops.sgd_update_master_
+            fn(
+                g.data,
+                g.grad,
+                g.state.get("momentum_buffer"),
+                g.half,
+                self.lr,
+                self.momentum,
+                self.weight_decay,
+                self.nesterov,
+                self.scaler.scale,
+                self.scaler.found,
+                **self._scalars_kw(g, fn),
+            )
+            return
         fn = _dispatch.impl("sgd_update_", g.data)
-        fn(g.data, g.grad, g.state.get("momentum_buffer"), self.lr, self.momentum, self.weight_decay, self.nesterov,
-           first, **self._scalars_kw(g, fn))
+        fn(
+            g.data,
+            g.grad,
+            g.state.get("momentum_buffer"),
+            self.lr,
+            self.momentum,
+            self.weight_decay,
+            self.nesterov,
+            first,
+            **self._scalars_kw(g, fn),
+        )
 
     _op = "sgd_update_"
 
@@ -243,8 +309,12 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
+    """Adam (Kingma & Ba) with bias correction; ``weight_decay`` is L2, added to the gradient:
+    torch.optim.Adam's update (state: ``exp_avg``, ``exp_avg_sq``)."""
+
     _state_keys = ("exp_avg", "exp_avg_sq")
     _decoupled = False
+    float16_masters = True  # its update kernel keeps float32 masters for float16 training (precision.py)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, lr)
@@ -262,23 +332,63 @@ class Adam(Optimizer):
             g.state["exp_avg"], g.state["exp_avg_sq"] = g.zeros(), g.zeros()
         m, v = g.state["exp_avg"], g.state["exp_avg_sq"]
         b1, b2 = self.betas
+        if g.half is not None:  # float16 training: masters, the float16 copy; t = the steps not skipped (device)
+            from .cuda import ops  # noqa: PLC0415  (the cuda engine's float16 path only)
+
+            fn, sc = ops.adam_update_master_, self.scaler
+            fn(
+                g.data,
+                g.grad,
+                m,
+                v,
+                g.half,
+                self.lr,
+                b1,
+                b2,
+                self.eps,
+                self.weight_decay,
+                self._decoupled,
+                sc.scale,
+                sc.found,
+                sc.taken,
+                **self._scalars_kw(g, fn),
+            )
+            return
         bc1, bc2 = self._bias_corrections(self.step_count)
         fn = _dispatch.impl("adam_update_", g.data)
-        fn(g.data, g.grad, m, v, self.lr, b1, b2, self.eps, self.weight_decay, self._decoupled, bc1, bc2,
-           **self._scalars_kw(g, fn))
+        fn(
+            g.data,
+            g.grad,
+            m,
+            v,
+            self.lr,
+            b1,
+            b2,
+            self.eps,
+            self.weight_decay,
+            self._decoupled,
+            bc1,
+            bc2,
+            **self._scalars_kw(g, fn),
+        )
 
     _op = "adam_update_"
 
     def _bias_corrections(self, t: int) -> tuple[float, float]:
         """(1 - beta1^t, 1 - beta2^t) of step ``t`` (from 1), in double precision."""
         b1, b2 = self.betas
-        return 1.0 - b1 ** t, 1.0 - b2 ** t
+        return 1.0 - b1**t, 1.0 - b2**t
 
     def _step_values(self, t: int) -> tuple:
+        if self.scaler is not None:  # float16 training: the kernel forms the rest from the steps taken
+            return (self.lr, 0.0, 0.0)
         return adam_scalars(self.lr, self.weight_decay, *self._bias_corrections(t))
 
 
 class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): the weights shrink by lr * weight_decay
+    each step, apart from the gradient's moments: torch.optim.AdamW's update."""
+
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
@@ -354,8 +464,15 @@ class OneCycleLR(LRSchedule):
     """One-cycle policy (Smith & Topin): cosine rise from max_lr/div_factor to max_lr over
     pct_start of the steps, then cosine fall to max_lr/(div_factor*final_div_factor)."""
 
-    def __init__(self, optimizer, max_lr: float, total_steps: int, pct_start: float = 0.3,
-                 div_factor: float = 25.0, final_div_factor: float = 1e4):
+    def __init__(
+        self,
+        optimizer,
+        max_lr: float,
+        total_steps: int,
+        pct_start: float = 0.3,
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+    ):
         if not isinstance(total_steps, int) or total_steps < 2:
             raise ValueError(f"total_steps: expected an int >= 2, got {total_steps!r}")
         self.max_lr = _check_float("max_lr", max_lr)
@@ -379,5 +496,4 @@ class OneCycleLR(LRSchedule):
 
 SCHEDULES = {"step": StepLR, "cosine": CosineLR, "onecycle": OneCycleLR}
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRSchedule", "StepLR", "CosineLR", "OneCycleLR",
-           "OPTIMIZERS", "SCHEDULES"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRSchedule", "StepLR", "CosineLR", "OneCycleLR", "OPTIMIZERS", "SCHEDULES"]

@@ -1,5 +1,6 @@
 """Seeding. Parameters are initialised on the host with a NumPy Generator and then
 moved to the current backend, so a seed gives the same initial weights on NumPy and CuPy."""
+
 from __future__ import annotations
 
 import contextvars
@@ -19,6 +20,8 @@ def manual_seed(seed: int) -> np.random.Generator:
 
 
 def default_generator() -> np.random.Generator:
+    """cnn_gpu's default NumPy Generator for the current context (seeded by :func:`manual_seed`,
+    else from fresh entropy on first use): what initialisation, shuffling and dropout seeds draw from."""
     gen = _default.get()
     if gen is None:
         gen = np.random.default_rng()

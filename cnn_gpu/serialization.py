@@ -14,9 +14,11 @@ File format (a NumPy ``.npz`` archive, readable with ``numpy.load(path, allow_pi
 ``load`` rebuilds the model from the description alone, so a saved model can be evaluated
 without the code that built it.
 """
+
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import math
 import os
@@ -40,8 +42,11 @@ def describe(module: Module) -> dict:
     if isinstance(module, Sequential):
         return {"type": "Sequential", "children": [[n, describe(c)] for n, c in module.named_children()]}
     if isinstance(module, Residual):
-        return {"type": "Residual", "body": describe(module.body),
-                "shortcut": describe(module.shortcut) if module.shortcut is not None else None}
+        return {
+            "type": "Residual",
+            "body": describe(module.body),
+            "shortcut": describe(module.shortcut) if module.shortcut is not None else None,
+        }
     name = type(module).__name__
     if name not in LAYER_TYPES:
         raise TypeError(f"module: {name} is not a cnn_gpu layer type and cannot be described; known: {sorted(LAYER_TYPES)}")
@@ -60,12 +65,12 @@ def build_checked(desc: dict, dtype: Any, path: Any) -> Module:
 
     def make(d: dict, where: str) -> Module:
         if d["type"] == "Sequential":
-            return Sequential(OrderedDict((n, make(c, f"{where}.children[{i}][1]"))
-                                          for i, (n, c) in enumerate(d["children"])))
+            return Sequential(OrderedDict((n, make(c, f"{where}.children[{i}][1]")) for i, (n, c) in enumerate(d["children"])))
         if d["type"] == "Residual":
             shortcut = d.get("shortcut")
-            return Residual(make(d["body"], f"{where}.body"),
-                            make(shortcut, f"{where}.shortcut") if shortcut is not None else None)
+            return Residual(
+                make(d["body"], f"{where}.body"), make(shortcut, f"{where}.shortcut") if shortcut is not None else None
+            )
         return _build_leaf(d["type"], d.get("config", {}), dtype, path, f"{where}.config")
 
     return make(desc, "architecture")
@@ -197,8 +202,15 @@ def parameter_shapes(desc: Any, path: Any = "model", where: str = "architecture"
                 raise field_error(path, f"{where}.children", "a list of [name, module] pairs", children)
             names = set()
             for i, item in enumerate(children):
-                if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str) or not item[0]
-                        or "." in item[0] or len(item[0]) > 64 or item[0] in names):
+                if (
+                    not isinstance(item, list)
+                    or len(item) != 2
+                    or not isinstance(item[0], str)
+                    or not item[0]
+                    or "." in item[0]
+                    or len(item[0]) > 64
+                    or item[0] in names
+                ):
                     raise field_error(path, f"{where}.children[{i}]", "a [unique name without dots, module] pair", item)
                 names.add(item[0])
                 visit(item[1], f"{prefix}{item[0]}.", f"{where}.children[{i}][1]", depth + 1)
@@ -225,15 +237,17 @@ def read_weights(archive: Archive, shapes: dict[str, tuple], dtype: Any, prefix:
     """The arrays ``prefix + name`` of ``shapes``, each checked (shape, dtype, declared size) before
     it is read; a member that is missing, of another shape, or not expected is a ValueError."""
     path = archive.path
-    stored = {n[len(prefix):] for n in archive.names if n.startswith(prefix) and n != HEADER_KEY}
+    stored = {n[len(prefix) :] for n in archive.names if n.startswith(prefix) and n != HEADER_KEY}
     missing, unexpected = sorted(set(shapes) - stored), sorted(stored - set(shapes))
     wrong = sorted(n for n in set(shapes) & stored if archive.info(prefix + n)[0] != shapes[n])
     if missing or unexpected or wrong:
         want = sum(math.prod(s) for s in shapes.values())
         have = sum(math.prod(archive.info(prefix + n)[0]) for n in stored)
         detail = "; ".join(f"{prefix}{n}: expected shape {shapes[n]}, got {archive.info(prefix + n)[0]}" for n in wrong[:5])
-        raise ValueError(f"{path}: weights do not match the saved architecture ({want:,} parameters; the file stores "
-                         f"{have:,}): missing {missing[:10]}, unexpected {unexpected[:10]}" + (f"; {detail}" if detail else ""))
+        raise ValueError(
+            f"{path}: weights do not match the saved architecture ({want:,} parameters; the file stores "
+            f"{have:,}): missing {missing[:10]}, unexpected {unexpected[:10]}" + (f"; {detail}" if detail else "")
+        )
     return {n: archive.read(prefix + n, shapes[n], member_dtype(n, dtype)) for n in shapes}
 
 
@@ -264,16 +278,129 @@ def _build_leaf(kind: str, cfg: dict, dtype: Any, path: Any, where: str) -> Modu
         raise ValueError(f"{path}: {where}: {exc}") from None
 
 
-def save(model: Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write ``model`` (architecture + weights) to ``path`` atomically."""
+def check_header_size(header: np.ndarray, path: Any) -> None:
+    """Refuse to write a header (encoded, :func:`encode_header`) whose archive member (its .npy
+    header included, as the reader counts it) is larger than readers accept."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(header))
+    size = len(buf.getvalue()) + header.nbytes  # the member as np.savez writes it
+    if size > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"{path}: not saved: its JSON header (architecture, metadata) takes {size:,} bytes, "
+            f"over the {MAX_HEADER_BYTES:,} that cnn_gpu.load reads; keep the metadata smaller"
+        )
+
+
+def check_savable(model: Module, path: Any, metadata: dict | None = None) -> None:
+    """Refuse, before anything is written, a model that :func:`load` would refuse: the reader's
+    limits (nesting depth, module count, sizes, names: :func:`parameter_shapes`) and the header's
+    size. A file that saves but cannot be loaded would lose the user's work."""
     if not isinstance(model, Module):
         raise TypeError(f"model: expected a cnn_gpu.nn.Module, got {type(model).__name__}")
-    header = {"format": FORMAT, "version": VERSION, "dtype": str(model_dtype(model)),
-              "architecture": describe(model), "metadata": metadata or {}}
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata: expected a dict (JSON object) or None, got {type(metadata).__name__}")
+    architecture = describe(model)
+    try:
+        parameter_shapes(architecture, "model")
+    except ValueError as exc:
+        raise ValueError(f"{path}: not saved: cnn_gpu.load would refuse this model: {str(exc)[len('model: ') :]}") from None
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": str(model_dtype(model)),
+        "architecture": architecture,
+        "metadata": metadata or {},
+    }
+    check_header_size(encode_header(header), path)
+
+
+def _outputs(model: Module) -> int | None:
+    """The number of outputs of a model whose last parameterised leaf is a Linear (a classifier)."""
+    last = [m for _, m in model.named_modules() if not m._modules and m.parameters()]
+    return getattr(last[-1], "out_features", None) if last else None
+
+
+def _jsonable(v: Any) -> Any:
+    """Metadata values as JSON: NumPy (or CuPy) arrays and scalars become lists and numbers."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "tolist") and hasattr(v, "dtype"):
+        return to_numpy(v).tolist()
+    return v
+
+
+def model_metadata(model: Module, classes: Any = None, metadata: dict | None = None) -> dict:
+    """The metadata :func:`save` writes: ``metadata`` as given, plus what the model knows and the
+    caller did not say: ``input_shape`` (the last input it saw, e.g. (1, 28, 28)), ``model`` (a zoo
+    model's name), ``classes`` (names, in label order) and ``num_classes``."""
+    meta = _jsonable(dict(metadata or {}))
+    outputs = _outputs(model)
+    if classes is not None:
+        if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
+            raise TypeError(f"classes: expected a sequence of class names (str), got {classes!r:.80}")
+        classes = list(classes)
+        if outputs is not None and len(classes) != outputs:
+            raise ValueError(f"classes: expected {outputs} names (the model's outputs), got {len(classes)}")
+        if meta.get("classes") is not None and meta["classes"] != classes:
+            raise ValueError("classes: given twice (classes= and metadata['classes']) with different names")
+        meta["classes"] = classes
+    spec = getattr(model, "input_spec", None)
+    shape = getattr(model, "last_input_shape", None)
+    if shape is None and spec is not None and spec.min_size is None:
+        shape = spec.shape
+    if shape is not None:
+        meta.setdefault("input_shape", list(shape))
+    if spec is not None:
+        meta.setdefault("model", spec.name)
+    if outputs is not None:
+        meta.setdefault("num_classes", outputs)
+    return meta
+
+
+def save(model: Module, path: str | os.PathLike, classes: Any = None, metadata: dict | None = None) -> None:
+    """Write ``model`` (architecture + weights) to ``path`` atomically, with ``metadata`` (a dict
+    of JSON values; NumPy arrays are written as lists) and what the model knows: the input shape it
+    last saw, its classes' names (``classes``, in label order) and its normalisation when given
+    (``metadata={"mean": ..., "std": ..., "scale": ...}``, as cnn-gpu train records it). Then
+    ``cnn-gpu predict``, ``evaluate`` and ``export`` need no further arguments (see
+    :func:`model_metadata`)."""
+    if not isinstance(model, Module):
+        raise TypeError(f"model: expected a cnn_gpu.nn.Module, got {type(model).__name__}")
+    metadata = model_metadata(model, classes, metadata)
+    check_savable(model, path, metadata)  # nothing is written that load would refuse
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": str(model_dtype(model)),
+        "architecture": describe(model),
+        "metadata": metadata,
+    }
     arrays = {name: to_numpy(a) for name, a in model.state_dict().items()}
     arrays[HEADER_KEY] = encode_header(header)
     with atomic_write(path) as f:
-        np.savez(f, **arrays)
+        np.savez(f, allow_pickle=False, **arrays)  # numbers only (the header too: JSON bytes)
+
+
+def _remember_input(model: Module, meta: dict) -> None:
+    """Give a loaded model the input shape (and zoo spec) its file records, so that a model loaded
+    and saved again keeps them and its errors say what it takes; values are checked first."""
+    from .models import ANY_SIZE_FROM  # noqa: PLC0415 (models imports nn, not this module)
+    from .nn.module import InputSpec  # noqa: PLC0415
+
+    shape = meta.get("input_shape")
+    if not (
+        isinstance(shape, list)
+        and 1 <= len(shape) <= 3
+        and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_INT for d in shape)
+    ):
+        return
+    if "_last_input" in model.__dict__:
+        object.__setattr__(model, "_last_input", tuple(shape))
+        name = meta.get("model")
+        if isinstance(name, str) and len(name) <= 64 and len(shape) == 3:
+            object.__setattr__(model, "input_spec", InputSpec(name, tuple(shape), ANY_SIZE_FROM.get(name)))
 
 
 def load(path: str | os.PathLike, backend: str | None = None) -> Module:
@@ -291,4 +418,5 @@ def load(path: str | os.PathLike, backend: str | None = None) -> Module:
         model.load_state_dict(arrays)
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"{path}: weights do not match the saved architecture: {exc}") from None
+    _remember_input(model, header.get("metadata", {}))
     return model

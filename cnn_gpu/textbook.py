@@ -22,6 +22,7 @@ Backward, with delta_l = dL/dZ_l:
 and through each conv block: max-pool backward (to the argmax), ReLU' (if used), then the
 conv backward (col2im of W^T delta) from cnn_gpu.functional.
 """
+
 from __future__ import annotations
 
 import math
@@ -157,7 +158,7 @@ def backward_propagation(Y, output_layer, caches) -> dict:
     L = sum(1 for c in caches if c[0] in ("conv", "fc"))
     dZ = ((output_layer - Y) / output_layer.dtype.type(m)).T  # (m, n_classes): delta_L, one row per example
     l = L
-    dA = None
+    dA: Any = None
     for entry in reversed(caches):
         kind = entry[0]
         if kind == "fc":
@@ -194,7 +195,9 @@ def update_parameters(parameters: dict, gradients: dict, learning_rate: float) -
             if gkey not in gradients:
                 raise KeyError(f"gradients: missing {gkey!r}")
             if gradients[gkey].shape != parameters[key].shape:
-                raise ValueError(f"gradients[{gkey!r}]: expected shape {tuple(parameters[key].shape)}, got {describe(gradients[gkey])}")
+                raise ValueError(
+                    f"gradients[{gkey!r}]: expected shape {tuple(parameters[key].shape)}, got {describe(gradients[gkey])}"
+                )
             parameters[key] -= parameters[key].dtype.type(learning_rate) * gradients[gkey]
     return parameters
 

@@ -17,19 +17,24 @@ Inside an epoch everything else stays on the device: each step adds its loss and
 device sums and copies its loss into a device array of the epoch's per-step losses. Host-side
 bookkeeping (step counters, ``optimizer.lr``, batch sizes, the clock) never touches the device.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from .backend import get_array_module, to_numpy
 from .data.loader import DataLoader
+from .data.prefetch import backend_of
 from .nn import CrossEntropyLoss, Module
 from .optim import LRSchedule, Optimizer
+from .precision import Float16Step, gemm_math
+from .precision import check as check_precision
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,7 +51,7 @@ class TrainingInterrupted(Exception):
     ``position`` says where to continue (``fit(..., position=)``); ``history`` holds the epochs
     completed by this call."""
 
-    def __init__(self, position: "Position", history: list):
+    def __init__(self, position: Position, history: list):
         super().__init__(f"training interrupted at epoch {position.epoch + 1}, after step {position.step}")
         self.position, self.history = position, history
 
@@ -67,7 +72,7 @@ class Position:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Position":
+    def from_dict(cls, d: dict) -> Position:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -157,9 +162,9 @@ class Loop:
     scheduler: LRSchedule | None
     callbacks: list
     history: list
+    meter: Meter  # the running sums: one for the fit, reset in place at each epoch
     epoch: int = 0  # the current epoch, 0-based
     step: int = 0  # batches done in it
-    meter: Meter | None = None
     started: float = 0.0  # perf_counter at the epoch's (or the resume's) start
     seconds_before: float = 0.0  # of this epoch, before a resume
     stop: bool = False  # set by a callback: stop before the next step
@@ -232,9 +237,14 @@ class StopOnNonFinite(Callback):
         (value,) = read_metrics(window[int(offset)])
         step = m.first + int(offset) + 1
         global_step = loop.epoch * loop.steps_per_epoch + step
-        raise NonFiniteLossError(f"non-finite training loss ({value}) at epoch {loop.epoch + 1}, step {step} of "
-                                 f"{loop.steps_per_epoch} (global step {global_step})",
-                                 loop.epoch + 1, step, global_step, value)
+        raise NonFiniteLossError(
+            f"non-finite training loss ({value}) at epoch {loop.epoch + 1}, step {step} of "
+            f"{loop.steps_per_epoch} (global step {global_step})",
+            loop.epoch + 1,
+            step,
+            global_step,
+            value,
+        )
 
 
 def evaluate(model: Module, x: Any, y: Any, batch_size: int = 512, *, cuda_graph: Any = "auto") -> tuple[float, float]:
@@ -244,7 +254,7 @@ def evaluate(model: Module, x: Any, y: Any, batch_size: int = 512, *, cuda_graph
     partial batch runs eagerly."""
     if int(x.shape[0]) == 0:  # the mean over no examples is undefined
         raise ValueError(f"x: expected at least one example to evaluate, got an array of shape {tuple(x.shape)}")
-    xp = get_array_module(x)
+    xp = backend_of(x)  # a HostImages (data kept on the host) goes to its device batch by batch
     graphed = _graphs_on(cuda_graph, xp)
     was_training = model.training
     model.eval()
@@ -312,12 +322,18 @@ def predict_proba(model: Module, x: Any, batch_size: int = 512, *, cuda_graph: A
 def train_step(model: Module, loss_fn: CrossEntropyLoss, optimizer: Optimizer, xb, yb, max_label: int | None = None):
     """One step: forward, loss, backward (no gradient for the batch itself), update.
     Returns (loss, logits), both on the device. ``max_label``: the largest label of the data,
-    checked against the model's number of outputs before anything is updated."""
+    checked against the model's number of outputs before anything is updated. float16 training
+    (fit's precision="fp16"): the step of the optimizer's Float16Step (cnn_gpu/precision.py)."""
+    half = getattr(optimizer, "float16_step", None)
+    if half is not None:
+        return half(xb, yb, max_label)
     optimizer.zero_grad()
     logits = model.forward(xb)
     if max_label is not None and max_label >= logits.shape[1]:
-        raise ValueError(f"labels: expected class indices in [0, {logits.shape[1] - 1}] for a model with "
-                         f"{logits.shape[1]} outputs, got labels up to {max_label}")
+        raise ValueError(
+            f"labels: expected class indices in [0, {logits.shape[1] - 1}] for a model with "
+            f"{logits.shape[1]} outputs, got labels up to {max_label}"
+        )
     loss = loss_fn.forward(logits, yb)
     model.backward(loss_fn.backward(), input_grad=False)
     optimizer.step()
@@ -355,8 +371,15 @@ def _run_epoch(loop: Loop, loss_fn: CrossEntropyLoss, max_label: int | None, gra
     if loop.step < loop.steps_per_epoch:  # stopped mid-epoch, between two steps
         raise TrainingInterrupted(loop.position(loss_sum, hits), loop.history)
     seconds, seen = loop.elapsed(), max(loop.meter.seen, 1)
-    stats = EpochStats(loop.epoch + 1, loss_sum / seen, hits / seen, loop.optimizer.lr,
-                       loop.meter.seen / seconds if seconds > 0 else float("inf"), seconds, steps=loop.step)
+    stats = EpochStats(
+        loop.epoch + 1,
+        loss_sum / seen,
+        hits / seen,
+        loop.optimizer.lr,
+        loop.meter.seen / seconds if seconds > 0 else float("inf"),
+        seconds,
+        steps=loop.step,
+    )
     loop.call("on_epoch_end", stats)
     loop.history.append(stats)
 
@@ -376,8 +399,10 @@ def _graphs_on(mode: Any, xp) -> bool:
     if mode is False or (mode == "auto" and xp is np):
         return False
     if xp is np:
-        raise ValueError("cuda_graph: CUDA graphs replay GPU work: expected the arrays on CuPy, got NumPy arrays "
-                         "(use cuda_graph='auto' or False)")
+        raise ValueError(
+            "cuda_graph: CUDA graphs replay GPU work: expected the arrays on CuPy, got NumPy arrays "
+            "(use cuda_graph='auto' or False)"
+        )
     from .cuda.graph import graphs_usable  # noqa: PLC0415  (CuPy runs only)
 
     why = graphs_usable()
@@ -402,9 +427,19 @@ def _graph_maker(mode: Any, xp, model, loss_fn, optimizer, meter: Meter):
     return lambda: training_graph(model, optimizer, step, check=mode == "auto", say=_say, extra_state=meter.arrays)
 
 
-def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,
-        scheduler: LRSchedule | None = None, callbacks: Sequence = (), position: Position | None = None,
-        label_smoothing: float = 0.0, cuda_graph: Any = "auto"):
+def fit(
+    model: Module,
+    optimizer: Optimizer,
+    loader: DataLoader,
+    epochs: int,
+    *,
+    scheduler: LRSchedule | None = None,
+    callbacks: Sequence = (),
+    position: Position | None = None,
+    label_smoothing: float = 0.0,
+    cuda_graph: Any = "auto",
+    precision: str = "fp32",
+):
     """Train from ``position`` (default: the start) to the end of epoch ``epochs``; -> the EpochStats
     of the epochs run. ``callbacks`` (cnn_gpu.callbacks) run in order at each hook; a
     StopOnNonFinite is added first unless one is given. The labels' range is checked once (one
@@ -414,11 +449,16 @@ def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,
     ``transform`` augments the batches. ``cuda_graph`` ("auto", True, False): on CuPy arrays the
     training step is captured once as a CUDA graph and replayed each batch (cuda/graph.py; "auto":
     the first replay is checked once against an eager step); the first step of a fit and a last
-    partial batch run eagerly, and a step that cannot be captured runs eagerly, saying why."""
+    partial batch run eagerly, and a step that cannot be captured runs eagerly, saying why.
+    ``precision`` ("fp32", "tf32", "fp16"; cnn_gpu/precision.py, docs/PRECISION.md): "tf32" runs the
+    GEMMs in TF32 tensor-core math for the fit; "fp16" trains with float16 activations, float32
+    master weights and loss scaling on the device; the cuda engine only (the CPU engine refuses
+    both)."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs: expected a non-negative int, got {epochs!r}")
     if len(loader) == 0:  # an epoch of no steps has no mean loss to report
         raise ValueError(f"loader: expected at least one batch, got a loader of {loader.num_examples} examples")
+    precision = check_precision(precision, loader.x)
     max_label = _check_labels(loader)
     position = position or Position()
     if not 0 <= position.step <= len(loader):
@@ -426,28 +466,37 @@ def fit(model: Module, optimizer: Optimizer, loader: DataLoader, epochs: int, *,
     cbs = list(callbacks)
     if not any(isinstance(cb, StopOnNonFinite) for cb in cbs):
         cbs.insert(0, StopOnNonFinite())
-    loop = Loop(model, optimizer, loader, epochs, scheduler, cbs, [])
+    xp = backend_of(loader.x)
+    loop = Loop(model, optimizer, loader, epochs, scheduler, cbs, [], Meter(xp, len(loader)))
     loss_fn = CrossEntropyLoss(validate_range=False, label_smoothing=label_smoothing)
-    xp = get_array_module(loader.x)
-    loop.meter = Meter(xp, len(loader))  # one for the fit: reset in place at each epoch
+    half = Float16Step(model, optimizer, loss_fn) if precision == "fp16" else None  # (train_step runs it)
     graph = _graph_maker(cuda_graph, xp, model, loss_fn, optimizer, loop.meter)
     model.train()
     loop.call("on_train_begin")
     try:
-        for epoch in range(position.epoch, epochs):
-            resuming = epoch == position.epoch
-            p = position if resuming else Position(epoch)
-            loop.epoch, loop.step, loop.seconds_before = epoch, p.step, p.seconds
-            loop.meter.reset(p.step, p.loss_sum, p.correct, p.seen)
-            _run_epoch(loop, loss_fn, max_label, graph)
-            max_label = None
-            if loop.stop and epoch + 1 < epochs:
-                raise TrainingInterrupted(Position(epoch + 1), loop.history)
+        with gemm_math(precision):
+            _run_epochs(loop, loss_fn, max_label, graph, position)
     finally:
         if loop.graph is not None:  # the optimizer and the Dropouts step eagerly again after fit
             loop.graph.close()
+        if half is not None:  # float32 steps again after fit
+            half.close()
     loop.call("on_train_end")
     return loop.history
+
+
+def _run_epochs(loop: Loop, loss_fn: CrossEntropyLoss, max_label: int | None, graph: Any, position: Position) -> None:
+    """fit's epochs, from ``position`` to the end of epoch ``loop.epochs``."""
+    epochs = loop.epochs
+    for epoch in range(position.epoch, epochs):
+        resuming = epoch == position.epoch
+        p = position if resuming else Position(epoch)
+        loop.epoch, loop.step, loop.seconds_before = epoch, p.step, p.seconds
+        loop.meter.reset(p.step, p.loss_sum, p.correct, p.seen)
+        _run_epoch(loop, loss_fn, max_label, graph)
+        max_label = None
+        if loop.stop and epoch + 1 < epochs:
+            raise TrainingInterrupted(Position(epoch + 1), loop.history)
 
 
 def _check_labels(loader: DataLoader) -> int | None:
@@ -466,8 +515,10 @@ def _check_labels(loader: DataLoader) -> int | None:
 
 def format_stats(stats: EpochStats, epochs: int) -> str:
     """The one-line summary of an epoch."""
-    msg = (f"epoch {stats.epoch}/{epochs}  loss {stats.train_loss:.4f}  acc {100 * stats.train_accuracy:.2f}%  "
-           f"lr {stats.lr:.3g}  {stats.images_per_s:.0f} img/s  {stats.seconds:.1f} s")
+    msg = (
+        f"epoch {stats.epoch}/{epochs}  loss {stats.train_loss:.4f}  acc {100 * stats.train_accuracy:.2f}%  "
+        f"lr {stats.lr:.3g}  {stats.images_per_s:.0f} img/s  {stats.seconds:.1f} s"
+    )
     if stats.val_accuracy is not None:
         msg += f"  val loss {stats.val_loss:.4f}  val acc {100 * stats.val_accuracy:.2f}%"
     if stats.test_accuracy is not None:
@@ -475,6 +526,18 @@ def format_stats(stats: EpochStats, epochs: int) -> str:
     return msg
 
 
-__all__ = ["fit", "evaluate", "train_step", "read_metrics", "EpochStats", "Position", "Loop", "Meter", "Callback",
-           "StopOnNonFinite",
-           "NonFiniteLossError", "TrainingInterrupted", "format_stats"]
+__all__ = [
+    "fit",
+    "evaluate",
+    "train_step",
+    "read_metrics",
+    "EpochStats",
+    "Position",
+    "Loop",
+    "Meter",
+    "Callback",
+    "StopOnNonFinite",
+    "NonFiniteLossError",
+    "TrainingInterrupted",
+    "format_stats",
+]

@@ -18,10 +18,12 @@ as fit (at least one), with the same results::
 The limit is the ``workspace_mb`` setting of :mod:`cnn_gpu.config` (``$CNN_GPU_WORKSPACE_MB``,
 default 1024).
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from . import config
 
@@ -104,5 +106,12 @@ def scratch(ws: Workspace | None, name: str, shape: tuple, dtype: Any, xp: Any, 
     return ws.get(name, shape, dtype, xp, zeros)
 
 
-__all__ = ["Workspace", "scratch", "get_workspace_limit", "set_workspace_limit", "use_workspace_limit",
-           "chunk_size", "workspace_limit_bytes"]
+__all__ = [
+    "Workspace",
+    "scratch",
+    "get_workspace_limit",
+    "set_workspace_limit",
+    "use_workspace_limit",
+    "chunk_size",
+    "workspace_limit_bytes",
+]

@@ -7,7 +7,8 @@
 //
 // Conventions (see kernels/README.md):
 //   * every kernel body is written once as a template over the element type T and
-//     instantiated by CNN_ENTRY_POINTS as extern "C" <name>_f32 / <name>_f64;
+//     instantiated by CNN_ENTRY_POINTS as extern "C" <name>_f32 / <name>_f64 (CNN_ENTRY_POINTS_FP16:
+//     and <name>_f16, float16 storage with float arithmetic; see "float16 storage" below);
 //   * grid-stride loops with 64-bit indices (CNN_GRID_STRIDE_LOOP);
 //   * gathers only, no atomics: results are bitwise reproducible;
 //   * block reductions use a fixed tree order (cnn_block_sum / cnn_block_max);
@@ -39,6 +40,42 @@
 #define CNN_ENTRY_POINTS(NAME, PARAMS, ARGS)                                          \
     extern "C" __global__ void NAME##_f32(PARAMS(float)) { NAME##_body<float>(ARGS); } \
     extern "C" __global__ void NAME##_f64(PARAMS(double)) { NAME##_body<double>(ARGS); }
+
+// ---- float16 storage ---------------------------------------------------------------------
+// A kernel written for float16 too stores its arrays as T (float, double or __half) and computes
+// in CNN_ACC(T): float for __half and float, double for double. It reads with cnn_ld (__half ->
+// float exactly; identity otherwise) and writes with cnn_st<T> (float -> __half rounded to nearest
+// even, beyond float16's range +-inf; identity otherwise), so its float32 and float64 entry points
+// are the same code as before, and the float16 one rounds only where it stores. Scalar parameters
+// are CNN_ACC(T). CNN_ENTRY_POINTS_FP16 adds NAME_f16 (T = __half) to the two entry points; it is
+// compiled when CNN_FP16 is defined: cnn_gpu/cuda/build.py defines it, with cuda_fp16.h's folder
+// on the include path, where it finds the CUDA headers; the CPU emulation defines it with its own
+// __half (tests/emulation/cuda_shim.h, g++'s _Float16).
+#if defined(CNN_FP16) && defined(__CUDACC_RTC__)
+#include <cuda_fp16.h>
+#endif
+
+template <typename T> struct cnn_acc { typedef T type; };
+#define CNN_ACC(T) typename cnn_acc<T>::type
+
+template <typename T> __device__ __forceinline__ T cnn_ld(T v) { return v; }
+template <typename T> __device__ __forceinline__ T cnn_st(CNN_ACC(T) v) { return v; }
+
+#ifdef CNN_FP16
+template <> struct cnn_acc<__half> { typedef float type; };
+__device__ __forceinline__ float cnn_ld(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ __half cnn_st<__half>(float v) { return __float2half_rn(v); }
+#define CNN_IF_FP16(...) __VA_ARGS__
+#else
+#define CNN_IF_FP16(...)
+#endif
+
+// NAME_f32, NAME_f64 and (with CNN_FP16) NAME_f16, for a body written with cnn_ld / cnn_st. (ARGS
+// is used here directly, not handed to another macro, where its commas would split it.)
+#define CNN_ENTRY_POINTS_FP16(NAME, PARAMS, ARGS)                                      \
+    extern "C" __global__ void NAME##_f32(PARAMS(float)) { NAME##_body<float>(ARGS); } \
+    extern "C" __global__ void NAME##_f64(PARAMS(double)) { NAME##_body<double>(ARGS); } \
+    CNN_IF_FP16(extern "C" __global__ void NAME##_f16(PARAMS(__half)) { NAME##_body<__half>(ARGS); })
 
 // ---- per-type math (explicit overloads: no reliance on <cmath> overload sets) ----
 __device__ __forceinline__ float cnn_exp(float x) { return expf(x); }

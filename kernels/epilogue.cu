@@ -28,6 +28,10 @@
 // block size. With S = 1 the first launch writes db itself (part = db, `accumulate` as given: a
 // Parameter.grad, or the chunks of one batch) and there is no second; without a bias it is an
 // elementwise kernel, one thread per element of dst.
+//
+// float16 (CNN_ENTRY_POINTS_FP16, all but sum_segments): values are read into float, computed in
+// float and rounded once where stored; the bias gradient's partial sums `part` (and so db) are
+// float32 (float16 gradients would lose the small ones), summed by sum_segments_f32.
 #include "common.cuh"
 
 // offset of element (n, f, p) in the (F, N*P) or the (N, F, P) form
@@ -48,46 +52,47 @@ __device__ __forceinline__ void bias_act_forward_body(BIAS_ACT_FWD_PARAMS(T)) {
         const long long p = i % P;
         const int f = (int)((i / P) % F);
         const long long n = i / ((long long)F * P);
-        T v = src[cnn_nfp_offset(n, f, p, N, F, P, cm)];
-        if (has_bias) v = v + b[f];
-        y[i] = relu ? cnn_relu(v) : v;
+        CNN_ACC(T) v = cnn_ld(src[cnn_nfp_offset(n, f, p, N, F, P, cm)]);
+        if (has_bias) v = v + cnn_ld(b[f]);
+        y[i] = cnn_st<T>(relu ? cnn_relu(v) : v);
     }
 }
-CNN_ENTRY_POINTS(bias_act_forward, BIAS_ACT_FWD_PARAMS, BIAS_ACT_FWD_ARGS)
+CNN_ENTRY_POINTS_FP16(bias_act_forward, BIAS_ACT_FWD_PARAMS, BIAS_ACT_FWD_ARGS)
 
 // ---- delta = dy (* relu'(y)) into dst, and the segments' sums of delta ----------------------
 // has_bias: a block per (f, s), thread t handles the segment's j = j0 + t, j0 + t + blockDim, ...
 // of the flattened (n, p) index j = n*P + p; else one thread per element of dst, part and S not
 // used. relu == 0: y is not read.
 #define ACT_BWD_BIAS_PARAMS(T)                                                                    \
-    const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dst, T* __restrict__ part, \
+    const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dst, CNN_ACC(T)* __restrict__ part, \
     int N, int F, int P, int S, int cm, int has_bias, int relu, int accumulate
 #define ACT_BWD_BIAS_ARGS dy, y, dst, part, N, F, P, S, cm, has_bias, relu, accumulate
 
-// dy, or dy * relu'(y) with the fused ReLU, at offset o of (N, F, P)
+// dy, or dy * relu'(y) with the fused ReLU, at offset o of (N, F, P) (in CNN_ACC(T))
 template <typename T>
-__device__ __forceinline__ T cnn_act_delta(const T* dy, const T* y, long long o, int relu) {
-    return relu ? cnn_relu_grad(dy[o], y[o]) : dy[o];
+__device__ __forceinline__ CNN_ACC(T) cnn_act_delta(const T* dy, const T* y, long long o, int relu) {
+    return relu ? cnn_relu_grad(cnn_ld(dy[o]), cnn_ld(y[o])) : cnn_ld(dy[o]);
 }
 
 template <typename T>
 __device__ __forceinline__ void act_backward_bias_grad_body(ACT_BWD_BIAS_PARAMS(T)) {
-    __shared__ T sh[CNN_MAX_BLOCK];
+    typedef CNN_ACC(T) A;  // the sums' type: float for float16 storage (part is float too)
+    __shared__ A sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
     if (!has_bias) {  // the same for the whole grid: no sums, one thread per element
         CNN_GRID_STRIDE_LOOP(i, M * F) {  // i walks dst (F, N*P) or (N, F, P) in memory order
             const long long f = cm ? i / M : (i / P) % F;
             const long long n = cm ? (i - f * M) / P : i / ((long long)F * P);
-            dst[i] = cnn_act_delta(dy, y, (n * F + f) * P + i % P, relu);
+            dst[i] = cnn_st<T>(cnn_act_delta(dy, y, (n * F + f) * P + i % P, relu));
         }
         return;
     }
     cnn_segment_blocks(F, S, [&](long long f, int s) {  // segment s of filter f
-        T sum = T(0);
+        A sum = 0;
         cnn_segment_values(s, S, M, P, [&](long long n, long long p) {
             const long long o = (n * F + f) * P + p;  // dy and y are (N, F, P)
-            const T g = cnn_act_delta(dy, y, o, relu);
-            dst[cm ? f * M + n * P + p : o] = g;
+            const A g = cnn_act_delta(dy, y, o, relu);
+            dst[cm ? f * M + n * P + p : o] = cnn_st<T>(g);
             sum += g;
         });
         sum = cnn_block_sum(sum, sh);
@@ -97,7 +102,7 @@ __device__ __forceinline__ void act_backward_bias_grad_body(ACT_BWD_BIAS_PARAMS(
         }
     });
 }
-CNN_ENTRY_POINTS(act_backward_bias_grad, ACT_BWD_BIAS_PARAMS, ACT_BWD_BIAS_ARGS)
+CNN_ENTRY_POINTS_FP16(act_backward_bias_grad, ACT_BWD_BIAS_PARAMS, ACT_BWD_BIAS_ARGS)
 
 // ---- out[r] (+)= sum_s part[r*S + s]: one thread per row, in the fixed order s = 0 .. S-1 ------
 #define SUM_SEGMENTS_PARAMS(T) const T* __restrict__ part, T* __restrict__ out, long long R, int S, int accumulate
@@ -121,11 +126,11 @@ CNN_ENTRY_POINTS(sum_segments, SUM_SEGMENTS_PARAMS, SUM_SEGMENTS_ARGS)
 template <typename T>
 __device__ __forceinline__ void add_act_forward_body(ADD_ACT_PARAMS(T)) {
     CNN_GRID_STRIDE_LOOP(i, n) {
-        const T v = a[i] + b[i];
-        y[i] = relu ? cnn_relu(v) : v;
+        const CNN_ACC(T) v = cnn_ld(a[i]) + cnn_ld(b[i]);
+        y[i] = cnn_st<T>(relu ? cnn_relu(v) : v);
     }
 }
-CNN_ENTRY_POINTS(add_act_forward, ADD_ACT_PARAMS, ADD_ACT_ARGS)
+CNN_ENTRY_POINTS_FP16(add_act_forward, ADD_ACT_PARAMS, ADD_ACT_ARGS)
 
 // ---- dx = dy * relu'(y): one thread per element -------------------------------------------
 #define RELU_BWD_PARAMS(T) const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, long long n
@@ -133,6 +138,6 @@ CNN_ENTRY_POINTS(add_act_forward, ADD_ACT_PARAMS, ADD_ACT_ARGS)
 
 template <typename T>
 __device__ __forceinline__ void relu_backward_body(RELU_BWD_PARAMS(T)) {
-    CNN_GRID_STRIDE_LOOP(i, n) { dx[i] = cnn_relu_grad(dy[i], y[i]); }
+    CNN_GRID_STRIDE_LOOP(i, n) { dx[i] = cnn_st<T>(cnn_relu_grad(cnn_ld(dy[i]), cnn_ld(y[i]))); }
 }
-CNN_ENTRY_POINTS(relu_backward, RELU_BWD_PARAMS, RELU_BWD_ARGS)
+CNN_ENTRY_POINTS_FP16(relu_backward, RELU_BWD_PARAMS, RELU_BWD_ARGS)

@@ -11,6 +11,8 @@
 // The channel-major columns feed the convolution's GEMMs for the whole batch at once:
 // y_cm (F, N*P) = W2 (F, R) @ cols, dW2 = delta_cm (F, N*P) @ cols^T, dcols = W2^T @ delta_cm
 // (cnn_gpu/cuda/ops.py; the epilogue kernels in epilogue.cu move between (F, N*P) and NCHW).
+// Each has a float16 entry point too (CNN_ENTRY_POINTS_FP16): im2col copies the values, col2im sums
+// in float and rounds once.
 #include "common.cuh"
 
 // element offset of cols[n, r, p] in either layout
@@ -43,7 +45,7 @@ __device__ __forceinline__ void im2col_impl(IM2COL_PARAMS(T)) {
         const int c = r / (KW * KH);
         const int h = oh * SH - PH + kh * DH;
         const int w = ow * SW - PW + kw * DW;
-        T v = T(0);
+        T v = cnn_st<T>(0);  // a copy: float16 values move as they are
         if (h >= 0 && h < H && w >= 0 && w < W) v = x[((n * C + c) * H + h) * (long long)W + w];
         cols[i] = v;
     }
@@ -52,8 +54,8 @@ template <typename T>
 __device__ __forceinline__ void im2col_body(IM2COL_PARAMS(T)) { im2col_impl<T, false>(IM2COL_ARGS); }
 template <typename T>
 __device__ __forceinline__ void im2col_cm_body(IM2COL_PARAMS(T)) { im2col_impl<T, true>(IM2COL_ARGS); }
-CNN_ENTRY_POINTS(im2col, IM2COL_PARAMS, IM2COL_ARGS)
-CNN_ENTRY_POINTS(im2col_cm, IM2COL_PARAMS, IM2COL_ARGS)
+CNN_ENTRY_POINTS_FP16(im2col, IM2COL_PARAMS, IM2COL_ARGS)
+CNN_ENTRY_POINTS_FP16(im2col_cm, IM2COL_PARAMS, IM2COL_ARGS)
 
 // ---- col2im: the adjoint, as a gather: one thread per element of dx --------------
 // Input row h is read by tap kh of output row oh iff h + PH - kh*DH = oh*SH with
@@ -103,20 +105,20 @@ __device__ __forceinline__ void col2im_impl(COL2IM_PARAMS(T)) {
         const cnn_tap_range th = cnn_taps_for(h, PH, KH, SH, DH, OH);
         const cnn_tap_range tw = cnn_taps_for(w, PW, KW, SW, DW, OW);
         const long long r0 = (long long)c * KH * KW;  // row of (c, kh=0, kw=0)
-        T acc = T(0);
+        CNN_ACC(T) acc = 0;  // float for float16 storage: rounded once, at the store
         for (int kh = th.first; kh <= th.last; kh += th.step) {
             const int oh = (h + PH - kh * DH) / SH;
             for (int kw = tw.first; kw <= tw.last; kw += tw.step) {
                 const int ow = (w + PW - kw * DW) / SW;
-                acc += cols[cnn_col_offset<CM>(n, r0 + (long long)kh * KW + kw, (long long)oh * OW + ow, N, R, P)];
+                acc += cnn_ld(cols[cnn_col_offset<CM>(n, r0 + (long long)kh * KW + kw, (long long)oh * OW + ow, N, R, P)]);
             }
         }
-        dx[i] = acc;
+        dx[i] = cnn_st<T>(acc);
     }
 }
 template <typename T>
 __device__ __forceinline__ void col2im_body(COL2IM_PARAMS(T)) { col2im_impl<T, false>(COL2IM_ARGS); }
 template <typename T>
 __device__ __forceinline__ void col2im_cm_body(COL2IM_PARAMS(T)) { col2im_impl<T, true>(COL2IM_ARGS); }
-CNN_ENTRY_POINTS(col2im, COL2IM_PARAMS, COL2IM_ARGS)
-CNN_ENTRY_POINTS(col2im_cm, COL2IM_PARAMS, COL2IM_ARGS)
+CNN_ENTRY_POINTS_FP16(col2im, COL2IM_PARAMS, COL2IM_ARGS)
+CNN_ENTRY_POINTS_FP16(col2im_cm, COL2IM_PARAMS, COL2IM_ARGS)

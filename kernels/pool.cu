@@ -5,6 +5,8 @@
 // (computed on the host). Window of output (oh, ow): rows oh*SH - PH + kh, columns
 // ow*SW - PW + kw, taps scanned row-major (kh, then kw).
 // Backward kernels are gathers (one thread per input element): no atomics.
+// Max and average pooling have float16 entry points (CNN_ENTRY_POINTS_FP16): float sums, one
+// rounding at the store; the adaptive kernels are float32 / float64 only.
 // Adaptive average pooling (torch's AdaptiveAvgPool2d windows): at the end of the file.
 #include "common.cuh"
 
@@ -43,7 +45,7 @@ __device__ __forceinline__ void max_pool2d_forward_body(MAX_POOL_FWD_PARAMS(T)) 
         const T* plane = x + nc * H * (long long)W;
         const int h0 = oh * SH - PH;
         const int w0 = ow * SW - PW;
-        T best = -cnn_limits<T>::inf();
+        CNN_ACC(T) best = -cnn_limits<CNN_ACC(T)>::inf();
         int arg = -1;
         for (int kh = 0; kh < KH; ++kh) {
             const int h = h0 + kh;
@@ -51,18 +53,18 @@ __device__ __forceinline__ void max_pool2d_forward_body(MAX_POOL_FWD_PARAMS(T)) 
             for (int kw = 0; kw < KW; ++kw) {
                 const int w = w0 + kw;
                 if (w < 0 || w >= W) continue;
-                const T v = plane[h * W + w];
+                const CNN_ACC(T) v = cnn_ld(plane[h * W + w]);
                 if (arg < 0 || v > best || (cnn_isnan(v) && !cnn_isnan(best))) {
                     best = v;
                     arg = h * W + w;
                 }
             }
         }
-        y[i] = best;
+        y[i] = cnn_st<T>(best);  // (a float16 value read and stored back: exact)
         argmax[i] = arg;
     }
 }
-CNN_ENTRY_POINTS(max_pool2d_forward, MAX_POOL_FWD_PARAMS, MAX_POOL_FWD_ARGS)
+CNN_ENTRY_POINTS_FP16(max_pool2d_forward, MAX_POOL_FWD_PARAMS, MAX_POOL_FWD_ARGS)
 
 // ---- max pooling backward: one thread per input element ---------------------------
 // dx[n, c, h, w] = sum of dy[n, c, oh, ow] over the outputs whose window covers (h, w)
@@ -82,17 +84,17 @@ __device__ __forceinline__ void max_pool2d_backward_body(MAX_POOL_BWD_PARAMS(T))
         const cnn_cover ch = cnn_covering(h, KH, SH, PH, OH);
         const cnn_cover cw = cnn_covering(w, KW, SW, PW, OW);
         const long long obase = nc * OH * (long long)OW;
-        T acc = T(0);
+        CNN_ACC(T) acc = 0;
         for (int oh = ch.hi; oh >= ch.lo; --oh) {  // kh = h + PH - oh*SH ascending
             for (int ow = cw.hi; ow >= cw.lo; --ow) {
                 const long long o = obase + (long long)oh * OW + ow;
-                if (argmax[o] == flat) acc += dy[o];
+                if (argmax[o] == flat) acc += cnn_ld(dy[o]);
             }
         }
-        dx[i] = acc;
+        dx[i] = cnn_st<T>(acc);
     }
 }
-CNN_ENTRY_POINTS(max_pool2d_backward, MAX_POOL_BWD_PARAMS, MAX_POOL_BWD_ARGS)
+CNN_ENTRY_POINTS_FP16(max_pool2d_backward, MAX_POOL_BWD_PARAMS, MAX_POOL_BWD_ARGS)
 
 // ---- average pooling forward ---------------------------------------------------------
 // y = (sum of the real taps, kh then kw) * (1 / (KH*KW)): zero padding is counted in the
@@ -102,8 +104,9 @@ CNN_ENTRY_POINTS(max_pool2d_backward, MAX_POOL_BWD_PARAMS, MAX_POOL_BWD_ARGS)
 
 template <typename T>
 __device__ __forceinline__ void avg_pool2d_forward_body(AVG_POOL_FWD_PARAMS(T)) {
+    typedef CNN_ACC(T) A;
     const long long total = (long long)N * C * OH * OW;
-    const T inv = (T)(1.0 / (double)(KH * KW));
+    const A inv = (A)(1.0 / (double)(KH * KW));
     CNN_GRID_STRIDE_LOOP(i, total) {
         const int ow = (int)(i % OW);
         const int oh = (int)((i / OW) % OH);
@@ -111,20 +114,20 @@ __device__ __forceinline__ void avg_pool2d_forward_body(AVG_POOL_FWD_PARAMS(T)) 
         const T* plane = x + nc * H * (long long)W;
         const int h0 = oh * SH - PH;
         const int w0 = ow * SW - PW;
-        T acc = T(0);
+        A acc = 0;
         for (int kh = 0; kh < KH; ++kh) {
             const int h = h0 + kh;
             if (h < 0 || h >= H) continue;
             for (int kw = 0; kw < KW; ++kw) {
                 const int w = w0 + kw;
                 if (w < 0 || w >= W) continue;
-                acc += plane[h * W + w];
+                acc += cnn_ld(plane[h * W + w]);
             }
         }
-        y[i] = acc * inv;
+        y[i] = cnn_st<T>(acc * inv);
     }
 }
-CNN_ENTRY_POINTS(avg_pool2d_forward, AVG_POOL_FWD_PARAMS, AVG_POOL_FWD_ARGS)
+CNN_ENTRY_POINTS_FP16(avg_pool2d_forward, AVG_POOL_FWD_PARAMS, AVG_POOL_FWD_ARGS)
 
 // ---- average pooling backward: one thread per input element -----------------------
 // dx[n, c, h, w] = sum over the windows containing (h, w), taps kh ascending then kw
@@ -134,8 +137,9 @@ CNN_ENTRY_POINTS(avg_pool2d_forward, AVG_POOL_FWD_PARAMS, AVG_POOL_FWD_ARGS)
 
 template <typename T>
 __device__ __forceinline__ void avg_pool2d_backward_body(AVG_POOL_BWD_PARAMS(T)) {
+    typedef CNN_ACC(T) A;
     const long long total = (long long)N * C * H * W;
-    const T inv = (T)(1.0 / (double)(KH * KW));
+    const A inv = (A)(1.0 / (double)(KH * KW));
     CNN_GRID_STRIDE_LOOP(i, total) {
         const int w = (int)(i % W);
         const int h = (int)((i / W) % H);
@@ -143,16 +147,16 @@ __device__ __forceinline__ void avg_pool2d_backward_body(AVG_POOL_BWD_PARAMS(T))
         const cnn_cover ch = cnn_covering(h, KH, SH, PH, OH);
         const cnn_cover cw = cnn_covering(w, KW, SW, PW, OW);
         const T* g = dy + nc * OH * (long long)OW;
-        T acc = T(0);
+        A acc = 0;
         for (int oh = ch.hi; oh >= ch.lo; --oh) {  // kh = h + PH - oh*SH ascending
             for (int ow = cw.hi; ow >= cw.lo; --ow) {
-                acc += g[oh * OW + ow] * inv;
+                acc += cnn_ld(g[oh * OW + ow]) * inv;
             }
         }
-        dx[i] = acc;
+        dx[i] = cnn_st<T>(acc);
     }
 }
-CNN_ENTRY_POINTS(avg_pool2d_backward, AVG_POOL_BWD_PARAMS, AVG_POOL_BWD_ARGS)
+CNN_ENTRY_POINTS_FP16(avg_pool2d_backward, AVG_POOL_BWD_PARAMS, AVG_POOL_BWD_ARGS)
 
 // ---- adaptive average pooling (torch's windows) ------------------------------------------
 // Output o of O over In positions averages [floor(o*In/O), ceil((o+1)*In/O)); windows may

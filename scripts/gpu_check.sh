@@ -166,9 +166,12 @@ train_run 45 90 "Training: resnet20 on CIFAR-10-shaped data, crop-flip augmentat
 
 # 3. speed against torch (eager, cuDNN) on the same GPU, cnn_gpu's step as one CUDA graph and eagerly;
 #    one table row printed per configuration
-section 100 step_time.log md "Training step time, as one CUDA graph and eagerly, against torch (CUDA, cuDNN) on the same GPU" \
+section 85 step_time.log md "Training step time, as one CUDA graph and eagerly, against torch (CUDA, cuDNN) on the same GPU" \
     "$PY" benchmarks/step_time.py --backend cupy --models lenet5 vgg_small resnet20 --batch 128 512 \
     --repeat 21 --warmup 5 --cuda-graph both
+# precision: cnn_gpu's step in fp32, tf32 and fp16 against torch's fp32, TF32 and autocast + GradScaler
+section 20 step_time.log md "Training step time in fp32, tf32 and fp16 against torch (fp32, TF32, autocast + GradScaler)" \
+    "$PY" benchmarks/precision_time.py --models lenet5 vgg_small --batch 128 512 --repeat 11 --warmup 3
 
 # 4. where the time goes: host dispatch against kernels, per step (CUDA events), eagerly and as one CUDA graph
 section 45 gpu_budget_real.log all "Host dispatch time against kernel time per step, eager and CUDA graph (gpu_budget.py --real)" \

@@ -1,5 +1,6 @@
 """Shared fixtures. ``xp`` runs a test once on NumPy and once on CuPy (the latter marked
 ``gpu`` and skipped unless CuPy imports and sees a GPU): one suite for both backends."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -68,9 +69,14 @@ def standin():
         yield cp
 
 
-@pytest.fixture(params=[pytest.param("standin", id="standin"),
-                        pytest.param("cupy", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
-                            not cupy_available(), reason="needs CuPy and a GPU")])])
+@pytest.fixture(
+    params=[
+        pytest.param("standin", id="standin"),
+        pytest.param(
+            "cupy", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not cupy_available(), reason="needs CuPy and a GPU")]
+        ),
+    ]
+)
 def gpu_cupy(request):
     """The cupy module: the stand-in (CI), or the real one on a GPU (marked gpu): the same test
     holds the stand-in to CuPy where a GPU is there to compare."""
@@ -104,3 +110,25 @@ def cuda_emulation():
     launcher = load_harness().EmulationLauncher(check_order=False, grid_cap=16)
     with cuda.use_launcher(launcher), cnn_gpu.config.override(engine="cuda"):
         yield launcher
+
+
+def _skip_reason(report) -> str:
+    """The reason a test was skipped, as -rs would print it (without its file and line)."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason[len("Skipped: ") :] if reason.startswith("Skipped: ") else reason
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The skipped tests, one line per reason with how many (pytest's -rs prints a line per test:
+    hundreds). Each line starts ``SKIPPED N test(s): REASON``; .ci/run's stage 2 greps these lines
+    for ``could not import`` (a package it installs must not be missing)."""
+    import collections  # noqa: PLC0415
+
+    reports = [r for r in terminalreporter.stats.get("skipped", []) if getattr(r, "longrepr", None) is not None]
+    if not reports:
+        return
+    counts = collections.Counter(_skip_reason(r) for r in reports)
+    terminalreporter.section(f"{len(reports)} skipped, for {len(counts)} reason{'s' if len(counts) != 1 else ''}", sep="-")
+    for reason, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        terminalreporter.write_line(f"SKIPPED {n} test{'s' if n != 1 else ''}: {reason}")

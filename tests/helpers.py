@@ -3,10 +3,11 @@ loop implementations of every op (the independent references the vectorised ops 
 compared against). The references run on NumPy float64 and are deliberately written
 as explicit Python loops, straight from the definitions, sharing no code with cnn_gpu.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -53,8 +54,15 @@ def numerical_grad(loss: Callable[[], float], x, eps: float = 1e-6) -> np.ndarra
     return grad
 
 
-def gradcheck(forward: Callable, backward: Callable, inputs: Sequence, wrt: Sequence[int] | None = None,
-              eps: float = 1e-6, tol: float = 1e-6, seed: int = 0) -> list[float]:
+def gradcheck(
+    forward: Callable,
+    backward: Callable,
+    inputs: Sequence,
+    wrt: Sequence[int] | None = None,
+    eps: float = 1e-6,
+    tol: float = 1e-6,
+    seed: int = 0,
+) -> list[float]:
     """Check ``backward`` against central finite differences.
 
     ``forward(*inputs) -> (y, cache)``; ``backward(dy, cache)`` returns the gradient of
@@ -368,12 +376,20 @@ def small_net(generator=0, dtype=np.float32, in_channels=1, width=4):
     from cnn_gpu.random import resolve_generator
 
     g = dict(dtype=dtype, generator=resolve_generator(generator))
-    return nn.Sequential(OrderedDict(
-        features=nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, **g), nn.ReLU(), nn.MaxPool2d(2),
-                               nn.Conv2d(width, 6, 3, padding=1, **g), nn.ReLU(), nn.MaxPool2d(2)),
-        flatten=nn.Flatten(),
-        classifier=nn.Sequential(nn.Linear(24, 16, **g), nn.ReLU(), nn.Linear(16, 10, **g)),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            features=nn.Sequential(
+                nn.Conv2d(in_channels, width, 3, padding=1, **g),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(width, 6, 3, padding=1, **g),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ),
+            flatten=nn.Flatten(),
+            classifier=nn.Sequential(nn.Linear(24, 16, **g), nn.ReLU(), nn.Linear(16, 10, **g)),
+        )
+    )
 
 
 # --- the CUDA emulation (tests/emulation) ----------------------------------------------
@@ -392,25 +408,61 @@ def load_harness():
     return sys.modules[name]
 
 
-# --- the README -----------------------------------------------------------------------
-def readme_blocks(heading: str, lang: str = "python") -> list[str]:
-    """The ```lang code blocks of the README section whose heading line is ``heading``
-    (up to the next heading of the same or a higher level)."""
-    import re  # noqa: PLC0415
+# --- the README and the documentation pages ---------------------------------------------
+def doc_pages() -> list:
+    """README.md and every page of the documentation site (docs/**/*.md), README first."""
     from pathlib import Path  # noqa: PLC0415
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    level = heading.split(" ", 1)[0]
-    start = text.index("\n" + heading + "\n")
-    rest = text[start + len(heading) + 2:]
-    end = re.search(rf"^#{{1,{len(level)}}} ", rest, flags=re.M)
-    section = rest[: end.start()] if end else rest
-    return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+    root = Path(__file__).resolve().parents[1]
+    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+
+
+def docs_text() -> str:
+    """The README and every documentation page, one after the other (for "is this said somewhere")."""
+    return "\n".join(page.read_text(encoding="utf-8") for page in doc_pages())
+
+
+def _sections(text: str):
+    """(level, title, body) of each Markdown heading of ``text`` outside code fences; the body runs up
+    to the next heading of the same or a higher level."""
+    lines, heads, fenced = text.splitlines(keepends=True), [], False
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#") and line.lstrip("#").startswith(" "):
+            heads.append((i, len(line) - len(line.lstrip("#")), line.lstrip("#").strip()))
+    for k, (i, level, title) in enumerate(heads):
+        end = next((j for j, lv, _ in heads[k + 1 :] if lv <= level), len(lines))
+        yield level, title, "".join(lines[i + 1 : end])
+
+
+def doc_section(title: str) -> str:
+    """The text of the section headed ``title`` (any level: "### T", "## T" and "T" all name it) in the
+    documentation or the README (a page of the documentation first), up to the next heading of the
+    same or a higher level; no two documentation pages may have it."""
+    title = title.lstrip("#").strip()
+    found = [
+        (page.name, body)
+        for page in doc_pages()[1:] + doc_pages()[:1]
+        for _, head, body in _sections(page.read_text(encoding="utf-8"))
+        if head == title
+    ]
+    pages = [name for name, _ in found]
+    assert found, f"section {title!r}: in no page of the documentation"
+    assert len(found) == 1 or pages[1:] == ["README.md"], f"section {title!r}: in more than one page: {pages}"
+    return found[0][1]
+
+
+def readme_blocks(heading: str, lang: str = "python") -> list[str]:
+    """The ```lang code blocks of the section whose heading is ``heading`` (its level does not matter:
+    the section may have moved from the README into a documentation page)."""
+    import re  # noqa: PLC0415
+
+    return re.findall(rf"```{lang}\n(.*?)```", doc_section(heading), flags=re.S)
 
 
 # ------------------------------------------------------------------ the engines under test
-ENGINES = [pytest.param("reference", id="reference"), pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda-emul")]
+ENGINES = [pytest.param("reference", id="reference"), pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda-emul")]
 DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
 
 

@@ -1,5 +1,6 @@
 """cnn_gpu.backend: choosing a backend (use_backend / set_backend / CNN_GPU_BACKEND),
 the CuPy-unavailable error, and the array helpers."""
+
 from __future__ import annotations
 
 import contextvars
@@ -136,8 +137,10 @@ def _run_child(env_value, code):
 
 
 def test_env_default_backend_in_subprocess():
-    code = ("import cnn_gpu, numpy as np; from cnn_gpu import nn; "
-            "print(cnn_gpu.current_backend(), type(nn.Linear(2, 2, generator=0).weight.data).__module__.split('.')[0])")
+    code = (
+        "import cnn_gpu, numpy as np; from cnn_gpu import nn; "
+        "print(cnn_gpu.current_backend(), type(nn.Linear(2, 2, generator=0).weight.data).__module__.split('.')[0])"
+    )
     expected_auto = "cupy cupy" if cupy_available() else "numpy numpy"
     for value, expected in [(None, "numpy numpy"), ("", "numpy numpy"), ("numpy", "numpy numpy"), ("auto", expected_auto)]:
         out = _run_child(value, code)

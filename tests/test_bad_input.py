@@ -1,5 +1,6 @@
 """Bad input: one test per mistake. Each asserts the exception type and that the message
 names the argument and both what was expected and what was given."""
+
 from __future__ import annotations
 
 import re

@@ -1,6 +1,7 @@
 """The benchmark suite runs (a CI-sized smoke run: tiny batches, one repeat) and reports what it
 promises: step times with cnn_gpu / torch ratios, per-layer times and peak memory, as a table
 or as JSON. No timing is asserted."""
+
 from __future__ import annotations
 
 import json
@@ -36,15 +37,29 @@ def _positive(v) -> bool:
 
 @pytest.fixture(scope="module")
 def suite_json():
-    out = _run(SUITE, "--models", "lenet5", "vgg_small", "--batch", "2", "--repeat", "1", "--warmup", "0",
-               "--block", "1", "--layers", "--memory", "--json")
+    out = _run(
+        SUITE,
+        "--models",
+        "lenet5",
+        "vgg_small",
+        "--batch",
+        "2",
+        "--repeat",
+        "1",
+        "--warmup",
+        "0",
+        "--block",
+        "1",
+        "--layers",
+        "--memory",
+        "--json",
+    )
     return json.loads(out)
 
 
 def test_suite_json_structure(suite_json):
     r = suite_json
-    for key in ("machine", "backend", "threads", "clock", "block", "repeat", "warmup", "compare", "steps", "layers",
-                "memory"):
+    for key in ("machine", "backend", "threads", "clock", "block", "repeat", "warmup", "compare", "steps", "layers", "memory"):
         assert key in r, key
     assert r["backend"] == "numpy"
     assert [(s["model"], s["batch"]) for s in r["steps"]] == [("lenet5", 2), ("vgg_small", 2)]
@@ -77,8 +92,23 @@ def test_suite_layers_and_memory(suite_json):
 
 def test_suite_table_and_out_file(tmp_path):
     out_file = tmp_path / "result.json"
-    out = _run(SUITE, "--models", "lenet5", "--batch", "2", "--repeat", "1", "--warmup", "0", "--threads", "1",
-               "--clock", "cpu", "--out", str(out_file))
+    out = _run(
+        SUITE,
+        "--models",
+        "lenet5",
+        "--batch",
+        "2",
+        "--repeat",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--clock",
+        "cpu",
+        "--out",
+        str(out_file),
+    )
     assert "| model | batch | cnn_gpu ms | torch ms | ratio |" in out
     assert "| lenet5 | 2 |" in out
     saved = json.loads(out_file.read_text())
@@ -99,8 +129,7 @@ def test_step_time_keeps_its_cli():
 
 
 def test_step_time_profile_needs_cupy():
-    res = subprocess.run([sys.executable, str(STEP_TIME), "--profile"], capture_output=True, text=True, timeout=60,
-                         cwd=ROOT)
+    res = subprocess.run([sys.executable, str(STEP_TIME), "--profile"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 2 and "--profile needs --backend cupy" in res.stdout
 
 
@@ -124,8 +153,13 @@ def test_bn_gpu_benchmark_runs_through_the_standin():
     """benchmarks/bn_gpu.py (run by scripts/gpu_check.sh on a GPU) runs its code through the CuPy stand-in:
     a row per resnet20 BatchNorm shape with the launcher's segment count (2 for 8x16x32x32: 8192 values
     a channel) and two times; no torch column without a GPU."""
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bn_gpu.py"), "--standin", "--batch", "8",
-                          "--repeat", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bn_gpu.py"), "--standin", "--batch", "8", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr
     rows = [ln.split("|")[1:-1] for ln in res.stdout.splitlines() if ln.startswith("| 8x")]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [("8x16x32x32", "2"), ("8x32x16x16", "1"), ("8x64x8x8", "1")]
@@ -151,8 +185,9 @@ def _cupy_gpu() -> bool:
 
 @pytest.mark.skipif(_cupy_gpu(), reason="a GPU is usable here: --real runs")
 def test_gpu_budget_real_without_a_gpu_says_why_in_one_line():
-    res = subprocess.run([sys.executable, str(GPU_BUDGET), "--real", "--models", "lenet5"], capture_output=True,
-                         text=True, timeout=120, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, str(GPU_BUDGET), "--real", "--models", "lenet5"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert res.returncode == 2, res.stderr
     assert res.stdout == "" and "Traceback" not in res.stderr
     lines = res.stderr.strip().splitlines()
@@ -162,9 +197,14 @@ def test_gpu_budget_real_without_a_gpu_says_why_in_one_line():
     assert lines[0].endswith(_cupy_status()[1])  # why: the backend's own reason
 
 
-@pytest.fixture(params=[pytest.param("standin", id="standin"),
-                        pytest.param("cupy", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
-                            not _cupy_gpu(), reason="needs CuPy and a GPU")])])
+@pytest.fixture(
+    params=[
+        pytest.param("standin", id="standin"),
+        pytest.param(
+            "cupy", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not _cupy_gpu(), reason="needs CuPy and a GPU")]
+        ),
+    ]
+)
 def budget_cupy(request):
     """(cupy module, spin): the stand-in with a spin that does nothing, or real CuPy with the spin kernel."""
     gb = _gpu_budget_module()
@@ -252,9 +292,11 @@ def test_gpu_budget_graph_line_through_the_standin(standin):
     assert 0 < host_g["cnn_gpu"] < host_e["cnn_gpu"] / 10, (host_g, host_e)
     assert host_g["cnn_gpu"] < host_g["python"] and host_e["cnn_gpu"] < host_e["python"]
     line = gb.graph_line("lenet5", 8, g, host_g["cnn_gpu"], host_e["cnn_gpu"], host_g["graph"])
-    assert line == (f"lenet5 batch 8, CUDA graph: 1 graph launch ({c.total_launches} kernels inside) + 2 launches "
-                    f"outside it (copy 2), 0 host syncs, 8 bytes uploaded, {host_g['cnn_gpu']} host calls per "
-                    f"training step (eager: {host_e['cnn_gpu']})")
+    assert line == (
+        f"lenet5 batch 8, CUDA graph: 1 graph launch ({c.total_launches} kernels inside) + 2 launches "
+        f"outside it (copy 2), 0 host syncs, 8 bytes uploaded, {host_g['cnn_gpu']} host calls per "
+        f"training step (eager: {host_e['cnn_gpu']})"
+    )
 
 
 def test_gpu_budget_host_calls_counts_calls_into_cnn_gpu():
@@ -361,9 +403,23 @@ def test_null_compute_shapes_of_cupy_ops(standin):
     i = cp.asarray(np.arange(4, dtype=np.int32))
 
     def ops():
-        return [a + b, a * 2, a > 1, i + 1, cp.exp(a), a.sum(axis=1), cp.sum(a, axis=(0, 2), keepdims=True),
-                a.max(), cp.argmax(a, axis=-1), a.mean(axis=0), a.copy(), a.astype(np.float16),
-                cp.matmul(a, cp.asarray(np.ones((4, 5), np.float32))), cp.cumsum(a), a.reshape(6, 4)]
+        return [
+            a + b,
+            a * 2,
+            a > 1,
+            i + 1,
+            cp.exp(a),
+            a.sum(axis=1),
+            cp.sum(a, axis=(0, 2), keepdims=True),
+            a.max(),
+            cp.argmax(a, axis=-1),
+            a.mean(axis=0),
+            a.copy(),
+            a.astype(np.float16),
+            cp.matmul(a, cp.asarray(np.ones((4, 5), np.float32))),
+            cp.cumsum(a),
+            a.reshape(6, 4),
+        ]
 
     with counting() as real:
         expected = ops()
@@ -377,10 +433,11 @@ def test_null_compute_shapes_of_cupy_ops(standin):
 def test_null_compute_resnet20_step_has_a_shape_rule_for_every_op(standin):
     """resnet20 (BatchNorm, residual sums: CuPy elementwise adds in the step) under null compute: the
     same launches as with compute and nothing computed for lack of a shape rule."""
+    from standin import counting, null_compute  # noqa: PLC0415
+
     import cnn_gpu  # noqa: PLC0415
     from cnn_gpu import models, nn, optim  # noqa: PLC0415
     from cnn_gpu.train import train_step  # noqa: PLC0415
-    from standin import counting, null_compute  # noqa: PLC0415
 
     with cnn_gpu.use_backend("cupy"):
         model = models.resnet20(in_channels=1, generator=np.random.default_rng(0))
@@ -442,8 +499,7 @@ def test_step_time_cuda_graph_through_the_standin(standin, capsys):
     r = step_time.bench_step("lenet5", 4, "cupy", False, 1, 0, cuda_graph="both")
     assert r["graph"] == "on" and _positive(r["ours_ms"]) and _positive(r["graph_ms"])
     assert "ratio" not in r and "graph_ratio" not in r  # no torch here
-    argv = ["--backend", "cupy", "--models", "lenet5", "--batch", "4", "--repeat", "1", "--warmup", "0",
-            "--compare", "none"]
+    argv = ["--backend", "cupy", "--models", "lenet5", "--batch", "4", "--repeat", "1", "--warmup", "0", "--compare", "none"]
     assert step_time.main(argv + ["--cuda-graph", "both"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "| model | batch | backend | cnn_gpu ms | cnn_gpu graph ms | torch ms | ratio | graph ratio |"
@@ -456,6 +512,7 @@ def test_step_time_cuda_graph_through_the_standin(standin, capsys):
 
 
 def test_step_time_cuda_graph_needs_the_cupy_backend():
-    res = subprocess.run([sys.executable, str(STEP_TIME), "--cuda-graph", "both"], capture_output=True, text=True,
-                         timeout=60, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, str(STEP_TIME), "--cuda-graph", "both"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert res.returncode == 2 and "--cuda-graph both needs --backend cupy" in res.stdout

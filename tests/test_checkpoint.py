@@ -1,4 +1,5 @@
 """Training checkpoints: contents, atomic writes, exact restore, clear errors for bad files."""
+
 import os
 import zipfile
 
@@ -27,8 +28,17 @@ def _objects(seed=1, model_fn=None):
 def _trained_checkpoint(path, epochs=2):
     model, opt, sched, loader = _objects()
     fit(model, opt, loader, epochs, scheduler=sched)
-    ck.save_checkpoint(path, model, opt, sched, position=Position(epochs), loader=loader,
-                       config={"seed": 1, "epochs": 4}, metadata={"dataset": "synthetic"}, extra={"best": {"value": 0.5}})
+    ck.save_checkpoint(
+        path,
+        model,
+        opt,
+        sched,
+        position=Position(epochs),
+        loader=loader,
+        config={"seed": 1, "epochs": 4},
+        metadata={"dataset": "synthetic"},
+        extra={"best": {"value": 0.5}},
+    )
     return model, opt, sched, loader
 
 
@@ -39,8 +49,12 @@ def test_checkpoint_holds_everything_and_restores_exactly(tmp_path):
     # readable with plain NumPy, no pickles
     with np.load(path, allow_pickle=False) as z:
         names = set(z.files)
-    assert {"model/features.0.weight", "optim/features.0.weight/exp_avg", "optim/features.0.weight/exp_avg_sq",
-            "__cnn_gpu__"} <= names
+    assert {
+        "model/features.0.weight",
+        "optim/features.0.weight/exp_avg",
+        "optim/features.0.weight/exp_avg_sq",
+        "__cnn_gpu__",
+    } <= names
     c = ck.load_checkpoint(path)
     h = c.header
     assert h["format"] == "cnn_gpu.checkpoint" and h["version"] == 1

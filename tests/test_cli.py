@@ -1,4 +1,5 @@
 """The command line end to end, and the training loop."""
+
 import os
 import subprocess
 import sys
@@ -27,14 +28,15 @@ def test_train_one_epoch_save_evaluate_predict(tmp_path):
     model_path = tmp_path / "digits.npz"
     r = _run("train", "--epochs", "1", "--seed", "3", "--save", str(model_path), "--run-dir", str(tmp_path / "run"))
     last = r.stdout.strip().splitlines()[-1]
-    assert last.startswith("test accuracy: ") and last.endswith("%")
-    acc_train = float(last.split()[-1].rstrip("%"))
-    assert 0.0 <= acc_train <= 100.0
+    assert last.startswith("test accuracy: ") and last.endswith(f"(the last epoch's model, {tmp_path / 'run' / 'last.npz'})")
+    acc_train = last.split()[2]
+    assert 0.0 <= float(acc_train.rstrip("%")) <= 100.0
     assert model_path.exists()
 
-    # evaluate reproduces exactly the accuracy printed at the end of training
-    r = _run("evaluate", "--checkpoint", str(model_path))
-    assert r.stdout.strip().splitlines()[-1] == last
+    # evaluate reproduces exactly the accuracy printed at the end of training, from the run's last.npz and --save's copy
+    for path in (model_path, tmp_path / "run" / "last.npz"):
+        r = _run("evaluate", "--checkpoint", str(path))
+        assert r.stdout.strip().splitlines()[-1].startswith(f"test accuracy: {acc_train} ({path}, 359 test images")
 
     # predict on .npy inputs: the first test digits, raw 0..16 pixel values
     ds = get_dataset("digits")
@@ -60,7 +62,7 @@ def test_default_train_reaches_97_percent_on_digits(tmp_path):
     lines = []
     acc = cli.cmd_train(cli.TrainConfig(run_dir=str(tmp_path / "run")), out=lines.append)
     assert acc >= 0.97, lines[-3:]
-    assert lines[-1] == f"test accuracy: {100 * acc:.2f}%"
+    assert lines[-1].startswith(f"test accuracy: {100 * acc:.2f}% (the last epoch's model, ")
 
 
 def test_info_runs_without_gpu():
@@ -131,4 +133,5 @@ def test_models_have_the_documented_shapes():
         assert out.shape == (2, 10), name
     assert models.lenet5().num_parameters() == 61706
     assert models.vgg_small().num_parameters() == (3 * 9 * 32 + 32) + (32 * 9 * 32 + 32) + (32 * 9 * 64 + 64) + (
-        64 * 9 * 64 + 64) + (4096 * 256 + 256) + (256 * 10 + 10)
+        64 * 9 * 64 + 64
+    ) + (4096 * 256 + 256) + (256 * 10 + 10)

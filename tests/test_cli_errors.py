@@ -1,6 +1,7 @@
 """The command line at and past its limits: every user error is one line on stderr naming the
 argument or file, with the documented exit status (0 done, 1 training failed, 2 usage or input
 error, 130 interrupted), never a traceback; nothing is left half-written."""
+
 from __future__ import annotations
 
 import errno
@@ -41,16 +42,16 @@ def one_line_error(code, err, *words):
 def subprocess_cli(*argv, env_extra=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNN_GPU_")}
     env.update(PYTHONPATH=str(ROOT), **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "cnn_gpu", *argv], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", "cnn_gpu", *argv], capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A one-epoch digits run (its folder) and a model saved outside it."""
     base = tmp_path_factory.mktemp("run")
-    cli.cmd_train(runs.TrainConfig(epochs=1, run_dir=str(base / "run"), progress="none", save=str(base / "m.npz")),
-                  out=lambda s: None)
+    cli.cmd_train(
+        runs.TrainConfig(epochs=1, run_dir=str(base / "run"), progress="none", save=str(base / "m.npz")), out=lambda s: None
+    )
     return base / "run", base / "m.npz"
 
 
@@ -85,8 +86,9 @@ def test_full_disk_leaves_nothing_half_written(tmp_path, capsys, monkeypatch):
 def test_missing_offline_data_is_one_line_and_creates_no_folder(tmp_path, capsys):
     missing = tmp_path / "no" / "such" / "data"
     with cnn_gpu.config.override(mirror="http://127.0.0.1:9/"):  # nothing listens on port 9
-        code, _, err = run_cli(capsys, "train", *QUICK, "--dataset", "mnist", "--data-dir", str(missing),
-                               "--run-dir", str(tmp_path / "run"))
+        code, _, err = run_cli(
+            capsys, "train", *QUICK, "--dataset", "mnist", "--data-dir", str(missing), "--run-dir", str(tmp_path / "run")
+        )
     one_line_error(code, err, "could not download", "offline?", "--data-dir")
     assert not (tmp_path / "no").exists()
     assert not (tmp_path / "run").exists()
@@ -95,11 +97,12 @@ def test_missing_offline_data_is_one_line_and_creates_no_folder(tmp_path, capsys
 # ------------------------------------------------------------------ run folders and --resume
 @pytest.mark.parametrize("name", ["checkpoint.npz", "last.npz", "best.npz", "config.json", None])
 def test_resume_accepts_a_file_in_the_run_folder(finished_run, capsys, name):
+    """Any file of the run names the run; this one is finished, so the answer says how to extend it."""
     run, _ = finished_run
     target = run / name if name else run
     code, out, err = run_cli(capsys, "train", "--resume", str(target), "--progress", "none")
-    assert code == 0, err
-    assert out[-1].startswith("test accuracy: ")
+    one_line_error(code, err, f"{run} is finished (1 of 1 epoch)", f"cnn-gpu train --resume {run} --epochs N, with N > 1")
+    assert out == []
 
 
 def test_resume_of_a_model_file_outside_a_run_says_what_to_pass(finished_run, capsys, tmp_path):
@@ -130,7 +133,7 @@ def test_orphan_temporary_files_are_removed_when_a_run_folder_is_opened(finished
     for p in orphans + [mine]:
         p.write_bytes(b"partial")
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "--progress", "none")
-    assert code == 0, err
+    one_line_error(code, err, "is finished")  # opened (and cleaned) before the run is found finished
     assert not any(p.exists() for p in orphans)
     assert mine.exists()  # not a leftover of cnn_gpu's writes: kept
     fresh = tmp_path / "fresh"
@@ -163,8 +166,9 @@ def test_default_backend_is_auto_and_the_first_line_says_which(tmp_path):
 
 
 def test_cnn_gpu_backend_is_honoured(tmp_path):
-    r = subprocess_cli("train", "--epochs", "1", "--progress", "plain", "--run-dir", str(tmp_path / "n"),
-                       env_extra={"CNN_GPU_BACKEND": "numpy"})
+    r = subprocess_cli(
+        "train", "--epochs", "1", "--progress", "plain", "--run-dir", str(tmp_path / "n"), env_extra={"CNN_GPU_BACKEND": "numpy"}
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].startswith("backend: numpy on CPU") and "auto" not in r.stdout.splitlines()[0]
     if not cnn_gpu.cupy_available():
@@ -184,21 +188,24 @@ def test_help_shows_the_real_defaults(capsys):
     assert "else 1024" in text and "default: 0" in text and "digits 20" in text and "else auto" in text
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--epochs", "0"], ["--epochs", "0"]),
-    (["--epochs", "1.5"], ["--epochs", "1.5"]),
-    (["--batch-size", "-1"], ["--batch-size"]),
-    (["--lr", "inf"], ["--lr", "finite"]),
-    (["--lr", "nan"], ["--lr"]),
-    (["--lr", "0"], ["--lr"]),
-    (["--weight-decay", "-1"], ["--weight-decay"]),
-    (["--weight-decay", "inf"], ["--weight-decay"]),
-    (["--workspace-mb", "0"], ["--workspace-mb"]),
-    (["--seed", str(2**63)], ["--seed"]),
-    (["--warmup", "1"], ["--warmup"]),
-    (["--backend", "tpu"], ["--backend"]),
-    (["--dataset", "imagenet"], ["--dataset"]),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--epochs", "0"], ["--epochs", "0"]),
+        (["--epochs", "1.5"], ["--epochs", "1.5"]),
+        (["--batch-size", "-1"], ["--batch-size"]),
+        (["--lr", "inf"], ["--lr", "finite"]),
+        (["--lr", "nan"], ["--lr"]),
+        (["--lr", "0"], ["--lr"]),
+        (["--weight-decay", "-1"], ["--weight-decay"]),
+        (["--weight-decay", "inf"], ["--weight-decay"]),
+        (["--workspace-mb", "0"], ["--workspace-mb"]),
+        (["--seed", str(2**63)], ["--seed"]),
+        (["--warmup", "1"], ["--warmup"]),
+        (["--backend", "tpu"], ["--backend"]),
+        (["--dataset", "imagenet"], ["--dataset"]),
+    ],
+)
 def test_training_flags_past_their_limits(capsys, tmp_path, argv, words):
     code, _, err = run_cli(capsys, "train", "--run-dir", str(tmp_path / "r"), *argv)
     assert code == 2 and "Traceback" not in "\n".join(err)
@@ -207,8 +214,21 @@ def test_training_flags_past_their_limits(capsys, tmp_path, argv, words):
 
 
 def test_training_flags_at_their_limits(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "train", *QUICK, "--batch-size", "100000", "--val-fraction", "0.5",
-                             "--seed", str(2**63 - 1), "--workspace-mb", "0.001", "--run-dir", str(tmp_path / "r"))
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        *QUICK,
+        "--batch-size",
+        "100000",
+        "--val-fraction",
+        "0.5",
+        "--seed",
+        str(2**63 - 1),
+        "--workspace-mb",
+        "0.001",
+        "--run-dir",
+        str(tmp_path / "r"),
+    )
     assert code == 0, err
     assert out[-1].startswith("test accuracy: ")
 
@@ -221,18 +241,21 @@ def test_a_non_finite_loss_exits_1(capsys, tmp_path):
 
 
 # ------------------------------------------------------------------ predict and evaluate
-@pytest.mark.parametrize("make,words", [
-    (lambda: np.full((1, 8, 8), np.nan), ["finite", "NaN"]),
-    (lambda: np.full((1, 8, 8), np.inf), ["finite"]),
-    (lambda: np.zeros((1, 8, 8), np.complex64), ["dtype complex64"]),
-    (lambda: np.array([[1, 2]], dtype=object), ["object"]),
-    (lambda: np.zeros((1, 8, 8), "U3"), ["dtype <U3"]),
-    (lambda: np.zeros((1, 8, 8), bool), ["dtype bool"]),
-    (lambda: np.zeros((3, 8, 8)), ["shape (1, 8, 8) or (N, 1, 8, 8)", "(3, 8, 8)"]),
-    (lambda: np.zeros((0, 1, 8, 8)), ["N >= 1"]),
-    (lambda: np.full((1, 8, 8), 255.0), ["[0, 16]", "255"]),
-    (lambda: np.full((1, 8, 8), -1.0), ["[0, 16]"]),
-])
+@pytest.mark.parametrize(
+    "make,words",
+    [
+        (lambda: np.full((1, 8, 8), np.nan), ["finite", "NaN"]),
+        (lambda: np.full((1, 8, 8), np.inf), ["finite"]),
+        (lambda: np.zeros((1, 8, 8), np.complex64), ["dtype complex64"]),
+        (lambda: np.array([[1, 2]], dtype=object), ["object"]),
+        (lambda: np.zeros((1, 8, 8), "U3"), ["dtype <U3"]),
+        (lambda: np.zeros((1, 8, 8), bool), ["dtype bool"]),
+        (lambda: np.zeros((3, 8, 8)), ["shape (1, 8, 8) or (N, 1, 8, 8)", "(3, 8, 8)"]),
+        (lambda: np.zeros((0, 1, 8, 8)), ["N >= 1"]),
+        (lambda: np.full((1, 8, 8), 255.0), ["[0, 16]", "255"]),
+        (lambda: np.full((1, 8, 8), -1.0), ["[0, 16]"]),
+    ],
+)
 def test_predict_refuses_bad_npy_input(finished_run, tmp_path, capsys, make, words):
     _, model = finished_run
     path = tmp_path / "x.npy"
@@ -275,9 +298,11 @@ def test_predict_missing_input_file(finished_run, tmp_path, capsys):
 
 def test_no_traceback_from_a_subprocess_for_user_errors(tmp_path):
     (tmp_path / "f").write_text("x")
-    for argv in (["train", *QUICK, "--run-dir", str(tmp_path / "f" / "r")],
-                 ["evaluate", "--checkpoint", str(tmp_path / "f")],
-                 ["train", "--resume", str(tmp_path / "none")]):
+    for argv in (
+        ["train", *QUICK, "--run-dir", str(tmp_path / "f" / "r")],
+        ["evaluate", "--checkpoint", str(tmp_path / "f")],
+        ["train", "--resume", str(tmp_path / "none")],
+    ):
         r = subprocess_cli(*argv)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -299,8 +324,12 @@ for i in range(10**6):
 def kill_mid_write(target: Path) -> list[Path]:
     """Start a process that rewrites ``target`` (a model file) in a loop; SIGKILL it while a write is
     under way, after one completed; -> the temporary files left behind (empty if the write won the race)."""
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(target)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         deadline = time.monotonic() + 120
@@ -328,3 +357,126 @@ def test_a_write_killed_by_sigkill_leaves_a_whole_file_and_the_orphan_is_cleaned
     removed = runs.RunDir(run).clean_orphans()
     assert sorted(removed) == sorted(orphans)
     assert [p.name for p in run.iterdir()] == ["last.npz"]
+
+
+# ------------------------------------------------------------------ issue 22: one-line usage errors, --data flags
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["train", "--lr", "-0.1"], ["cnn-gpu train: error: argument --lr", "got -0.1"]),
+        (["train", "--model", "resnet18"], ["argument --model", "'resnet18'", "lenet5"]),
+        (["train", "--epochs", "0"], ["argument --epochs", "got 0"]),
+        (["train", "--image-size", "0x8"], ["argument --image-size", "'0x8'"]),
+        (["train", "--channels", "2"], ["argument --channels", "2"]),
+        (["train", "--test-fraction", "1"], ["argument --test-fraction"]),
+        (["predict", "--top-k", "0", "--checkpoint", "m.npz", "x.png"], ["cnn-gpu predict: error: argument --top-k"]),
+        (["evaluate"], ["cnn-gpu evaluate: error:", "--checkpoint"]),
+    ],
+)
+def test_usage_errors_are_one_line_with_a_pointer_to_help(capsys, tmp_path, argv, words):
+    code, out, err = run_cli(capsys, *argv)
+    one_line_error(code, err, *words)
+    assert err[0].endswith("--help)") and not any("usage:" in line for line in err) and out == []
+
+
+def test_an_unknown_command_is_one_line(capsys):
+    code, _, err = run_cli(capsys, "frobnicate")
+    assert code == 2 and err == [
+        "cnn-gpu: error: argument command: invalid choice: 'frobnicate' (choose from 'train', "
+        "'evaluate', 'predict', 'plot', 'models', 'export', 'info') (see cnn-gpu --help)"
+    ]
+
+
+def test_data_with_dataset_and_image_flags_without_data(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data", str(tmp_path), "--dataset", "mnist", "--run-dir", str(tmp_path / "r"))
+    one_line_error(code, err, "--data and --dataset")
+    code, _, err = run_cli(capsys, "train", "--image-size", "16", "--run-dir", str(tmp_path / "r"))
+    one_line_error(code, err, "--image-size and --channels", "--data")
+    code, _, err = run_cli(capsys, "train", "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r"))
+    one_line_error(code, err, "none", "no such file or folder")
+    assert not (tmp_path / "r").exists()
+
+
+def test_data_dir_with_the_bundled_digits_is_not_silently_ignored(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "train", *QUICK, "--data-dir", str(tmp_path / "my_images"), "--run-dir", str(tmp_path / "r"))
+    assert code == 0, err
+    assert err == [
+        f"note: --data-dir {tmp_path / 'my_images'} is not used: the digits are bundled (--dataset mnist, "
+        "fashion-mnist or cifar10 reads that folder; --data PATH trains on your own images)"
+    ]
+
+
+def test_export_refuses_a_folder_that_does_not_exist(finished_run, capsys, tmp_path):
+    pytest.importorskip("onnx")
+    _, model = finished_run
+    code, _, err = run_cli(capsys, "export", str(model), str(tmp_path / "new" / "m.onnx"))
+    one_line_error(code, err, "out:", str(tmp_path / "new"), "does not exist")
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_with_fewer_epochs_is_refused(finished_run, capsys):
+    run, _ = finished_run
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "2", "--seed", "3")
+    one_line_error(code, err, "cnn-gpu train: error: --resume", "got --seed as well", "(see cnn-gpu train --help)")
+
+
+# ------------------------------------------------------------------ model-level input errors name the layer
+def test_a_wrong_image_size_names_the_layer_and_what_the_model_takes():
+    model = cnn_gpu.models.lenet5()
+    with pytest.raises(ValueError) as info:
+        model(np.zeros((2, 1, 8, 8), np.float32))
+    assert str(info.value) == "features.3 Conv2d: lenet5 takes (1, 28, 28) inputs, got (1, 8, 8)"
+    with pytest.raises(ValueError, match=r"^classifier\.0 Linear: lenet5 takes \(1, 28, 28\) inputs, got \(1, 32, 32\)$"):
+        model(np.zeros((2, 1, 32, 32), np.float32))
+    with pytest.raises(ValueError, match=r"^features\.0 Conv2d: lenet5 takes \(1, 28, 28\) inputs, got \(3, 28, 28\)$"):
+        model(np.zeros((2, 3, 28, 28), np.float32))
+    with pytest.raises(ValueError, match=r"got an array of shape \(2, 28, 28\) \(expected a batch \(N, 1, 28, 28\)\)"):
+        model(np.zeros((2, 28, 28), np.float32))
+    resnet = cnn_gpu.models.resnet20()
+    with pytest.raises(
+        ValueError,
+        match=r"^features\.0 Conv2d: resnet20 takes \(3, H, W\) inputs with H, W >= 8, "
+        r"got \(1, 32, 32\)$",
+    ):
+        resnet(np.zeros((1, 1, 32, 32), np.float32))
+
+
+def test_channels_last_input_gets_an_nhwc_hint():
+    for model, x in (
+        (cnn_gpu.models.lenet5(), np.zeros((2, 28, 28, 1), np.float32)),
+        (cnn_gpu.models.resnet20(), np.zeros((2, 32, 32, 3), np.float32)),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"the last axis looks like channels: this is NHWC, the model takes NCHW "
+            r"\(x\.transpose\(0, 3, 1, 2\)\)$",
+        ):
+            model(x)
+    with pytest.raises(ValueError) as info:  # NCHW of the wrong size: no hint
+        cnn_gpu.models.lenet5()(np.zeros((2, 1, 8, 8), np.float32))
+    assert "NHWC" not in str(info.value)
+
+
+def test_a_dtype_mismatch_names_x_not_the_weights():
+    model = cnn_gpu.models.lenet5()
+    with pytest.raises(TypeError) as info:
+        model(np.zeros((2, 1, 28, 28), np.float64))
+    assert str(info.value) == (
+        "x: expected float32 (the model's dtype), got float64 (at features.0 Conv2d); nothing is "
+        "cast silently: convert with x.astype(np.float32)"
+    )
+
+
+def test_a_layer_inside_a_residual_block_and_a_model_of_your_own():
+    from cnn_gpu import nn
+
+    block = nn.Sequential(
+        nn.Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)
+    )
+    block(np.zeros((1, 3, 4, 4), np.float32))  # ran once on (3, 4, 4)
+    assert block.last_input_shape == (3, 4, 4)
+    with pytest.raises(ValueError) as info:
+        block(np.zeros((1, 4, 4, 4), np.float32))
+    text = str(info.value)
+    assert text.startswith("0.body.0 Conv2d: w: expected 4 input channels") and "its last input was (3, 4, 4)" in text
+    assert block.last_input_shape == (3, 4, 4)  # a failed forward records nothing

@@ -3,6 +3,7 @@
 real GPU where there is one (marked ``gpu``).
 
 Every stand-in test has "standin" in its id (``pytest -k standin``)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -41,8 +42,9 @@ def _is_standin(cp):
 
 # ============================================================================ the GEMM
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("transa,transb", [(False, False), (False, True), (True, False), (True, True)],
-                         ids=["NN", "NT", "TN", "TT"])
+@pytest.mark.parametrize(
+    "transa,transb", [(False, False), (False, True), (True, False), (True, True)], ids=["NN", "NT", "TN", "TT"]
+)
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
 @pytest.mark.parametrize("m,n,k", [(3, 5, 4), (7, 2, 9), (1, 6, 1)])
 def test_cublas_handle_gemm_matches_numpy(gpu_cupy, dtype, transa, transb, beta, m, n, k):
@@ -95,8 +97,7 @@ def test_standin_cublas_k0_in_the_fake_follows_blas(standin):
     lib = fake.active()
     out = cp.asarray(np.full((2, 3), 4.0, np.float32))
     one, half = ctypes.c_float(1.0), ctypes.c_float(0.5)
-    status = lib.cublasSgemm_v2(h.ptr, 0, 0, 3, 2, 0, ctypes.byref(one), None, 3, None, 1, ctypes.byref(half),
-                                out.data.ptr, 3)
+    status = lib.cublasSgemm_v2(h.ptr, 0, 0, 3, 2, 0, ctypes.byref(one), None, 3, None, 1, ctypes.byref(half), out.data.ptr, 3)
     assert status == 0
     np.testing.assert_array_equal(cp.asnumpy(out), np.full((2, 3), 2.0, np.float32))
 
@@ -113,18 +114,15 @@ def test_standin_cublas_gemm_preconditions_name_the_argument(standin):
         (ValueError, r"gemm: b must be 2-D, got shape \(20,\)", (a, cp.zeros(20, f32), out), {}),
         (ValueError, "gemm: out must be C-contiguous", (a, b, cp.zeros((5, 3), f32).T), {}),
         (ValueError, "gemm: a must be C-contiguous", (cp.zeros((3, 8), f32)[:, ::2], b, out), {}),
-        (TypeError, "gemm: a must be float32 or float64, got int32", (a.astype(np.int32), b, out), {}),
+        (TypeError, r"gemm: a must be float32 or float64 \(or float16\), got int32", (a.astype(np.int32), b, out), {}),
         (TypeError, "gemm: b must have a's dtype float32, got float64", (a, b.astype(np.float64), out), {}),
         (TypeError, "gemm: out must have a's dtype float32, got float64", (a, b, out.astype(np.float64)), {}),
         (ValueError, r"gemm: b: op\(a\) is 3x4 but op\(b\) is 5x4", (a, b.T.copy(), out), {}),
         (ValueError, r"gemm: out must have shape \(3, 5\)", (a, b, cp.zeros((5, 3), f32)), {}),
         (ValueError, r"gemm: out must have shape \(4, 5\)", (cp.zeros((4, 4), f32), b, out), {"transa": True}),
-        (ValueError, "gemm: out overlaps a", (flat[:16].reshape(4, 4), flat[32:48].reshape(4, 4),
-                                                  flat[8:24].reshape(4, 4)), {}),
-        (ValueError, "gemm: out overlaps b", (flat[:16].reshape(4, 4), flat[32:48].reshape(4, 4),
-                                              flat[40:56].reshape(4, 4)), {}),
-        (TypeError, "gemm: beta must be a real number on the host, got ndarray", (a, b, out),
-         {"beta": cp.ones(())}),
+        (ValueError, "gemm: out overlaps a", (flat[:16].reshape(4, 4), flat[32:48].reshape(4, 4), flat[8:24].reshape(4, 4)), {}),
+        (ValueError, "gemm: out overlaps b", (flat[:16].reshape(4, 4), flat[32:48].reshape(4, 4), flat[40:56].reshape(4, 4)), {}),
+        (TypeError, "gemm: beta must be a real number on the host, got ndarray", (a, b, out), {"beta": cp.ones(())}),
     ]
     for exc, match, args, kw in cases:
         with pytest.raises(exc, match=match) as info:
@@ -142,6 +140,7 @@ def test_standin_cublas_fake_catches_a_planted_wrong_ld(standin, monkeypatch):
     a, b, out = cp.ones((3, 4), np.float32), cp.ones((4, 5), np.float32), cp.zeros((3, 5), np.float32)
     real = cublas._gemm_args
     for slot in (6, 8, 10):  # lda, ldb, ldc of (transa, transb, m, n, k, A, lda, B, ldb, C, ldc)
+
         def planted(*args, slot=slot):
             v = list(real(*args))
             v[slot] -= 1
@@ -165,8 +164,22 @@ def test_standin_cublas_fake_checks_ctypes_arguments(standin, monkeypatch):
     one = ctypes.c_float(1.0)
 
     def sgemm(**kw):
-        args = dict(h=h.ptr, ta=0, tb=0, m=2, n=2, k=2, alpha=ctypes.byref(one), A=out.data.ptr, lda=2,
-                    B=out.data.ptr, ldb=2, beta=ctypes.byref(one), C=out.data.ptr, ldc=2)
+        args = dict(
+            h=h.ptr,
+            ta=0,
+            tb=0,
+            m=2,
+            n=2,
+            k=2,
+            alpha=ctypes.byref(one),
+            A=out.data.ptr,
+            lda=2,
+            B=out.data.ptr,
+            ldb=2,
+            beta=ctypes.byref(one),
+            C=out.data.ptr,
+            ldc=2,
+        )
         args.update(kw)
         return lib.cublasSgemm_v2(*args.values())
 
@@ -207,8 +220,22 @@ def test_standin_cublas_handle_follows_the_stream_and_rebinds_its_workspace(stan
     monkeypatch.setattr(cp.cuda, "get_current_stream", real_stream)
     h.gemm(a, b, out)
     calls = [e[0].replace("cublas", "").replace("_v2", "") for e in lib.log]
-    assert calls == ["Create", "SetPointerMode", "SetStream", "SetWorkspace", "Sgemm", "Sgemm", "Sgemm",
-                     "SetStream", "SetWorkspace", "Sgemm", "Sgemm", "SetStream", "SetWorkspace", "Sgemm"], calls
+    assert calls == [
+        "Create",
+        "SetPointerMode",
+        "SetStream",
+        "SetWorkspace",
+        "Sgemm",
+        "Sgemm",
+        "Sgemm",
+        "SetStream",
+        "SetWorkspace",
+        "Sgemm",
+        "Sgemm",
+        "SetStream",
+        "SetWorkspace",
+        "Sgemm",
+    ], calls
     gemms = lib.gemms()
     assert [g[-2] for g in gemms] == [0, 0, 0, 0x5000, 0x5000, 0]
     spaces = [g[-1] for g in gemms]
@@ -306,7 +333,7 @@ def test_standin_cublas_lenet5_step_uses_our_handle_and_matches_cupy_cublas(stan
     gemms = lib.gemms()
     assert len(grads) == 5 and len(gemms) == len(calls) >= 3 * 5
     assert all(g[-1] is not None and g[-1][1] == 32 * 2**20 for g in gemms)  # on the user workspace
-    last_step = gemms[-len(gemms) // 3:]
+    last_step = gemms[-len(gemms) // 3 :]
     assert len([g for g in last_step if g[13] in grads]) == 5  # (..., beta, C, ldc, stream, workspace)
     assert c_ours.total_syncs == 0 and c_ours.layout_copies == 0
 
@@ -343,18 +370,26 @@ def test_standin_cublas_fallback_warns_once_and_uses_cupy_cublas(standin, monkey
             launcher.gemm(cp.asarray(A), cp.asarray(B), out, transb=True, beta=1.0)
     msgs = [str(w.message) for w in rec]
     assert len(msgs) == 1 and "\n" not in msgs[0], msgs
-    assert msgs[0] == ("cnn_gpu: using cupy.cublas for GEMMs (not capturable in a CUDA graph): cnn_gpu's own cuBLAS "
-                       "handle is unavailable (OSError: no libcublas: libcublas.so.12: cannot open shared object file)")
+    assert msgs[0] == (
+        "cnn_gpu: using cupy.cublas for GEMMs (not capturable in a CUDA graph): cnn_gpu's own cuBLAS "
+        "handle is unavailable (OSError: no libcublas: libcublas.so.12: cannot open shared object file)"
+    )
     assert rec[0].filename == __file__  # points at the caller of the launcher
     assert c.launches["cublas"] == 2 and not lib.gemms()
     np.testing.assert_allclose(cp.asnumpy(out), 2 * A @ B.T, rtol=1e-12)
 
 
-@pytest.mark.parametrize("lib,reason", [
-    (lambda: fake.FakeLibcublas(missing=("cublasSetWorkspace_v2",)),
-     "AttributeError: fake libcublas: undefined symbol: cublasSetWorkspace_v2"),
-    (lambda: _failing_create(), "cublasCreate_v2 failed: CUBLAS_STATUS_NOT_INITIALIZED (1)"),
-], ids=["missing-symbol", "create-fails"])
+@pytest.mark.parametrize(
+    "lib,reason",
+    [
+        (
+            lambda: fake.FakeLibcublas(missing=("cublasSetWorkspace_v2",)),
+            "AttributeError: fake libcublas: undefined symbol: cublasSetWorkspace_v2",
+        ),
+        (lambda: _failing_create(), "cublasCreate_v2 failed: CUBLAS_STATUS_NOT_INITIALIZED (1)"),
+    ],
+    ids=["missing-symbol", "create-fails"],
+)
 def test_standin_cublas_unusable_library_is_reported(standin, lib, reason):
     uninstall = fake.install(lib())
     try:

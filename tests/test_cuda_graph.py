@@ -1,6 +1,7 @@
 """cnn_gpu.cuda.graph.StepGraph through the CuPy stand-in, which models stream capture as CuPy 14
 and CUDA do (tests/standin/graph.py: work recorded, not run; replays rewrite the same buffers;
 transfers, CuPy's cuBLAS and syncs refused during capture)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,10 @@ def _trainer(cp, lr=0.05):
 
 def _batches(cp, n, size=8):
     rng = np.random.default_rng(1)
-    return [(cp.asarray(rng.standard_normal((size, 1, 28, 28)).astype(np.float32)),
-             cp.asarray(rng.integers(0, 10, size))) for _ in range(n)]
+    return [
+        (cp.asarray(rng.standard_normal((size, 1, 28, 28)).astype(np.float32)), cp.asarray(rng.integers(0, 10, size)))
+        for _ in range(n)
+    ]
 
 
 def test_standin_graph_training_equals_eager_bitwise(standin):
@@ -104,8 +107,14 @@ def _frozen_lr_plant(cp, check):
         step_e(x, y)
     model_g, opt_g, step_g, hooks = _trainer(cp)
     calls, lines = iter(range(3)), []
-    graphed = StepGraph(step_g, name="train step", stage=lambda: setattr(opt_g, "lr", 0.05 / (next(calls) + 1)),
-                        check=check, say=lines.append, **hooks)
+    graphed = StepGraph(
+        step_g,
+        name="train step",
+        stage=lambda: setattr(opt_g, "lr", 0.05 / (next(calls) + 1)),
+        check=check,
+        say=lines.append,
+        **hooks,
+    )
     for x, y in batches:
         graphed(x, y)
     return graphed, lines, model_g, model_e
@@ -153,13 +162,21 @@ def _lenet5_dropout():
     """lenet5 with a Dropout before its classifier's last Linear."""
     g = dict(generator=np.random.default_rng(3))
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2, **g), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5, **g), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120, **g), nn.ReLU(), nn.Dropout(0.4, **g),
-        nn.Linear(120, 10, **g))
+        nn.Conv2d(1, 6, 5, padding=2, **g),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, **g),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120, **g),
+        nn.ReLU(),
+        nn.Dropout(0.4, **g),
+        nn.Linear(120, 10, **g),
+    )
 
 
-def _fit(cp, make, make_opt, shape, mode, epochs=2, n=24, batch=8, augment=None, schedule=False, position=None,
-         stop_at=None):
+def _fit(cp, make, make_opt, shape, mode, epochs=2, n=24, batch=8, augment=None, schedule=False, position=None, stop_at=None):
     from cnn_gpu.data import DataLoader  # noqa: PLC0415
     from cnn_gpu.train import Callback, TrainingInterrupted, fit  # noqa: PLC0415
 
@@ -173,10 +190,12 @@ def _fit(cp, make, make_opt, shape, mode, epochs=2, n=24, batch=8, augment=None,
         loader = DataLoader(x, y, batch, shuffle=True, seed=2, transform=augment)
         cbs = []
         if stop_at is not None:
+
             class Stop(Callback):
                 def on_step(self, loop):
                     if (loop.epoch, loop.step) == stop_at:
                         loop.stop = True
+
             cbs.append(Stop())
         try:
             hist = fit(model, opt, loader, epochs, scheduler=sched, cuda_graph=mode, callbacks=cbs, position=position)
@@ -247,8 +266,11 @@ def test_fit_cuda_graph_argument_is_checked():
 
     model = models.lenet5()
     x, y = np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int64)
-    for bad, match in (("on", "cuda_graph: expected one of"), (1, "cuda_graph: expected one of"),
-                       (True, "cuda_graph: CUDA graphs replay GPU work")):
+    for bad, match in (
+        ("on", "cuda_graph: expected one of"),
+        (1, "cuda_graph: expected one of"),
+        (True, "cuda_graph: CUDA graphs replay GPU work"),
+    ):
         with pytest.raises(ValueError, match=match):
             fit(model, optim.SGD(model, 0.1), DataLoader(x, y, 2), 1, cuda_graph=bad)
 
@@ -256,8 +278,7 @@ def test_fit_cuda_graph_argument_is_checked():
 def test_cuda_graph_setting_in_the_run_config_and_the_command_line(capsys):
     from cnn_gpu import cli, runs  # noqa: PLC0415
 
-    assert runs.TrainConfig().cuda_graph == "auto" and runs.CUDA_GRAPH_SETTINGS == {"auto": "auto", "on": True,
-                                                                                  "off": False}
+    assert runs.TrainConfig().cuda_graph == "auto" and runs.CUDA_GRAPH_SETTINGS == {"auto": "auto", "on": True, "off": False}
     with pytest.raises(ValueError, match="cuda_graph: expected one of"):
         runs.TrainConfig(cuda_graph="yes").resolved()
     with pytest.raises(SystemExit) as exc:
@@ -276,9 +297,19 @@ def test_standin_cli_train_with_and_without_a_cuda_graph_gives_the_same_run(stan
     for mode in ("on", "off"):
         run = tmp_path / mode
         lines = []
-        cli.cmd_train(cli.TrainConfig(dataset="digits", epochs=1, backend="cupy", run_dir=str(run), progress="none",
-                                      cuda_graph=mode, data_dir=str(tmp_path / "data")), out=lines.append)
-        out[mode] = lines[-1]
+        cli.cmd_train(
+            cli.TrainConfig(
+                dataset="digits",
+                epochs=1,
+                backend="cupy",
+                run_dir=str(run),
+                progress="none",
+                cuda_graph=mode,
+                data_dir=str(tmp_path / "data"),
+            ),
+            out=lines.append,
+        )
+        out[mode] = lines[-1].split(" (")[0]  # test accuracy: NN.NN% (the last epoch's model, RUN/last.npz)
         assert json.loads((run / "config.json").read_text())["config"]["cuda_graph"] == mode
     assert out["on"] == out["off"] and out["on"].startswith("test accuracy: ")
     on, off = cnn_gpu.load(str(tmp_path / "on" / "last.npz")), cnn_gpu.load(str(tmp_path / "off" / "last.npz"))

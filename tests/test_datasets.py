@@ -5,6 +5,7 @@ files in the real formats (IDX / gzip, CIFAR pickles in a tar.gz); the registry
 is monkeypatched to point at it, with fixture checksums and small counts.
 No test touches the internet.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,6 @@ import io
 import os
 import pickle
 import struct
-import subprocess
 import sys
 import tarfile
 import threading
@@ -90,16 +90,19 @@ def cifar_batch(rows: int, seed: int, protocol: int = 2) -> tuple[bytes, np.ndar
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, (rows, 3072), dtype=np.uint8)
     labels = [int(v) for v in rng.integers(0, 10, rows)]
-    d = {b"batch_label": b"fixture batch", b"labels": labels, b"data": data,
-         b"filenames": [b"img_%d.png" % i for i in range(rows)]}
+    d = {
+        b"batch_label": b"fixture batch",
+        b"labels": labels,
+        b"data": data,
+        b"filenames": [b"img_%d.png" % i for i in range(rows)],
+    }
     return pickle.dumps(d, protocol=protocol), data, np.array(labels)
 
 
 @pytest.fixture(scope="module")
 def cifar_batches():
     """batch name -> (pickle bytes, data, labels)."""
-    out = {f"data_batch_{i}": cifar_batch(CIFAR_TRAIN_ROWS, i, protocol=2 if i % 2 else 5)
-           for i in range(1, 6)}
+    out = {f"data_batch_{i}": cifar_batch(CIFAR_TRAIN_ROWS, i, protocol=2 if i % 2 else 5) for i in range(1, 6)}
     payload, data, labels = cifar_batch(CIFAR_TEST_ROWS, 99, protocol=2)
     # The real batches were pickled by Python 2 / old NumPy, naming numpy.core (not numpy._core).
     payload = payload.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
@@ -158,8 +161,7 @@ class Server:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self.thread.start()
 
     def close(self):
@@ -182,16 +184,22 @@ def _isolated_env(monkeypatch, tmp_path):
         yield
 
 
-def idx_spec(name: str, subdir: str, files: dict[str, bytes], base_url: str, prefix: str = "/m/",
-             extra_dirs=("MNIST/raw",)):
+def idx_spec(name: str, subdir: str, files: dict[str, bytes], base_url: str, prefix: str = "/m/", extra_dirs=("MNIST/raw",)):
     """A registry entry for fixture IDX files served under base_url + prefix."""
     entries = {}
     for role, fname in IDX_NAMES.items():
         body = files[fname]
         entries[role] = ds.DatasetFile(fname, sha(body), len(body), (base_url + prefix + fname,))
-    return ds.DatasetSpec(name=name, subdir=subdir, kind="idx", files=entries,
-                          n_train=N_TRAIN, n_test=N_TEST, image_shape=(1, 28, 28),
-                          extra_dirs=tuple(extra_dirs))
+    return ds.DatasetSpec(
+        name=name,
+        subdir=subdir,
+        kind="idx",
+        files=entries,
+        n_train=N_TRAIN,
+        n_test=N_TEST,
+        image_shape=(1, 28, 28),
+        extra_dirs=tuple(extra_dirs),
+    )
 
 
 @pytest.fixture
@@ -202,12 +210,17 @@ def mnist_server(server, mnist_gz, monkeypatch):
     return server
 
 
-def cifar_spec(tar: bytes, base_url: str) -> "ds.DatasetSpec":
-    entry = ds.DatasetFile("cifar-10-python.tar.gz", sha(tar), len(tar),
-                           (base_url + "/c/cifar-10-python.tar.gz",))
-    return ds.DatasetSpec(name="CIFAR-10", subdir="cifar-10", kind="cifar10",
-                          files={"archive": entry}, n_train=5 * CIFAR_TRAIN_ROWS,
-                          n_test=CIFAR_TEST_ROWS, image_shape=(3, 32, 32))
+def cifar_spec(tar: bytes, base_url: str) -> ds.DatasetSpec:
+    entry = ds.DatasetFile("cifar-10-python.tar.gz", sha(tar), len(tar), (base_url + "/c/cifar-10-python.tar.gz",))
+    return ds.DatasetSpec(
+        name="CIFAR-10",
+        subdir="cifar-10",
+        kind="cifar10",
+        files={"archive": entry},
+        n_train=5 * CIFAR_TRAIN_ROWS,
+        n_test=CIFAR_TEST_ROWS,
+        image_shape=(3, 32, 32),
+    )
 
 
 def check_mnist(result, arrays):
@@ -311,13 +324,12 @@ def test_mirrors_are_tried_in_order(server, mnist_gz, mnist_arrays, monkeypatch,
     for fname, body in mnist_gz.items():
         server.files["/second/" + fname] = body
     spec = idx_spec("MNIST", "mnist", mnist_gz, server.url, prefix="/first/")
-    spec = dataclasses.replace(spec, files={
-        r: dataclasses.replace(f, urls=f.urls + (server.url + "/second/" + f.name,))
-        for r, f in spec.files.items()})
+    spec = dataclasses.replace(
+        spec, files={r: dataclasses.replace(f, urls=f.urls + (server.url + "/second/" + f.name,)) for r, f in spec.files.items()}
+    )
     monkeypatch.setitem(ds.REGISTRY, "mnist", spec)
     check_mnist(ds.load_mnist(root=tmp_path), mnist_arrays)
-    assert sorted(server.requests) == sorted(
-        [f"/first/{n}" for n in mnist_gz] + [f"/second/{n}" for n in mnist_gz])
+    assert sorted(server.requests) == sorted([f"/first/{n}" for n in mnist_gz] + [f"/second/{n}" for n in mnist_gz])
 
 
 def test_all_mirrors_failing_names_every_url(server, mnist_gz, monkeypatch, tmp_path):
@@ -361,22 +373,24 @@ def test_corrupt_cache_is_redownloaded_or_reported(mnist_server, mnist_gz, mnist
 def test_fashion_mnist_uses_its_own_subfolder(server, mnist_gz, mnist_arrays, monkeypatch, tmp_path):
     for fname, body in mnist_gz.items():
         server.files["/m/" + fname] = body
-    monkeypatch.setitem(ds.REGISTRY, "fashion-mnist",
-                        idx_spec("Fashion-MNIST", "fashion-mnist", mnist_gz, server.url))
+    monkeypatch.setitem(ds.REGISTRY, "fashion-mnist", idx_spec("Fashion-MNIST", "fashion-mnist", mnist_gz, server.url))
     check_mnist(ds.load_fashion_mnist(root=tmp_path), mnist_arrays)
     assert len(files_in(tmp_path / "fashion-mnist")) == 4
 
 
-def test_known_repacks_are_accepted_on_disk_but_never_downloaded(server, mnist_raw, mnist_gz, mnist_arrays,
-                                                                 monkeypatch, tmp_path):
+def test_known_repacks_are_accepted_on_disk_but_never_downloaded(
+    server, mnist_raw, mnist_gz, mnist_arrays, monkeypatch, tmp_path
+):
     """A distribution's re-compressed copy under the canonical name (Debian's Fashion-MNIST) verifies
     against its recorded (SHA-256, size); a mirror serving those bytes is refused (downloads must be
     the canonical file), and a repack not on record is still an error."""
     repack = {IDX_NAMES[r]: gzip.compress(b, compresslevel=5, mtime=3) for r, b in mnist_raw.items()}
     assert all(repack[n] != mnist_gz[n] for n in repack)
     spec = idx_spec("Fashion-MNIST", "fashion-mnist", mnist_gz, server.url)
-    spec = dataclasses.replace(spec, files={
-        r: dataclasses.replace(f, repacks=((sha(repack[f.name]), len(repack[f.name])),)) for r, f in spec.files.items()})
+    spec = dataclasses.replace(
+        spec,
+        files={r: dataclasses.replace(f, repacks=((sha(repack[f.name]), len(repack[f.name])),)) for r, f in spec.files.items()},
+    )
     monkeypatch.setitem(ds.REGISTRY, "fashion-mnist", spec)
     folder = tmp_path / "fashion-mnist"
     folder.mkdir()
@@ -415,8 +429,7 @@ def alt_name(canonical: str, dotted: bool, gzipped: bool) -> str:
 @pytest.mark.parametrize("gzipped", [True, False], ids=["gz", "raw"])
 @pytest.mark.parametrize("dotted", [True, False], ids=["t10k-images.idx3-ubyte", "t10k-images-idx3-ubyte"])
 @pytest.mark.parametrize("in_subdir", [True, False], ids=["root/mnist", "root"])
-def test_offline_root_with_either_naming(mnist_server, mnist_raw, mnist_gz, mnist_arrays, tmp_path,
-                                         dotted, gzipped, in_subdir):
+def test_offline_root_with_either_naming(mnist_server, mnist_raw, mnist_gz, mnist_arrays, tmp_path, dotted, gzipped, in_subdir):
     folder = tmp_path / "mnist" if in_subdir else tmp_path
     folder.mkdir(exist_ok=True)
     for role, raw in mnist_raw.items():
@@ -602,9 +615,14 @@ def test_cifar_bad_batch_is_rejected(server, cifar_batches, monkeypatch, tmp_pat
         "evil": lambda: pickle.dumps(os.system),
     }[problem]()
     (folder / "test_batch").write_bytes(bad)
-    expected = {"shape": "expected uint8 array of shape", "dtype": "float32", "labels": "labels must be in",
-                "keys": "missing key", "not-a-pickle": "not a readable CIFAR batch",
-                "evil": "not allowed"}[problem]
+    expected = {
+        "shape": "expected uint8 array of shape",
+        "dtype": "float32",
+        "labels": "labels must be in",
+        "keys": "missing key",
+        "not-a-pickle": "not a readable CIFAR batch",
+        "evil": "not allowed",
+    }[problem]
     with pytest.raises(ValueError, match=expected) as exc:
         ds.load_cifar10(root=tmp_path, download=False)
     assert "test_batch" in str(exc.value)
@@ -624,16 +642,16 @@ def test_cifar_tarball_missing_member(server, cifar_batches, monkeypatch, tmp_pa
 def test_real_registry_is_complete():
     expected_sizes = {
         "mnist": {"train_images": 9912422, "train_labels": 28881, "test_images": 1648877, "test_labels": 4542},
-        "fashion-mnist": {"train_images": 26421880, "train_labels": 29515,
-                          "test_images": 4422102, "test_labels": 5148},
+        "fashion-mnist": {"train_images": 26421880, "train_labels": 29515, "test_images": 4422102, "test_labels": 5148},
         "cifar10": {"archive": 170498071},
     }
     assert ds.REGISTRY["mnist"].files["train_images"].urls[0] == (
-        "https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz")
+        "https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz"
+    )
     assert ds.REGISTRY["fashion-mnist"].files["test_labels"].urls[0] == (
-        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-labels-idx1-ubyte.gz")
-    assert ds.REGISTRY["cifar10"].files["archive"].urls == (
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",)
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-labels-idx1-ubyte.gz"
+    )
+    assert ds.REGISTRY["cifar10"].files["archive"].urls == ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",)
     shas = set()
     for key, sizes in expected_sizes.items():
         spec = ds.REGISTRY[key]

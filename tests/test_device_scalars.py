@@ -6,6 +6,7 @@ device-scalar calls with *wrong* scalar arguments, so equal bits show that the k
 device array. The stand-in tests ("standin") run whole training steps in both modes and count the
 uploads (one asynchronous copy per owner and step) and host syncs (none).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,9 +59,11 @@ LRS = [0.1, 1 / 3, 0.0123456789, 2.5e-4, 0.07]  # a schedule's values: most do n
 # ======================================================================== optimizers
 @pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("mu,wd,nesterov",
-                         [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 1e-2, True), (0.5, 1e-3, False)],
-                         ids=["plain", "momentum", "nesterov-wd", "momentum-wd"])
+@pytest.mark.parametrize(
+    "mu,wd,nesterov",
+    [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 1e-2, True), (0.5, 1e-3, False)],
+    ids=["plain", "momentum", "nesterov-wd", "momentum-wd"],
+)
 def test_emul_sgd_device_lr_is_bitwise_the_argument(emul, dtype, launch, mu, wd, nesterov):
     rng = np.random.default_rng(1)
     p0 = rng.standard_normal(77).astype(dtype)
@@ -127,8 +130,12 @@ def test_emul_dropout_device_key_outside_training_is_the_identity(emul):
 
 
 # ======================================================================== augmentation
-CROP_CASES = [((3, 2, 8, 8), 8, 2, "zeros"), ((3, 2, 8, 8), 6, 3, "reflect"), ((2, 3, 5, 7), (4, 6), (1, 2), "zeros"),
-              ((2, 1, 6, 6), 6, 5, "reflect")]
+CROP_CASES = [
+    ((3, 2, 8, 8), 8, 2, "zeros"),
+    ((3, 2, 8, 8), 6, 3, "reflect"),
+    ((2, 3, 5, 7), (4, 6), (1, 2), "zeros"),
+    ((2, 1, 6, 6), 6, 5, "reflect"),
+]
 
 
 @pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
@@ -150,15 +157,28 @@ def test_emul_crop_flip_device_keys_are_bitwise_the_arguments(emul, dtype, launc
 def test_emul_device_scalars_are_checked_with_one_line_errors(emul):
     p = np.zeros(5, np.float32)
     cases = [
-        (lambda d: ops.sgd_update_(p, p.copy(), None, 0.1, 0, 0, False, True, device_scalars=d),
-         np.zeros(1, np.float32), "float64 array of shape (1,) holding (lr)"),
-        (lambda d: ops.adam_update_(p, p.copy(), p.copy(), p.copy(), 0.1, 0.9, 0.99, 1e-8, 0, False, 0.1, 0.01,
-                                    device_scalars=d),
-         np.zeros(2), "float64 array of shape (3,) holding (step_size, bc2, decay)"),
-        (lambda d: ops.dropout_forward(p, 0.5, True, key=1, device_scalars=d), np.zeros((1, 1), np.int64),
-         "int64 array of shape (1,) holding (key)"),
-        (lambda d: ops.crop_flip(p.reshape(1, 1, 1, 5), CropFlip(1, 1, 1, 5, 1, 5, 0, 0, 0, 1, 2, 0), device_scalars=d),
-         np.zeros(4, np.int64)[::2], "int64 array of shape (2,) holding (crop_key, flip_key)"),
+        (
+            lambda d: ops.sgd_update_(p, p.copy(), None, 0.1, 0, 0, False, True, device_scalars=d),
+            np.zeros(1, np.float32),
+            "float64 array of shape (1,) holding (lr)",
+        ),
+        (
+            lambda d: ops.adam_update_(
+                p, p.copy(), p.copy(), p.copy(), 0.1, 0.9, 0.99, 1e-8, 0, False, 0.1, 0.01, device_scalars=d
+            ),
+            np.zeros(2),
+            "float64 array of shape (3,) holding (step_size, bc2, decay)",
+        ),
+        (
+            lambda d: ops.dropout_forward(p, 0.5, True, key=1, device_scalars=d),
+            np.zeros((1, 1), np.int64),
+            "int64 array of shape (1,) holding (key)",
+        ),
+        (
+            lambda d: ops.crop_flip(p.reshape(1, 1, 1, 5), CropFlip(1, 1, 1, 5, 1, 5, 0, 0, 0, 1, 2, 0), device_scalars=d),
+            np.zeros(4, np.int64)[::2],
+            "int64 array of shape (2,) holding (crop_key, flip_key)",
+        ),
     ]
     for call, bad, msg in cases:
         with pytest.raises(ValueError, match=r"^device_scalars: expected a contiguous ") as e:
@@ -182,6 +202,7 @@ def test_emul_eager_launches_share_one_unread_placeholder(emul):
 
 def test_device_scalar_mode_changes_nothing_on_numpy():
     """NumPy arrays (cpu and reference engines): the values go as arguments, the results are the same."""
+
     def run(device: bool):
         cnn_gpu.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 5, generator=np.random.default_rng(0)), nn.Dropout(0.5), nn.Linear(5, 3))
@@ -195,6 +216,7 @@ def test_device_scalar_mode_changes_nothing_on_numpy():
             train_step(model, nn.CrossEntropyLoss(), opt, x.astype(np.float32), y)
             sched.step()
         return [p.data.copy() for p in model.parameters()], opt
+
     eager, _ = run(False)
     dev, opt = run(True)
     for a, b in zip(eager, dev):
@@ -216,13 +238,27 @@ def _lenet5_dropout(dtype=np.float32):
     """lenet5 with a Dropout(0.5) before its last Linear."""
     g = dict(dtype=dtype, generator=np.random.default_rng(11))
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2, **g), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5, **g), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120, **g), nn.ReLU(), nn.Linear(120, 84, **g), nn.ReLU(),
-        nn.Dropout(0.5, generator=np.random.default_rng(12)), nn.Linear(84, 10, **g))
+        nn.Conv2d(1, 6, 5, padding=2, **g),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, **g),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120, **g),
+        nn.ReLU(),
+        nn.Linear(120, 84, **g),
+        nn.ReLU(),
+        nn.Dropout(0.5, generator=np.random.default_rng(12)),
+        nn.Linear(84, 10, **g),
+    )
 
 
-OPTIMIZERS = {"adam": lambda m: optim.Adam(m, 1e-3), "adamw": lambda m: optim.AdamW(m, 1e-3, weight_decay=0.1),
-              "sgd-nesterov": lambda m: optim.SGD(m, 0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)}
+OPTIMIZERS = {
+    "adam": lambda m: optim.Adam(m, 1e-3),
+    "adamw": lambda m: optim.AdamW(m, 1e-3, weight_decay=0.1),
+    "sgd-nesterov": lambda m: optim.SGD(m, 0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+}
 
 
 def _steps(cp, make_opt, device: bool, steps: int = 3):
@@ -289,10 +325,15 @@ def test_standin_lenet5_dropout_onecycle_device_scalars_equal_eager_bitwise(stan
     assert pinned == [8, group_bytes] * 3  # every upload staged in pinned memory: the key (forward), then the group
 
 
-@pytest.mark.parametrize("transforms,launches", [(lambda: [RandomCrop(8, 2, "reflect"), RandomHorizontalFlip()], 1),
-                                                 (lambda: [RandomHorizontalFlip(0.3), RandomCrop(6, 1)], 2),
-                                                 (lambda: [RandomCrop((6, 7), (1, 3))], 1)],
-                         ids=["crop-flip", "flip-then-crop", "crop"])
+@pytest.mark.parametrize(
+    "transforms,launches",
+    [
+        (lambda: [RandomCrop(8, 2, "reflect"), RandomHorizontalFlip()], 1),
+        (lambda: [RandomHorizontalFlip(0.3), RandomCrop(6, 1)], 2),
+        (lambda: [RandomCrop((6, 7), (1, 3))], 1),
+    ],
+    ids=["crop-flip", "flip-then-crop", "crop"],
+)
 def test_standin_augmentation_device_keys_equal_eager_bitwise(standin, pinned, transforms, launches):
     """Compose in device-scalar mode: the eager batches; per batch one 16-byte upload per launch
     (a fused crop + flip is one), no host sync."""

@@ -1,6 +1,7 @@
 """cnn_gpu.distributed: the size-1 communicator, the sharded loader, DistributedOptimizer, the NCCL
 call sequence (against a fake of cupy.cuda.nccl, which needs libnccl; also through the CuPy stand-in), and
 2 ranks under mpiexec on the CPU (skipped without mpi4py / mpiexec)."""
+
 from __future__ import annotations
 
 import json
@@ -47,13 +48,16 @@ def test_init_alone_is_a_size_one_communicator_that_changes_nothing():
     comm.barrier()
 
 
-@pytest.mark.parametrize("call, err, match", [
-    (lambda c: c.allreduce_(np.zeros((3, 4))[:, 0]), ValueError, "C-contiguous"),
-    (lambda c: c.allreduce_([1.0]), TypeError, "NumPy or CuPy array"),
-    (lambda c: c.allreduce_(np.zeros(2), op="max"), ValueError, "op: expected"),
-    (lambda c: c.allreduce_(np.zeros(2, np.int64), op="mean"), TypeError, "floating-point"),
-    (lambda c: c.broadcast_(np.zeros(2), root=1), ValueError, r"root: expected a rank in \[0, 0\]"),
-])
+@pytest.mark.parametrize(
+    "call, err, match",
+    [
+        (lambda c: c.allreduce_(np.zeros((3, 4))[:, 0]), ValueError, "C-contiguous"),
+        (lambda c: c.allreduce_([1.0]), TypeError, "NumPy or CuPy array"),
+        (lambda c: c.allreduce_(np.zeros(2), op="max"), ValueError, "op: expected"),
+        (lambda c: c.allreduce_(np.zeros(2, np.int64), op="mean"), TypeError, "floating-point"),
+        (lambda c: c.broadcast_(np.zeros(2), root=1), ValueError, r"root: expected a rank in \[0, 0\]"),
+    ],
+)
 def test_communicator_rejects_bad_arguments(call, err, match):
     with pytest.raises(err, match=match):
         call(distributed.init())
@@ -70,8 +74,9 @@ def test_launched_size_reads_the_launchers_variables():
 def test_sharded_loader_splits_every_global_batch_into_disjoint_shards(n, batch, size):
     x, y = np.arange(n, dtype=np.float64).reshape(n, 1), np.arange(n)
     whole = list(DataLoader(x, y, batch, shuffle=True, seed=5).epoch(2))
-    shards = [list(distributed.ShardedLoader(x, y, batch, FakeRanks(r, size), shuffle=True, seed=5).epoch(2))
-              for r in range(size)]
+    shards = [
+        list(distributed.ShardedLoader(x, y, batch, FakeRanks(r, size), shuffle=True, seed=5).epoch(2)) for r in range(size)
+    ]
     kept = [b for b in whole if len(b[1]) >= size]  # a last batch with fewer examples than ranks is dropped
     assert all(len(s) == len(kept) for s in shards)
     for k, (_, yb) in enumerate(kept):
@@ -118,7 +123,7 @@ def test_distributed_optimizer_makes_one_allreduce_per_flat_buffer_then_the_same
     assert comm.calls == [("allreduce_", n, "mean")] * 3  # one call per step over the whole flat buffer
     for p, q in zip(model.parameters(), twin.parameters()):
         assert np.array_equal(p.data, q.data)
-    assert opt.lr == ref.lr == 0.1 * 0.5 ** 3 and opt.step_count == 3 and opt.momentum == 0.9
+    assert opt.lr == ref.lr == 0.1 * 0.5**3 and opt.step_count == 3 and opt.momentum == 0.9
     sd = opt.state_dict()
     assert sd["type"] == "SGD" and sd["step"] == 3
     fresh = optim.SGD(_model(), 0.1, momentum=0.9)
@@ -260,9 +265,14 @@ def test_nccl_channel_call_sequence(rank):
     ch.allreduce_(a, "mean")
     ch.allreduce_(FakeDeviceArray(4, np.float64), "sum")
     ch.broadcast_(FakeDeviceArray(3, np.int64), 0)
-    assert log == [("allReduce", 0x1000, 0x1000, 10, FakeNccl.NCCL_FLOAT32, FakeNccl.NCCL_AVG, 0xABC), ("record", 0xABC),
-                   ("allReduce", 0x1000, 0x1000, 4, FakeNccl.NCCL_FLOAT64, FakeNccl.NCCL_SUM, 0xABC), ("record", 0xABC),
-                   ("bcast", 0x1000, 3, FakeNccl.NCCL_INT64, 0, 0xABC), ("record", 0xABC)]
+    assert log == [
+        ("allReduce", 0x1000, 0x1000, 10, FakeNccl.NCCL_FLOAT32, FakeNccl.NCCL_AVG, 0xABC),
+        ("record", 0xABC),
+        ("allReduce", 0x1000, 0x1000, 4, FakeNccl.NCCL_FLOAT64, FakeNccl.NCCL_SUM, 0xABC),
+        ("record", 0xABC),
+        ("bcast", 0x1000, 3, FakeNccl.NCCL_INT64, 0, 0xABC),
+        ("record", 0xABC),
+    ]
     with pytest.raises(TypeError, match="NCCL collectives take"):
         ch.allreduce_(FakeDeviceArray(3, np.complex64), "sum")
 
@@ -307,8 +317,14 @@ def _env(**extra) -> dict:
 
 
 def _run(args, cwd, timeout=120, **extra):
-    return subprocess.run([_mpiexec(), "-n", "2", sys.executable, *args], cwd=cwd, env=_env(**extra),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [_mpiexec(), "-n", "2", sys.executable, *args],
+        cwd=cwd,
+        env=_env(**extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("script", ["comm_ops.py", "equivalence.py"])
@@ -333,16 +349,41 @@ def test_cli_on_two_ranks_trains_and_only_rank_zero_prints_and_writes(tmp_path):
     printed = float(out.split("test accuracy:")[1].split("%")[0])
     assert abs(printed - 100 * row["test_accuracy"]) < 0.01
     # --resume wants the same number of ranks
-    alone = subprocess.run([sys.executable, "-m", "cnn_gpu", "train", "--resume", str(runs[0])], cwd=tmp_path,
-                           env=_env(), capture_output=True, text=True, timeout=120)
+    alone = subprocess.run(
+        [sys.executable, "-m", "cnn_gpu", "train", "--resume", str(runs[0])],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert alone.returncode != 0 and "trained on 2 rank(s)" in alone.stderr, alone.stderr
 
 
 def test_ctrl_c_stops_every_rank_at_the_same_step_and_resume_finishes(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, "-m", "cnn_gpu", "train", "--epochs", "4",
-                             "--progress", "plain", "--run-dir", str(run_dir)], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            _mpiexec(),
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "cnn_gpu",
+            "train",
+            "--epochs",
+            "4",
+            "--progress",
+            "plain",
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stdout:
             if line.startswith("epoch 1/4"):
@@ -359,15 +400,19 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_and_resume_finishes(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and res.stdout.count("test accuracy:") == 1
 
 
-@pytest.mark.parametrize("how, expect", [
-    ("raise", "rank 1 of 2 failed: RuntimeError: injected failure"),
-    ("kill", ""),  # the launcher ends the job when a rank's process dies
-    ("hang", "did not complete within 10 s"),  # the collective's deadline (CNN_GPU_TIMEOUT_S) ends it
-])
+@pytest.mark.parametrize(
+    "how, expect",
+    [
+        ("raise", "rank 1 of 2 failed: RuntimeError: injected failure"),
+        ("kill", ""),  # the launcher ends the job when a rank's process dies
+        ("hang", "did not complete within 10 s"),  # the collective's deadline (CNN_GPU_TIMEOUT_S) ends it
+    ],
+)
 def test_a_failing_rank_ends_every_rank_in_bounded_time(how, expect, tmp_path):
     t0 = time.monotonic()
-    res = _run([str(SCRIPTS / "failing_rank.py"), how, str(tmp_path / "run")], tmp_path, timeout=90,
-               CNN_GPU_TIMEOUT_S="10")  # not less: a loaded CI machine may take seconds to start a rank
+    res = _run(
+        [str(SCRIPTS / "failing_rank.py"), how, str(tmp_path / "run")], tmp_path, timeout=90, CNN_GPU_TIMEOUT_S="10"
+    )  # not less: a loaded CI machine may take seconds to start a rank
     seconds = time.monotonic() - t0
     assert res.returncode != 0 and "training finished" not in res.stdout
     assert f"rank 1: failing ({how})" in res.stdout and expect in res.stderr, res.stdout + res.stderr
@@ -405,8 +450,9 @@ def test_standin_distributed_step_is_one_nccl_allreduce_of_the_flat_gradient(sta
     assert isinstance(group.grad, standin.ndarray) and group.grad.dtype == np.float32
     stream = standin.cuda.get_current_stream().ptr
     nccl = standin.cuda.nccl
-    assert log == [("allReduce", group.grad.data.ptr, group.grad.data.ptr, model.num_parameters(),
-                    nccl.NCCL_FLOAT32, nccl.NCCL_AVG, stream)]
+    assert log == [
+        ("allReduce", group.grad.data.ptr, group.grad.data.ptr, model.num_parameters(), nccl.NCCL_FLOAT32, nccl.NCCL_AVG, stream)
+    ]
     assert comm._nccl.last_event.recorded_on == stream  # what the next collective checks (done)
     assert c.total_syncs == 0, c.syncs
 
@@ -492,8 +538,7 @@ class _FakeWorld:
 
 
 def _fake_mpi(monkeypatch, rank, size):
-    mpi = types.SimpleNamespace(COMM_WORLD=_FakeWorld(rank, size), COMM_TYPE_SHARED=1,
-                                Get_processor_name=lambda: "node0")
+    mpi = types.SimpleNamespace(COMM_WORLD=_FakeWorld(rank, size), COMM_TYPE_SHARED=1, Get_processor_name=lambda: "node0")
     monkeypatch.setattr(distributed, "_current", [])
     monkeypatch.setattr(distributed, "launched_size", lambda environ=None: size)
     monkeypatch.setitem(sys.modules, "mpi4py", types.SimpleNamespace(MPI=mpi))
@@ -578,8 +623,16 @@ def test_standin_train_run_on_rank_1_of_2_selects_its_gpu_first(standin, monkeyp
     mpi.COMM_WORLD, mpi.IN_PLACE, mpi.SUM = _FakeWorldOps(1, 2), object(), "sum"
     mpi.COMM_WORLD.from_root = [str(tmp_path / "run"), UID]  # rank 0 names the run folder, then NCCL's unique id
     standin.cuda.nccl.log.clear()
-    cfg = runs.TrainConfig(dataset="digits", epochs=1, batch_size=256, backend="cupy", run_dir=str(tmp_path / "run"),
-                           progress="none", quiet=True, data_dir=str(tmp_path / "data"))
+    cfg = runs.TrainConfig(
+        dataset="digits",
+        epochs=1,
+        batch_size=256,
+        backend="cupy",
+        run_dir=str(tmp_path / "run"),
+        progress="none",
+        quiet=True,
+        data_dir=str(tmp_path / "data"),
+    )
     with devices.visible(0, 1) as m:
         backend._cupy_status.cache_clear()
         runs.train_run(cfg, out=lambda line: None)
@@ -600,8 +653,10 @@ def test_standin_a_data_parallel_step_captures_its_allreduce_inside_the_cuda_gra
     from cnn_gpu.train import train_step  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
-    batches = [(standin.asarray(rng.standard_normal((4, 1, 28, 28)).astype(np.float32)),
-                standin.asarray(rng.integers(0, 10, 4))) for _ in range(4)]
+    batches = [
+        (standin.asarray(rng.standard_normal((4, 1, 28, 28)).astype(np.float32)), standin.asarray(rng.integers(0, 10, 4)))
+        for _ in range(4)
+    ]
 
     def setup():
         with cnn_gpu.use_backend("cupy"):

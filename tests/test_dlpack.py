@@ -3,22 +3,24 @@ producer) without copying, torch.from_dlpack reads cnn_gpu's arrays in place, an
 Module.load_state_dict takes torch tensors, so weights move between a cnn_gpu model and a torch
 model of the same architecture. Memory sharing is checked by writing through one side and
 reading on the other."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import numpy as np
 import pytest
+from helpers import assert_close
 
 import cnn_gpu
 from cnn_gpu import models, nn
 from cnn_gpu.backend import cupy_available
-from helpers import assert_close
 
 torch = pytest.importorskip("torch", reason="the DLPack tests exchange arrays with torch (CPU)")
 
 
 # --- into cnn_gpu ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
 def test_asarray_shares_a_torch_tensors_memory(dtype):
@@ -77,6 +79,7 @@ def test_a_model_runs_on_torch_tensors_read_through_asarray():
 
 # --- out of cnn_gpu --------------------------------------------------------------------------------
 
+
 def test_torch_reads_the_librarys_outputs_in_place():
     model = models.lenet5(generator=np.random.default_rng(1)).eval()
     x = np.random.default_rng(2).random((4, 1, 28, 28), dtype=np.float32)
@@ -101,14 +104,14 @@ def test_torch_writes_into_a_models_parameters_through_dlpack():
 
 # --- weights between cnn_gpu and torch -------------------------------------------------------------
 
+
 def _torch_layer(m):
     tnn = torch.nn
     kind = type(m).__name__
     if kind == "Sequential":
         return tnn.Sequential(OrderedDict((name, _torch_layer(c)) for name, c in m.named_children()))
     if kind == "Conv2d":
-        return tnn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                          bias=m.bias is not None)
+        return tnn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, bias=m.bias is not None)
     if kind == "Linear":
         return tnn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
     if kind == "MaxPool2d":
@@ -156,9 +159,20 @@ def test_weights_round_trip_cnn_gpu_torch_cnn_gpu(name):
 def test_weights_from_a_flat_torch_sequential():
     model = models.lenet5(generator=np.random.default_rng(5)).eval()
     tnn = torch.nn
-    flat = tnn.Sequential(tnn.Conv2d(1, 6, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(6, 16, 5), tnn.ReLU(),
-                          tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(400, 120), tnn.ReLU(), tnn.Linear(120, 84),
-                          tnn.ReLU(), tnn.Linear(84, 10)).eval()
+    flat = tnn.Sequential(
+        tnn.Conv2d(1, 6, 5, padding=2),
+        tnn.ReLU(),
+        tnn.MaxPool2d(2),
+        tnn.Conv2d(6, 16, 5),
+        tnn.ReLU(),
+        tnn.MaxPool2d(2),
+        tnn.Flatten(),
+        tnn.Linear(400, 120),
+        tnn.ReLU(),
+        tnn.Linear(120, 84),
+        tnn.ReLU(),
+        tnn.Linear(84, 10),
+    ).eval()
     names = flat_names(model)
     assert names["features.3.weight"] == "3.weight" and names["classifier.0.weight"] == "7.weight"
     assert names["classifier.4.bias"] == "11.bias" and sorted(names.values()) == sorted(flat.state_dict())
@@ -216,6 +230,7 @@ def test_torch_cpu_tensors_move_to_the_gpu_backend():
 
 # --- the README ------------------------------------------------------------------------------------
 
+
 def test_readme_dlpack_section_runs_as_written(tmp_path, monkeypatch, capsys):
     from helpers import readme_blocks  # noqa: PLC0415
 
@@ -226,9 +241,9 @@ def test_readme_dlpack_section_runs_as_written(tmp_path, monkeypatch, capsys):
 
 
 def test_readme_name_table_matches_the_zoo():
-    from pathlib import Path  # noqa: PLC0415
+    from helpers import doc_section  # noqa: PLC0415
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = doc_section("Arrays to torch and back (DLPack)")  # docs/interop.md
     for name in ["lenet5", "vgg_small", "lenet_digits"]:
         factory, shape = models.MODELS[name]
         names = flat_names(factory(in_channels=shape[0]))
@@ -239,6 +254,5 @@ def test_readme_name_table_matches_the_zoo():
             head, tail = k.rsplit(".", 1)
             short.append(k if head != prefix else f".{tail}")
             prefix = head
-        row = (f"| `{name}` | " + ", ".join(f"`{s}`" for s in short) + " | "
-               + ", ".join(f"`{t}`" for t in theirs) + " |")
+        row = f"| `{name}` | " + ", ".join(f"`{s}`" for s in short) + " | " + ", ".join(f"`{t}`" for t in theirs) + " |"
         assert row in readme, row

@@ -1,6 +1,7 @@
 """cnn_gpu reads any DLPack producer, not only torch: an object that offers nothing but
 ``__dlpack__`` and ``__dlpack_device__`` (as a JAX array or another framework's tensor does)
 is read without a copy. Runs without torch."""
+
 from __future__ import annotations
 
 import numpy as np

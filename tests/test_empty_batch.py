@@ -2,16 +2,17 @@
 gradients for its weights, on every engine (the dispatch runs empty arrays on the reference), as
 torch does; the loss's mean over no rows is NaN, as torch's. Only the batch may be empty: a weight
 with no filters or no features is an error that names it."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import DTYPES, ENGINES, force_engine
 
 import cnn_gpu
 import cnn_gpu.functional as F
 from cnn_gpu import models, nn
 from cnn_gpu.backend import to_numpy
-from helpers import DTYPES, ENGINES, force_engine
 
 
 @pytest.fixture(params=ENGINES)
@@ -143,8 +144,9 @@ def test_conv_and_linear_empty_batch_match_torch(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("make,shape", [(models.lenet5, (1, 28, 28)), (models.vgg_small, (3, 32, 32)),
-                                        (models.lenet_digits, (1, 8, 8))])
+@pytest.mark.parametrize(
+    "make,shape", [(models.lenet5, (1, 28, 28)), (models.vgg_small, (3, 32, 32)), (models.lenet_digits, (1, 8, 8))]
+)
 def test_models_forward_backward_empty_batch(engine, dtype, make, shape):
     cnn_gpu.manual_seed(0)
     model = make(in_channels=shape[0], num_classes=10).to("numpy", dtype)
@@ -162,23 +164,35 @@ def test_models_forward_backward_empty_batch(engine, dtype, make, shape):
     assert model.backward(np.zeros((0, 10), dtype), input_grad=False) is None
 
 
-@pytest.mark.parametrize("what,call", [
-    ("conv, no filters", lambda: F.conv2d_forward(np.zeros((2, 3, 8, 8)), np.zeros((0, 3, 3, 3)), None)),
-    ("conv, no input channels", lambda: F.conv2d_forward(np.zeros((2, 0, 8, 8)), np.zeros((4, 0, 3, 3)), None)),
-    ("linear, no outputs", lambda: F.linear_forward(np.zeros((2, 3)), np.zeros((0, 3)), None)),
-    ("linear, no inputs", lambda: F.linear_forward(np.zeros((2, 0)), np.zeros((4, 0)), None)),
-])
+@pytest.mark.parametrize(
+    "what,call",
+    [
+        ("conv, no filters", lambda: F.conv2d_forward(np.zeros((2, 3, 8, 8)), np.zeros((0, 3, 3, 3)), None)),
+        ("conv, no input channels", lambda: F.conv2d_forward(np.zeros((2, 0, 8, 8)), np.zeros((4, 0, 3, 3)), None)),
+        ("linear, no outputs", lambda: F.linear_forward(np.zeros((2, 3)), np.zeros((0, 3)), None)),
+        ("linear, no inputs", lambda: F.linear_forward(np.zeros((2, 0)), np.zeros((4, 0)), None)),
+    ],
+)
 def test_only_the_batch_may_be_empty(what, call):
     with pytest.raises(ValueError, match=r"^w: expected at least one .*got float64 array of shape"):
         call()
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: F.max_pool2d_forward(np.zeros((2, 3, 0, 4)), 2), "kernel_size: the 2x2 window must fit"),
-    (lambda: F.conv2d_forward(np.zeros((2, 3, 2, 2)), np.zeros((4, 3, 3, 3)), None), "kernel_size: the .*kernel 3x3 must fit"),
-    (lambda: F.relu_forward(np.zeros((2, 3), np.float16)), "x: expected a float32 or float64 array, got float16"),
-    (lambda: F.linear_forward(np.zeros((2, 3), np.int32), np.zeros((4, 3), np.float32), None), "x: expected a float32 or float64"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: F.max_pool2d_forward(np.zeros((2, 3, 0, 4)), 2), "kernel_size: the 2x2 window must fit"),
+        (
+            lambda: F.conv2d_forward(np.zeros((2, 3, 2, 2)), np.zeros((4, 3, 3, 3)), None),
+            "kernel_size: the .*kernel 3x3 must fit",
+        ),
+        (lambda: F.relu_forward(np.zeros((2, 3), np.float16)), "x: expected a float32 or float64 array, got float16"),
+        (
+            lambda: F.linear_forward(np.zeros((2, 3), np.int32), np.zeros((4, 3), np.float32), None),
+            "x: expected a float32 or float64",
+        ),
+    ],
+)
 def test_odd_shapes_and_dtypes_are_clear_errors(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()

@@ -6,6 +6,7 @@ model's forward, backward and optimizer update run through exactly the code and 
 runs -- argument order, shapes, scalar types, fusion plans and all -- and are compared with the
 reference engine. Every test name contains "emul".
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,8 +56,15 @@ def test_emul_lenet5_training_steps_match_the_reference(dtype, opt_name, request
     got = _run_steps(models.lenet5, (1, 28, 28), dtype, OPTIMIZERS[opt_name])
     used = {k for k, _, _ in launcher.log}
     # the kernels actually ran: the conv epilogues, im2col/col2im, both pools' directions, the loss, the optimizer
-    assert {"im2col_cm", "col2im_cm", "bias_act_forward", "act_backward_bias_grad", "max_pool2d_forward",
-            "max_pool2d_backward", "softmax_cross_entropy"} <= {u.rsplit("_f", 1)[0] for u in used}, sorted(used)
+    assert {
+        "im2col_cm",
+        "col2im_cm",
+        "bias_act_forward",
+        "act_backward_bias_grad",
+        "max_pool2d_forward",
+        "max_pool2d_backward",
+        "softmax_cross_entropy",
+    } <= {u.rsplit("_f", 1)[0] for u in used}, sorted(used)
     assert any(u.startswith(("sgd_update", "adam_update")) for u in used), sorted(used)
     tol = 1e-10 if dtype == np.float64 else 1e-5
     np.testing.assert_allclose(got[0], ref[0], rtol=tol, err_msg="losses")
@@ -71,9 +79,16 @@ def test_emul_lenet5_training_steps_match_the_reference(dtype, opt_name, request
 
 def test_emul_avg_pool_dilated_strided_net_steps_match_the_reference(request):
     def net(dtype=np.float64):
-        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, dtype=dtype), nn.ReLU(), nn.AvgPool2d(3, 2, 1),
-                             nn.Conv2d(4, 5, (3, 2), stride=(2, 1), dilation=(1, 2), dtype=dtype), nn.ReLU(),
-                             nn.MaxPool2d(3, 2, 1), nn.Flatten(), nn.Linear(5 * 1 * 2, 10, dtype=dtype))
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, dtype=dtype),
+            nn.ReLU(),
+            nn.AvgPool2d(3, 2, 1),
+            nn.Conv2d(4, 5, (3, 2), stride=(2, 1), dilation=(1, 2), dtype=dtype),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1),
+            nn.Flatten(),
+            nn.Linear(5 * 1 * 2, 10, dtype=dtype),
+        )
 
     with cnn_gpu.config.override(engine="reference"):
         ref = _run_steps(net, (3, 10, 9), np.float64, OPTIMIZERS["sgd_nesterov_wd"])

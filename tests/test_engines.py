@@ -8,16 +8,17 @@ on the same inputs, and compares: float64 to 1e-12, float32 to 1e-5 (relative to
 value), argmax indices exactly. Then whole models: Sequential's fusion plans, forward, backward
 and every parameter gradient.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import DTYPES, ENGINES, assert_close, force_engine
 
 import cnn_gpu
 import cnn_gpu.functional as F
 from cnn_gpu import models, nn, optim
 from cnn_gpu.backend import to_numpy
-from helpers import DTYPES, ENGINES, assert_close, force_engine
 
 
 @pytest.fixture(params=ENGINES)
@@ -149,8 +150,7 @@ def test_conv2d_of_strided_views(engine, rng, G, activation):
     x_wide = data(rng, (3, 4, 6, 12), np.float64)
     x, w = x_wide[..., ::2], data(rng, (4, 4 // G, 3, 3), np.float64)
     assert not x.flags.c_contiguous
-    y_ref, cache_ref = on_reference(F.conv2d_forward, np.ascontiguousarray(x), w, None, 1, 1, 1, G,
-                                    activation=activation)
+    y_ref, cache_ref = on_reference(F.conv2d_forward, np.ascontiguousarray(x), w, None, 1, 1, 1, G, activation=activation)
     dy = data(rng, y_ref.shape[:3] + (2 * y_ref.shape[3],), np.float64)[..., ::2]
     want = on_reference(F.conv2d_backward, np.ascontiguousarray(dy), cache_ref)
     y, cache = F.conv2d_forward(x, w, None, 1, 1, 1, G, activation=activation)
@@ -167,8 +167,9 @@ def test_batch_norm_of_strided_views(engine, rng, affine):
     stats = [np.zeros(3), np.ones(3)]
     ref_stats = [np.zeros(3), np.ones(3)]
     y, cache = F.batch_norm_forward(x, gamma, beta, *stats, True, 0.1, 1e-5, activation="relu")
-    y_ref, cache_ref = on_reference(F.batch_norm_forward, np.ascontiguousarray(x), gamma, beta, *ref_stats, True,
-                                    0.1, 1e-5, activation="relu")
+    y_ref, cache_ref = on_reference(
+        F.batch_norm_forward, np.ascontiguousarray(x), gamma, beta, *ref_stats, True, 0.1, 1e-5, activation="relu"
+    )
     same(y, y_ref, np.float64, "y of a strided x")
     same(stats[0], ref_stats[0], np.float64, "running_mean")
     got, want = F.batch_norm_backward(dy, cache), on_reference(F.batch_norm_backward, np.ascontiguousarray(dy), cache_ref)
@@ -198,14 +199,23 @@ def test_im2col_col2im(engine, rng, dtype):
     cols = F.im2col(x, (3, 2), (2, 1), (1, 1), (1, 2))
     same(cols, on_reference(F.im2col, x, (3, 2), (2, 1), (1, 1), (1, 2)), dtype, "im2col")
     c = data(rng, cols.shape, dtype)
-    same(F.col2im(c, x.shape, (3, 2), (2, 1), (1, 1), (1, 2)),
-         on_reference(F.col2im, c, x.shape, (3, 2), (2, 1), (1, 1), (1, 2)), dtype, "col2im")
+    same(
+        F.col2im(c, x.shape, (3, 2), (2, 1), (1, 1), (1, 2)),
+        on_reference(F.col2im, c, x.shape, (3, 2), (2, 1), (1, 1), (1, 2)),
+        dtype,
+        "col2im",
+    )
 
 
 # ======================================================================== pooling
 # N, C, H, W, kernel, stride, padding
-POOL_CASES = [(2, 3, 8, 8, 2, None, 0), (2, 2, 9, 7, 3, 2, 1), (1, 3, 6, 6, (2, 3), (1, 2), (1, 1)),
-              (3, 2, 5, 5, 3, 1, 1), (2, 4, 7, 9, 2, 3, 0)]
+POOL_CASES = [
+    (2, 3, 8, 8, 2, None, 0),
+    (2, 2, 9, 7, 3, 2, 1),
+    (1, 3, 6, 6, (2, 3), (1, 2), (1, 1)),
+    (3, 2, 5, 5, 3, 1, 1),
+    (2, 4, 7, 9, 2, 3, 0),
+]
 
 
 def _pool_input(kind, shape, dtype, rng):
@@ -254,8 +264,7 @@ def test_linear(engine, rng, bias, activation, dtype):
     y_ref, cache_ref = on_reference(F.linear_forward, x, w, b, activation)
     same(y, y_ref, dtype, "y")
     dy = data(rng, y_ref.shape, dtype)
-    for g, r, what in zip(F.linear_backward(dy, cache), on_reference(F.linear_backward, dy, cache_ref),
-                          ("dx", "dw", "db")):
+    for g, r, what in zip(F.linear_backward(dy, cache), on_reference(F.linear_backward, dy, cache_ref), ("dx", "dw", "db")):
         same(g, r, dtype, what)
     assert F.linear_backward(dy, cache, input_grad=False)[0] is None
 
@@ -291,19 +300,26 @@ def test_adaptive_avg_pool2d(engine, rng, shape, out, dtype):
     y_ref, cache_ref = on_reference(F.adaptive_avg_pool2d_forward, x, out)
     same(y, y_ref, dtype, "y")
     dy = data(rng, y_ref.shape, dtype)
-    same(F.adaptive_avg_pool2d_backward(dy, cache), on_reference(F.adaptive_avg_pool2d_backward, dy, cache_ref),
-         dtype, "dx")
+    same(F.adaptive_avg_pool2d_backward(dy, cache), on_reference(F.adaptive_avg_pool2d_backward, dy, cache_ref), dtype, "dx")
 
 
 # (shape, training, affine, running statistics)
-BN_CASES = [((6, 5), True, True, True), ((4, 3, 5, 4), True, True, True), ((4, 3, 5, 4), False, True, True),
-            ((3, 2, 3, 3), True, False, False), ((3, 2, 3, 3), False, False, False), ((2, 3, 17, 9), True, True, True),
-            ((5, 4), False, True, True), ((4, 16, 33, 33), True, True, True)]
+BN_CASES = [
+    ((6, 5), True, True, True),
+    ((4, 3, 5, 4), True, True, True),
+    ((4, 3, 5, 4), False, True, True),
+    ((3, 2, 3, 3), True, False, False),
+    ((3, 2, 3, 3), False, False, False),
+    ((2, 3, 17, 9), True, True, True),
+    ((5, 4), False, True, True),
+    ((4, 16, 33, 33), True, True, True),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", BN_CASES, ids=lambda c: f"{c[0]}-{'train' if c[1] else 'eval'}"
-                         f"{'-affine' if c[2] else ''}{'-running' if c[3] else ''}")
+@pytest.mark.parametrize(
+    "case", BN_CASES, ids=lambda c: f"{c[0]}-{'train' if c[1] else 'eval'}{'-affine' if c[2] else ''}{'-running' if c[3] else ''}"
+)
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_batch_norm(engine, rng, case, activation, dtype):
     shape, training, affine, running = case
@@ -319,8 +335,9 @@ def test_batch_norm(engine, rng, case, activation, dtype):
     y, cache = F.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.2, 1e-4, activation=activation)
     assert cache.engine == engine
     rm_ref, rv_ref = stats()
-    y_ref, cache_ref = on_reference(F.batch_norm_forward, x, gamma, beta, rm_ref, rv_ref, training, 0.2, 1e-4,
-                                    activation=activation)
+    y_ref, cache_ref = on_reference(
+        F.batch_norm_forward, x, gamma, beta, rm_ref, rv_ref, training, 0.2, 1e-4, activation=activation
+    )
     same(y, y_ref, dtype, "y")
     same(rm, rm_ref, dtype, "running_mean")
     same(rv, rv_ref, dtype, "running_var")
@@ -354,15 +371,24 @@ def test_dropout_softmax_and_the_loss(engine, rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("make", [lambda ps: optim.SGD(ps, 0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
-                                  lambda ps: optim.SGD(ps, 0.1),
-                                  lambda ps: optim.Adam(ps, 1e-2, weight_decay=1e-3),
-                                  lambda ps: optim.AdamW(ps, 1e-2)], ids=["sgd-nesterov", "sgd", "adam", "adamw"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: optim.SGD(ps, 0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+        lambda ps: optim.SGD(ps, 0.1),
+        lambda ps: optim.Adam(ps, 1e-2, weight_decay=1e-3),
+        lambda ps: optim.AdamW(ps, 1e-2),
+    ],
+    ids=["sgd-nesterov", "sgd", "adam", "adamw"],
+)
 def test_optimizer_updates(engine, rng, make, dtype):
     """Three steps over the optimizer's flat buffers (one fused launch per step on the GPU)."""
+
     def run():
-        params = [nn.Parameter(np.random.default_rng(i).standard_normal(s).astype(dtype))
-                  for i, s in enumerate([(4, 3, 3, 3), (4,), (10, 36)])]
+        params = [
+            nn.Parameter(np.random.default_rng(i).standard_normal(s).astype(dtype))
+            for i, s in enumerate([(4, 3, 3, 3), (4,), (10, 36)])
+        ]
         opt = make(params)
         for t in range(3):
             for i, p in enumerate(params):
@@ -378,31 +404,54 @@ def test_optimizer_updates(engine, rng, make, dtype):
 def _every_layer_net(dtype):
     g = dict(dtype=dtype, generator=np.random.default_rng(2))
     return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1, **g), nn.ReLU(),
-        nn.Conv2d(3, 8, 3, padding=1, **g), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False, **g), nn.LeakyReLU(0.1),
-        nn.Conv2d(8, 6, 3, stride=2, **g), nn.ReLU(), nn.MaxPool2d(3, 1, 1), nn.Tanh(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(6, 8, **g), nn.ReLU(), nn.Dropout(0.25, generator=g["generator"]),
-        nn.Linear(8, 5, **g), nn.Sigmoid(), nn.Linear(5, 4, **g))
+        nn.Conv2d(2, 3, 3, padding=1, **g),
+        nn.ReLU(),
+        nn.Conv2d(3, 8, 3, padding=1, **g),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False, **g),
+        nn.LeakyReLU(0.1),
+        nn.Conv2d(8, 6, 3, stride=2, **g),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 1, 1),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6, 8, **g),
+        nn.ReLU(),
+        nn.Dropout(0.25, generator=g["generator"]),
+        nn.Linear(8, 5, **g),
+        nn.Sigmoid(),
+        nn.Linear(5, 4, **g),
+    )
 
 
 def _separable_net(dtype):
     """Depthwise-separable and grouped convolutions with fused ReLUs (every grouped path of each engine)."""
     g = dict(dtype=dtype, generator=cnn_gpu.random.resolve_generator(3))
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, **g), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8, **g), nn.ReLU(),  # depthwise
-        nn.Conv2d(8, 8, 1, groups=2, bias=False, **g), nn.ReLU(),  # 4 channels per group
+        nn.Conv2d(3, 8, 3, padding=1, **g),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, **g),
+        nn.ReLU(),  # depthwise
+        nn.Conv2d(8, 8, 1, groups=2, bias=False, **g),
+        nn.ReLU(),  # 4 channels per group
         nn.Conv2d(8, 16, 3, stride=2, groups=8, **g),  # depthwise, 2 filters per channel
-        nn.Conv2d(16, 8, 3, groups=8, **g), nn.ReLU(), nn.MaxPool2d(2),  # 2 channels per group
-        nn.Flatten(), nn.Linear(8, 4, **g))
+        nn.Conv2d(16, 8, 3, groups=8, **g),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 2 channels per group
+        nn.Flatten(),
+        nn.Linear(8, 4, **g),
+    )
 
 
-MODELS = [pytest.param(lambda dtype: models.lenet5(dtype=dtype, generator=0), (3, 1, 28, 28), id="lenet5"),
-          pytest.param(_separable_net, (2, 3, 12, 12), id="separable"),
-          pytest.param(lambda dtype: models.vgg_small(dtype=dtype, generator=0), (2, 3, 32, 32), id="vgg_small"),
-          pytest.param(_every_layer_net, (3, 2, 11, 11), id="every-layer"),
-          pytest.param(lambda dtype: models.resnet(8, dtype=dtype, generator=0), (3, 3, 8, 8), id="resnet8")]
+MODELS = [
+    pytest.param(lambda dtype: models.lenet5(dtype=dtype, generator=0), (3, 1, 28, 28), id="lenet5"),
+    pytest.param(_separable_net, (2, 3, 12, 12), id="separable"),
+    pytest.param(lambda dtype: models.vgg_small(dtype=dtype, generator=0), (2, 3, 32, 32), id="vgg_small"),
+    pytest.param(_every_layer_net, (3, 2, 11, 11), id="every-layer"),
+    pytest.param(lambda dtype: models.resnet(8, dtype=dtype, generator=0), (3, 3, 8, 8), id="resnet8"),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

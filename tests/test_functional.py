@@ -3,16 +3,13 @@ forward and backward against naive loop references and against PyTorch, im2col/c
 adjointness, max-pool ties, a stable cross-entropy, and dtype preservation.
 
 Every test runs on NumPy and, with a GPU, on CuPy (the ``xp`` fixture)."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
-
-import cnn_gpu
-import cnn_gpu.functional as F
-from cnn_gpu.backend import to_numpy
 from helpers import (
     assert_close,
     avg_pool2d_backward_ref,
@@ -40,6 +37,10 @@ from helpers import (
     tol_for,
 )
 
+import cnn_gpu
+import cnn_gpu.functional as F
+from cnn_gpu.backend import to_numpy
+
 GRAD_TOL = 1e-6
 DTYPES = [np.float64, np.float32]
 
@@ -56,12 +57,16 @@ CONV_CASES = [
     (2, 2, 10, 11, 2, (3, 3), 3, 1, 2, True),
     (2, 2, 6, 6, 2, (2, 4), 2, 2, (1, 2), False),
 ]
+
+
 def _id(v):
     return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
-CONV_IDS = [f"n{c[0]}c{c[1]}h{c[2]}w{c[3]}f{c[4]}k{_id(c[5])}s{_id(c[6])}p{_id(c[7])}d{_id(c[8])}{'b' if c[9] else 'nob'}"
-            for c in CONV_CASES]
+CONV_IDS = [
+    f"n{c[0]}c{c[1]}h{c[2]}w{c[3]}f{c[4]}k{_id(c[5])}s{_id(c[6])}p{_id(c[7])}d{_id(c[8])}{'b' if c[9] else 'nob'}"
+    for c in CONV_CASES
+]
 
 # N, C, H, W, kernel, stride, padding   (overlapping and not, with and without padding)
 POOL_CASES = [
@@ -251,14 +256,18 @@ def test_linear_vs_naive(xp, rng, dtype):
     y, cache = F.linear_forward(arr(xp, x, dtype), arr(xp, w, dtype), arr(xp, b, dtype))
     assert_close(y, linear_ref(x, w, b), tol_for(dtype), "y")
     dy = rng.standard_normal((4, 3)).astype(dtype).astype(np.float64)
-    for got, ref, what in zip(F.linear_backward(arr(xp, dy, dtype), cache), linear_backward_ref(dy, x, w), "dx dw db".split()):
+    for got, ref, what in zip(F.linear_backward(arr(xp, dy, dtype), cache), linear_backward_ref(dy, x, w), ["dx", "dw", "db"]):
         assert_close(got, ref, tol_for(dtype), what)
 
 
 ACT_REFS = {
     "relu": (F.relu_forward, F.relu_backward, relu_ref, relu_grad_ref),
-    "leaky_relu": (lambda x: F.leaky_relu_forward(x, 0.2), F.leaky_relu_backward,
-                   lambda x: leaky_relu_ref(x, 0.2), lambda x: leaky_relu_grad_ref(x, 0.2)),
+    "leaky_relu": (
+        lambda x: F.leaky_relu_forward(x, 0.2),
+        F.leaky_relu_backward,
+        lambda x: leaky_relu_ref(x, 0.2),
+        lambda x: leaky_relu_grad_ref(x, 0.2),
+    ),
     "sigmoid": (F.sigmoid_forward, F.sigmoid_backward, sigmoid_ref, sigmoid_grad_ref),
     "tanh": (F.tanh_forward, F.tanh_backward, tanh_ref, tanh_grad_ref),
 }
@@ -384,7 +393,7 @@ def test_linear_vs_torch(xp, rng, dtype):
     assert_close(y, ty.detach().numpy(), tol_for(dtype), "y")
     dy = rng.standard_normal((5, 4)).astype(dtype)
     ty.backward(torch.tensor(dy))
-    for got, t, what in zip(F.linear_backward(arr(xp, dy, dtype), cache), (tx, tw, tb), "dx dw db".split()):
+    for got, t, what in zip(F.linear_backward(arr(xp, dy, dtype), cache), (tx, tw, tb), ["dx", "dw", "db"]):
         assert_close(got, t.grad.numpy(), tol_for(dtype), what)
 
 
@@ -392,8 +401,12 @@ def test_linear_vs_torch(xp, rng, dtype):
 @pytest.mark.parametrize("name", ["relu", "leaky_relu", "sigmoid", "tanh"])
 def test_activation_vs_torch(xp, rng, name, dtype):
     torch = pytest.importorskip("torch")
-    tf = {"relu": torch.relu, "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, 0.2),
-          "sigmoid": torch.sigmoid, "tanh": torch.tanh}[name]
+    tf = {
+        "relu": torch.relu,
+        "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, 0.2),
+        "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh,
+    }[name]
     fwd, bwd = ACT_REFS[name][:2]
     x = 3 * away_from_zero(rng, (4, 5, 3))
     y, cache = fwd(arr(xp, x, dtype))
@@ -419,8 +432,9 @@ def test_cross_entropy_vs_torch(xp, rng, dtype, labels_kind):
     tl.backward()
     assert abs(float(loss) - tl.item()) / abs(tl.item()) < tol_for(dtype)
     assert_close(dz, tz.grad.numpy(), tol_for(dtype), "dz")
-    assert_close(F.log_softmax(arr(xp, z, dtype)), torch.log_softmax(_t(torch, z, dtype), dim=1).numpy(),
-                 tol_for(dtype), "log_softmax")
+    assert_close(
+        F.log_softmax(arr(xp, z, dtype)), torch.log_softmax(_t(torch, z, dtype), dim=1).numpy(), tol_for(dtype), "log_softmax"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -509,9 +523,11 @@ def test_softmax_cross_entropy_stable_for_huge_logits(xp, dtype):
     z = np.array([[1e4, 0.0, -1e4], [-1e4, 1e4, 1e4 - 2.0], [3e4, -3e4, 2e4]])
     labels = np.array([0, 2, 1])
     # row 0: ~0; row 1: log(1 + e^2) - (-2) ... computed exactly below; row 2: 6e4
-    per_row = [math.log1p(math.exp(-1e4)) + math.log1p(math.exp(-2e4)),
-               2.0 + math.log1p(math.exp(-2.0)),
-               6e4 + math.log1p(math.exp(-1e4))]
+    per_row = [
+        math.log1p(math.exp(-1e4)) + math.log1p(math.exp(-2e4)),
+        2.0 + math.log1p(math.exp(-2.0)),
+        6e4 + math.log1p(math.exp(-1e4)),
+    ]
     expected = sum(per_row) / 3
     loss, dz = F.softmax_cross_entropy(arr(xp, z, dtype), xp.asarray(labels))
     assert np.isfinite(float(loss)) and bool(np.isfinite(to_numpy(dz)).all())
@@ -581,8 +597,12 @@ def test_max_pool_nan_propagates_first_nan_wins(xp, rng, k, s, p):
     for n, c, oh, ow in zip(*np.nonzero(np.isnan(y_np))):
         h, w = divmod(int(arg[n, c, oh, ow]), 6)
         assert np.isnan(x[n, c, h, w])
-        window = [(hh, ww) for hh in range(oh * s - p, oh * s - p + k) for ww in range(ow * s - p, ow * s - p + k)
-                  if 0 <= hh < 6 and 0 <= ww < 6 and np.isnan(x[n, c, hh, ww])]
+        window = [
+            (hh, ww)
+            for hh in range(oh * s - p, oh * s - p + k)
+            for ww in range(ow * s - p, ow * s - p + k)
+            if 0 <= hh < 6 and 0 <= ww < 6 and np.isnan(x[n, c, hh, ww])
+        ]
         assert (h, w) == window[0]
     np.testing.assert_array_equal(arg[~np.isnan(y_np)], tidx.numpy()[~np.isnan(y_np)])
 
@@ -598,11 +618,14 @@ def test_ops_on_channels_last_arrays(xp, rng, dtype):
     x = arr(xp, rng.standard_normal((3, 4, 8, 6)), dtype)
     xc = _channels_last(xp, x)
     assert not xc.flags.c_contiguous
-    for fwd, bwd in [(lambda a: F.max_pool2d_forward(a, 2), F.max_pool2d_backward),
-                     (lambda a: F.max_pool2d_forward(a, 3, 2, 1), F.max_pool2d_backward),
-                     (lambda a: F.avg_pool2d_forward(a, 3, 2, 1), F.avg_pool2d_backward),
-                     (lambda a: F.avg_pool2d_forward(a, 2), F.avg_pool2d_backward),
-                     (F.relu_forward, F.relu_backward), (F.tanh_forward, F.tanh_backward)]:
+    for fwd, bwd in [
+        (lambda a: F.max_pool2d_forward(a, 2), F.max_pool2d_backward),
+        (lambda a: F.max_pool2d_forward(a, 3, 2, 1), F.max_pool2d_backward),
+        (lambda a: F.avg_pool2d_forward(a, 3, 2, 1), F.avg_pool2d_backward),
+        (lambda a: F.avg_pool2d_forward(a, 2), F.avg_pool2d_backward),
+        (F.relu_forward, F.relu_backward),
+        (F.tanh_forward, F.tanh_backward),
+    ]:
         y, cache = fwd(x)
         yc, cache_c = fwd(xc)
         np.testing.assert_array_equal(to_numpy(yc), to_numpy(y))

@@ -3,6 +3,7 @@ its 8-minute budget, runs its sections in order of importance (tests before timi
 it runs parses, its synthetic data load as the real sets do, and it leaves at most 8 files, with
 plain names, under $OUT. No GPU needed: the script's dry run lists its sections, and a run with a
 tiny budget shows the deadline at work."""
+
 from __future__ import annotations
 
 import importlib
@@ -20,14 +21,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 BUDGET = 480  # seconds: what a lent GPU leaves for the script
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                reason="needs bash and coreutils' timeout")
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
+)
 
 
 def _decode(quoted: str) -> list[str]:
     """The arguments of a command line the script printed with printf %q (bash decodes its own quoting)."""
-    res = subprocess.run(["bash", "-c", 'eval "set -- $1"; printf "%s\\0" "$@"', "decode", quoted],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        ["bash", "-c", 'eval "set -- $1"; printf "%s\\0" "$@"', "decode", quoted], capture_output=True, text=True, check=True
+    )
     return res.stdout.split("\0")[:-1]
 
 
@@ -70,8 +73,13 @@ def test_sections_in_order_of_importance(sections):
     dispatch/kernel split, then the BatchNorm kernels."""
     kinds = [_kind(s["argv"]) for s in sections]
     first = {k: kinds.index(k) for k in dict.fromkeys(kinds)}
-    assert first["pytest"] < first["cnn_gpu train"] < first["benchmarks/step_time.py"] \
-        < first["benchmarks/gpu_budget.py"] < first["benchmarks/bn_gpu.py"]
+    assert (
+        first["pytest"]
+        < first["cnn_gpu train"]
+        < first["benchmarks/step_time.py"]
+        < first["benchmarks/gpu_budget.py"]
+        < first["benchmarks/bn_gpu.py"]
+    )
     benchmarks = [i for i, k in enumerate(kinds) if k.startswith("benchmarks/")]
     correctness = [i for i, k in enumerate(kinds) if k in ("pytest", "cnn_gpu train", "cnn_gpu info")]
     assert max(correctness) < min(benchmarks)
@@ -105,6 +113,8 @@ def test_every_command_parses(sections):
                 assert args.cuda_graph == "both"  # cnn_gpu's step as one CUDA graph and eagerly, against torch
             if kind == "benchmarks/gpu_budget.py":
                 assert args.real and args.steps >= 5 and args.cuda_graph == "on"
+            if kind == "benchmarks/precision_time.py":  # fp32, tf32, fp16 against torch's (docs/PRECISION.md)
+                assert args.models and args.batch and args.repeat >= 5
         elif kind == "cnn_gpu train":
             args = cli.build_parser().parse_args(argv[3:])
             assert args.backend == "cupy" and args.epochs == 1 and args.dataset in ("mnist", "cifar10")
@@ -112,7 +122,13 @@ def test_every_command_parses(sections):
             checked.add(kind)
         elif kind == "cnn_gpu info":
             cli.build_parser().parse_args(argv[3:])
-    assert checked == {"benchmarks/step_time.py", "benchmarks/gpu_budget.py", "benchmarks/bn_gpu.py", "cnn_gpu train"}
+    assert checked == {
+        "benchmarks/step_time.py",
+        "benchmarks/precision_time.py",
+        "benchmarks/gpu_budget.py",
+        "benchmarks/bn_gpu.py",
+        "cnn_gpu train",
+    }
     # one run with the training step as one CUDA graph and one without, on the same data
     assert ("mnist", "on") in graph_runs and ("mnist", "off") in graph_runs, graph_runs
 
@@ -144,7 +160,7 @@ def test_synthetic_data_load_as_the_real_sets_and_are_learnable(sections, tmp_pa
         xtr = ds.x_train[:5000].reshape(5000, -1).astype(np.float32)
         means = np.stack([xtr[ds.y_train[:5000] == k].mean(0) for k in range(10)])
         xte = ds.x_test[:2000].reshape(2000, -1).astype(np.float32)
-        pred = ((means ** 2).sum(1) - 2 * xte @ means.T).argmin(1)  # the nearest mean
+        pred = ((means**2).sum(1) - 2 * xte @ means.T).argmin(1)  # the nearest mean
         assert (pred == ds.y_test[:2000]).mean() > 0.95, name
 
 

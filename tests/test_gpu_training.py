@@ -2,6 +2,7 @@
 
 Skipped (marked ``gpu``) where CuPy or a GPU is missing. scripts/gpu_check.sh runs it.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,10 +6,12 @@ optional oracle, the CUDA engine's depthwise kernels (kernels/depthwise.cu) driv
 tiny grids, the launches a grouped step makes, the layer (config, save/load) and bad input.
 Every engine against the reference: tests/test_engines.py (test_grouped_conv2d).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import assert_close, conv2d_backward_ref, conv2d_ref, gradcheck, tol_for
 
 import cnn_gpu
 import cnn_gpu.functional as F
@@ -18,7 +20,6 @@ from cnn_gpu.backend import to_numpy
 from cnn_gpu.cuda import ops
 from cnn_gpu.functional import reference as R
 from cnn_gpu.functional.geometry import conv_geometry
-from helpers import assert_close, conv2d_backward_ref, conv2d_ref, gradcheck, tol_for
 
 # x shape, F, kernel, stride, padding, dilation, groups
 CASES = [
@@ -33,15 +34,28 @@ CASES = [
 def grouped_ref(x, w, b, stride, padding, dilation, G):
     """Each group's channels convolved with its filters by the naive loops, outputs concatenated."""
     Cg, Fg = x.shape[1] // G, w.shape[0] // G
-    ys = [conv2d_ref(x[:, gi * Cg:(gi + 1) * Cg], w[gi * Fg:(gi + 1) * Fg], None if b is None else b[gi * Fg:(gi + 1) * Fg],
-                     stride, padding, dilation) for gi in range(G)]
+    ys = [
+        conv2d_ref(
+            x[:, gi * Cg : (gi + 1) * Cg],
+            w[gi * Fg : (gi + 1) * Fg],
+            None if b is None else b[gi * Fg : (gi + 1) * Fg],
+            stride,
+            padding,
+            dilation,
+        )
+        for gi in range(G)
+    ]
     return np.concatenate(ys, axis=1)
 
 
 def grouped_backward_ref(dy, x, w, stride, padding, dilation, G):
     Cg, Fg = x.shape[1] // G, w.shape[0] // G
-    parts = [conv2d_backward_ref(dy[:, gi * Fg:(gi + 1) * Fg], x[:, gi * Cg:(gi + 1) * Cg], w[gi * Fg:(gi + 1) * Fg],
-                                 stride, padding, dilation) for gi in range(G)]
+    parts = [
+        conv2d_backward_ref(
+            dy[:, gi * Fg : (gi + 1) * Fg], x[:, gi * Cg : (gi + 1) * Cg], w[gi * Fg : (gi + 1) * Fg], stride, padding, dilation
+        )
+        for gi in range(G)
+    ]
     return tuple(np.concatenate([p[i] for p in parts], axis=1 if i == 0 else 0) for i in range(3))
 
 
@@ -157,6 +171,7 @@ def test_emul_depthwise_kernels(cuda_emulation, rng, case, dtype, launch):
 def test_emul_depthwise_runs_direct_kernels_and_groups_run_gemms(cuda_emulation, rng):
     """Depthwise: the depthwise kernels and the epilogue only (no columns, no Python loop over
     channels); general groups: im2col, batched GEMMs, col2im."""
+
     def kernels(case):
         x, w, b, (s, p, d, G) = make(rng, case)
         start = len(cuda_emulation.log)
@@ -165,8 +180,10 @@ def test_emul_depthwise_runs_direct_kernels_and_groups_run_gemms(cuda_emulation,
         return {e[0].rsplit("_f", 1)[0] for e in cuda_emulation.log[start:]}, len(cuda_emulation.log) - start
 
     names, count = kernels(((2, 8, 6, 6), 8, 3, 1, 1, 1, 8))
-    assert names == {"depthwise_conv_forward", "act_backward_bias_grad", "depthwise_conv_weight_grad",
-                     "depthwise_conv_input_grad"} and count == 4, names
+    assert (
+        names == {"depthwise_conv_forward", "act_backward_bias_grad", "depthwise_conv_weight_grad", "depthwise_conv_input_grad"}
+        and count == 4
+    ), names
     names, _ = kernels(CASES[0])
     assert {"im2col_cm", "col2im_cm"} <= names and not any(n.startswith("depthwise") for n in names), names
 

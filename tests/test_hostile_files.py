@@ -1,6 +1,7 @@
 """Hostile model files and checkpoints: crafted headers, huge size claims, deep nesting,
 compression bombs, lying members. Every one is a ValueError naming the file and the field, found
 before anything large is built or decompressed (memory measured with tracemalloc)."""
+
 from __future__ import annotations
 
 import io
@@ -57,9 +58,13 @@ def peak_mib(fn):
 
 def test_huge_size_claims_are_refused_before_anything_is_built(tmp_path):
     path = tmp_path / "huge.npz"
-    arch = {"type": "Sequential", "children": [["0", linear(100_000, 100_000)],
-                                               ["1", {"type": "Conv2d", "config": {
-                                                   "in_channels": 50_000, "out_channels": 50_000, "kernel_size": [9, 9]}}]]}
+    arch = {
+        "type": "Sequential",
+        "children": [
+            ["0", linear(100_000, 100_000)],
+            ["1", {"type": "Conv2d", "config": {"in_channels": 50_000, "out_channels": 50_000, "kernel_size": [9, 9]}}],
+        ],
+    }
     write_npz(path, model_header(arch), {"0.weight": np.zeros((2, 2), np.float32), "0.bias": np.zeros(2, np.float32)})
     err, peak = peak_mib(lambda: serialization.load(path))
     assert err is not None and str(path) in str(err)
@@ -68,26 +73,31 @@ def test_huge_size_claims_are_refused_before_anything_is_built(tmp_path):
     assert peak < 20, f"{peak:.1f} MiB used to refuse a file of a few hundred bytes"
 
 
-@pytest.mark.parametrize("arch,field", [
-    (linear(-3, 4), "architecture.config.in_features"),
-    (linear(3, 2**40), "architecture.config.out_features"),
-    (linear(3.5, 4), "architecture.config.in_features"),
-    ({"type": "Linear", "config": {"in_features": 3, "out_features": 4, "evil": 1}}, "architecture.config.evil"),
-    ({"type": "Conv2d", "config": {"in_channels": 1, "out_channels": 2, "kernel_size": [3, 0]}},
-     "architecture.config.kernel_size"),
-    ({"type": "Conv2d", "config": {"in_channels": 1, "out_channels": 2}}, "architecture.config.kernel_size"),
-    ({"type": "Dropout", "config": {"p": float("nan")}}, "architecture.config.p"),
-    ({"type": "MaxPool2d", "config": {"kernel_size": 100_000}}, "architecture.config.kernel_size"),
-    ({"type": "Dropout", "config": {"p": 3.0}}, "architecture.config"),  # the layer's own check, named
-    ({"type": "os.system"}, "architecture.type"),
-    ({"type": 7}, "architecture"),
-    ([1, 2], "architecture"),
-    (None, "architecture"),
-    ({"type": "Sequential"}, "architecture.children"),
-    ({"type": "Sequential", "children": [["a", linear(2, 2)], ["a", linear(2, 2)]]}, "architecture.children[1]"),
-    ({"type": "Sequential", "children": [["a.b", linear(2, 2)]]}, "architecture.children[0]"),
-    ({"type": "Sequential", "children": [["a", {"type": "ReLU", "config": [1]}]]}, "architecture.children[0][1].config"),
-])
+@pytest.mark.parametrize(
+    "arch,field",
+    [
+        (linear(-3, 4), "architecture.config.in_features"),
+        (linear(3, 2**40), "architecture.config.out_features"),
+        (linear(3.5, 4), "architecture.config.in_features"),
+        ({"type": "Linear", "config": {"in_features": 3, "out_features": 4, "evil": 1}}, "architecture.config.evil"),
+        (
+            {"type": "Conv2d", "config": {"in_channels": 1, "out_channels": 2, "kernel_size": [3, 0]}},
+            "architecture.config.kernel_size",
+        ),
+        ({"type": "Conv2d", "config": {"in_channels": 1, "out_channels": 2}}, "architecture.config.kernel_size"),
+        ({"type": "Dropout", "config": {"p": float("nan")}}, "architecture.config.p"),
+        ({"type": "MaxPool2d", "config": {"kernel_size": 100_000}}, "architecture.config.kernel_size"),
+        ({"type": "Dropout", "config": {"p": 3.0}}, "architecture.config"),  # the layer's own check, named
+        ({"type": "os.system"}, "architecture.type"),
+        ({"type": 7}, "architecture"),
+        ([1, 2], "architecture"),
+        (None, "architecture"),
+        ({"type": "Sequential"}, "architecture.children"),
+        ({"type": "Sequential", "children": [["a", linear(2, 2)], ["a", linear(2, 2)]]}, "architecture.children[1]"),
+        ({"type": "Sequential", "children": [["a.b", linear(2, 2)]]}, "architecture.children[0]"),
+        ({"type": "Sequential", "children": [["a", {"type": "ReLU", "config": [1]}]]}, "architecture.children[0][1].config"),
+    ],
+)
 def test_malformed_architecture_is_a_value_error_naming_the_field(tmp_path, arch, field):
     path = tmp_path / "bad.npz"
     write_npz(path, model_header(arch), {})
@@ -96,16 +106,19 @@ def test_malformed_architecture_is_a_value_error_naming_the_field(tmp_path, arch
     assert str(path) in str(info.value) and field in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("header,field", [
-    ([1, 2, 3], "__cnn_gpu__"),
-    ("text", "__cnn_gpu__"),
-    (dict(model_header(linear(2, 2)), dtype="int8"), "dtype"),
-    (dict(model_header(linear(2, 2)), dtype=None), "dtype"),
-    (dict(model_header(linear(2, 2)), version="1"), "version"),
-    (dict(model_header(linear(2, 2)), version=True), "version"),
-    (dict(model_header(linear(2, 2)), metadata=[1]), "metadata"),
-    ({"format": "cnn_gpu.model", "version": 1, "dtype": "float32"}, "architecture"),
-])
+@pytest.mark.parametrize(
+    "header,field",
+    [
+        ([1, 2, 3], "__cnn_gpu__"),
+        ("text", "__cnn_gpu__"),
+        (dict(model_header(linear(2, 2)), dtype="int8"), "dtype"),
+        (dict(model_header(linear(2, 2)), dtype=None), "dtype"),
+        (dict(model_header(linear(2, 2)), version="1"), "version"),
+        (dict(model_header(linear(2, 2)), version=True), "version"),
+        (dict(model_header(linear(2, 2)), metadata=[1]), "metadata"),
+        ({"format": "cnn_gpu.model", "version": 1, "dtype": "float32"}, "architecture"),
+    ],
+)
 def test_malformed_header_fields(tmp_path, header, field):
     path = tmp_path / "bad.npz"
     np.savez(path, __cnn_gpu__=np.frombuffer(json.dumps(header).encode(), np.uint8))
@@ -128,8 +141,9 @@ def test_deep_nesting_is_refused_without_recursion_error(tmp_path, depth):
 
 def npy_bytes_header(shape, dtype=np.float32) -> bytes:
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                             "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
     return buf.getvalue()
 
 
@@ -214,16 +228,19 @@ def rewrite_header(src, dst, change):
     write_npz(dst, header, arrays)
 
 
-@pytest.mark.parametrize("change,field", [
-    (lambda h: h["position"].update(epoch=-1), "position.epoch"),
-    (lambda h: h["position"].update(step="3"), "position.step"),
-    (lambda h: h.update(position=[1]), "position"),
-    (lambda h: h.update(optimizer={"type": "Adam"}), "optimizer"),
-    (lambda h: h.update(sha256=5), "sha256"),
-    (lambda h: h.update(rng="x"), "rng"),
-    (lambda h: h.update(schedule=3), "schedule"),
-    (lambda h: h["architecture"]["children"][0][1]["config"].update(out_channels=10**6), "weights do not match"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (lambda h: h["position"].update(epoch=-1), "position.epoch"),
+        (lambda h: h["position"].update(step="3"), "position.step"),
+        (lambda h: h.update(position=[1]), "position"),
+        (lambda h: h.update(optimizer={"type": "Adam"}), "optimizer"),
+        (lambda h: h.update(sha256=5), "sha256"),
+        (lambda h: h.update(rng="x"), "rng"),
+        (lambda h: h.update(schedule=3), "schedule"),
+        (lambda h: h["architecture"]["children"][0][1]["config"].update(out_channels=10**6), "weights do not match"),
+    ],
+)
 def test_malformed_checkpoint_headers(tmp_path, ckpt_file, change, field):
     bad = tmp_path / "bad_ckpt.npz"
     rewrite_header(ckpt_file, bad, change)

@@ -8,6 +8,7 @@ CuPy via cuda-pathfinder) or a CUDA toolkit.
 Skipped only when CuPy is not installed. If CuPy imports but NVRTC cannot be used the
 tests FAIL: CI installs both, and a silent skip would hide a broken kernel.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -47,8 +48,7 @@ def nvrtc():
     # CUDA 13 dropped Volta (sm_70); CI's NVRTC 12 still checks it, a CUDA 13 GPU machine checks the rest
     missing = [a for a in ARCHS if int(a[3:]) not in archs and not (a == "sm_70" and version[0] >= 13)]
     if missing:
-        pytest.fail(f"NVRTC {version} cannot target {missing} (supports {archs}); CUDA >= 12 NVRTC is required",
-                    pytrace=False)
+        pytest.fail(f"NVRTC {version} cannot target {missing} (supports {archs}); CUDA >= 12 NVRTC is required", pytrace=False)
     return lib
 
 
@@ -65,10 +65,7 @@ def test_nvrtc_compiles(nvrtc, name, arch):
         binary, log = cuda.nvrtc_compile(name, arch)
     except cuda.KernelCompileError as exc:
         pytest.fail(str(exc), pytrace=False)  # the message carries NVRTC's log
-    warnings = [
-        line for line in log.splitlines()
-        if "warning" in line.lower() and not all(b in line for b in _BENIGN)
-    ]
+    warnings = [line for line in log.splitlines() if "warning" in line.lower() and not all(b in line for b in _BENIGN)]
     assert not warnings, f"{name}.cu compiled for {arch} with warnings:\n{log}"
     assert binary, f"{name}.cu: NVRTC produced an empty CUBIN for {arch}"
     # every entry point cnn_gpu.cuda will look up is in the binary, unmangled
@@ -98,7 +95,9 @@ def test_nvrtc_kernels_use_no_atomics(nvrtc):
 
 def test_nvrtc_compile_error_is_reported_with_the_log(nvrtc, tmp_path, monkeypatch):
     (tmp_path / "common.cuh").write_text("#define X 1\n")
-    (tmp_path / "broken.cu").write_text('#include "common.cuh"\nextern "C" __global__ void k(float* x) { x[0] = undefined_name; }\n')
+    (tmp_path / "broken.cu").write_text(
+        '#include "common.cuh"\nextern "C" __global__ void k(float* x) { x[0] = undefined_name; }\n'
+    )
     with cnn_gpu.config.override(kernels_dir=str(tmp_path)), pytest.raises(cuda.KernelCompileError) as info:
         cuda.nvrtc_compile("broken", "sm_80")
     msg = str(info.value)

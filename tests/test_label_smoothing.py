@@ -5,17 +5,18 @@ Gradient checks in float64, a naive loop reference written from that definition,
 optional oracle, the layer, and bad input. The CUDA kernel's smoothing is tested under the
 emulation in tests/test_kernels_emul.py and on every engine in tests/test_engines.py.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+from helpers import assert_close, gradcheck, tol_for
 
 import cnn_gpu.functional as F
 from cnn_gpu import nn
 from cnn_gpu.backend import to_numpy
-from helpers import assert_close, gradcheck, tol_for
 
 EPS = [0.0, 0.1, 0.35, 1.0]
 

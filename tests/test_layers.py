@@ -1,6 +1,7 @@
 """cnn_gpu.nn and cnn_gpu.models: gradient accumulation, parameter names, train/eval,
 state dicts, dtype conversion, initialisation and seeding, and whole models against
 equivalent PyTorch models (outputs and every parameter gradient)."""
+
 from __future__ import annotations
 
 import math
@@ -8,20 +9,20 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+from helpers import assert_close, small_net, tol_for
 
 import cnn_gpu
 import cnn_gpu.functional as F
 from cnn_gpu import models, nn
 from cnn_gpu.backend import to_numpy
 from cnn_gpu.random import manual_seed
-from helpers import assert_close, small_net, tol_for
 
 
-def host_params(model) -> "OrderedDict[str, np.ndarray]":
+def host_params(model) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((n, to_numpy(p.data).copy()) for n, p in model.named_parameters())
 
 
-def host_grads(model) -> "OrderedDict[str, np.ndarray]":
+def host_grads(model) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((n, to_numpy(p.grad).copy()) for n, p in model.named_parameters())
 
 
@@ -60,8 +61,19 @@ def test_param_grad_accumulates_until_zero_grad(xp, rng):
 
 def test_backward_before_forward_raises(xp):
     with cnn_gpu.use_backend(xp.__name__):
-        layers = [nn.Conv2d(1, 2, 3), nn.Linear(3, 2), nn.MaxPool2d(2), nn.AvgPool2d(2), nn.ReLU(), nn.Flatten(),
-                  nn.Dropout(0.5), nn.LeakyReLU(), nn.Sigmoid(), nn.Tanh(), nn.CrossEntropyLoss()]
+        layers = [
+            nn.Conv2d(1, 2, 3),
+            nn.Linear(3, 2),
+            nn.MaxPool2d(2),
+            nn.AvgPool2d(2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Dropout(0.5),
+            nn.LeakyReLU(),
+            nn.Sigmoid(),
+            nn.Tanh(),
+            nn.CrossEntropyLoss(),
+        ]
     for layer in layers:
         with pytest.raises(RuntimeError, match="before forward"):
             layer.backward(xp.zeros((1, 2), dtype=np.float32))
@@ -72,11 +84,16 @@ def test_named_parameters_lenet5():
     model = models.lenet5(generator=0)
     names = [(n, p.shape) for n, p in model.named_parameters()]
     assert names == [
-        ("features.0.weight", (6, 1, 5, 5)), ("features.0.bias", (6,)),
-        ("features.3.weight", (16, 6, 5, 5)), ("features.3.bias", (16,)),
-        ("classifier.0.weight", (120, 400)), ("classifier.0.bias", (120,)),
-        ("classifier.2.weight", (84, 120)), ("classifier.2.bias", (84,)),
-        ("classifier.4.weight", (10, 84)), ("classifier.4.bias", (10,)),
+        ("features.0.weight", (6, 1, 5, 5)),
+        ("features.0.bias", (6,)),
+        ("features.3.weight", (16, 6, 5, 5)),
+        ("features.3.bias", (16,)),
+        ("classifier.0.weight", (120, 400)),
+        ("classifier.0.bias", (120,)),
+        ("classifier.2.weight", (84, 120)),
+        ("classifier.2.bias", (84,)),
+        ("classifier.4.weight", (10, 84)),
+        ("classifier.4.bias", (10,)),
     ]
     assert list(model.state_dict()) == [n for n, _ in names]
     assert model.num_parameters() == 6 * 25 + 6 + 16 * 150 + 16 + 400 * 120 + 120 + 120 * 84 + 84 + 84 * 10 + 10
@@ -85,13 +102,16 @@ def test_named_parameters_lenet5():
 
 def test_named_parameters_vgg_small():
     names = [n for n, _ in models.vgg_small(generator=0).named_parameters()]
-    assert names == [f"features.{i}.{k}" for i in (0, 2, 5, 7) for k in ("weight", "bias")] + \
-                    [f"classifier.{i}.{k}" for i in (0, 2) for k in ("weight", "bias")]
+    assert names == [f"features.{i}.{k}" for i in (0, 2, 5, 7) for k in ("weight", "bias")] + [
+        f"classifier.{i}.{k}" for i in (0, 2) for k in ("weight", "bias")
+    ]
 
 
 def test_train_eval_dropout(xp, rng):
     with cnn_gpu.use_backend(xp.__name__):
-        model = nn.Sequential(nn.Linear(20, 30, generator=1), nn.ReLU(), nn.Dropout(0.5, generator=2), nn.Linear(30, 5, generator=3))
+        model = nn.Sequential(
+            nn.Linear(20, 30, generator=1), nn.ReLU(), nn.Dropout(0.5, generator=2), nn.Linear(30, 5, generator=3)
+        )
     x = batch(xp, rng, (8, 20))
     assert all(m.training for _, m in model.named_modules())
     y_train1, y_train2 = to_numpy(model(x)), to_numpy(model(x))
@@ -168,8 +188,8 @@ def test_to_float64(xp, rng):
     y64 = model(x32.astype(np.float64))
     assert y64.dtype == np.float64
     assert_close(y64, y32, 1e-5, "float64 vs float32 forward")
-    with pytest.raises(TypeError, match=r"w: expected dtype float32 \(the dtype of x\), got float64"):
-        model(x32)
+    with pytest.raises(TypeError, match=r"^x: expected float64 \(the model's dtype\), got float32 \(at "):
+        model(x32)  # the input is named, not the weights
     model.to(dtype=np.float32)
     np.testing.assert_array_equal(to_numpy(model(x32)), y32)
     with pytest.raises(TypeError, match="dtype: expected float32 or float64"):
@@ -177,10 +197,15 @@ def test_to_float64(xp, rng):
 
 
 # --- initialisation and seeding -------------------------------------------------------
-@pytest.mark.parametrize("layer,fan_in", [(lambda g: nn.Conv2d(64, 128, 3, generator=g), 64 * 9),
-                                          (lambda g: nn.Conv2d(32, 128, (5, 3), generator=g), 32 * 15),
-                                          (lambda g: nn.Linear(1000, 300, generator=g), 1000)],
-                         ids=["conv3x3", "conv5x3", "linear"])
+@pytest.mark.parametrize(
+    "layer,fan_in",
+    [
+        (lambda g: nn.Conv2d(64, 128, 3, generator=g), 64 * 9),
+        (lambda g: nn.Conv2d(32, 128, (5, 3), generator=g), 32 * 15),
+        (lambda g: nn.Linear(1000, 300, generator=g), 1000),
+    ],
+    ids=["conv3x3", "conv5x3", "linear"],
+)
 def test_he_init_statistics(layer, fan_in):
     m = layer(np.random.default_rng(0))
     w = to_numpy(m.weight.data).astype(np.float64).ravel()
@@ -227,9 +252,18 @@ def test_int_seed_draws_one_stream_for_all_layers():
 # --- dtype preservation in layers ------------------------------------------------------
 def test_every_layer_preserves_float32(xp, rng):
     with cnn_gpu.use_backend(xp.__name__):
-        layers = [nn.Conv2d(3, 4, 3, padding=1, generator=0), nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2),
-                  nn.ReLU(), nn.LeakyReLU(0.1), nn.Sigmoid(), nn.Tanh(), nn.Dropout(0.5, generator=0), nn.Flatten(),
-                  nn.Linear(16, 5, generator=0)]
+        layers = [
+            nn.Conv2d(3, 4, 3, padding=1, generator=0),
+            nn.MaxPool2d(3, 2, 1),
+            nn.AvgPool2d(2),
+            nn.ReLU(),
+            nn.LeakyReLU(0.1),
+            nn.Sigmoid(),
+            nn.Tanh(),
+            nn.Dropout(0.5, generator=0),
+            nn.Flatten(),
+            nn.Linear(16, 5, generator=0),
+        ]
     x = batch(xp, rng, (2, 3, 8, 8))
     h, shapes = x, []
     for layer in layers:
@@ -268,8 +302,9 @@ def to_torch(model, torch, dtype):
     mods = []
     for _, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
-            t = tnn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                           bias=m.bias is not None, dtype=tdt)
+            t = tnn.Conv2d(
+                m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, bias=m.bias is not None, dtype=tdt
+            )
         elif isinstance(m, nn.Linear):
             t = tnn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=tdt)
         elif isinstance(m, nn.MaxPool2d):
@@ -345,13 +380,21 @@ def test_every_layer_type_vs_torch(xp, rng, dtype):
     """A net using every layer type with non-default geometry, against torch."""
     with cnn_gpu.use_backend(xp.__name__):
         g = dict(dtype=dtype, generator=np.random.default_rng(0))
-        model = nn.Sequential(OrderedDict(
-            features=nn.Sequential(nn.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), **g),
-                                   nn.LeakyReLU(0.05), nn.AvgPool2d(3, 2, 1), nn.Tanh(),
-                                   nn.Conv2d(4, 3, 2, bias=False, **g), nn.MaxPool2d(3, 1, 1), nn.Sigmoid()),
-            flatten=nn.Flatten(),
-            classifier=nn.Sequential(nn.Linear(3 * 2 * 5, 6, **g), nn.ReLU(), nn.Linear(6, 4, bias=False, **g)),
-        ))
+        model = nn.Sequential(
+            OrderedDict(
+                features=nn.Sequential(
+                    nn.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), **g),
+                    nn.LeakyReLU(0.05),
+                    nn.AvgPool2d(3, 2, 1),
+                    nn.Tanh(),
+                    nn.Conv2d(4, 3, 2, bias=False, **g),
+                    nn.MaxPool2d(3, 1, 1),
+                    nn.Sigmoid(),
+                ),
+                flatten=nn.Flatten(),
+                classifier=nn.Sequential(nn.Linear(3 * 2 * 5, 6, **g), nn.ReLU(), nn.Linear(6, 4, bias=False, **g)),
+            )
+        )
     x = rng.standard_normal((3, 2, 11, 9)).astype(dtype)
     assert compare_with_torch(model, x, rng.integers(0, 4, 3), xp, dtype) == 6
 
@@ -367,13 +410,24 @@ def test_cross_entropy_loss_backward_scales():
 def test_backward_without_input_grad_skips_only_the_input_gradient(xp, rng):
     """backward(dy, input_grad=False) returns None and leaves every parameter gradient as the
     full backward computes it (layers before the first parameterised one do not run)."""
+
     def build():
         with cnn_gpu.use_backend(xp.__name__):
             g = dict(dtype=np.float64, generator=np.random.default_rng(5))
-            return nn.Sequential(OrderedDict(
-                features=nn.Sequential(nn.MaxPool2d(2, 1), nn.Conv2d(2, 3, 3, padding=1, **g), nn.ReLU(),
-                                       nn.Conv2d(3, 4, 3, padding=1, **g), nn.ReLU(), nn.MaxPool2d(2)),
-                flatten=nn.Flatten(), classifier=nn.Sequential(nn.Linear(4 * 3 * 3, 5, **g))))
+            return nn.Sequential(
+                OrderedDict(
+                    features=nn.Sequential(
+                        nn.MaxPool2d(2, 1),
+                        nn.Conv2d(2, 3, 3, padding=1, **g),
+                        nn.ReLU(),
+                        nn.Conv2d(3, 4, 3, padding=1, **g),
+                        nn.ReLU(),
+                        nn.MaxPool2d(2),
+                    ),
+                    flatten=nn.Flatten(),
+                    classifier=nn.Sequential(nn.Linear(4 * 3 * 3, 5, **g)),
+                )
+            )
 
     x = xp.asarray(rng.standard_normal((4, 2, 7, 7)))
     labels = xp.asarray(rng.integers(0, 5, 4))
@@ -471,10 +525,15 @@ def test_sequential_plans_fusion_from_what_the_layers_declare():
         return [(type(s.layer).__name__, s.activation) if hasattr(s, "activation") else type(s).__name__ for s in steps]
 
     assert shape(plan(layers, reference)) == [type(m).__name__ for m in layers]
-    assert shape(plan(layers, cuda_ops)) == [("Conv2d", "relu"), "MaxPool2d", ("Conv2d", "relu"), "Flatten",
-                                             ("Linear", "relu"), "ReLU"]
-    assert shape(plan(layers, cpu)) == ["Conv2d", "MaxPool2d", "ReLU", ("Conv2d", "relu"), "Flatten",
-                                        ("Linear", "relu"), "ReLU"]
+    assert shape(plan(layers, cuda_ops)) == [
+        ("Conv2d", "relu"),
+        "MaxPool2d",
+        ("Conv2d", "relu"),
+        "Flatten",
+        ("Linear", "relu"),
+        "ReLU",
+    ]
+    assert shape(plan(layers, cpu)) == ["Conv2d", "MaxPool2d", "ReLU", ("Conv2d", "relu"), "Flatten", ("Linear", "relu"), "ReLU"]
 
     class MyAct(nn.ReLU):  # a user's layer inherits what ReLU declares, or overrides it
         activation_name = None

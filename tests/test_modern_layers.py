@@ -5,12 +5,14 @@ here from the definitions, and PyTorch CPU as an oracle when it is installed. Th
 running statistics, train/eval switching, buffers through state_dict / save / load / .to() /
 checkpoints (a bitwise resume), and bad input.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+from helpers import assert_close, gradcheck
 
 import cnn_gpu
 import cnn_gpu.functional as F
@@ -18,7 +20,6 @@ from cnn_gpu import checkpoint as ck
 from cnn_gpu import models, nn, optim
 from cnn_gpu.data import DataLoader
 from cnn_gpu.train import Position, evaluate, fit
-from helpers import assert_close, gradcheck
 
 
 # ============================================================ naive references (loops, from the definitions)
@@ -40,7 +41,7 @@ def bn_naive(x, gamma, beta, eps, mean=None, var=None):
 
 def gelu_naive(x, approximate):
     if approximate == "tanh":
-        f = lambda v: 0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))  # noqa: E731
+        f = lambda v: 0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))  # noqa: E731
     else:
         f = lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2)))  # noqa: E731
     return np.array([f(float(v)) for v in x.ravel()]).reshape(x.shape)
@@ -70,11 +71,16 @@ def test_batch_norm_gradcheck_training(rng, shape, affine):
     x = rng.standard_normal(shape) * 2 + 0.5
     gamma, beta = rng.standard_normal(C) + 1.0, rng.standard_normal(C)
     if affine:
-        gradcheck(lambda x, g, b: F.batch_norm_forward(x, g, b, None, None, True), F.batch_norm_backward,
-                  [x, gamma, beta], tol=1e-6)
+        gradcheck(
+            lambda x, g, b: F.batch_norm_forward(x, g, b, None, None, True), F.batch_norm_backward, [x, gamma, beta], tol=1e-6
+        )
     else:
-        gradcheck(lambda x: F.batch_norm_forward(x, None, None, None, None, True),
-                  lambda dy, c: F.batch_norm_backward(dy, c)[:1], [x], tol=1e-6)
+        gradcheck(
+            lambda x: F.batch_norm_forward(x, None, None, None, None, True),
+            lambda dy, c: F.batch_norm_backward(dy, c)[:1],
+            [x],
+            tol=1e-6,
+        )
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -102,8 +108,7 @@ def test_batch_norm_gradcheck_eval(rng, shape):
     x = rng.standard_normal(shape)
     gamma, beta = rng.standard_normal(C) + 1.0, rng.standard_normal(C)
     rm, rv = rng.standard_normal(C), rng.random(C) + 0.5
-    gradcheck(lambda x, g, b: F.batch_norm_forward(x, g, b, rm, rv, False), F.batch_norm_backward,
-              [x, gamma, beta], tol=1e-6)
+    gradcheck(lambda x, g, b: F.batch_norm_forward(x, g, b, rm, rv, False), F.batch_norm_backward, [x, gamma, beta], tol=1e-6)
 
 
 @pytest.mark.parametrize("shape", BN_SHAPES)
@@ -148,8 +153,14 @@ def test_batch_norm_torch_oracle(rng, shape, training):
     ty.backward(torch.tensor(dy))
     y, cache = F.batch_norm_forward(x, gamma, beta, rm, rv, training, momentum=0.2, eps=1e-4)
     dx, dg, db = F.batch_norm_backward(dy, cache)
-    for got, want, what in [(y, ty.detach(), "y"), (rm, trm, "running_mean"), (rv, trv, "running_var"),
-                            (dx, tx.grad, "dx"), (dg, tg.grad, "dgamma"), (db, tb.grad, "dbeta")]:
+    for got, want, what in [
+        (y, ty.detach(), "y"),
+        (rm, trm, "running_mean"),
+        (rv, trv, "running_var"),
+        (dx, tx.grad, "dx"),
+        (dg, tg.grad, "dgamma"),
+        (db, tb.grad, "dbeta"),
+    ]:
         assert_close(got, want.numpy(), 1e-10, what)
 
 
@@ -240,7 +251,11 @@ def test_batch_norm_layer_gradients_and_options(rng):
 
 def test_batch_norm_layer_bad_input(rng):
     bn = nn.BatchNorm2d(3)
-    with pytest.raises(ValueError, match=r"BatchNorm2d\(3\) expected 3 channels \(axis 1\), got float32 array of shape \(2, 4, 3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"BatchNorm2d\(3\) expected 3 channels \(axis 1\), "
+        r"got float32 array of shape \(2, 4, 3, 3\)",
+    ):
         bn.forward(rng.standard_normal((2, 4, 3, 3)).astype(np.float32))
     with pytest.raises(ValueError, match="BatchNorm2d expected a 4-D"):
         bn.forward(rng.standard_normal((2, 3)).astype(np.float32))
@@ -274,15 +289,34 @@ def test_batch_norm_torch_layer_oracle_over_steps(rng):
 
 # ============================================================ buffers
 def test_buffers_travel_through_state_dict_save_load_and_to(rng, tmp_path):
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, bias=False),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(3, 4),
+        nn.BatchNorm1d(4),
+    )
     x = rng.standard_normal((5, 2, 6, 6)).astype(np.float32)
     model.forward(x)
     model.forward(x * 2)
     sd = model.state_dict()
-    assert list(sd) == ["0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked",
-                        "5.weight", "5.bias", "6.weight", "6.bias", "6.running_mean", "6.running_var",
-                        "6.num_batches_tracked"]
+    assert list(sd) == [
+        "0.weight",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "5.weight",
+        "5.bias",
+        "6.weight",
+        "6.bias",
+        "6.running_mean",
+        "6.running_var",
+        "6.num_batches_tracked",
+    ]
     assert sd["1.num_batches_tracked"].dtype == np.int64 and int(sd["1.num_batches_tracked"]) == 2
     opt = optim.SGD(model, 0.1)  # the optimizer sees parameters only
     assert sorted(n for g in opt.groups for n in g.names) == sorted(n for n, _ in model.named_parameters())
@@ -294,8 +328,15 @@ def test_buffers_travel_through_state_dict_save_load_and_to(rng, tmp_path):
         np.testing.assert_array_equal(v, sd[k], err_msg=k)
     model.eval(), loaded.eval()
     np.testing.assert_array_equal(loaded.forward(x), model.forward(x))
-    fresh = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4), nn.BatchNorm1d(4))
+    fresh = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, bias=False),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(3, 4),
+        nn.BatchNorm1d(4),
+    )
     with pytest.raises(KeyError, match=r"missing \['1.running_mean'\]"):
         fresh.load_state_dict({k: v for k, v in sd.items() if k != "1.running_mean"})
     with pytest.raises(TypeError, match="num_batches_tracked.*expected dtype int64"):
@@ -347,8 +388,13 @@ def test_gelu_layer_and_bad_input(rng):
 
 
 # ============================================================ adaptive average pooling
-ADAPTIVE_CASES = [((2, 3, 7, 5), (3, 2)), ((1, 2, 4, 4), (1, 1)), ((2, 1, 5, 6), (5, 6)), ((1, 2, 3, 3), (4, 5)),
-                  ((2, 2, 10, 7), 3)]
+ADAPTIVE_CASES = [
+    ((2, 3, 7, 5), (3, 2)),
+    ((1, 2, 4, 4), (1, 1)),
+    ((2, 1, 5, 6), (5, 6)),
+    ((1, 2, 3, 3), (4, 5)),
+    ((2, 2, 10, 7), 3),
+]
 
 
 @pytest.mark.parametrize("shape,out", ADAPTIVE_CASES)
@@ -364,8 +410,7 @@ def test_adaptive_avg_pool2d(rng, shape, out):
     dy = rng.standard_normal(ty.shape)
     ty.backward(torch.tensor(dy))
     assert_close(y, ty.detach().numpy(), 1e-13, "torch y")
-    assert_close(F.adaptive_avg_pool2d_backward(dy, F.adaptive_avg_pool2d_forward(x, out)[1]), tx.grad.numpy(),
-                 1e-13, "torch dx")
+    assert_close(F.adaptive_avg_pool2d_backward(dy, F.adaptive_avg_pool2d_forward(x, out)[1]), tx.grad.numpy(), 1e-13, "torch dx")
 
 
 def test_global_pooling_and_bad_input(rng):
@@ -386,9 +431,12 @@ def test_global_pooling_and_bad_input(rng):
 # ============================================================ Residual
 def _block(shortcut=True):
     g = np.random.default_rng(3)
-    body = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False, dtype=np.float64, generator=g),
-                         nn.BatchNorm2d(3, dtype=np.float64),
-                         nn.GELU(), nn.Conv2d(3, 3, 3, padding=1, dtype=np.float64, generator=g))
+    body = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False, dtype=np.float64, generator=g),
+        nn.BatchNorm2d(3, dtype=np.float64),
+        nn.GELU(),
+        nn.Conv2d(3, 3, 3, padding=1, dtype=np.float64, generator=g),
+    )
     sc = nn.Sequential(nn.Conv2d(2, 3, 1, stride=2, dtype=np.float64, generator=g)) if shortcut else None
     return nn.Residual(body, sc)
 
@@ -410,8 +458,9 @@ def test_residual_gradcheck_and_names(rng):
         return float((block.forward(x) * R).sum())
 
     from helpers import numerical_grad
+
     assert_close(dx, numerical_grad(loss, x), 1e-6, "dx")
-    for (name, p) in block.named_parameters():
+    for name, p in block.named_parameters():
         assert_close(p.grad, numerical_grad(loss, p.data), 1e-6, name)
     assert len(params) == 7
     block.forward(x)
@@ -424,8 +473,7 @@ def test_add_gradcheck_and_the_fused_residual_relu(rng, activation):
     Residual run with activation="relu" equals relu(Residual(x)), gradients included."""
     a, b = rng.standard_normal((3, 2, 4, 4)), rng.standard_normal((3, 2, 4, 4))
     a[np.abs(a + b) < 1e-3] += 0.1
-    gradcheck(lambda u, v: F.add_forward(u, v, activation), lambda dy, c: (F.add_backward(dy, c),) * 2, [a, b],
-              tol=1e-7)
+    gradcheck(lambda u, v: F.add_forward(u, v, activation), lambda dy, c: (F.add_backward(dy, c),) * 2, [a, b], tol=1e-7)
     block = _block()
     x, R = rng.standard_normal((3, 2, 5, 5)), rng.standard_normal((3, 3, 3, 3))
     fused = block.forward(x, activation="relu")
@@ -475,9 +523,15 @@ def _bn_objects(seed=1):
     cnn_gpu.manual_seed(seed)
     g = np.random.default_rng(seed)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1, bias=False, generator=g), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(1, 4, 3, padding=1, bias=False, generator=g),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
         nn.Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False, generator=g), nn.BatchNorm2d(4), nn.GELU())),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10, generator=g))
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 10, generator=g),
+    )
     opt = optim.SGD(model, 0.05, momentum=0.9, nesterov=True)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 1, 8, 8)).astype(np.float32)
@@ -603,19 +657,37 @@ def test_cifar10_resnet20_recipe_trains_from_the_command_line(tmp_path, monkeypa
         y = rng.integers(0, 10, n)
         x = rng.integers(0, 90, (n, 3, 32, 32)).astype(np.uint8)
         for i, k in enumerate(y):
-            x[i, k % 3, 3 * k:3 * k + 3] = 250
+            x[i, k % 3, 3 * k : 3 * k + 3] = 250
         return x, y.astype(np.int64)
 
     train, test = fake(192), fake(64)
     monkeypatch.setattr(datasets, "load_cifar10", lambda root=None, download=True: (train, test))
     run = tmp_path / "run"
-    code = cli.main(["train", "--dataset", "cifar10", "--model", "resnet20", "--epochs", "3", "--batch-size", "32",
-                     "--run-dir", str(run), "--progress", "none", "--backend", "numpy"])
+    code = cli.main(
+        [
+            "train",
+            "--dataset",
+            "cifar10",
+            "--model",
+            "resnet20",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "32",
+            "--run-dir",
+            str(run),
+            "--progress",
+            "none",
+            "--backend",
+            "numpy",
+        ]
+    )
     assert code == 0
     saved = json.loads((run / "config.json").read_text())
     settings = saved["config"]
-    for key, want in dict(model="resnet20", optimizer="sgd", nesterov=True, augment="crop-flip",
-                          label_smoothing=0.1, schedule="onecycle").items():
+    for key, want in dict(
+        model="resnet20", optimizer="sgd", nesterov=True, augment="crop-flip", label_smoothing=0.1, schedule="onecycle"
+    ).items():
         assert settings[key] == want, key
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in rows if "train_loss" in r]

@@ -1,6 +1,7 @@
 """ONNX export (cnn_gpu.onnx): every zoo model and hand-built networks using every layer, run by
 ONNX Runtime on the CPU and compared with cnn_gpu's eval-mode outputs (float32, 1e-5 relative),
 at two batch sizes (the batch dimension is dynamic); onnx.checker; the errors."""
+
 from __future__ import annotations
 
 import sys
@@ -8,14 +9,14 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+from helpers import assert_close
 
 import cnn_gpu
 from cnn_gpu import cli, models, nn
 from cnn_gpu.nn import Module, Parameter
-from helpers import assert_close
 
-onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package (pip install 'cnn_gpu[onnx]')")
-ort = pytest.importorskip("onnxruntime", reason="the export is checked by onnxruntime (pip install 'cnn_gpu[onnx]')")
+onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package (pip install -e '.[onnx]')")
+ort = pytest.importorskip("onnxruntime", reason="the export is checked by onnxruntime (pip install -e '.[onnx]')")
 
 from cnn_gpu.onnx import CONVERTERS, ExportError, export, register_converter, to_onnx  # noqa: E402
 
@@ -54,6 +55,7 @@ def _check_against_ort(model, input_shape, path, batches=BATCHES, opset=None, to
 
 # --- the zoo ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_every_zoo_model_matches_onnxruntime(name, tmp_path):
     factory, shape = models.MODELS[name]
@@ -84,17 +86,29 @@ def test_trained_weights_are_exported_not_the_initial_ones(tmp_path):
 
 # --- hand-built networks ---------------------------------------------------------------------------
 
+
 def _every_layer_net(g):
     """Every layer type of the library (as of this test), with non-default settings."""
-    features = nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(3, 8, 3, stride=1, padding=1, generator=g), relu=nn.ReLU(),
-        pool=nn.MaxPool2d(3, stride=2, padding=1),                              # 12 -> 6
-        block=nn.Sequential(nn.Conv2d(8, 6, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), bias=False,
-                                      generator=g), nn.LeakyReLU(0.2)),           # 6x6 -> 6x4
-        avg=nn.AvgPool2d(2, stride=1, padding=1),                               # count_include_pad: 7x5
-        tanh=nn.Tanh(), drop=nn.Dropout(0.5, generator=g)))
-    head = nn.Sequential(nn.Linear(6 * 7 * 5, 16, generator=g), nn.Sigmoid(), nn.Dropout(0.25, generator=g),
-                         nn.Linear(16, 5, bias=False, generator=g))
+    features = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(3, 8, 3, stride=1, padding=1, generator=g),
+            relu=nn.ReLU(),
+            pool=nn.MaxPool2d(3, stride=2, padding=1),  # 12 -> 6
+            block=nn.Sequential(
+                nn.Conv2d(8, 6, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), bias=False, generator=g),
+                nn.LeakyReLU(0.2),
+            ),  # 6x6 -> 6x4
+            avg=nn.AvgPool2d(2, stride=1, padding=1),  # count_include_pad: 7x5
+            tanh=nn.Tanh(),
+            drop=nn.Dropout(0.5, generator=g),
+        )
+    )
+    head = nn.Sequential(
+        nn.Linear(6 * 7 * 5, 16, generator=g),
+        nn.Sigmoid(),
+        nn.Dropout(0.25, generator=g),
+        nn.Linear(16, 5, bias=False, generator=g),
+    )
     return nn.Sequential(OrderedDict(features=features, flatten=nn.Flatten(), head=head))
 
 
@@ -134,8 +148,7 @@ def test_float64_models_export_as_double_graphs(tmp_path):
     """The graph keeps the model's dtype (nothing is cast); ONNX Runtime's CPU provider has double
     kernels for Gemm and the activations, not for Conv."""
     g = np.random.default_rng(8)
-    mlp = nn.Sequential(nn.Linear(6, 5, dtype=np.float64, generator=g), nn.Tanh(), nn.Linear(5, 2, dtype=np.float64,
-                                                                                               generator=g))
+    mlp = nn.Sequential(nn.Linear(6, 5, dtype=np.float64, generator=g), nn.Tanh(), nn.Linear(5, 2, dtype=np.float64, generator=g))
     export(mlp, tmp_path / "mlp64.onnx", (1, 6))
     x = np.random.default_rng(0).standard_normal((4, 6))
     (got,) = _session(tmp_path / "mlp64.onnx").run(None, {"input": x})
@@ -146,6 +159,7 @@ def test_float64_models_export_as_double_graphs(tmp_path):
 
 
 # --- layers other issues are adding: run where they exist ------------------------------------------
+
 
 def _fill(buffer, values):
     """Write ``values`` into a layer's buffer or parameter in place (an array, or an object with .data)."""
@@ -161,22 +175,28 @@ def _bn_net(g):
         _fill(bn.running_var, g.uniform(0.5, 2.0, C))
         _fill(bn.weight, g.standard_normal(C))
         _fill(bn.bias, g.standard_normal(C))
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, generator=g), bn2, nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 6, generator=g), bn1)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, generator=g), bn2, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 6, generator=g), bn1
+    )
 
 
 def _gelu_net(g):
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, generator=g), nn.GELU(), nn.Conv2d(4, 4, 1, generator=g),
-                         nn.GELU(approximate="tanh"), nn.AdaptiveAvgPool2d(2), nn.Conv2d(4, 2, 1, generator=g),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, generator=g),
+        nn.GELU(),
+        nn.Conv2d(4, 4, 1, generator=g),
+        nn.GELU(approximate="tanh"),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Conv2d(4, 2, 1, generator=g),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
 
 
 def _residual_net(g):
-    body = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, generator=g), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1,
-                                                                                           generator=g))
+    body = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, generator=g), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1, generator=g))
     down = nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, padding=1, generator=g), nn.ReLU())
-    return nn.Sequential(nn.Residual(body, None), nn.Residual(down, nn.Conv2d(3, 5, 1, stride=2, generator=g)),
-                         nn.Flatten())
+    return nn.Sequential(nn.Residual(body, None), nn.Residual(down, nn.Conv2d(3, 5, 1, stride=2, generator=g)), nn.Flatten())
 
 
 _MODERN = {"BatchNorm2d/BatchNorm1d": _bn_net, "GELU/AdaptiveAvgPool2d": _gelu_net, "Residual": _residual_net}
@@ -190,12 +210,14 @@ def test_batchnorm_gelu_adaptive_pool_and_residual_networks(what, tmp_path):
 
 def test_grouped_convolution_where_conv2d_has_groups(tmp_path):
     g = np.random.default_rng(6)
-    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2, generator=g), nn.ReLU(),
-                          nn.Conv2d(6, 6, 3, groups=6, generator=g), nn.Flatten())
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding=1, groups=2, generator=g), nn.ReLU(), nn.Conv2d(6, 6, 3, groups=6, generator=g), nn.Flatten()
+    )
     _check_against_ort(model, (1, 4, 7, 7), tmp_path / "groups.onnx")
 
 
 # --- the converters alone, against torch, through minimal classes with the layers' attributes ------
+
 
 class BatchNorm2d(Module):  # the converter is keyed by the class name
     def __init__(self, C, g):
@@ -237,12 +259,18 @@ def test_converters_of_batchnorm_gelu_adaptive_pool_and_residual_against_torch()
     x = g.standard_normal((3, 4, 6, 6)).astype(np.float32)
     tx = torch.from_numpy(x)
     bn = BatchNorm2d(4, g)
-    want = tF.batch_norm(tx, torch.from_numpy(bn.running_mean), torch.from_numpy(bn.running_var),
-                         torch.from_numpy(bn.weight.data), torch.from_numpy(bn.bias.data), training=False, eps=bn.eps)
+    want = tF.batch_norm(
+        tx,
+        torch.from_numpy(bn.running_mean),
+        torch.from_numpy(bn.running_var),
+        torch.from_numpy(bn.weight.data),
+        torch.from_numpy(bn.bias.data),
+        training=False,
+        eps=bn.eps,
+    )
     assert_close(_ort_output(nn.Sequential(bn), x), want.numpy(), 1e-5, "BatchNorm2d")
     for approximate in ("none", "tanh"):
-        assert_close(_ort_output(GELU(approximate), x), tF.gelu(tx, approximate=approximate).numpy(), 1e-5,
-                     f"GELU {approximate}")
+        assert_close(_ort_output(GELU(approximate), x), tF.gelu(tx, approximate=approximate).numpy(), 1e-5, f"GELU {approximate}")
     for size in (1, (1, 1), 3, (2, 6), (None, 3)):
         want = tF.adaptive_avg_pool2d(tx, size).numpy()
         assert_close(_ort_output(AdaptiveAvgPool2d(size), x), want, 1e-5, f"AdaptiveAvgPool2d {size}")
@@ -251,10 +279,18 @@ def test_converters_of_batchnorm_gelu_adaptive_pool_and_residual_against_torch()
     w, b, ws, bs = (torch.from_numpy(a) for a in (conv.weight.data, conv.bias.data, short.weight.data, short.bias.data))
     body = tF.conv2d(torch.relu(tx), w, b, padding=1)
     assert_close(_ort_output(Residual(nn.Sequential(nn.ReLU(), conv)), x), (body + tx).numpy(), 1e-5, "Residual")
-    assert_close(_ort_output(Residual(nn.Sequential(nn.ReLU(), conv), short), x),
-                 (body + tF.conv2d(tx, ws, bs)).numpy(), 1e-5, "Residual with a shortcut")
-    assert_close(_ort_output(Residual(nn.Sequential(nn.ReLU(), conv), short, "relu"), x),
-                 torch.relu(body + tF.conv2d(tx, ws, bs)).numpy(), 1e-5, "Residual with a ReLU after the add")
+    assert_close(
+        _ort_output(Residual(nn.Sequential(nn.ReLU(), conv), short), x),
+        (body + tF.conv2d(tx, ws, bs)).numpy(),
+        1e-5,
+        "Residual with a shortcut",
+    )
+    assert_close(
+        _ort_output(Residual(nn.Sequential(nn.ReLU(), conv), short, "relu"), x),
+        torch.relu(body + tF.conv2d(tx, ws, bs)).numpy(),
+        1e-5,
+        "Residual with a ReLU after the add",
+    )
     with pytest.raises(ExportError, match=r"\(Residual\): expected activation None or 'relu', got 'gelu'"):
         to_onnx(Residual(conv, None, "gelu"), (1, 4, 6, 6))
 
@@ -265,8 +301,9 @@ def test_converter_reads_groups(monkeypatch):
     conv = nn.Conv2d(2, 6, 3, padding=1, generator=g)  # weight (6, 2, 3, 3): 4 input channels in 2 groups
     object.__setattr__(conv, "groups", 2)
     x = g.standard_normal((2, 4, 5, 5)).astype(np.float32)
-    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(conv.weight.data),
-                                      torch.from_numpy(conv.bias.data), padding=1, groups=2)
+    want = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(conv.weight.data), torch.from_numpy(conv.bias.data), padding=1, groups=2
+    )
     assert_close(_ort_output(conv, x), want.numpy(), 1e-5, "grouped Conv")
 
 
@@ -285,6 +322,7 @@ def test_adaptive_pool_that_onnx_cannot_express_is_a_clear_error():
 
 # --- errors and extension --------------------------------------------------------------------------
 
+
 class Swish(Module):
     def forward(self, x):
         return x / (1 + np.exp(-x))
@@ -292,8 +330,7 @@ class Swish(Module):
 
 def test_unexportable_layer_names_its_path_and_type(tmp_path):
     g = np.random.default_rng(0)
-    model = nn.Sequential(OrderedDict(features=nn.Sequential(nn.Conv2d(1, 2, 3, generator=g), Swish()),
-                                      flatten=nn.Flatten()))
+    model = nn.Sequential(OrderedDict(features=nn.Sequential(nn.Conv2d(1, 2, 3, generator=g), Swish()), flatten=nn.Flatten()))
     path = tmp_path / "m.onnx"
     path.write_bytes(b"previous")
     with pytest.raises(ExportError, match=r"layer 'features\.1' \(Swish\) cannot be exported.*register_converter"):
@@ -326,11 +363,17 @@ def test_input_shape_that_does_not_fit_the_model():
         to_onnx(nn.Sequential(OrderedDict(classifier=nn.Sequential(nn.Linear(4, 2)))), (1, 2, 2))
     with pytest.raises(ExportError, match=r"'features\.0' \(Conv2d\): expected a 4-D input.*start with the batch"):
         to_onnx(models.lenet5(), (1, 28, 28))
-    with pytest.raises(ExportError, match=r"'features\.3' \(Conv2d\): its 5x5 window does not fit the input of "
-                                          r"shape \(1, 6, 4, 4\)"):
+    with pytest.raises(
+        ExportError,
+        match=r"'features\.3' \(Conv2d\): its 5x5 window does not fit the input of "
+        r"shape \(1, 6, 4, 4\)",
+    ):
         to_onnx(models.lenet5(), (1, 1, 8, 8))
-    with pytest.raises(ExportError, match=r"'classifier\.0' \(Linear\): expected 400 input features, got shape "
-                                          r"\(1, 576\)"):
+    with pytest.raises(
+        ExportError,
+        match=r"'classifier\.0' \(Linear\): expected 400 input features, got shape "
+        r"\(1, 576\)",
+    ):
         to_onnx(models.lenet5(), (1, 1, 32, 32))
 
 
@@ -347,10 +390,13 @@ def test_not_a_model():
 
 # --- the command line ------------------------------------------------------------------------------
 
-def _saved(tmp_path, metadata):
+
+def _saved(tmp_path, metadata, known_input=True):
     from cnn_gpu.runs import BEST_FILE  # noqa: PLC0415
 
     model = models.lenet_digits(generator=np.random.default_rng(9))
+    if not known_input:  # a model that never ran and is not known by name: save cannot record its input shape
+        model.input_spec = None
     run = tmp_path / "run"
     run.mkdir()
     cnn_gpu.save(model, run / BEST_FILE, metadata=metadata)
@@ -361,8 +407,9 @@ def test_cli_export_a_run_folder(tmp_path, capsys):
     model, run = _saved(tmp_path, {"input_shape": [1, 8, 8]})
     out = tmp_path / "model.onnx"
     assert cli.main(["export", str(run), str(out)]) == 0
-    assert f"wrote {out}: opset {cnn_gpu.onnx.DEFAULT_OPSET}, input [batch, 1, 8, 8], output [batch, 10]" in \
-        capsys.readouterr().out
+    assert (
+        f"wrote {out}: opset {cnn_gpu.onnx.DEFAULT_OPSET}, input [batch, 1, 8, 8], output [batch, 10]" in capsys.readouterr().out
+    )
     x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32)
     (got,) = _session(out).run(None, {"input": x})
     assert_close(got, model.eval()(x), 1e-5, "cli export")
@@ -371,7 +418,7 @@ def test_cli_export_a_run_folder(tmp_path, capsys):
 def test_cli_export_needs_an_input_shape_when_the_file_records_none(tmp_path, capsys):
     from cnn_gpu.runs import BEST_FILE  # noqa: PLC0415
 
-    _, run = _saved(tmp_path, {})
+    _, run = _saved(tmp_path, {}, known_input=False)
     out = tmp_path / "model.onnx"
     assert cli.main(["export", str(run / BEST_FILE), str(out)]) == 2
     assert "pass --input-shape C,H,W" in capsys.readouterr().err and not out.exists()
@@ -386,10 +433,11 @@ def test_cli_export_without_the_onnx_package(tmp_path, capsys, monkeypatch):
     _, run = _saved(tmp_path, {"input_shape": [1, 8, 8]})
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
     assert cli.main(["export", str(run), str(tmp_path / "m.onnx")]) == 2
-    assert "pip install 'cnn_gpu[onnx]'" in capsys.readouterr().err
+    assert "pip install -e '.[onnx]'" in capsys.readouterr().err
 
 
 # --- the README ------------------------------------------------------------------------------------
+
 
 def test_readme_onnx_section_runs_as_written(tmp_path, monkeypatch, capsys):
     from helpers import readme_blocks  # noqa: PLC0415

@@ -1,17 +1,18 @@
 """cnn_gpu.optim: each optimizer against steps computed by hand from the textbook
 formulas (and against torch.optim), state_dict round trips that continue bit for bit,
 and the learning-rate schedules against their formulas (and torch's schedulers)."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+from helpers import small_net
 
 import cnn_gpu
 from cnn_gpu import nn, optim
 from cnn_gpu.backend import to_numpy
-from helpers import small_net
 
 SHAPES = [(2, 3), (4,), (1, 2, 2)]
 N_STEPS = 3
@@ -49,7 +50,7 @@ def sgd_by_hand(init, grads, lr, momentum=0.0, nesterov=False, weight_decay=0.0)
     out = []
     for t, gs in enumerate(grads):
         for i, g in enumerate(gs):
-            d = g + weight_decay * p[i]                       # L2 term folded into the gradient
+            d = g + weight_decay * p[i]  # L2 term folded into the gradient
             if momentum:
                 buf[i] = d.copy() if t == 0 else momentum * buf[i] + d  # buf_1 = g_1 (no dampening)
                 d = d + momentum * buf[i] if nesterov else buf[i]
@@ -66,13 +67,13 @@ def adam_by_hand(init, grads, lr, b1, b2, eps, weight_decay=0.0, decoupled=False
     for t, gs in enumerate(grads, start=1):
         for i, g in enumerate(gs):
             if decoupled:
-                p[i] = p[i] * (1 - lr * weight_decay)           # AdamW: decay the weights directly
+                p[i] = p[i] * (1 - lr * weight_decay)  # AdamW: decay the weights directly
             else:
-                g = g + weight_decay * p[i]                     # Adam: L2 in the gradient
+                g = g + weight_decay * p[i]  # Adam: L2 in the gradient
             m[i] = b1 * m[i] + (1 - b1) * g
             v[i] = b2 * v[i] + (1 - b2) * g * g
-            m_hat = m[i] / (1 - b1 ** t)
-            v_hat = v[i] / (1 - b2 ** t)
+            m_hat = m[i] / (1 - b1**t)
+            v_hat = v[i] / (1 - b2**t)
             p[i] = p[i] - lr * m_hat / (np.sqrt(v_hat) + eps)
         out.append([a.copy() for a in p])
     return out
@@ -166,9 +167,15 @@ def test_optimizers_vs_torch(xp, rng, case, dtype):
             assert err < (1e-12 if dtype == np.float64 else 1e-6), f"step {t + 1} param {i}: {err:.2e}"
 
 
-@pytest.mark.parametrize("make", [lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
-                                  lambda ps: optim.Adam(ps, lr=0.01, weight_decay=0.01),
-                                  lambda ps: optim.AdamW(ps, lr=0.01)], ids=["sgd", "adam", "adamw"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+        lambda ps: optim.Adam(ps, lr=0.01, weight_decay=0.01),
+        lambda ps: optim.AdamW(ps, lr=0.01),
+    ],
+    ids=["sgd", "adam", "adamw"],
+)
 def test_float32_stays_float32(xp, rng, make):
     _, grads, params = make_params(xp, rng, np.float32)
     opt = make(params)
@@ -302,20 +309,24 @@ def test_cosine_lr_formula_with_warmup():
     base, total, warm, lo = 0.1, 12, 3, 0.001
     opt = optim.SGD([nn.Parameter(np.zeros(1))], lr=base)
     got = lrs(optim.CosineLR(opt, total_steps=total, warmup_steps=warm, min_lr=lo), total + 3)
-    want = [base * (t + 1) / warm if t < warm else
-            lo + 0.5 * (base - lo) * (1 + math.cos(math.pi * min(t - warm, total - warm) / (total - warm)))
-            for t in range(total + 3)]
+    want = [
+        base * (t + 1) / warm
+        if t < warm
+        else lo + 0.5 * (base - lo) * (1 + math.cos(math.pi * min(t - warm, total - warm) / (total - warm)))
+        for t in range(total + 3)
+    ]
     assert got == pytest.approx(want, rel=1e-14)
     assert got[0] == pytest.approx(base / 3) and got[warm] == pytest.approx(base)
     assert got[total] == pytest.approx(lo) and got[-1] == pytest.approx(lo)  # stays at min_lr after the end
-    assert all(a >= b for a, b in zip(got[warm:], got[warm + 1:]))  # monotone decay after warm-up
+    assert all(a >= b for a, b in zip(got[warm:], got[warm + 1 :]))  # monotone decay after warm-up
 
 
 def test_onecycle_lr_formula():
     max_lr, total, pct, div, fdiv = 1.0, 21, 0.25, 25.0, 1e4
     opt = optim.SGD([nn.Parameter(np.zeros(1))], lr=123.0)
-    got = lrs(optim.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct, div_factor=div,
-                               final_div_factor=fdiv), total)
+    got = lrs(
+        optim.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct, div_factor=div, final_div_factor=fdiv), total
+    )
     init, final = max_lr / div, max_lr / div / fdiv
     up = round(pct * (total - 1))  # 5: the peak step in cnn_gpu's convention
 
@@ -348,17 +359,23 @@ def test_schedules_vs_torch():
         return lrs(make(optim.SGD([nn.Parameter(np.zeros(1))], lr=lr, momentum=0.9)), n)
 
     assert ours(lambda o: optim.StepLR(o, 4, 0.3), 13) == pytest.approx(
-        _torch_lrs(torch, lambda o: S.StepLR(o, 4, 0.3), 13, 0.3), rel=1e-12)
+        _torch_lrs(torch, lambda o: S.StepLR(o, 4, 0.3), 13, 0.3), rel=1e-12
+    )
     # CosineLR without warm-up is torch's CosineAnnealingLR over total_steps
     assert ours(lambda o: optim.CosineLR(o, 10, 0, 0.01), 11) == pytest.approx(
-        _torch_lrs(torch, lambda o: S.CosineAnnealingLR(o, T_max=10, eta_min=0.01), 11, 0.3), rel=1e-12)
+        _torch_lrs(torch, lambda o: S.CosineAnnealingLR(o, T_max=10, eta_min=0.01), 11, 0.3), rel=1e-12
+    )
     # OneCycleLR: torch peaks at step pct_start*total - 1 (a float); cnn_gpu at round(pct_start*(total-1)).
     # They coincide when those agree, e.g. total=10, pct_start=0.6 (peak at step 5): compare there.
     for total, pct in [(10, 0.6), (20, 0.55)]:
         assert round(pct * (total - 1)) == pct * total - 1
-        mine = ours(lambda o: optim.OneCycleLR(o, max_lr=0.5, total_steps=total, pct_start=pct), total)
-        theirs = _torch_lrs(torch, lambda o: S.OneCycleLR(o, max_lr=0.5, total_steps=total, pct_start=pct,
-                                                           cycle_momentum=False), total, 0.3)
+        mine = ours(lambda o, total=total, pct=pct: optim.OneCycleLR(o, max_lr=0.5, total_steps=total, pct_start=pct), total)
+        theirs = _torch_lrs(
+            torch,
+            lambda o, total=total, pct=pct: S.OneCycleLR(o, max_lr=0.5, total_steps=total, pct_start=pct, cycle_momentum=False),
+            total,
+            0.3,
+        )
         assert mine == pytest.approx(theirs, rel=1e-12), (total, pct)
 
 
@@ -368,8 +385,9 @@ def test_onecycle_differs_from_torch_for_default_pct_start():
     at max_lr/div_factor and end at initial_lr/final_div_factor."""
     torch = pytest.importorskip("torch")
     mine = lrs(optim.OneCycleLR(optim.SGD([nn.Parameter(np.zeros(1))], lr=1.0), max_lr=1.0, total_steps=100), 100)
-    theirs = _torch_lrs(torch, lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1.0, total_steps=100,
-                                                                              cycle_momentum=False), 100, 1.0)
+    theirs = _torch_lrs(
+        torch, lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1.0, total_steps=100, cycle_momentum=False), 100, 1.0
+    )
     assert int(np.argmax(mine)) == 30 and int(np.argmax(theirs)) == 29
     assert mine[0] == pytest.approx(theirs[0]) and mine[-1] == pytest.approx(theirs[-1])
 

@@ -1,4 +1,5 @@
 """The built wheel ships the CUDA sources, and the loader finds them in an installed copy."""
+
 import importlib.util
 import os
 import re
@@ -48,12 +49,17 @@ def test_wheel_contains_every_kernel_source_and_subpackage(wheel):
     for init in (ROOT / "cnn_gpu").rglob("__init__.py"):
         rel = init.relative_to(ROOT).as_posix()
         assert rel in names, f"{rel} missing from the wheel: add its package to pyproject.toml"
+    assert "cnn_gpu/py.typed" in names, "py.typed missing from the wheel: the package's annotations (PEP 561)"
 
 
 def test_installed_wheel_finds_its_kernels(wheel, tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CNN_GPU_KERNELS_DIR")}
     env["PYTHONPATH"] = str(target)
     code = "from cnn_gpu import cuda; print(cuda.kernel_dir()); print(sorted(cuda.kernel_sources()))"

@@ -1,46 +1,40 @@
-"""The README's code blocks run as written (on NumPy, without a GPU), section by section."""
+"""Sections of the documentation that say what the code does: their code runs as written (on NumPy,
+without a GPU), and the recipe table of the command-line guide is runs.RECIPES. The sections moved
+from the README into the guides (docs/); ``helpers.doc_section`` finds a section in whichever page
+holds it."""
+
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
+from helpers import doc_section
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 SECTIONS = ["Grouped and depthwise convolution", "Label smoothing", "Data augmentation on the device"]
-
-
-def section(title: str) -> str:
-    text = README.read_text()
-    m = re.search(rf"^(#+) {re.escape(title)}\n", text, re.M)
-    assert m, f"README has no section {title!r}"
-    level = len(m.group(1))
-    rest = text[m.end():]
-    end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
-    return rest[: end.start()] if end else rest
 
 
 @pytest.mark.parametrize("title", SECTIONS)
 def test_readme_section_code_runs(title, tmp_path, monkeypatch):
-    blocks = re.findall(r"```python\n(.*?)```", section(title), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", doc_section(title), re.S)
     assert blocks, f"{title}: no python code block"
     monkeypatch.chdir(tmp_path)  # files a block writes land here
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, f"README: {title}", "exec"), namespace)  # noqa: S102
+        exec(compile(block, f"docs: {title}", "exec"), namespace)  # noqa: S102
 
 
 def test_readme_recipe_table_is_the_recipes():
-    """Each dataset's row of the README's recipe table says what runs.RECIPES holds (model, epochs,
-    batch, optimizer, weight decay, augmentation, smoothing, peak lr, schedule and warm-up)."""
+    """Each dataset's row of the recipe table (docs/cli.md, "Recipes") says what runs.RECIPES holds
+    (model, epochs, batch, optimizer, weight decay, augmentation, smoothing, peak lr, schedule and
+    warm-up)."""
     from cnn_gpu import runs
 
     rows = {}
-    for line in README.read_text().splitlines():
+    for line in doc_section("Recipes").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 7 and cells[0] in runs.RECIPES:
             rows[cells[0]] = cells
-    assert set(rows) == set(runs.RECIPES), f"README recipe rows: {sorted(rows)}"
+    assert set(rows) == set(runs.RECIPES), f"recipe rows: {sorted(rows)}"
     for name, (_, model, epochs, batch, optimizer, lr, schedule) in rows.items():
         r = {**runs.RECIPE_DEFAULTS, **runs.RECIPES[name]}
         assert (model, int(epochs), int(batch), float(lr)) == (f"`{r['model']}`", r["epochs"], r["batch_size"], r["lr"])
@@ -50,8 +44,10 @@ def test_readme_recipe_table_is_the_recipes():
         for what, key in (("weight decay", "weight_decay"), ("label smoothing", "label_smoothing")):
             m = re.search(rf"{what} ([0-9.e-]+)", optimizer)
             assert (float(m.group(1)) if m else 0.0) == r[key], f"{name}: {what}"
-        said = {"crop-flip": "random crop" in optimizer and "flip" in optimizer,
-                "flip": "flip" in optimizer and "random crop" not in optimizer,
-                "crop": "random crop" in optimizer and "flip" not in optimizer,
-                "none": "crop" not in optimizer and "flip" not in optimizer}
+        said = {
+            "crop-flip": "random crop" in optimizer and "flip" in optimizer,
+            "flip": "flip" in optimizer and "random crop" not in optimizer,
+            "crop": "random crop" in optimizer and "flip" not in optimizer,
+            "none": "crop" not in optimizer and "flip" not in optimizer,
+        }
         assert said[r["augment"]], f"{name}: augment {r['augment']!r} not said in {optimizer!r}"

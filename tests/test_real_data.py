@@ -6,6 +6,7 @@ root. Without them these tests skip and say so.
 They check the loader on the real bytes (the registry's checksums of Debian's copies, IDX
 parsing) against facts published with the dataset, and that the CLI's recipe learns it.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,8 @@ ROOT = Path(os.environ.get("CNN_GPU_REAL_DATA", "/usr/share/datasets"))
 pytestmark = pytest.mark.skipif(
     not (ROOT / "fashion-mnist" / "train-images-idx3-ubyte.gz").is_file(),
     reason=f"real Fashion-MNIST not on this machine ({ROOT}/fashion-mnist: install Debian's dataset-fashion-mnist "
-           "or set CNN_GPU_REAL_DATA)")
+    "or set CNN_GPU_REAL_DATA)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +47,27 @@ def test_the_fashion_mnist_recipe_learns_the_real_data_in_one_epoch(tmp_path):
     """`cnn-gpu train --dataset fashion-mnist` for one epoch of the recipe (its schedule squeezed into
     that epoch): the real test split, not a synthetic one (the full recipe: README, measured)."""
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "cnn_gpu", "train", "--dataset", "fashion-mnist", "--data-dir", str(ROOT),
-                        "--epochs", "1", "--run-dir", str(run), "--progress", "none"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cnn_gpu",
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(ROOT),
+            "--epochs",
+            "1",
+            "--run-dir",
+            str(run),
+            "--progress",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     acc = last["test_accuracy"]

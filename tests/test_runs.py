@@ -1,5 +1,6 @@
 """Training runs from the command line: the run folder, reproducibility, resume, Ctrl-C,
 non-finite losses, plots, predict on images, the model zoo, other datasets."""
+
 import dataclasses
 import json
 import os
@@ -27,6 +28,12 @@ def main(capsys, *argv):
     return rc, out, err
 
 
+def accuracy(line: str) -> float:
+    """The percentage of a ``test accuracy: NN.NN% (...)`` line."""
+    assert line.startswith("test accuracy: "), line
+    return float(line.split()[2].rstrip("%"))
+
+
 def weights(path):
     return {k: v.copy() for k, v in cnn_gpu.load(path).state_dict().items()}
 
@@ -42,11 +49,17 @@ def test_a_run_folder_holds_config_metrics_plot_and_models(tmp_path, capsys):
     rc, out, err = main(capsys, "train", "--epochs", "3", "--val-fraction", "0.2", "--seed", "1", "--run-dir", run)
     assert rc == 0, err
     last_line = out.strip().splitlines()[-1]
-    assert last_line.startswith("test accuracy: ") and last_line.endswith("%")
+    assert last_line == f"test accuracy: {accuracy(last_line):.2f}% (the last epoch's model, {run / 'last.npz'})"
 
     doc = json.loads((run / "config.json").read_text())
     cfg = doc["config"]
-    assert (cfg["dataset"], cfg["model"], cfg["epochs"], cfg["seed"], cfg["val_fraction"]) == ("digits", "lenet_digits", 3, 1, 0.2)
+    assert (cfg["dataset"], cfg["model"], cfg["epochs"], cfg["seed"], cfg["val_fraction"]) == (
+        "digits",
+        "lenet_digits",
+        3,
+        1,
+        0.2,
+    )
     assert cfg["lr"] == runs.RECIPES["digits"]["lr"] and cfg["optimizer"] == "adam" and doc["seed"] == 1
     env = doc["environment"]
     assert env["cnn_gpu"] == cnn_gpu.__version__ and env["numpy"] == np.__version__ and env["backend"] == "numpy"
@@ -56,11 +69,21 @@ def test_a_run_folder_holds_config_metrics_plot_and_models(tmp_path, capsys):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     for r in rows:
-        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy", "lr",
-                    "images_per_s", "seconds", "time"):
+        for key in (
+            "train_loss",
+            "train_accuracy",
+            "val_loss",
+            "val_accuracy",
+            "test_loss",
+            "test_accuracy",
+            "lr",
+            "images_per_s",
+            "seconds",
+            "time",
+        ):
             assert r[key] is not None, key
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    assert last_line == f"test accuracy: {100 * rows[-1]['test_accuracy']:.2f}%"
+    assert accuracy(last_line) == round(100 * rows[-1]["test_accuracy"], 2)
 
     # best.npz is the epoch with the best validation accuracy; both load with cnn_gpu.load
     best_epoch = max(rows, key=lambda r: (r["val_accuracy"], -r["epoch"]))["epoch"]
@@ -75,7 +98,7 @@ def test_a_run_folder_holds_config_metrics_plot_and_models(tmp_path, capsys):
     for target, want in ((run / "last.npz", rows[-1]), (run / "checkpoint.npz", rows[-1]), (run, rows[best_epoch - 1])):
         rc, out, err = main(capsys, "evaluate", "--checkpoint", target)
         assert rc == 0, err
-        assert out.strip().splitlines()[-1] == f"test accuracy: {100 * want['test_accuracy']:.2f}%"
+        assert accuracy(out.strip().splitlines()[-1]) == round(100 * want["test_accuracy"], 2)
 
     if _has("matplotlib"):
         png = run / "curves.png"
@@ -114,8 +137,9 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, capsys, sto
             raise KeyboardInterrupt  # what Ctrl-C amounts to: a stop at the next consistent point
 
     with pytest.raises(runs.RunStopped) as info:
-        cli.cmd_train(runs.TrainConfig(run_dir=str(run), **cfg), out=lambda s: None,
-                      callbacks=[callbacks.LambdaCallback(on_step=on_step)])
+        cli.cmd_train(
+            runs.TrainConfig(run_dir=str(run), **cfg), out=lambda s: None, callbacks=[callbacks.LambdaCallback(on_step=on_step)]
+        )
     assert info.value.exit_code == 130
     assert f"resume with: cnn-gpu train --resume {run}" in str(info.value)
     pos = load_checkpoint(run / "checkpoint.npz").position
@@ -137,7 +161,7 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, capsys, sto
     b = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     keys = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_accuracy", "lr")
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
-    assert out.strip().splitlines()[-1] == f"test accuracy: {100 * a[-1]['test_accuracy']:.2f}%"
+    assert accuracy(out.strip().splitlines()[-1]) == round(100 * a[-1]["test_accuracy"], 2)
     assert json.loads((run / "config.json").read_text())["resumed"][0]["epoch"] == pos.epoch
 
 
@@ -148,12 +172,10 @@ def test_resume_keeps_the_runs_settings(tmp_path, capsys):
         cli.main(["train", "--resume", str(run), "--lr", "0.1", "--epochs", "5"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "--resume" in err and "--epochs, --lr" in err
-    # a finished run resumes to nothing and reports the same accuracy
+    assert "--resume" in err and "--lr" in err and "--epochs, --lr" not in err  # --epochs extends a finished run
+    # a finished run: nothing to resume; the message says how to extend it (tests/test_cli_own_data.py)
     rc, out, err = main(capsys, "train", "--resume", run, "--quiet")
-    assert rc == 0, err
-    want = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["test_accuracy"]
-    assert out.strip() == f"test accuracy: {100 * want:.2f}%"
+    assert rc == 2 and "is finished (1 of 1 epoch)" in err and f"--resume {run} --epochs N" in err, err
     # a folder that holds a run is not overwritten by a new one
     rc, _, err = main(capsys, "train", "--epochs", "1", "--run-dir", run)
     assert rc == 2 and "--resume" in err and str(run) in err
@@ -164,8 +186,13 @@ def test_resume_keeps_the_runs_settings(tmp_path, capsys):
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "cnn_gpu", "train", "--epochs", "200", "--run-dir", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cnn_gpu", "train", "--epochs", "200", "--run-dir", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "metrics.jsonl").exists():  # wait for the first epoch to finish
@@ -290,8 +317,19 @@ def test_models_lists_the_zoo_with_shapes(capsys):
     assert list(rows) == [f"features.{i}" for i in range(6)] + ["flatten"] + [f"classifier.{i}" for i in range(5)]
     # (output shape, parameters) of each layer, as computed by hand for LeNet-5
     assert [tuple(r[-2:]) for r in rows.values()] == [
-        ("6x28x28", "156"), ("6x28x28", "0"), ("6x14x14", "0"), ("16x10x10", "2,416"), ("16x10x10", "0"),
-        ("16x5x5", "0"), ("400", "0"), ("120", "48,120"), ("120", "0"), ("84", "10,164"), ("84", "0"), ("10", "850")]
+        ("6x28x28", "156"),
+        ("6x28x28", "0"),
+        ("6x14x14", "0"),
+        ("16x10x10", "2,416"),
+        ("16x10x10", "0"),
+        ("16x5x5", "0"),
+        ("400", "0"),
+        ("120", "48,120"),
+        ("120", "0"),
+        ("84", "10,164"),
+        ("84", "0"),
+        ("10", "850"),
+    ]
     assert rows["features.0"][1:6] == ["Conv2d", "1->6", "5x5", "pad", "2"]
     rc, _, err = main(capsys, "models", "resnet")
     assert rc == 2 and "resnet" in err
@@ -304,10 +342,22 @@ def test_resnet20_trains_on_any_image_size_from_8x8(tmp_path, capsys, monkeypatc
     the fixed-size models still refuse other sizes, and resnet20 refuses images below 8x8."""
     from cnn_gpu import models
 
-    rc, out, err = main(capsys, "train", "--dataset", "digits", "--model", "resnet20", "--epochs", "1", "--run-dir",
-                        tmp_path / "r", "--progress", "none")
+    rc, out, err = main(
+        capsys,
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "resnet20",
+        "--epochs",
+        "1",
+        "--run-dir",
+        tmp_path / "r",
+        "--progress",
+        "none",
+    )
     assert rc == 0, err
-    assert float(out.strip().splitlines()[-1].split()[-1].rstrip("%")) > 50.0  # ~90% after one epoch
+    assert accuracy(out.strip().splitlines()[-1]) > 50.0  # ~90% after one epoch
     assert models.accepts_size("resnet20", (28, 28)) and not models.accepts_size("resnet20", (7, 9))
     assert models.accepts_size("lenet5", (28, 28)) and not models.accepts_size("lenet5", (32, 32))
     monkeypatch.setitem(models.ANY_SIZE_FROM, "resnet20", 9)
@@ -339,24 +389,30 @@ def test_mnist_from_data_dir_with_its_recipe(tmp_path, capsys, monkeypatch):
     _write_fake_mnist(data, 1400, 350)
     run = tmp_path / "run"
     # the recipe, with 5 epochs: its 3 epochs are 1,407 steps on real MNIST, but only 33 here
-    rc, out, err = main(capsys, "train", "--dataset", "mnist", "--data-dir", data, "--run-dir", run, "--progress", "plain",
-                        "--epochs", "5")
+    rc, out, err = main(
+        capsys, "train", "--dataset", "mnist", "--data-dir", data, "--run-dir", run, "--progress", "plain", "--epochs", "5"
+    )
     assert rc == 0, err
     cfg = json.loads((run / "config.json").read_text())["config"]
     assert {k: cfg[k] for k in runs.RECIPES["mnist"] if k != "epochs"} == {
-        k: v for k, v in runs.RECIPES["mnist"].items() if k != "epochs"}
-    assert "training lenet5" in out and "(1400 train / 350 test)" in out
-    acc = float(out.strip().splitlines()[-1].split()[-1].rstrip("%"))
+        k: v for k, v in runs.RECIPES["mnist"].items() if k != "epochs"
+    }
+    assert "training lenet5" in out and "(1260 train / 140 val / 350 test)" in out
+    acc = accuracy(out.strip().splitlines()[-1])
     assert acc >= 85.0  # 90-95% over seeds 0-4 (chance: 10%)
-    rc, out, err = main(capsys, "train", "--dataset", "mnist", "--data-dir", data, "--model", "vgg_small", "--run-dir", tmp_path / "x")
+    rc, out, err = main(
+        capsys, "train", "--dataset", "mnist", "--data-dir", data, "--model", "vgg_small", "--run-dir", tmp_path / "x"
+    )
     assert rc == 2 and "vgg_small expects 32x32" in err
 
 
 def test_bad_training_flags_name_the_argument(tmp_path, capsys):
-    for argv, words in ((["--val-fraction", "1"], ["--val-fraction", "expected a fraction in [0, 1)", "got 1"]),
-                        (["--warmup", "x"], ["--warmup", "'x'"]),
-                        (["--seed", "-1"], ["--seed", "non-negative", "-1"]),
-                        (["--momentum", "1.5"], ["--momentum", "1.5"])):
+    for argv, words in (
+        (["--val-fraction", "1"], ["--val-fraction", "expected a fraction in [0, 1)", "got 1"]),
+        (["--warmup", "x"], ["--warmup", "'x'"]),
+        (["--seed", "-1"], ["--seed", "non-negative", "-1"]),
+        (["--momentum", "1.5"], ["--momentum", "1.5"]),
+    ):
         with pytest.raises(SystemExit) as info:
             cli.main(["train", "--run-dir", str(tmp_path / "r"), *argv])
         assert info.value.code == 2
@@ -368,8 +424,10 @@ def test_bad_training_flags_name_the_argument(tmp_path, capsys):
 
 
 def test_importing_cnn_gpu_stays_light():
-    code = ("import sys, cnn_gpu, cnn_gpu.cli, cnn_gpu.runs, cnn_gpu.checkpoint, cnn_gpu.train; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'PIL', 'sklearn', 'tqdm')))")
+    code = (
+        "import sys, cnn_gpu, cnn_gpu.cli, cnn_gpu.runs, cnn_gpu.checkpoint, cnn_gpu.train; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'PIL', 'sklearn', 'tqdm')))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

@@ -1,16 +1,17 @@
 """cnn_gpu.serialization: save/load round trips, the documented header, and clear
 errors (ValueError naming the path) for truncated, corrupted or mismatched files."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+from helpers import small_net
 
 import cnn_gpu
 from cnn_gpu import models, nn, serialization
 from cnn_gpu.backend import to_numpy
-from helpers import small_net
 
 
 @pytest.fixture
@@ -38,10 +39,20 @@ def test_round_trip_identical_predictions(xp, rng, tmp_path):
 ARCHITECTURES = {
     "lenet5_f64": (lambda: models.lenet5(dtype=np.float64, generator=1), (2, 1, 28, 28)),
     "vgg_small": (lambda: models.vgg_small(generator=2), (2, 3, 32, 32)),
-    "every_layer": (lambda: nn.Sequential(
-        nn.Conv2d(3, 2, (3, 2), stride=(2, 1), padding=(1, 0), dilation=2, bias=False, generator=0),
-        nn.LeakyReLU(0.2), nn.AvgPool2d(2, 1, 1), nn.Tanh(), nn.Sigmoid(), nn.MaxPool2d(3, 2, 1), nn.Flatten(),
-        nn.Dropout(0.25, generator=0), nn.Linear(2 * 3 * 3, 3, generator=0)), (2, 3, 9, 7)),
+    "every_layer": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 2, (3, 2), stride=(2, 1), padding=(1, 0), dilation=2, bias=False, generator=0),
+            nn.LeakyReLU(0.2),
+            nn.AvgPool2d(2, 1, 1),
+            nn.Tanh(),
+            nn.Sigmoid(),
+            nn.MaxPool2d(3, 2, 1),
+            nn.Flatten(),
+            nn.Dropout(0.25, generator=0),
+            nn.Linear(2 * 3 * 3, 3, generator=0),
+        ),
+        (2, 3, 9, 7),
+    ),
 }
 
 
@@ -71,13 +82,23 @@ def test_file_has_documented_header(saved):
         assert z["features.0.weight"].dtype == np.float32
     assert files == {"__cnn_gpu__"} | {n for n, _ in model.named_parameters()}
     assert header["format"] == "cnn_gpu.model" and header["version"] == 1 and header["dtype"] == "float32"
-    assert header["metadata"] == {"epoch": 3, "note": "unit test"}
+    assert header["metadata"] == {"epoch": 3, "note": "unit test", "num_classes": 10}  # + what save knows: the outputs
     arch = header["architecture"]
     assert arch["type"] == "Sequential"
     assert [name for name, _ in arch["children"]] == ["features", "flatten", "classifier"]
     conv = arch["children"][0][1]["children"][0][1]
-    assert conv == {"type": "Conv2d", "config": {"in_channels": 1, "out_channels": 4, "kernel_size": [3, 3],
-                                                 "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "bias": True}}
+    assert conv == {
+        "type": "Conv2d",
+        "config": {
+            "in_channels": 1,
+            "out_channels": 4,
+            "kernel_size": [3, 3],
+            "stride": [1, 1],
+            "padding": [1, 1],
+            "dilation": [1, 1],
+            "bias": True,
+        },
+    }
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(saved, tmp_path):
@@ -111,7 +132,7 @@ def test_corrupted_files_raise_value_error_with_path(saved, tmp_path):
         if trial % 2:
             b[i] ^= 0xFF
         else:
-            b[i:i + 8] = bytes(8)
+            b[i : i + 8] = bytes(8)
         bad.write_bytes(bytes(b))
         try:
             loaded = serialization.load(bad)
@@ -160,7 +181,11 @@ def test_weights_not_matching_the_saved_architecture(saved, tmp_path):
     del arrays["classifier.2.bias"]  # a weight the architecture needs is missing
     missing = tmp_path / "missing.npz"
     np.savez(missing, **arrays)
-    with pytest.raises(ValueError, match=r"missing.npz.*weights do not match the saved architecture.*missing \['classifier.2.bias'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing.npz.*weights do not match the saved architecture"
+        r".*missing \['classifier.2.bias'\]",
+    ):
         serialization.load(missing)
 
 

@@ -4,6 +4,7 @@ Every test here has "standin" in its id (``pytest -k standin``). Tests of the li
 take the ``gpu_cupy`` fixture: the stand-in everywhere, and real CuPy on a machine with a GPU
 (marked ``gpu``), so scripts/gpu_check.sh runs the same tests on the real thing.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -208,8 +209,7 @@ def test_standin_catches_planted_bugs(standin, monkeypatch):
 
     x, y = _batch(standin, 16)
     dl = DataLoader(x, y, 4, shuffle=True)
-    monkeypatch.setattr(loader.DataLoader, "order",
-                        lambda self, e: standin.random.default_rng(e).permutation(self.num_examples))
+    monkeypatch.setattr(loader.DataLoader, "order", lambda self, e: standin.random.default_rng(e).permutation(self.num_examples))
     with pytest.raises(AttributeError, match="permutation"):
         next(iter(dl.epoch(0)))
     monkeypatch.undo()
@@ -248,28 +248,59 @@ def test_standin_sees_a_per_step_sync(standin, monkeypatch):
 # ======================================================================== the GPU budget
 def _every_layer_net():
     g = dict(generator=np.random.default_rng(1))
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, **g), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(4, 6, 3, stride=2, bias=False, **g), nn.LeakyReLU(), nn.AvgPool2d(2),
-                         nn.Conv2d(6, 8, 1, **g), nn.Tanh(), nn.Flatten(), nn.Dropout(0.2, **g),
-                         nn.Linear(8 * 3 * 3, 16, **g), nn.ReLU(), nn.Linear(16, 10, **g), nn.Sigmoid(),
-                         nn.Linear(10, 10, **g))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, **g),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, stride=2, bias=False, **g),
+        nn.LeakyReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 8, 1, **g),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Dropout(0.2, **g),
+        nn.Linear(8 * 3 * 3, 16, **g),
+        nn.ReLU(),
+        nn.Linear(16, 10, **g),
+        nn.Sigmoid(),
+        nn.Linear(10, 10, **g),
+    )
 
 
 def _modern_net():
     """BatchNorm (2d, fused ReLU, 1d), a residual block with a projection, GELU, global pooling."""
     g = dict(generator=np.random.default_rng(2))
-    block = nn.Residual(nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False, **g), nn.BatchNorm2d(8),
-                                      nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False, **g), nn.BatchNorm2d(8)),
-                        shortcut=nn.Sequential(nn.Conv2d(6, 8, 1, stride=2, bias=False, **g), nn.BatchNorm2d(8)))
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False, **g), nn.BatchNorm2d(6), nn.ReLU(), block,
-                         nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 12, **g),
-                         nn.BatchNorm1d(12), nn.GELU(approximate="tanh"), nn.Linear(12, 10, **g))
+    block = nn.Residual(
+        nn.Sequential(
+            nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False, **g),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False, **g),
+            nn.BatchNorm2d(8),
+        ),
+        shortcut=nn.Sequential(nn.Conv2d(6, 8, 1, stride=2, bias=False, **g), nn.BatchNorm2d(8)),
+    )
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False, **g),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        block,
+        nn.GELU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 12, **g),
+        nn.BatchNorm1d(12),
+        nn.GELU(approximate="tanh"),
+        nn.Linear(12, 10, **g),
+    )
 
 
 @pytest.mark.parametrize("engine", ["auto", "reference"])
-@pytest.mark.parametrize("make,shape", [(models.lenet5, (1, 28, 28)), (models.vgg_small, (3, 32, 32)),
-                                        (_every_layer_net, (1, 28, 28)), (_modern_net, (3, 12, 12))],
-                         ids=["lenet5", "vgg_small", "every-layer", "modern"])
+@pytest.mark.parametrize(
+    "make,shape",
+    [(models.lenet5, (1, 28, 28)), (models.vgg_small, (3, 32, 32)), (_every_layer_net, (1, 28, 28)), (_modern_net, (3, 12, 12))],
+    ids=["lenet5", "vgg_small", "every-layer", "modern"],
+)
 def test_standin_training_step_budget(standin, make, shape, engine):
     """A training step on the GPU: no host sync, no upload, no layout copy -- on the CUDA engine
     and on the reference engine (CNN_GPU_ENGINE=reference, once CNN_GPU_KERNELS=0)."""
@@ -296,8 +327,7 @@ def test_standin_cublas_gemm_follows_cupy(standin):
     import cupy.cublas  # noqa: PLC0415  (the stand-in's, inside the fixture)
     from standin import surface  # noqa: PLC0415
 
-    assert list(surface.signature("cupy.cublas", "gemm").parameters) == ["transa", "transb", "a", "b", "out", "alpha",
-                                                                         "beta"]
+    assert list(surface.signature("cupy.cublas", "gemm").parameters) == ["transa", "transb", "a", "b", "out", "alpha", "beta"]
     cp, rng = standin, np.random.default_rng(0)
     A, B, C0 = rng.standard_normal((3, 4)), rng.standard_normal((5, 4)), rng.standard_normal((3, 5))
     a, b, out = cp.asarray(A), cp.asarray(B), cp.asarray(C0)
@@ -327,9 +357,16 @@ def test_standin_layers_add_gradients_and_count_batches_in_their_own_launches(st
     x, _ = _batch(cp, 4, (3, 6, 6))
     with cnn_gpu.use_backend("cupy"):
         g = dict(generator=np.random.default_rng(0))
-        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, **g), nn.BatchNorm2d(4), nn.ReLU(),
-                            nn.Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False, **g), nn.BatchNorm2d(4))),
-                            nn.ReLU(), nn.Flatten(), nn.Linear(144, 5, **g), nn.ReLU())
+        net = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, **g),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False, **g), nn.BatchNorm2d(4))),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(144, 5, **g),
+            nn.ReLU(),
+        )
         y = net(x)
         dy = cp.asarray(np.random.default_rng(1).standard_normal(y.shape).astype(np.float32))
         net.backward(dy)
@@ -511,12 +548,13 @@ def test_standin_fit_shuffles_validates_and_stops_on_nan(gpu_cupy):
 
 def test_standin_cli_train_evaluate_predict(gpu_cupy, tmp_path, capsys):
     run = tmp_path / "run"
-    rc = cli.main(["train", "--backend", "cupy", "--epochs", "2", "--batch-size", "96", "--run-dir", str(run),
-                   "--progress", "plain"])
+    rc = cli.main(
+        ["train", "--backend", "cupy", "--epochs", "2", "--batch-size", "96", "--run-dir", str(run), "--progress", "plain"]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "backend cupy" in out and out.strip().splitlines()[-1].startswith("test accuracy: ")
-    acc = float(out.strip().splitlines()[-1].split()[-1].rstrip("%"))
+    acc = float(out.strip().splitlines()[-1].split()[2].rstrip("%"))  # test accuracy: NN.NN% (the last epoch's ...)
     assert acc > 30.0  # two epochs of 14 steps on the digits: well above chance (10%)
     assert cli.main(["evaluate", "--checkpoint", str(run), "--backend", "cupy"]) == 0
     out, _ = capsys.readouterr()

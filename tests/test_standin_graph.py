@@ -2,6 +2,7 @@
 memory pools (tests/standin/memory.py), checked against what CuPy 14 and CUDA do: capture records
 work without running it, Graph.launch replays it on the same buffers, and what CuPy or CUDA
 refuses during capture refuses here with their errors."""
+
 from __future__ import annotations
 
 import inspect
@@ -32,8 +33,10 @@ def _dev(cp, values, dtype=F32):
 
 
 # ======================================================================== the API, as CuPy has it
-@pytest.mark.parametrize("cls, path", [(sgraph.Stream, "cupy.cuda.Stream"), (sgraph.Graph, "cupy.cuda.graph.Graph"),
-                                       (smemory.MemoryPool, "cupy.cuda.MemoryPool")])
+@pytest.mark.parametrize(
+    "cls, path",
+    [(sgraph.Stream, "cupy.cuda.Stream"), (sgraph.Graph, "cupy.cuda.graph.Graph"), (smemory.MemoryPool, "cupy.cuda.MemoryPool")],
+)
 def test_standin_graph_classes_have_cupys_names_and_parameters(cls, path):
     """Every public method of the stand-in's Stream, Graph and MemoryPool exists in the installed
     CuPy and takes the same parameters (names, in order)."""
@@ -101,7 +104,7 @@ def test_standin_graph_replay_recomputes_elementwise_and_kernel_work_from_new_in
     stream = cp.cuda.Stream(non_blocking=True)
     g, (y, dx, loss) = _capture(cp, stream, step)
     assert [k for k, _ in sgraph.nodes(g)].count("kernel") == 1
-    for seed in (1, 2, 3):
+    for _ in range(3):
         new_x, new_dy = rng.standard_normal(64).astype(F32), rng.standard_normal(64).astype(F32)
         x[...], dy[...] = cp.asarray(new_x), cp.asarray(new_dy)
         g.launch(stream)
@@ -192,7 +195,7 @@ def test_standin_graph_random_draws_are_redrawn_by_each_replay(standin):
     g.launch(stream)
     first = u.get()
     g.launch(stream)
-    assert ((0 <= first) & (first < 1)).all() and not np.array_equal(first, u.get())
+    assert ((first >= 0) & (first < 1)).all() and not np.array_equal(first, u.get())
 
 
 def test_standin_graph_launch_on_any_stream_and_counts_one_launch_with_its_kernels(standin):
@@ -297,10 +300,25 @@ def test_standin_graph_transfers_refuse_with_cupys_messages_and_leave_the_captur
     upload is counted: none happened."""
     cp = standin
     a, host = _dev(cp, [1.0, 0.0, 2.0]), np.ones(3, F32)
-    d2h = [lambda: float(a.sum()), a.get, lambda: a[0].item(), lambda: bool(a[0]), lambda: int(a[0]),
-           a.tolist, lambda: repr(a), lambda: a[a > 0], lambda: cp.asnumpy(a), lambda: cp.nonzero(a)]
-    h2d = [lambda: cp.asarray(host), lambda: a.set(host), lambda: a.__setitem__(slice(None), host),
-           lambda: a[np.array([0, 1])], lambda: cp.asarray(0.5)]
+    d2h = [
+        lambda: float(a.sum()),
+        a.get,
+        lambda: a[0].item(),
+        lambda: bool(a[0]),
+        lambda: int(a[0]),
+        a.tolist,
+        lambda: repr(a),
+        lambda: a[a > 0],
+        lambda: cp.asnumpy(a),
+        lambda: cp.nonzero(a),
+    ]
+    h2d = [
+        lambda: cp.asarray(host),
+        lambda: a.set(host),
+        lambda: a.__setitem__(slice(None), host),
+        lambda: a[np.array([0, 1])],
+        lambda: cp.asarray(0.5),
+    ]
     stream = cp.cuda.Stream(non_blocking=True)
     with counting() as c, stream:
         stream.begin_capture()
@@ -326,10 +344,14 @@ def test_standin_graph_cublas_refuses_during_capture(standin):
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
-        for fn in (lambda: cp.cublas.gemm("N", "N", a, b), lambda: cp.matmul(a, b), lambda: cp.dot(a, b),
-                   lambda: a @ b, lambda: a.dot(b)):
-            with pytest.raises(NotImplementedError,
-                               match="^calling cuBLAS API during stream capture is currently unsupported$"):
+        for fn in (
+            lambda: cp.cublas.gemm("N", "N", a, b),
+            lambda: cp.matmul(a, b),
+            lambda: cp.dot(a, b),
+            lambda: a @ b,
+            lambda: a.dot(b),
+        ):
+            with pytest.raises(NotImplementedError, match="^calling cuBLAS API during stream capture is currently unsupported$"):
                 fn()
         g = stream.end_capture()
     assert sgraph.nodes(g) == []
@@ -362,21 +384,26 @@ def test_standin_graph_a_sync_invalidates_the_capture(standin, sync):
     a = _dev(cp, [1.0, 2.0])
     stream = cp.cuda.Stream(non_blocking=True)
     event = cp.cuda.Event()
-    do = {"device": lambda: cp.cuda.Device().synchronize(), "runtime": cp.cuda.runtime.deviceSynchronize,
-          "stream": stream.synchronize, "stream.done": lambda: stream.done, "event": event.synchronize,
-          "event.done": lambda: event.done}[sync]
+    do = {
+        "device": lambda: cp.cuda.Device().synchronize(),
+        "runtime": cp.cuda.runtime.deviceSynchronize,
+        "stream": stream.synchronize,
+        "stream.done": lambda: stream.done,
+        "event": event.synchronize,
+        "event.done": lambda: event.done,
+    }[sync]
     with counting() as c, stream:
         stream.begin_capture()
         event.record()
-        with pytest.raises(CUDARuntimeError,
-                           match="^cudaErrorStreamCaptureUnsupported: operation not permitted when stream is "
-                                 "capturing$"):
+        with pytest.raises(
+            CUDARuntimeError, match="^cudaErrorStreamCaptureUnsupported: operation not permitted when stream is capturing$"
+        ):
             do()
-        with pytest.raises(CUDARuntimeError, match="^cudaErrorStreamCaptureInvalidated: operation failed due to a "
-                                                   "previous error during capture$"):
+        with pytest.raises(
+            CUDARuntimeError, match="^cudaErrorStreamCaptureInvalidated: operation failed due to a previous error during capture$"
+        ):
             a + 1
-        with pytest.raises(RuntimeError, match="^the stream was capturing, but an error has invalidated the capture "
-                                               "sequence$"):
+        with pytest.raises(RuntimeError, match="^the stream was capturing, but an error has invalidated the capture sequence$"):
             a.get()
         with pytest.raises(CUDARuntimeError, match="cudaErrorStreamCaptureInvalidated") as err:
             stream.end_capture()
@@ -394,8 +421,10 @@ def test_standin_graph_blocking_capture_stream_and_the_legacy_stream(standin):
     a = _dev(cp, [1.0])
     blocking = cp.cuda.Stream()
     blocking.begin_capture()  # not current: the work below is on the legacy stream
-    with pytest.raises(CUDARuntimeError, match="^cudaErrorStreamCaptureImplicit: operation would make the legacy "
-                                               "stream depend on a capturing blocking stream$"):
+    with pytest.raises(
+        CUDARuntimeError,
+        match="^cudaErrorStreamCaptureImplicit: operation would make the legacy stream depend on a capturing blocking stream$",
+    ):
         a * 2
     with pytest.raises(CUDARuntimeError, match="cudaErrorStreamCaptureInvalidated"):
         blocking.end_capture()

@@ -1,6 +1,7 @@
 """The shape of the code that the architecture promises (docs/ARCHITECTURE.md): no import cycle
 inside cnn_gpu (function-local imports included), no function longer than 80 lines, every
 CNN_GPU_* variable read in cnn_gpu/config.py only, and no CUDA source in Python strings."""
+
 from __future__ import annotations
 
 import ast
@@ -54,7 +55,7 @@ def test_no_import_cycle():
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n) :] + [n]))
             if n not in state:
                 visit(n)
         stack.pop()
@@ -76,8 +77,11 @@ def test_no_function_longer_than_a_screen():
 
 
 def test_settings_are_read_in_the_config_module_only():
-    readers = [p.relative_to(PKG.parent).as_posix() for p in sorted(PKG.rglob("*.py"))
-               if p.name != "config.py" and re.search(r"""(environ(\.get\(|\[)|getenv\()\s*["']CNN_GPU_""", p.read_text())]
+    readers = [
+        p.relative_to(PKG.parent).as_posix()
+        for p in sorted(PKG.rglob("*.py"))
+        if p.name != "config.py" and re.search(r"""(environ(\.get\(|\[)|getenv\()\s*["']CNN_GPU_""", p.read_text())
+    ]
     assert readers == [], readers
     assert "CNN_GPU_ENGINE" in (PKG / "config.py").read_text()
 

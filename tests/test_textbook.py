@@ -1,10 +1,11 @@
 """The textbook API: parameter dict W1..WL, channels-last X, one-hot Y (n_classes, m)."""
+
 import numpy as np
 import pytest
+from helpers import numerical_grad, rel_error
 
 import cnn_gpu
 from cnn_gpu import textbook as tb
-from helpers import numerical_grad, rel_error
 
 
 def _problem(xp, conv_layers=((3, 4), (2, 5)), fc=(7, 3), m=5, shape=(11, 11, 2), seed=0, dtype=np.float64):

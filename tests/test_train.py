@@ -1,12 +1,13 @@
 """The training loop: exact mid-epoch resume, stop requests, non-finite losses located to the
 step without per-step syncs, progress refreshes, the validation split."""
+
 import numpy as np
 import pytest
 
 import cnn_gpu
 from cnn_gpu import nn, optim, train
-from cnn_gpu.data import DataLoader, split_validation
 from cnn_gpu.callbacks import Callback, Evaluate, LambdaCallback, ProgressBar, StopRequest
+from cnn_gpu.data import DataLoader, split_validation
 from cnn_gpu.train import NonFiniteLossError, Position, TrainingInterrupted, fit
 
 
@@ -34,7 +35,7 @@ def _restart(model, opt, sched, make):
     """A fresh set of objects carrying over the state of (model, opt, sched), as a checkpoint would."""
     m2, o2, s2, loader2, data2 = make()
     m2.load_state_dict({k: cnn_gpu.to_numpy(v) for k, v in model.state_dict().items()})
-    for (n1, a), (n2, b) in zip(model.named_modules(), m2.named_modules()):
+    for (_, a), (_, b) in zip(model.named_modules(), m2.named_modules()):
         if isinstance(a, nn.Dropout):
             b.seed, b.calls = a.seed, a.calls
     o2.load_state_dict(opt.state_dict())
@@ -76,8 +77,12 @@ def test_interrupt_anywhere_and_resume_is_bitwise_exact(xp, stop_at):
     both = info.value.history + rest
     assert [h.epoch for h in both] == [1, 2, 3, 4]
     for a, b in zip(straight, both):
-        assert (a.train_loss, a.train_accuracy, a.test_loss, a.test_accuracy) == (b.train_loss, b.train_accuracy,
-                                                                                   b.test_loss, b.test_accuracy)
+        assert (a.train_loss, a.train_accuracy, a.test_loss, a.test_accuracy) == (
+            b.train_loss,
+            b.train_accuracy,
+            b.test_loss,
+            b.test_accuracy,
+        )
 
 
 @pytest.mark.parametrize("order", ["request-first", "request-last"])

@@ -2,16 +2,17 @@
 chunks giving the results of one unchunked pass (forward and backward, float64, to 1e-12),
 through the functional API, the Conv2d layer (with its kept workspace) and nn.Sequential's
 channels-last fast path."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import assert_close, conv2d_ref
 
 import cnn_gpu
 import cnn_gpu.functional as F
 from cnn_gpu import nn, workspace
 from cnn_gpu.backend import to_numpy
-from helpers import assert_close, conv2d_ref
 
 # N, C, H, W, F, kernel, stride, padding, dilation: stride 1 (dx as a transposed convolution),
 # strided and over-padded (dx through col2im), dilated, 1x1
@@ -63,9 +64,16 @@ def test_layer_and_sequential_chunked_equal_unchunked(xp, rng):
     def build():
         g = dict(dtype=np.float64, generator=np.random.default_rng(3))
         with cnn_gpu.use_backend(xp.__name__):
-            return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, **g), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, **g),
-                                 nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3, stride=2, **g), nn.Flatten(),
-                                 nn.Linear(3 * 1 * 1, 5, **g))
+            return nn.Sequential(
+                nn.Conv2d(2, 4, 3, padding=1, **g),
+                nn.ReLU(),
+                nn.Conv2d(4, 4, 3, padding=1, **g),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(4, 3, 3, stride=2, **g),
+                nn.Flatten(),
+                nn.Linear(3 * 1 * 1, 5, **g),
+            )
 
     x = xp.asarray(rng.standard_normal((6, 2, 6, 6)))
     dys = [xp.asarray(rng.standard_normal((6, 5))) for _ in range(2)]

@@ -10,6 +10,7 @@ same numbers, on a 4x smaller array). Batch normalisation reduces the channels-l
 as an (N*H*W, C) matrix (norm.py); adaptive average pooling returns its gradient in the
 input's layout (adaptive_pool.py). Ops this engine does not list run the reference.
 """
+
 from .adaptive_pool import adaptive_avg_pool2d_backward, adaptive_avg_pool2d_forward
 from .augment import crop_flip
 from .conv import conv2d_backward, conv2d_forward
@@ -24,7 +25,25 @@ FUSED_ACTIVATIONS = ("relu",)
 #: a ReLU before a max pool runs after it, on the 4x smaller pooled array (see nn.module.plan)
 POOL_BEFORE_ACTIVATION = True
 
-__all__ = ["NAME", "FUSED_ACTIVATIONS", "POOL_BEFORE_ACTIVATION", "conv2d_forward", "conv2d_backward", "max_pool2d_forward",
-           "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward", "linear_forward", "linear_backward",
-           "relu_forward", "relu_backward", "add_forward", "add_backward", "crop_flip", "batch_norm_forward",
-           "batch_norm_backward", "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward"]
+__all__ = [
+    "NAME",
+    "FUSED_ACTIVATIONS",
+    "POOL_BEFORE_ACTIVATION",
+    "conv2d_forward",
+    "conv2d_backward",
+    "max_pool2d_forward",
+    "max_pool2d_backward",
+    "avg_pool2d_forward",
+    "avg_pool2d_backward",
+    "linear_forward",
+    "linear_backward",
+    "relu_forward",
+    "relu_backward",
+    "add_forward",
+    "add_backward",
+    "crop_flip",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "adaptive_avg_pool2d_forward",
+    "adaptive_avg_pool2d_backward",
+]

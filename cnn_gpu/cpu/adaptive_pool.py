@@ -4,6 +4,7 @@ engine's convolutions produce them) gets a channels-last dx, so the elementwise 
 before it (ReLU, a residual sum, BatchNorm) keep running on arrays of one layout instead of
 mixing NCHW and NHWC strides (3-5x slower per pass) or copying between them.
 """
+
 from __future__ import annotations
 
 import numpy as np

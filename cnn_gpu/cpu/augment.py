@@ -6,6 +6,7 @@ block from a sliding-window view, one advanced index over the samples, then the 
 are mirrored with a reversed view. The draws are the reference's (crop_flip_draws), and the
 values are copies, so the result is the reference's bit for bit.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -27,6 +27,7 @@ chunk's columns from the kept input unless forward kept them (small ones only, K
 The chunks are spread over the cores (cpu/parallel.py); partial sums are added in worker
 order, so results are reproducible.
 """
+
 from __future__ import annotations
 
 import functools
@@ -136,7 +137,8 @@ def _im2col_rows(x_nhwc, g, out, ws=None, nb=None, name="xpad"):
         xpad = _padded(x_nhwc, False, g, ws, (nb or n, H + 2 * g.PH, W + 2 * g.PW, C), name)  # (n, Hp, Wp, C)
     sN, sH, sW, sC = xpad.strides
     win = np.lib.stride_tricks.as_strided(
-        xpad, (n, g.OH, g.OW, g.KH, g.KW, C), (sN, sH * g.SH, sW * g.SW, sH * g.DH, sW * g.DW, sC))  # a view
+        xpad, (n, g.OH, g.OW, g.KH, g.KW, C), (sN, sH * g.SH, sW * g.SW, sH * g.DH, sW * g.DW, sC)
+    )  # a view
     np.copyto(_view(out, (n, g.OH, g.OW, g.KH, g.KW, C)), win)  # one strided gather
     return out
 
@@ -149,7 +151,8 @@ def _im2col_kmajor(x_nhwc, g, out, ws=None, nb=None, name="xpad_cf"):
     xpad = _padded(x_cf, True, g, ws, (C, nb or n, H + 2 * g.PH, W + 2 * g.PW), name)  # (C, n, Hp, Wp)
     sC, sN, sH, sW = xpad.strides
     win = np.lib.stride_tricks.as_strided(
-        xpad, (C, g.KH, g.KW, n, g.OH, g.OW), (sC, sH * g.DH, sW * g.DW, sN, sH * g.SH, sW * g.SW))  # a view
+        xpad, (C, g.KH, g.KW, n, g.OH, g.OW), (sC, sH * g.DH, sW * g.DW, sN, sH * g.SH, sW * g.SW)
+    )  # a view
     np.copyto(_view(out, (C, g.KH, g.KW, n, g.OH, g.OW)), win)  # one strided gather, runs of OW
     return out
 
@@ -264,7 +267,7 @@ def conv2d_forward(x, w, b, g, activation=None, workspace=None):
         if g.C // g.G < GROUPED_MIN_CHANNELS:
             return reference.conv2d_forward(x, w, b, g, activation)
         return _grouped_forward(x, w, b, g, activation)
-    x = to_channels_last(x)
+    x_in, x = x, to_channels_last(x)
     plan = _plan(g)
     K1 = g.K + (b is not None)  # with a bias, a column of ones: b rides in the GEMM
     per_sample = g.P * K1 * x.dtype.itemsize
@@ -273,8 +276,9 @@ def conv2d_forward(x, w, b, g, activation=None, workspace=None):
     # in the cache (measured: writing larger ones out and reading them back costs more than
     # rebuilding them chunk by chunk).
     keep = not plan.transposed and g.N * per_sample <= min(KEEP_BYTES, workspace_limit_bytes())
-    full = scratch(workspace, "cols_all", (K1, g.N * g.P) if plan.kmajor else (g.N * g.P, K1), x.dtype, np) \
-        if keep else None
+    full = scratch(workspace, "cols_all", (K1, g.N * g.P) if plan.kmajor else (g.N * g.P, K1), x.dtype, np) if keep else None
+    if full is None and x is x_in:  # backward reads x (its columns rebuilt, or the transposed path): own it,
+        x = to_channels_last(x, copy=True)  # so that the caller may reuse its array (the others are copies)
     x_nhwc = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
     w2 = _w2(w, plan.kmajor)  # (F, K)
     if b is not None:
@@ -333,7 +337,7 @@ def _transposed_worker(s: _Backward, t: int):
     x2 = s.x_nhwc.reshape(g.N * HW, g.C)  # (N*H*W, C)
     for n0, n1 in _worker_chunks(g.N, s.nb, s.workers, t):
         delta = _delta_rows(s, n0, n1, t)  # (n*P, F)
-        if s.has_bias:
+        if db is not None and ones is not None:  # (has_bias)
             db += np.matmul(ones[: delta.shape[0]], delta)  # the column sums, as a GEMV
         rows = (n1 - n0) * HW
         dycols = scratch(s.ws, f"dycols{t}", (s.nb * HW * Kt,), delta.dtype, np)[: rows * Kt].reshape(rows, Kt)
@@ -392,9 +396,19 @@ def conv2d_backward(dy, cache, input_grad=True):
     else:
         w_mat = np.ascontiguousarray(w.transpose(2, 3, 0, 1)).reshape(g.T, g.F, g.C)  # (KH*KW, F, C)
     y2 = None if cache.activation != "relu" else cache.y.transpose(0, 2, 3, 1).reshape(g.N * g.P, g.F)
-    s = _Backward(plan, cache.x.transpose(0, 2, 3, 1), to_channels_last(dy).transpose(0, 2, 3, 1), y2,
-                  w_mat, np.empty((g.N, g.H, g.W, g.C), dtype=dy.dtype) if input_grad else None, cols,
-                  cache.has_bias, cache.aux.workspace, nb, workers)
+    s = _Backward(
+        plan,
+        cache.x.transpose(0, 2, 3, 1),
+        to_channels_last(dy).transpose(0, 2, 3, 1),
+        y2,
+        w_mat,
+        np.empty((g.N, g.H, g.W, g.C), dtype=dy.dtype) if input_grad else None,
+        cols,
+        cache.has_bias,
+        cache.aux.workspace,
+        nb,
+        workers,
+    )
     worker = _transposed_worker if transposed else _columns_worker
     sums = parallel.run([functools.partial(worker, s, t) for t in range(workers)])
     dw2, db = sums[0]
@@ -430,8 +444,7 @@ def _grouped_forward(x, w, b, g: ConvGeometry, activation):
         yg, cache = conv2d_forward(x[:, gi * Cg : (gi + 1) * Cg], w[f], None if b is None else b[f], sub, activation)
         y[:, f] = yg
         caches.append(cache)
-    return y, Conv2dCache("cpu", g, x, w, b is not None, activation, y if activation else None,
-                          _GroupedAux(tuple(caches)))
+    return y, Conv2dCache("cpu", g, x, w, b is not None, activation, y if activation else None, _GroupedAux(tuple(caches)))
 
 
 def _grouped_backward(dy, cache, input_grad):

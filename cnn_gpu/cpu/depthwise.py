@@ -10,6 +10,7 @@ tap's weights, a multiply-add over whole (n, oh, ow, c) blocks with the channels
 delta = dy (* (y > 0) with the fused ReLU), db its sum over (n, oh, ow). The reference computes
 the same sums in another order (im2col + matmul): equal to rounding.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -36,7 +37,10 @@ def _taps(w, g: ConvGeometry):
 def conv2d_forward(x, w, b, g: ConvGeometry, activation=None):
     """x (N, C, H, W), any layout -> (y (N, F, OH, OW) channels-last, cache)."""
     M = g.F // g.C
-    x_nhwc = to_channels_last(x).transpose(0, 2, 3, 1)  # (N, H, W, C)
+    x_nhwc = to_channels_last(x)
+    if x_nhwc is x:  # backward reads it: a copy, not the caller's memory (which the caller may reuse)
+        x_nhwc = to_channels_last(x, copy=True)
+    x_nhwc = x_nhwc.transpose(0, 2, 3, 1)  # (N, H, W, C)
     wt = _taps(w, g)
     y5 = np.zeros((g.N, g.OH, g.OW, g.C, M), dtype=x.dtype)  # (N, OH, OW, C, M) = NHWC of (N, F, OH, OW)
     for kh, kw, orows, ocols, irows, icols in clipped_taps(g):

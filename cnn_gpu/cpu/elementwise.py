@@ -1,5 +1,6 @@
 """The CPU engine's ReLU and residual sum (+ ReLU): the reference's, split over the batch on the
 cores when large, in the input's layout."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ lands in that layout (cpu/conv.py), and the pools and activations keep the layou
 given, so a run of convolution layers converts only at its ends (Flatten's reshape makes the
 NCHW-ordered copy the fully connected layers need). The values are the same in any layout.
 """
+
 from __future__ import annotations
 
 import numpy as np

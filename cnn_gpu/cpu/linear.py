@@ -1,5 +1,6 @@
 """The CPU engine's fully connected layer: the reference's GEMMs, split over the cores by
 features (so no partial sums are added), with the bias and a fused ReLU applied per part."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -22,6 +22,7 @@ mean = K + s1/M, var = s2/M - (s1/M)^2; then y = x scale + shift (scale = a, shi
 Backward, two passes: sum(delta), sum(delta (x - mean)); then
 dx = delta a + x b + (c - mean b), b = -a invstd sum(delta xhat)/M, c = -a sum(delta)/M.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -144,8 +145,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
                 np.maximum(o, 0, out=o)  # the fused ReLU, on the block while it is in cache
 
     rows.over(normalise)
-    return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None, None, activation,
-                             y if relu else None)
+    return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None, None, activation, y if relu else None)
 
 
 def _delta_sums(rows: _Rows, dym, xm, ym, dxm, mean):
@@ -182,24 +182,23 @@ def batch_norm_backward(dy, cache):
     dxm = _matrix(dx)
     relu = cache.activation == "relu"
     src = dxm if relu else dym  # delta: in dx's memory with the ReLU
-    sum_dy, sum_dyc = rows.sums(_delta_sums(rows, dym, xm, _matrix(cache.y) if relu else None, dxm, mean), 2,
-                                x.dtype)
+    sum_dy, sum_dyc = rows.sums(_delta_sums(rows, dym, xm, _matrix(cache.y) if relu else None, dxm, mean), 2, x.dtype)
     sum_dyxhat = sum_dyc * invstd  # sum(delta (x - mean)) invstd
     dbeta = sum_dy if cache.has_beta else None
     dgamma = sum_dyxhat if cache.gamma is not None else None
     a = cache.gamma * invstd if cache.gamma is not None else invstd
     if not cache.batch_stats:  # the running statistics: constants, dx = delta a
         a_t = rows.tile(a)
-        rows.over(lambda r0, r1: [np.multiply(g, aa, out=o) for o, g, aa in
-                                  zip(rows.parts(dxm, r0, r1), rows.parts(src, r0, r1), a_t)])
+        rows.over(
+            lambda r0, r1: [np.multiply(g, aa, out=o) for o, g, aa in zip(rows.parts(dxm, r0, r1), rows.parts(src, r0, r1), a_t)]
+        )
         return dx, dgamma, dbeta
     b = -a * invstd * sum_dyxhat * t(1.0 / M)
     c = -a * sum_dy * t(1.0 / M) - mean * b
     a_t, b_t, c_t = rows.tile(a), rows.tile(b), rows.tile(c)
 
     def step(r0, r1):
-        for o, g, v, aa, bb, cc in zip(rows.parts(dxm, r0, r1), rows.parts(src, r0, r1), rows.parts(xm, r0, r1),
-                                       a_t, b_t, c_t):
+        for o, g, v, aa, bb, cc in zip(rows.parts(dxm, r0, r1), rows.parts(src, r0, r1), rows.parts(xm, r0, r1), a_t, b_t, c_t):
             xb = np.multiply(v, bb)  # a block-sized temporary
             np.multiply(g, aa, out=o)  # delta a (in place over delta with the ReLU)
             o += xb

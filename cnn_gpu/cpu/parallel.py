@@ -14,18 +14,20 @@ Only the CPU engine uses this module (the GPU runs none of it). The ``threads`` 
 cnn_gpu.config (``CNN_GPU_THREADS``) sets the number of threads (default: the cores this
 process may run on); 1 runs everything on the calling thread (still with single-threaded BLAS).
 """
+
 from __future__ import annotations
 
 import functools
 import os
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .. import config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _usable_cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -38,7 +40,7 @@ def threads() -> int:
     return config.get().threads or _usable_cores()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _executor(n: int, pid: int) -> ThreadPoolExecutor:
     """The worker pool of process ``pid`` (created on first use, kept for the life of the
     process; a forked child, which has none of its parent's threads, gets its own)."""
@@ -71,7 +73,7 @@ class _BlasLimit:
                     lc.set_num_threads(n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _blas_limit() -> _BlasLimit | None:
     """The limiter of the loaded BLAS libraries (through threadpoolctl, a dependency of
     scikit-learn), or None without threadpoolctl: the parts then run in order, BLAS threaded

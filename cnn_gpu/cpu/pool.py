@@ -6,6 +6,7 @@ not a flat index: forward finds it with integer arithmetic, and backward, when w
 overlap nor pad, writes each tap's strided view of dx by a bitwise select. The semantics are the
 reference's (functional/reference.py): the first maximum wins, a NaN wins, padding never wins.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -26,30 +26,48 @@ Launching
     by default). The CPU emulation tests install theirs with :func:`use_launcher`, which
     runs the same wrappers, with NumPy arrays, against the kernels compiled by g++.
 """
+
 from __future__ import annotations
 
 import contextlib
 import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .. import config
 from . import cublas
 
 __all__ = [
-    "COMPILE_OPTIONS", "BLOCKS_PER_SM", "KernelCompileError",
-    "kernel_dir", "kernel_sources", "expanded_source", "list_kernels", "entry_points",
-    "nvrtc_compile", "compile_all", "get_module", "get_function", "device_arch", "probe", "clear_caches",
-    "CupyLauncher", "use_launcher", "set_launcher", "get_launcher",
+    "COMPILE_OPTIONS",
+    "BLOCKS_PER_SM",
+    "KernelCompileError",
+    "kernel_dir",
+    "kernel_sources",
+    "expanded_source",
+    "list_kernels",
+    "entry_points",
+    "fp16_include_dir",
+    "fp16_options",
+    "nvrtc_compile",
+    "compile_all",
+    "get_module",
+    "get_function",
+    "device_arch",
+    "probe",
+    "clear_caches",
+    "CupyLauncher",
+    "use_launcher",
+    "set_launcher",
+    "get_launcher",
 ]
 
-COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++14", "--fmad=false", "--ftz=false", "--prec-div=true",
-                                    "--prec-sqrt=true")
+COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++14", "--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true")
 BLOCKS_PER_SM = 32  # the default grid's cap, per multiprocessor
 
 _INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
-_ENTRY_MACRO_RE = re.compile(r"^[ \t]*CNN_ENTRY_POINTS\(\s*(\w+)\s*,", re.MULTILINE)
+_ENTRY_MACRO_RE = re.compile(r"^[ \t]*CNN_ENTRY_POINTS(_FP16)?\(\s*(\w+)\s*,", re.MULTILINE)
 _EXTERN_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
 
 
@@ -130,12 +148,13 @@ def list_kernels() -> dict[str, list[str]]:
 
 
 def entry_points(src: str) -> list[str]:
-    """The extern "C" kernel names defined by one source text (CNN_ENTRY_POINTS lines and
-    literal ``extern "C" __global__ void name(`` definitions)."""
+    """The extern "C" kernel names defined by one source text (CNN_ENTRY_POINTS lines: name_f32,
+    name_f64; CNN_ENTRY_POINTS_FP16 lines: name_f16 too, compiled where :func:`fp16_include_dir` finds
+    cuda_fp16.h; and literal ``extern "C" __global__ void name(`` definitions)."""
     code = _strip_comments(src)
     names: list[str] = []
     for m in _ENTRY_MACRO_RE.finditer(code):
-        names += [f"{m.group(1)}_f32", f"{m.group(1)}_f64"]
+        names += [f"{m.group(2)}_f32", f"{m.group(2)}_f64"] + ([f"{m.group(2)}_f16"] if m.group(1) else [])
     names += _EXTERN_RE.findall(code)
     return names
 
@@ -157,7 +176,7 @@ def nvrtc_compile(name: str, arch: str = "sm_80", options: tuple[str, ...] = COM
     prog = nvrtc.createProgram(src, f"{name}.cu", [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, [*options, f"--gpu-architecture={arch}"])
+            nvrtc.compileProgram(prog, [*options, *fp16_options(), f"--gpu-architecture={arch}"])
         except nvrtc.NVRTCError as exc:
             log = _as_str(nvrtc.getProgramLog(prog))
             raise KernelCompileError(f"{name}.cu failed to compile for {arch} with NVRTC ({exc}):\n{log}") from None
@@ -166,6 +185,52 @@ def nvrtc_compile(name: str, arch: str = "sm_80", options: tuple[str, ...] = COM
     finally:
         nvrtc.destroyProgram(prog)
     return bytes(binary) if not isinstance(binary, bytes) else binary, log
+
+
+def fp16_include_dir() -> tuple[str | None, str]:
+    """``(folder, "")``: the CUDA headers' folder holding cuda_fp16.h, which NVRTC is given to compile
+    the float16 entry points (kernels/common.cuh); or ``(None, why)``. Looked up once, in order:
+    cuda-pathfinder's CUDA runtime headers (the nvidia-cuda-runtime wheel or a toolkit), $CUDA_PATH,
+    $CUDA_HOME, /usr/local/cuda, then /usr/local/cuda-* (newest first)."""
+    global _fp16_dir
+    if _fp16_dir is None:
+        _fp16_dir = _find_fp16_include_dir()
+    return _fp16_dir
+
+
+_fp16_dir: tuple[str | None, str] | None = None
+
+
+def _find_fp16_include_dir() -> tuple[str | None, str]:
+    import os  # noqa: PLC0415
+
+    candidates: list[str] = []
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory  # noqa: PLC0415  (CuPy 14's dependency)
+
+        found = find_nvidia_header_directory("cudart")
+        if found:
+            candidates.append(str(found))
+    except Exception:  # noqa: BLE001  (not installed, or an older cuda-pathfinder without it)
+        pass
+    candidates += [str(Path(os.environ[v]) / "include") for v in ("CUDA_PATH", "CUDA_HOME") if os.environ.get(v)]
+    toolkits = sorted(
+        Path("/usr/local").glob("cuda-*"),
+        key=lambda p: [int(x) if x.isdigit() else 0 for x in re.split(r"[-.]", p.name)[1:]],
+        reverse=True,
+    )
+    candidates += ["/usr/local/cuda/include", *(str(t / "include") for t in toolkits)]
+    for d in candidates:
+        if (Path(d) / "cuda_fp16.h").is_file():
+            return d, ""
+    return None, "no cuda_fp16.h in " + ", ".join(dict.fromkeys(candidates))
+
+
+def fp16_options() -> tuple[str, ...]:
+    """The NVRTC options that compile the float16 entry points (``-DCNN_FP16 -I<headers>``), or ()
+    where :func:`fp16_include_dir` finds no cuda_fp16.h (the float32 and float64 ones still compile)."""
+    d, _ = fp16_include_dir()
+    return () if d is None else ("-DCNN_FP16", f"-I{d}")
 
 
 def _as_str(s: Any) -> str:
@@ -197,8 +262,9 @@ def device_arch() -> str:
         return f"sm_{cc}"
     older = [a for a in known if a <= cc]
     if not older:
-        raise KernelCompileError(f"NVRTC {cupy.cuda.nvrtc.getVersion()} cannot target this GPU (compute "
-                                 f"capability {cc}; it knows {known})")
+        raise KernelCompileError(
+            f"NVRTC {cupy.cuda.nvrtc.getVersion()} cannot target this GPU (compute capability {cc}; it knows {known})"
+        )
     return f"compute_{older[-1]}"
 
 
@@ -252,10 +318,12 @@ def compile_all(arch: str | None = None) -> dict[str, list[str]]:
     architecture (no GPU needed).
     """
     kernels = list_kernels()
+    half = fp16_include_dir()[0] is not None
     for name, entries in kernels.items():
         if arch is None:
             for e in entries:
-                get_function(name, e)
+                if half or not e.endswith("_f16"):
+                    get_function(name, e)
         else:
             nvrtc_compile(name, arch)
     return kernels
@@ -340,5 +408,3 @@ def use_launcher(launcher) -> Iterator[Any]:
         yield launcher
     finally:
         set_launcher(prev)
-
-

@@ -37,6 +37,13 @@ Workspace
     graph captured on a stream keeps using that stream's workspace address). The first GEMM on a
     stream allocates its workspace: run a step on the capturing stream before capturing (a warm-up).
 
+Precision
+    float32 GEMMs are cublasSgemm_v2, float64 cublasDgemm_v2, float16 ones (float16 training,
+    cnn_gpu/precision.py) cublasGemmEx with float16 A and B, a float16 or float32 C and
+    CUBLAS_COMPUTE_32F (float32 sums). :meth:`CublasHandle.set_math_mode` sets cublasMath_t:
+    CUBLAS_TF32_TENSOR_OP_MATH for a tf32 run (precision.gemm_math sets it around fit and restores
+    the previous mode); a new handle has cuBLAS's default, CUBLAS_DEFAULT_MATH.
+
 The seam for tests
     :func:`_load_library` is the one function tests replace: the CuPy stand-in
     (tests/standin/cublas.py) sets it to return its fake libcublas while active. When it changes,
@@ -44,6 +51,7 @@ The seam for tests
 
 This module imports nothing of cnn_gpu and imports CuPy only when a handle is asked for.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -53,16 +61,42 @@ import threading
 import warnings
 from typing import Any
 
-__all__ = ["CublasError", "CublasHandle", "get_handle", "warn_fallback", "reset", "workspace_bytes",
-           "STATUS_NAMES", "CUBLAS_OP_N", "CUBLAS_OP_T", "CUBLAS_POINTER_MODE_HOST"]
+__all__ = [
+    "CublasError",
+    "CublasHandle",
+    "get_handle",
+    "warn_fallback",
+    "reset",
+    "workspace_bytes",
+    "STATUS_NAMES",
+    "CUBLAS_OP_N",
+    "CUBLAS_OP_T",
+    "CUBLAS_POINTER_MODE_HOST",
+    "CUBLAS_DEFAULT_MATH",
+    "CUBLAS_TF32_TENSOR_OP_MATH",
+]
 
 # cublas_api.h
-STATUS_NAMES = {0: "CUBLAS_STATUS_SUCCESS", 1: "CUBLAS_STATUS_NOT_INITIALIZED", 3: "CUBLAS_STATUS_ALLOC_FAILED",
-                7: "CUBLAS_STATUS_INVALID_VALUE", 8: "CUBLAS_STATUS_ARCH_MISMATCH", 11: "CUBLAS_STATUS_MAPPING_ERROR",
-                13: "CUBLAS_STATUS_EXECUTION_FAILED", 14: "CUBLAS_STATUS_INTERNAL_ERROR",
-                15: "CUBLAS_STATUS_NOT_SUPPORTED", 16: "CUBLAS_STATUS_LICENSE_ERROR"}
-CUBLAS_OP_N, CUBLAS_OP_T = 0, 1  # cublasOperation_t
+STATUS_NAMES = {
+    0: "CUBLAS_STATUS_SUCCESS",
+    1: "CUBLAS_STATUS_NOT_INITIALIZED",
+    3: "CUBLAS_STATUS_ALLOC_FAILED",
+    7: "CUBLAS_STATUS_INVALID_VALUE",
+    8: "CUBLAS_STATUS_ARCH_MISMATCH",
+    11: "CUBLAS_STATUS_MAPPING_ERROR",
+    13: "CUBLAS_STATUS_EXECUTION_FAILED",
+    14: "CUBLAS_STATUS_INTERNAL_ERROR",
+    15: "CUBLAS_STATUS_NOT_SUPPORTED",
+    16: "CUBLAS_STATUS_LICENSE_ERROR",
+}
+CUBLAS_OP_N = 0  # cublasOperation_t: as stored
+CUBLAS_OP_T = 1  # cublasOperation_t: transposed
 CUBLAS_POINTER_MODE_HOST = 0  # cublasPointerMode_t
+CUBLAS_DEFAULT_MATH = 0  # cublasMath_t: float32 GEMMs exact (a new handle's mode)
+CUBLAS_TF32_TENSOR_OP_MATH = 3  # cublasMath_t: float32 GEMMs on TF32 tensor cores (precision="tf32")
+CUDA_R_32F, CUDA_R_16F = 0, 2  # cudaDataType (library_types.h)
+CUBLAS_COMPUTE_32F = 68  # cublasComputeType_t: float32 accumulation
+CUBLAS_GEMM_DEFAULT = -1  # cublasGemmAlgo_t
 WORKSPACE_ALIGNMENT = 256  # cublasSetWorkspace: "aligned to at least 256 bytes"
 _INT_MAX = 2**31 - 1  # the _v2 entry points take int sizes
 
@@ -75,10 +109,41 @@ SIGNATURES: dict[str, list] = {
     "cublasSetStream_v2": [_P, _P],
     "cublasSetWorkspace_v2": [_P, _P, ctypes.c_size_t],
     "cublasSetPointerMode_v2": [_P, _INT],
-    "cublasSgemm_v2": [_P, _INT, _INT, _INT, _INT, _INT, ctypes.POINTER(ctypes.c_float), _P, _INT, _P, _INT,
-                       ctypes.POINTER(ctypes.c_float), _P, _INT],
-    "cublasDgemm_v2": [_P, _INT, _INT, _INT, _INT, _INT, ctypes.POINTER(ctypes.c_double), _P, _INT, _P, _INT,
-                       ctypes.POINTER(ctypes.c_double), _P, _INT],
+    "cublasSetMathMode": [_P, _INT],
+    "cublasSgemm_v2": [
+        _P,
+        _INT,
+        _INT,
+        _INT,
+        _INT,
+        _INT,
+        ctypes.POINTER(ctypes.c_float),
+        _P,
+        _INT,
+        _P,
+        _INT,
+        ctypes.POINTER(ctypes.c_float),
+        _P,
+        _INT,
+    ],
+    "cublasDgemm_v2": [
+        _P,
+        _INT,
+        _INT,
+        _INT,
+        _INT,
+        _INT,
+        ctypes.POINTER(ctypes.c_double),
+        _P,
+        _INT,
+        _P,
+        _INT,
+        ctypes.POINTER(ctypes.c_double),
+        _P,
+        _INT,
+    ],
+    # handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, computeType, algo
+    "cublasGemmEx": [_P, _INT, _INT, _INT, _INT, _INT, _P, _P, _INT, _INT, _P, _INT, _INT, _P, _P, _INT, _INT, _INT, _INT],
 }
 
 
@@ -143,8 +208,7 @@ def _load_library() -> tuple[Any, str]:
             try:
                 return ctypes.CDLL(name, mode=mode), f"{name} ({how})"
             except OSError as exc:
-                tried.append(f"{name}: not loaded in this process" if mode & getattr(os, "RTLD_NOLOAD", 0)
-                             else str(exc))
+                tried.append(f"{name}: not loaded in this process" if mode & getattr(os, "RTLD_NOLOAD", 0) else str(exc))
     raise OSError("no libcublas: " + "; ".join(tried))
 
 
@@ -193,7 +257,7 @@ def _library():
     return _state.lib, _state.error
 
 
-def get_handle() -> tuple["CublasHandle | None", str]:
+def get_handle() -> tuple[CublasHandle | None, str]:
     """``(handle, "")``: cnn_gpu's cuBLAS handle for the current CuPy device (made on first use),
     or ``(None, reason)`` when it cannot be made: no libcublas, a symbol missing, cublasCreate
     failing. A failure is remembered (per device) and not retried."""
@@ -221,8 +285,12 @@ def warn_fallback(reason: str) -> None:
     """Warn, once, that CuPy's cuBLAS wrappers are used instead of cnn_gpu's handle, and why."""
     if not _state.warned:
         _state.warned = True
-        warnings.warn(f"cnn_gpu: using cupy.cublas for GEMMs (not capturable in a CUDA graph): cnn_gpu's own "
-                      f"cuBLAS handle is unavailable ({reason})", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"cnn_gpu: using cupy.cublas for GEMMs (not capturable in a CUDA graph): cnn_gpu's own "
+            f"cuBLAS handle is unavailable ({reason})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 # ------------------------------------------------------------------------------ the handle
@@ -246,11 +314,13 @@ def _check_operands(a, b, out, transa: bool, transb: bool, beta) -> tuple[int, i
             raise ValueError(f"gemm: {name} must be 2-D, got shape {x.shape}")
         if not x.flags.c_contiguous:
             raise ValueError(f"gemm: {name} must be C-contiguous, got strides {x.strides} for shape {x.shape}")
-    if a.dtype not in (np.float32, np.float64):
-        raise TypeError(f"gemm: a must be float32 or float64, got {a.dtype}")
-    for name, x in (("b", b), ("out", out)):
-        if x.dtype != a.dtype:
-            raise TypeError(f"gemm: {name} must have a's dtype {a.dtype}, got {x.dtype}")
+    if a.dtype not in (np.float32, np.float64, np.float16):
+        raise TypeError(f"gemm: a must be float32 or float64 (or float16), got {a.dtype}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"gemm: b must have a's dtype {a.dtype}, got {b.dtype}")
+    if out.dtype != a.dtype and not (a.dtype == np.float16 and out.dtype == np.float32):
+        also = " or float32" if a.dtype == np.float16 else ""
+        raise TypeError(f"gemm: out must have a's dtype {a.dtype}{also}, got {out.dtype}")
     if not isinstance(beta, (int, float, np.integer, np.floating)) or isinstance(beta, bool):
         raise TypeError(f"gemm: beta must be a real number on the host, got {type(beta).__name__}")
     m, k = a.shape[::-1] if transa else a.shape
@@ -280,9 +350,19 @@ def _gemm_args(a, b, out, transa: bool, transb: bool, m: int, n: int, k: int) ->
     b, transposed when ``transb``, its second a, transposed when ``transa``; ld = the row length
     (at least 1, as cuBLAS requires even for empty matrices).
     Returns (transa, transb, m, n, k, A, lda, B, ldb, C, ldc) in cuBLAS's order."""
-    return (CUBLAS_OP_T if transb else CUBLAS_OP_N, CUBLAS_OP_T if transa else CUBLAS_OP_N, n, m, k,
-            int(b.data.ptr), max(1, b.shape[1]), int(a.data.ptr), max(1, a.shape[1]),
-            int(out.data.ptr), max(1, n))
+    return (
+        CUBLAS_OP_T if transb else CUBLAS_OP_N,
+        CUBLAS_OP_T if transa else CUBLAS_OP_N,
+        n,
+        m,
+        k,
+        int(b.data.ptr),
+        max(1, b.shape[1]),
+        int(a.data.ptr),
+        max(1, a.shape[1]),
+        int(out.data.ptr),
+        max(1, n),
+    )
 
 
 class CublasHandle:
@@ -295,6 +375,7 @@ class CublasHandle:
         self.workspace_bytes = workspace_bytes(cupy.cuda.Device(device_id).compute_capability)
         self._workspaces: dict[int, tuple[Any, int]] = {}  # stream ptr -> (owning buffer, aligned ptr)
         self._stream: int | None = None  # the stream set on the handle
+        self.math_mode = CUBLAS_DEFAULT_MATH  # cuBLAS's default for a new handle (set_math_mode changes it)
         self._lock = threading.RLock()  # a GEMM's (set stream, workspace, call) is not interleaved
         handle = ctypes.c_void_p()
         _check("cublasCreate_v2", lib.cublasCreate_v2(ctypes.byref(handle)))
@@ -337,6 +418,19 @@ class CublasHandle:
             self.set_workspace(stream_ptr)
             self._stream = stream_ptr
 
+    def set_math_mode(self, mode: int) -> int:
+        """cublasSetMathMode: :data:`CUBLAS_TF32_TENSOR_OP_MATH` lets the float32 GEMMs round their
+        inputs to TF32 on the tensor cores, :data:`CUBLAS_DEFAULT_MATH` keeps them exact. Returns the
+        previous mode (to restore it; cnn_gpu/precision.py does so around a run)."""
+        if mode not in (CUBLAS_DEFAULT_MATH, CUBLAS_TF32_TENSOR_OP_MATH):
+            raise ValueError(f"mode: expected CUBLAS_DEFAULT_MATH (0) or CUBLAS_TF32_TENSOR_OP_MATH (3), got {mode!r}")
+        with self._lock:
+            previous = self.math_mode
+            if mode != previous:
+                _check("cublasSetMathMode", self._lib.cublasSetMathMode(self._live(), int(mode)))
+                self.math_mode = int(mode)
+        return previous
+
     def set_workspace(self, stream_ptr: int) -> None:
         """cublasSetWorkspace_v2 with the handle's workspace for stream ``stream_ptr`` (allocated,
         :attr:`workspace_bytes` 256-byte aligned, on the first call for that stream)."""
@@ -349,13 +443,13 @@ class CublasHandle:
                 buf = cupy.empty((self.workspace_bytes + WORKSPACE_ALIGNMENT,), dtype=np.uint8)
                 ptr = -(-int(buf.data.ptr) // WORKSPACE_ALIGNMENT) * WORKSPACE_ALIGNMENT
                 ws = self._workspaces[stream_ptr] = (buf, ptr)
-            _check("cublasSetWorkspace_v2",
-                   self._lib.cublasSetWorkspace_v2(self._live(), ws[1], self.workspace_bytes))
+            _check("cublasSetWorkspace_v2", self._lib.cublasSetWorkspace_v2(self._live(), ws[1], self.workspace_bytes))
 
     def gemm(self, a, b, out, *, transa: bool = False, transb: bool = False, beta: float = 0.0) -> None:
         """out = op(a) @ op(b) + beta * out on 2-D C-contiguous CuPy arrays of float32
-        (cublasSgemm_v2) or float64 (cublasDgemm_v2), on the current stream; beta = 0: out is
-        not read. ValueError/TypeError naming the argument when the operands do not fit,
+        (cublasSgemm_v2), float64 (cublasDgemm_v2), or float16 a and b with a float16 or float32
+        out (cublasGemmEx, float32 sums: CUBLAS_COMPUTE_32F), on the current stream; beta = 0: out
+        is not read. ValueError/TypeError naming the argument when the operands do not fit,
         :class:`CublasError` when cuBLAS refuses."""
         import cupy  # noqa: PLC0415
         import numpy as np  # noqa: PLC0415
@@ -370,16 +464,46 @@ class CublasHandle:
             elif beta != 1:
                 out *= out.dtype.type(beta)
             return
-        f32 = a.dtype == np.float32
-        scalar, name = (ctypes.c_float, "cublasSgemm_v2") if f32 else (ctypes.c_double, "cublasDgemm_v2")
         ta, tb, m_, n_, k_, pa, lda, pb, ldb, pc, ldc = _gemm_args(a, b, out, transa, transb, m, n, k)
+        half = a.dtype == np.float16
+        scalar: type[ctypes.c_float] | type[ctypes.c_double]
+        if half or a.dtype == np.float32:
+            name, scalar = ("cublasGemmEx" if half else "cublasSgemm_v2"), ctypes.c_float
+        else:
+            name, scalar = "cublasDgemm_v2", ctypes.c_double
         alpha, beta_ = scalar(1.0), scalar(float(beta))
         stream = int(cupy.cuda.get_current_stream().ptr)
         with self._lock:
             if stream != self._stream:
                 self.set_stream(stream)
-            status = getattr(self._lib, name)(self._live(), ta, tb, m_, n_, k_, ctypes.byref(alpha), pa, lda, pb,
-                                              ldb, ctypes.byref(beta_), pc, ldc)
+            if half:  # float16 A, B; float32 sums (CUBLAS_COMPUTE_32F: alpha, beta as float); C float16 or float32
+                ctype = CUDA_R_16F if out.dtype == np.float16 else CUDA_R_32F
+                status = self._lib.cublasGemmEx(
+                    self._live(),
+                    ta,
+                    tb,
+                    m_,
+                    n_,
+                    k_,
+                    ctypes.byref(alpha),
+                    pa,
+                    CUDA_R_16F,
+                    lda,
+                    pb,
+                    CUDA_R_16F,
+                    ldb,
+                    ctypes.byref(beta_),
+                    pc,
+                    ctype,
+                    ldc,
+                    CUBLAS_COMPUTE_32F,
+                    CUBLAS_GEMM_DEFAULT,
+                )
+            else:
+                status = getattr(self._lib, name)(
+                    self._live(), ta, tb, m_, n_, k_, ctypes.byref(alpha), pa, lda, pb, ldb, ctypes.byref(beta_), pc, ldc
+                )
         if status != 0:
-            raise CublasError(name, status, f"out {out.shape} = op(a {a.shape}) @ op(b {b.shape}), "
-                                            f"transa={transa}, transb={transb}")
+            raise CublasError(
+                name, status, f"out {out.shape} = op(a {a.shape}) @ op(b {b.shape}), transa={transa}, transb={transb}"
+            )

@@ -29,9 +29,11 @@ first replay is checked once against an eager step from the same starting state 
 the arrays the step updates, snapshotted and restored), and if parameters or outputs differ by
 more than float32 round-off the graph is dropped, with one line saying so.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 _RTOL, _ATOL = 1e-5, 1e-6  # "float32 round-off": relative to each array's largest magnitude
 
@@ -40,16 +42,28 @@ class StepGraph:
     """``step`` captured as a CUDA graph for inputs of the shapes and dtypes of the first call's
     (other shapes, e.g. a last partial batch, run eagerly). See the module docstring."""
 
-    def __init__(self, step: Callable[..., Any], *, name: str = "step", stage: Callable[[], None] | None = None,
-                 state: Callable[[], Sequence[Any]] | None = None, host_state: tuple | None = None,
-                 after_replay: Callable[[], None] | None = None, on_close: Callable[[], None] | None = None,
-                 check: bool = True, say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        step: Callable[..., Any],
+        *,
+        name: str = "step",
+        stage: Callable[[], None] | None = None,
+        state: Callable[[], Sequence[Any]] | None = None,
+        host_state: tuple | None = None,
+        after_replay: Callable[[], None] | None = None,
+        on_close: Callable[[], None] | None = None,
+        check: bool = True,
+        say: Callable[[str], None] = print,
+    ):
         if not callable(step):
             raise TypeError(f"step: expected a callable, got {type(step).__name__}")
         self.step, self.name, self.stage, self.state, self.host_state = step, name, stage, state, host_state
         self.after_replay, self.on_close = after_replay, on_close
         self.check, self.say = bool(check), say
-        self.graph = self.stream = self.pool = None
+        # the captured cupy.cuda.Graph, its capture stream and memory pool (None before the capture)
+        self.graph: Any = None
+        self.stream: Any = None
+        self.pool: Any = None
         self.inputs: tuple = ()  # the static input buffers the graph reads
         self.outputs: Any = None  # what the captured step returned (rewritten by each replay)
         self.disabled = ""  # why the graph is off ("" while it may be used)
@@ -70,7 +84,8 @@ class StepGraph:
 
     def _fits(self, args) -> bool:
         return len(args) == len(self.inputs) and all(
-            tuple(a.shape) == tuple(s.shape) and a.dtype == s.dtype for a, s in zip(args, self.inputs))
+            tuple(a.shape) == tuple(s.shape) and a.dtype == s.dtype for a, s in zip(args, self.inputs)
+        )
 
     def _first(self, args):
         """Call 1: the real step for these inputs, eagerly on the capture stream, then the capture."""
@@ -220,9 +235,15 @@ def _agree(cupy, a, b):
     return (close | (cupy.isnan(a) & cupy.isnan(b)) | (a == b)).all()
 
 
-def training_graph(model, optimizer, step: Callable[..., Any], *, check: bool = True,
-                   say: Callable[[str], None] = print,
-                   extra_state: Callable[[], Sequence[Any]] | None = None) -> StepGraph:
+def training_graph(
+    model,
+    optimizer,
+    step: Callable[..., Any],
+    *,
+    check: bool = True,
+    say: Callable[[str], None] = print,
+    extra_state: Callable[[], Sequence[Any]] | None = None,
+) -> StepGraph:
     """The training step of ``fit``, ``step(x, y) -> (loss, logits)`` (zero_grad, forward, loss,
     backward, the optimizer's update: cnn_gpu.train.train_step on ``model`` and ``optimizer``), as a
     StepGraph. What changes per step reaches
@@ -244,6 +265,7 @@ def training_graph(model, optimizer, step: Callable[..., Any], *, check: bool = 
     def on_close():  # back to the modes they had: an eager step after the fit stages nothing
         for owner, enabled, staged in modes:
             owner.use_device_scalars(enabled, staged=staged)
+
     drawing = [d for d in dropouts if d.training and d.p > 0]  # those that draw a mask each step
 
     def stage():
@@ -253,6 +275,8 @@ def training_graph(model, optimizer, step: Callable[..., Any], *, check: bool = 
 
     def state():
         arrays = [a for g in optimizer.groups for a in (g.data, *g.state.values())]
+        arrays += [g.half for g in optimizer.groups if g.half is not None]  # float16 training's weight copies
+        arrays += optimizer.scaler.arrays() if optimizer.scaler is not None else []  # and its loss scale
         return arrays + [b for _, b in model.named_buffers()] + (list(extra_state()) if extra_state else [])
 
     def save():
@@ -268,8 +292,17 @@ def training_graph(model, optimizer, step: Callable[..., Any], *, check: bool = 
         for d in drawing:
             d.calls += 1
 
-    return StepGraph(step, name="training step", stage=stage, state=state, host_state=(save, restore),
-                     after_replay=advance, on_close=on_close, check=check, say=say)
+    return StepGraph(
+        step,
+        name="training step",
+        stage=stage,
+        state=state,
+        host_state=(save, restore),
+        after_replay=advance,
+        on_close=on_close,
+        check=check,
+        say=say,
+    )
 
 
 def graphs_usable() -> str:

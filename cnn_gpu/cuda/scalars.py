@@ -24,6 +24,7 @@ already queued and before the launches that read it. A copy reads its pinned blo
 so each block is kept until an event recorded behind its copy is done (a query, never a wait)
 before CuPy's pinned pool may hand it out again.
 """
+
 from __future__ import annotations
 
 import collections
@@ -70,8 +71,10 @@ def kernel_args(op: str, like: Any, device_scalars: Any) -> tuple:
         raise TypeError(f"device_scalars: expected a {type(like).__module__} array like the data, got {got}")
     shape, dt = tuple(device_scalars.shape), device_scalars.dtype
     if dt != dtype or shape != (len(names),) or not device_scalars.flags.c_contiguous:
-        raise ValueError(f"device_scalars: expected a contiguous {dtype} array of shape ({len(names)},) holding "
-                         f"({', '.join(names)}), got {dt} of shape {shape}")
+        raise ValueError(
+            f"device_scalars: expected a contiguous {dtype} array of shape ({len(names)},) holding "
+            f"({', '.join(names)}), got {dt} of shape {shape}"
+        )
     return device_scalars, np.int32(1)
 
 

@@ -24,10 +24,12 @@ The DataLoader applies a transform to each training batch with its (epoch, step)
 (``DataLoader(..., transform=aug)``); ``cnn-gpu train --augment crop-flip`` builds one (see
 :func:`from_name`).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,8 +65,10 @@ class RandomCrop:
         (OH, OW), (PH, PW) = self.size, self.padding
         H, W = int(x.shape[2]), int(x.shape[3])
         if OH > H + 2 * PH or OW > W + 2 * PW:
-            raise ValueError(f"size: expected a crop within the padded {H + 2 * PH}x{W + 2 * PW} images of x "
-                             f"({describe(x)}, padding {self.padding}), got {self.size}")
+            raise ValueError(
+                f"size: expected a crop within the padded {H + 2 * PH}x{W + 2 * PW} images of x "
+                f"({describe(x)}, padding {self.padding}), got {self.size}"
+            )
         if self.padding_mode == "reflect" and (PH >= H or PW >= W):
             raise ValueError(f"padding: reflect padding must be smaller than the image ({H}x{W}), got {self.padding}")
 
@@ -123,7 +127,7 @@ class Compose:
         self.device_scalars = bool(device_scalars)
         self._keys: dict[int, DeviceScalars] = {}  # launch's first transform -> its keys' device array
 
-    def use_device_scalars(self, enabled: bool = True) -> "Compose":
+    def use_device_scalars(self, enabled: bool = True) -> Compose:
         """Device-scalar mode on (or off): per batch, each launch's (crop_key, flip_key) is uploaded
         (one asynchronous 16-byte copy) to a device array its kernel reads. Returns the Compose."""
         self.device_scalars = bool(enabled)
@@ -168,9 +172,12 @@ def from_name(name: str, image_shape: Sequence[int]) -> Any:
         raise ValueError(f"augment: expected one of {AUGMENTATIONS}, got {name!r}")
     H, W = int(image_shape[1]), int(image_shape[2])
     crop = RandomCrop((H, W), padding=(max(1, H // 8), max(1, W // 8)))
-    return {"none": None, "flip": Compose([RandomHorizontalFlip()]), "crop": Compose([crop]),
-            "crop-flip": Compose([crop, RandomHorizontalFlip()])}[name]
+    return {
+        "none": None,
+        "flip": Compose([RandomHorizontalFlip()]),
+        "crop": Compose([crop]),
+        "crop-flip": Compose([crop, RandomHorizontalFlip()]),
+    }[name]
 
 
-__all__ = ["RandomCrop", "RandomHorizontalFlip", "Compose", "from_name", "batch_key", "AUGMENTATIONS",
-           "PADDING_MODES"]
+__all__ = ["RandomCrop", "RandomHorizontalFlip", "Compose", "from_name", "batch_key", "AUGMENTATIONS", "PADDING_MODES"]

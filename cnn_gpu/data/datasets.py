@@ -39,6 +39,7 @@ Mirrors
 
 Only the standard library and NumPy are imported.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,8 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -142,8 +143,9 @@ _FASHION_MIRRORS = (
 _CIFAR10_MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
 
 
-def _files(mirrors: Sequence[str], entries: Iterable[tuple], repacks: Mapping[str, tuple] | None = None
-           ) -> dict[str, DatasetFile]:
+def _files(
+    mirrors: Sequence[str], entries: Iterable[tuple], repacks: Mapping[str, tuple] | None = None
+) -> dict[str, DatasetFile]:
     """{role: DatasetFile} from (role, name, sha256, size) entries; ``repacks``: {role: ((sha256, size), ...)}."""
     return {
         role: DatasetFile(name, sha, size, tuple(m + name for m in mirrors), (repacks or {}).get(role, ()))
@@ -161,16 +163,35 @@ _MNIST = DatasetSpec(
     name="MNIST",
     subdir="mnist",
     kind="idx",
-    files=_files(_MNIST_MIRRORS, [
-        ("train_images", "train-images-idx3-ubyte.gz",
-         "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", 9912422),
-        ("train_labels", "train-labels-idx1-ubyte.gz",
-         "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", 28881),
-        ("test_images", "t10k-images-idx3-ubyte.gz",
-         "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", 1648877),
-        ("test_labels", "t10k-labels-idx1-ubyte.gz",
-         "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", 4542),
-    ]),
+    files=_files(
+        _MNIST_MIRRORS,
+        [
+            (
+                "train_images",
+                "train-images-idx3-ubyte.gz",
+                "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+                9912422,
+            ),
+            (
+                "train_labels",
+                "train-labels-idx1-ubyte.gz",
+                "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+                28881,
+            ),
+            (
+                "test_images",
+                "t10k-images-idx3-ubyte.gz",
+                "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+                1648877,
+            ),
+            (
+                "test_labels",
+                "t10k-labels-idx1-ubyte.gz",
+                "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+                4542,
+            ),
+        ],
+    ),
     n_train=60000,
     n_test=10000,
     image_shape=(1, 28, 28),
@@ -186,27 +207,47 @@ _FASHION_MNIST = DatasetSpec(
     name="Fashion-MNIST",
     subdir="fashion-mnist",
     kind="idx",
-    files=_files(_FASHION_MIRRORS, [
-        ("train_images", "train-images-idx3-ubyte.gz",
-         "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84", 26421880),
-        ("train_labels", "train-labels-idx1-ubyte.gz",
-         "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845", 29515),
-        ("test_images", "t10k-images-idx3-ubyte.gz",
-         "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073", 4422102),
-        ("test_labels", "t10k-labels-idx1-ubyte.gz",
-         "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5", 5148),
-    ], repacks={
-        # Debian's (and Ubuntu's) package dataset-fashion-mnist, 0.0~git20200523.55506a9-1
-        # (/usr/share/datasets/fashion-mnist; apt checks it against the signed archive): the same
-        # four files without the gzip header's file name (each is shorter by exactly that field,
-        # 23-24 bytes) and a 2020 time stamp, so other SHA-256s. Their contents were checked against the
-        # originals' published facts: IDX structure, 6,000 / 1,000 images per class, the first
-        # training labels 9 0 0 3 0 2 7 2 5 5, pixel mean 0.2860 (tests/test_real_data.py).
-        "train_images": (("b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7", 26421856),),
-        "train_labels": (("0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056", 29491),),
-        "test_images": (("cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa", 4422079),),
-        "test_labels": (("8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05", 5125),),
-    }),
+    files=_files(
+        _FASHION_MIRRORS,
+        [
+            (
+                "train_images",
+                "train-images-idx3-ubyte.gz",
+                "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+                26421880,
+            ),
+            (
+                "train_labels",
+                "train-labels-idx1-ubyte.gz",
+                "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+                29515,
+            ),
+            (
+                "test_images",
+                "t10k-images-idx3-ubyte.gz",
+                "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+                4422102,
+            ),
+            (
+                "test_labels",
+                "t10k-labels-idx1-ubyte.gz",
+                "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+                5148,
+            ),
+        ],
+        repacks={
+            # Debian's (and Ubuntu's) package dataset-fashion-mnist, 0.0~git20200523.55506a9-1
+            # (/usr/share/datasets/fashion-mnist; apt checks it against the signed archive): the same
+            # four files without the gzip header's file name (each is shorter by exactly that field,
+            # 23-24 bytes) and a 2020 time stamp, so other SHA-256s. Their contents were checked against the
+            # originals' published facts: IDX structure, 6,000 / 1,000 images per class, the first
+            # training labels 9 0 0 3 0 2 7 2 5 5, pixel mean 0.2860 (tests/test_real_data.py).
+            "train_images": (("b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7", 26421856),),
+            "train_labels": (("0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056", 29491),),
+            "test_images": (("cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa", 4422079),),
+            "test_labels": (("8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05", 5125),),
+        },
+    ),
     n_train=60000,
     n_test=10000,
     image_shape=(1, 28, 28),
@@ -224,10 +265,12 @@ _CIFAR10 = DatasetSpec(
     name="CIFAR-10",
     subdir="cifar-10",
     kind="cifar10",
-    files=_files(_CIFAR10_MIRRORS, [
-        ("archive", "cifar-10-python.tar.gz",
-         "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", 170498071),
-    ]),
+    files=_files(
+        _CIFAR10_MIRRORS,
+        [
+            ("archive", "cifar-10-python.tar.gz", "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", 170498071),
+        ],
+    ),
     n_train=50000,
     n_test=10000,
     image_shape=(3, 32, 32),
@@ -240,8 +283,7 @@ REGISTRY: dict[str, DatasetSpec] = {
     "cifar10": _CIFAR10,
 }
 
-_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
-            "cifar-10": "cifar10", "cifar_10": "cifar10"}
+_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar_10": "cifar10"}
 
 
 class DownloadError(OSError):
@@ -341,28 +383,22 @@ def _fetch(url: str, entry: DatasetFile, dest: Path, timeout: float) -> None:
                     out.write(chunk)
                     n += len(chunk)
                     if entry.size is not None and n > entry.size:
-                        raise DownloadError(
-                            f"{entry.name}: {url} sent more than the expected {entry.size} bytes")
+                        raise DownloadError(f"{entry.name}: {url} sent more than the expected {entry.size} bytes")
             out.flush()
             os.fsync(out.fileno())
         if header_len is not None and header_len.isdigit() and n != int(header_len):
             raise DownloadError(
-                f"{entry.name}: short read from {url}: got {n} bytes, "
-                f"server announced {header_len} (expected {entry.size})")
+                f"{entry.name}: short read from {url}: got {n} bytes, server announced {header_len} (expected {entry.size})"
+            )
         if entry.size is not None and n != entry.size:
             raise DownloadError(f"{entry.name}: {url} gave {n} bytes, expected {entry.size}")
         digest = h.hexdigest()
         if digest != entry.sha256:
-            raise DownloadError(
-                f"{entry.name}: checksum mismatch for {url}: SHA-256 is {digest}, "
-                f"expected {entry.sha256}")
+            raise DownloadError(f"{entry.name}: checksum mismatch for {url}: SHA-256 is {digest}, expected {entry.sha256}")
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a data cache may be shared
         os.replace(tmp, dest)
     except BaseException:  # includes KeyboardInterrupt: never leave a partial file
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(dest.parent)
 
@@ -415,12 +451,13 @@ def _download(entry: DatasetFile, dest: Path, mirrors, timeout: float) -> Path:
             break
     raise DownloadError(
         f"could not download {entry.name} (expected {entry.size} bytes, SHA-256 "
-        f"{entry.sha256}) into {dest.parent}:\n  " + "\n  ".join(failures))
+        f"{entry.sha256}) into {dest.parent}:\n  " + "\n  ".join(failures)
+    )
 
 
-def _resolve_verified(entry: DatasetFile, dirs: list[Path], dest_dir: Path,
-                      download: bool, mirrors, timeout: float,
-                      alternates: Iterable[Path] = ()) -> tuple[Path, bool] | None:
+def _resolve_verified(
+    entry: DatasetFile, dirs: list[Path], dest_dir: Path, download: bool, mirrors, timeout: float, alternates: Iterable[Path] = ()
+) -> tuple[Path, bool] | None:
     """Find (or download) the file for ``entry``.
 
     Returns ``(path, checksum_verified)``, or None when nothing is found and
@@ -436,14 +473,15 @@ def _resolve_verified(entry: DatasetFile, dirs: list[Path], dest_dir: Path,
                 return p, True
             if not download:
                 raise ValueError(
-                    f"{p}: cached file failed verification ({problem}); delete it or "
-                    f"pass download=True to fetch it again")
+                    f"{p}: cached file failed verification ({problem}); delete it or pass download=True to fetch it again"
+                )
             log.warning("%s failed verification (%s); downloading it again", p, problem)
             return _download(entry, dest_dir / entry.name, mirrors, timeout), True
     for p in alternates:
         if p.exists():
-            log.info("using %s for %s: no published checksum for this name/format, "
-                     "verifying its structure instead", p, entry.name)
+            log.info(
+                "using %s for %s: no published checksum for this name/format, verifying its structure instead", p, entry.name
+            )
             return p, False
     if download:
         return _download(entry, dest_dir / entry.name, mirrors, timeout), True
@@ -455,13 +493,14 @@ def _not_found(spec: DatasetSpec, looked: list[str]) -> FileNotFoundError:
         f"{spec.name} files not found and download=False. Looked for:\n  "
         + "\n  ".join(looked)
         + "\nPass download=True to fetch them (or point root= / --data-dir / "
-          "$CNN_GPU_DATA at a folder holding them).")
+        "$CNN_GPU_DATA at a folder holding them)."
+    )
 
 
 # --------------------------------------------------------------------------- #
 # IDX
 # --------------------------------------------------------------------------- #
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}  # big-endian
 
 
 def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
@@ -477,13 +516,14 @@ def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
     header = 4 + 4 * ndim
     if len(data) < header:
         raise ValueError(f"{source}: IDX header needs {header} bytes, file has {len(data)}")
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[code])
     expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
         raise ValueError(
             f"{source}: wrong length: {len(data)} bytes, expected {expected} for an IDX "
-            f"array of shape {dims} ({'truncated' if len(data) < expected else 'trailing data'})")
+            f"array of shape {dims} ({'truncated' if len(data) < expected else 'trailing data'})"
+        )
     arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
@@ -505,8 +545,7 @@ def _load_idx_file(path: Path, *, images: bool, count: int, spec: DatasetSpec) -
     if len(data) >= 4:
         magic = int.from_bytes(data[:4], "big")
         if magic != want_magic:
-            raise ValueError(
-                f"{path}: bad IDX magic number 0x{magic:08x}, expected 0x{want_magic:08x} ({what})")
+            raise ValueError(f"{path}: bad IDX magic number 0x{magic:08x}, expected 0x{want_magic:08x} ({what})")
     arr = parse_idx(data, str(path))
     if arr.shape[0] != count:
         raise ValueError(f"{path}: holds {arr.shape[0]} items, expected {count}")
@@ -516,8 +555,7 @@ def _load_idx_file(path: Path, *, images: bool, count: int, spec: DatasetSpec) -
             raise ValueError(f"{path}: images are {arr.shape[1]}x{arr.shape[2]}, expected {h}x{w}")
         return np.ascontiguousarray(arr.reshape(count, 1, h, w))
     if arr.size and int(arr.max()) >= spec.num_classes:
-        raise ValueError(
-            f"{path}: label {int(arr.max())} out of range, expected labels < {spec.num_classes}")
+        raise ValueError(f"{path}: label {int(arr.max())} out of range, expected labels < {spec.num_classes}")
     return arr.astype(np.int64)
 
 
@@ -561,12 +599,18 @@ class _BatchUnpickler(pickle.Unpickler):
     """
 
     _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("numpy.dtypes", "UInt8DType"), ("numpy.dtypes", "Int64DType"),
-        ("builtins", "bytearray"), ("_codecs", "encode"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.dtypes", "UInt8DType"),
+        ("numpy.dtypes", "Int64DType"),
+        ("builtins", "bytearray"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module, name):
@@ -589,19 +633,16 @@ def _parse_cifar_batch(f, source: str, rows: int, spec: DatasetSpec):
     data, labels = d["data"], d["labels"]
     c, h, w = spec.image_shape
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (rows, c * h * w):
-        got = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
-               else type(data).__name__)
+        got = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise ValueError(f"{source}: 'data' is {got}, expected uint8 array of shape {(rows, c * h * w)}")
     try:
         labels = np.asarray(labels)
     except Exception:  # noqa: BLE001
         labels = np.asarray([], dtype=object)
     if labels.shape != (rows,) or labels.dtype.kind not in "iu":
-        raise ValueError(f"{source}: 'labels' has shape {labels.shape} ({labels.dtype}), "
-                         f"expected {rows} integers")
+        raise ValueError(f"{source}: 'labels' has shape {labels.shape} ({labels.dtype}), expected {rows} integers")
     if rows and (labels.min() < 0 or labels.max() >= spec.num_classes):
-        raise ValueError(f"{source}: labels must be in [0, {spec.num_classes}), "
-                         f"got range [{labels.min()}, {labels.max()}]")
+        raise ValueError(f"{source}: labels must be in [0, {spec.num_classes}), got range [{labels.min()}, {labels.max()}]")
     return data.reshape(rows, c, h, w), labels.astype(np.int64)
 
 
@@ -651,8 +692,7 @@ def _read_cifar_dir(folder: Path, spec: DatasetSpec):
     rows = _cifar_rows(spec)
     missing = [str(folder / b) for b in rows if not (folder / b).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder}: extracted CIFAR-10 folder is incomplete, missing: "
-                                + ", ".join(missing))
+        raise FileNotFoundError(f"{folder}: extracted CIFAR-10 folder is incomplete, missing: " + ", ".join(missing))
     batches = {}
     for b, n in rows.items():
         with open(folder / b, "rb") as f:
@@ -665,11 +705,15 @@ def _load_cifar10_dataset(spec: DatasetSpec, base: Path, download: bool, mirrors
     entry = spec.files["archive"]
     folders = [d / _CIFAR_DIR for d in dirs]
     alternates = [f for f in folders if f.is_dir()]
-    hit = _resolve_verified(entry, dirs, base / spec.subdir, download, mirrors,
-                            timeout, alternates)
+    hit = _resolve_verified(entry, dirs, base / spec.subdir, download, mirrors, timeout, alternates)
     if hit is None:
-        raise _not_found(spec, [f"{entry.name} or {_CIFAR_DIR}/ (with {', '.join(_CIFAR_TRAIN)}, "
-                                f"{_CIFAR_TEST}) in " + ", ".join(str(d) for d in dirs)])
+        raise _not_found(
+            spec,
+            [
+                f"{entry.name} or {_CIFAR_DIR}/ (with {', '.join(_CIFAR_TRAIN)}, "
+                f"{_CIFAR_TEST}) in " + ", ".join(str(d) for d in dirs)
+            ],
+        )
     path, _ = hit
     if path.is_dir():
         return _read_cifar_dir(path, spec)
@@ -679,9 +723,14 @@ def _load_cifar10_dataset(spec: DatasetSpec, base: Path, download: bool, mirrors
 # --------------------------------------------------------------------------- #
 # Public loaders
 # --------------------------------------------------------------------------- #
-def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = True, *,
-                 mirrors: Sequence[str] | str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT):
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    *,
+    mirrors: Sequence[str] | str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+):
     """Load ``name`` ("mnist", "fashion-mnist" or "cifar10"); see the module docs.
 
     Returns ``(x_train, y_train), (x_test, y_test)``: NCHW uint8 images and

@@ -3,6 +3,7 @@
 scikit-learn ships the images inside its wheel, so nothing is downloaded. The split into
 train and test is stratified and fixed (seed 0): 20% of each class is held out.
 """
+
 from __future__ import annotations
 
 import numpy as np

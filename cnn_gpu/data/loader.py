@@ -6,40 +6,51 @@ on the GPU an epoch never copies data from the host. Epoch ``e``'s order depends
 same order on NumPy and CuPy -- which makes a resumed run see the same batches as an
 uninterrupted one.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from ..backend import get_array_module
 from ..functional import counter_rng
+from .normalization import normalize, normalizer  # noqa: F401  (cnn_gpu.data.loader.normalize: re-exported)
+from .prefetch import HostImages, gather
+
+STATS_CHUNK_BYTES = 32 * 2**20  # channel_stats reads this many float64 bytes of images at a time
 
 
 def channel_stats(x: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of ``x / scale`` over (N, H, W), in float64, for (N, C, H, W) x."""
+    """Per-channel mean and std of ``x / scale`` over (N, H, W), in float64, for (N, C, H, W) x.
+
+    Read in chunks of rows (STATS_CHUNK_BYTES as float64), so a memory-mapped x is never loaded
+    whole; the chunks' means and squared deviations are merged exactly as Chan et al.'s parallel
+    variance (stable: no sum of squares minus square of sums)."""
     if x.ndim != 4:
         raise ValueError(f"x: expected images (N, C, H, W), got shape {tuple(x.shape)}")
-    xf = np.asarray(x, dtype=np.float64) / scale
-    mean = xf.mean(axis=(0, 2, 3))
-    std = xf.std(axis=(0, 2, 3))
+    n_img, c = int(x.shape[0]), int(x.shape[1])
+    per_row = max(1, int(np.prod(x.shape[1:])) * 8)
+    rows = max(1, STATS_CHUNK_BYTES // per_row)
+    count, mean, m2 = 0, np.zeros(c), np.zeros(c)
+    for first in range(0, n_img, rows):
+        chunk = np.asarray(x[first : first + rows], dtype=np.float64) / scale  # (n, C, H, W)
+        k = chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+        if k == 0:
+            continue
+        c_mean = chunk.mean(axis=(0, 2, 3))
+        c_m2 = ((chunk - c_mean.reshape(1, -1, 1, 1)) ** 2).sum(axis=(0, 2, 3))
+        total = count + k
+        delta = c_mean - mean
+        mean = mean + delta * (k / total)
+        m2 = m2 + c_m2 + delta**2 * (count * k / total)
+        count = total
+    if count == 0:
+        nan = np.full(c, np.nan)
+        return nan, nan
+    std = np.sqrt(m2 / count)
     return mean, np.where(std > 0, std, 1.0)
-
-
-def normalize(x, mean, std, scale: float, dtype=np.float32):
-    """(x / scale - mean[c]) / std[c] per channel, as ``dtype`` (float32 by default)."""
-    xp = get_array_module(x)
-    dt = np.dtype(dtype)
-    if dt not in (np.float32, np.float64):
-        raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}")
-    mean = xp.asarray(np.asarray(mean, dtype=dt).reshape(1, -1, 1, 1))
-    inv_std = xp.asarray((1.0 / np.asarray(std, dtype=np.float64)).astype(dt).reshape(1, -1, 1, 1))
-    if mean.shape[1] != x.shape[1]:
-        raise ValueError(f"mean: expected {x.shape[1]} channel values for x of shape {tuple(x.shape)}, got {mean.shape[1]}")
-    out = x.astype(dt) * dt.type(1.0 / scale)
-    out -= mean
-    out *= inv_std
-    return out
 
 
 def split_validation(x: np.ndarray, y: np.ndarray, fraction: float, seed: int = 0):
@@ -66,7 +77,9 @@ def split_validation(x: np.ndarray, y: np.ndarray, fraction: float, seed: int = 
 
 
 class DataLoader:
-    """Mini-batches of (x, y) arrays already on their backend.
+    """Mini-batches of (x, y) arrays already on their backend; or of host data: a ``np.memmap`` x
+    (each batch's rows read in file order), or a :class:`cnn_gpu.data.HostImages` x with NumPy
+    labels (each batch gathered, uploaded one batch ahead and normalised: data/prefetch.py).
 
     ``for xb, yb in loader.epoch(e)`` yields the batches of epoch ``e``; the order is a
     permutation drawn from (seed, e) when ``shuffle`` (on the arrays' backend). ``transform``
@@ -75,14 +88,24 @@ class DataLoader:
     resumed epoch sees the same batches.
     """
 
-    def __init__(self, x: Any, y: Any, batch_size: int, shuffle: bool = False, drop_last: bool = False, seed: int = 0,
-                 transform: Any = None):
+    def __init__(
+        self,
+        x: Any,
+        y: Any,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        transform: Any = None,
+    ):
         if not hasattr(x, "shape") or not hasattr(y, "shape"):
             raise TypeError(f"x, y: expected arrays, got {type(x).__name__} and {type(y).__name__}")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"y: expected {x.shape[0]} labels to match x of shape {tuple(x.shape)}, got shape {tuple(y.shape)}")
         if get_array_module(x) is not get_array_module(y):
             raise TypeError("x, y: expected both on the same backend")
+        if isinstance(x, HostImages) and not isinstance(y, np.ndarray):
+            raise TypeError(f"y: a HostImages x takes its labels on the host (a NumPy array), got {type(y).__name__}")
         if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         if drop_last and x.shape[0] < batch_size:
@@ -124,12 +147,19 @@ class DataLoader:
     def _batches(self, idx, start: int) -> Iterator[tuple[Any, Any]]:
         n, b = self.num_examples, self.batch_size
         stop = (n // b) * b if self.drop_last else n
-        for first in range(start * b, stop, b):
+        firsts = range(start * b, stop, b)
+        if isinstance(self.x, HostImages):  # host data: gathered, uploaded one batch ahead, normalised
+            sels = (slice(f, f + b) if idx is None else idx[f : f + b] for f in firsts)
+            yield from self.x.batches(self.y, sels)
+            return
+        mapped = isinstance(self.x, np.memmap)
+        for first in firsts:
             if idx is None:
-                yield self.x[first : first + b], self.y[first : first + b]
+                xb = self.x[first : first + b]
+                yield (np.asarray(xb) if mapped else xb), self.y[first : first + b]
             else:
                 sel = idx[first : first + b]
-                yield self.x[sel], self.y[sel]
+                yield (gather(self.x, sel) if mapped else self.x[sel]), self.y[sel]
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         return self.epoch(0)

@@ -20,10 +20,12 @@ Some public ops take keywords that an engine may do inside its own launches, or 
 function marks the ones it does with :func:`native`; for the others the public API does the
 work around the call (:func:`backward_into`), so every engine gives the same result.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 from .. import config
 from ..backend import is_cupy_array
@@ -76,9 +78,11 @@ def impl_for(op: str, cache: Any) -> Callable:
 
 def native(*keywords: str) -> Callable:
     """Decorator: the engine function takes these optional keywords itself."""
+
     def mark(fn: Callable) -> Callable:
-        fn.native_keywords = frozenset(keywords)
+        fn.native_keywords = frozenset(keywords)  # type: ignore[attr-defined]  # a mark read by _lookup
         return fn
+
     return mark
 
 

@@ -10,6 +10,7 @@ delta = dL/dy, each backward returning delta * f'(x):
     add         y = a + b, or relu(a + b) (a residual block's sum and the ReLU after it, one op):
                 the backward returns delta (* relu'(y)), the gradient of both addends
 """
+
 from __future__ import annotations
 
 import math
@@ -30,10 +31,12 @@ def _backward(op, dy, cache, like):
 
 
 def relu_forward(x):
+    """relu(x) = max(x, 0) -> (y, cache); the cache is y."""
     return _elementwise("relu_forward", x)
 
 
 def relu_backward(dy, cache):
+    """dx = dy where the forward's output was positive, else 0 (``cache``: relu_forward's)."""
     return _backward("relu_backward", dy, cache, cache)
 
 
@@ -58,6 +61,7 @@ def add_backward(dy, cache: AddCache):
 
 
 def leaky_relu_forward(x, negative_slope=0.01):
+    """x where x > 0, else ``negative_slope`` * x -> (y, cache)."""
     check_float("x", x)
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
         raise TypeError(f"negative_slope: expected a float, got {negative_slope!r}")
@@ -65,22 +69,27 @@ def leaky_relu_forward(x, negative_slope=0.01):
 
 
 def leaky_relu_backward(dy, cache):
+    """dx = dy where x > 0, else ``negative_slope`` * dy (``cache``: leaky_relu_forward's)."""
     return _backward("leaky_relu_backward", dy, cache, cache[0])
 
 
 def sigmoid_forward(x):
+    """1 / (1 + exp(-x)), computed without overflow -> (y, cache); the cache is y."""
     return _elementwise("sigmoid_forward", x)
 
 
 def sigmoid_backward(dy, cache):
+    """dx = dy * y * (1 - y) (``cache``: sigmoid_forward's y)."""
     return _backward("sigmoid_backward", dy, cache, cache)
 
 
 def tanh_forward(x):
+    """tanh(x) -> (y, cache); the cache is y."""
     return _elementwise("tanh_forward", x)
 
 
 def tanh_backward(dy, cache):
+    """dx = dy * (1 - y^2) (``cache``: tanh_forward's y)."""
     return _backward("tanh_backward", dy, cache, cache)
 
 
@@ -96,6 +105,7 @@ def gelu_forward(x, approximate="none"):
 
 
 def gelu_backward(dy, cache: GeluCache):
+    """dx = dy * GELU'(x), in the form (exact or tanh) gelu_forward used (``cache``: its GeluCache)."""
     if not isinstance(cache, GeluCache):
         raise TypeError(f"cache: expected the GeluCache of gelu_forward, got {type(cache).__name__}")
     return _backward("gelu_backward", dy, cache, cache.x)
@@ -110,6 +120,7 @@ def flatten_forward(x):
 
 
 def flatten_backward(dy, cache):
+    """(N, prod(...)) -> the forward's input shape (``cache``: flatten_forward's shape)."""
     shape = tuple(cache)
     check_float("dy", dy, ndim=2)
     check_shape("dy", dy, (shape[0], math.prod(shape[1:])))
@@ -128,22 +139,38 @@ def dropout_forward(x, p, training, rng=None, *, key=None):
             if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 2**64:
                 raise ValueError(f"key: expected an int in [0, 2**64), got {key!r}")
         elif rng is None or not hasattr(rng, "random"):
-            raise TypeError(f"rng: expected a random Generator of the array's backend (or key=), got "
-                            f"{type(rng).__name__}")
+            raise TypeError(f"rng: expected a random Generator of the array's backend (or key=), got {type(rng).__name__}")
     y, cache = _dispatch.impl("dropout_forward", x)(x, p, training, rng, key)
     if cache.mask is not None and type(cache.mask) is not type(x):
-        raise TypeError(f"rng: expected a Generator of the same backend as x, got {type(rng).__module__}."
-                        f"{type(rng).__name__}")
+        raise TypeError(f"rng: expected a Generator of the same backend as x, got {type(rng).__module__}.{type(rng).__name__}")
     return y, cache
 
 
 def dropout_backward(dy, cache: DropoutCache):
+    """dx = dy * mask, the forward's mask (dy itself when the forward dropped nothing: eval mode or p = 0)."""
     if cache.mask is None:
         return dy
     check_dy(dy, tuple(cache.mask.shape), cache.mask.dtype)
     return _dispatch.impl("dropout_backward", dy)(dy, cache)
 
 
-__all__ = ["add_forward", "add_backward", "AddCache", "relu_forward", "relu_backward", "leaky_relu_forward",
-           "leaky_relu_backward", "sigmoid_forward", "sigmoid_backward", "tanh_forward", "tanh_backward", "gelu_forward", "gelu_backward", "flatten_forward", "flatten_backward",
-           "dropout_forward", "dropout_backward", "DropoutCache"]
+__all__ = [
+    "add_forward",
+    "add_backward",
+    "AddCache",
+    "relu_forward",
+    "relu_backward",
+    "leaky_relu_forward",
+    "leaky_relu_backward",
+    "sigmoid_forward",
+    "sigmoid_backward",
+    "tanh_forward",
+    "tanh_backward",
+    "gelu_forward",
+    "gelu_backward",
+    "flatten_forward",
+    "flatten_backward",
+    "dropout_forward",
+    "dropout_backward",
+    "DropoutCache",
+]

@@ -2,8 +2,11 @@
 
 ``engine`` names the engine that made the cache; the public backward runs that engine's
 backward (a cache may hold engine-private data in ``aux``). A cache refers to the forward's
-inputs: they must not change between forward and backward.
+inputs: they must not change between forward and backward -- except a convolution's input x,
+which every engine either does not need in the backward (its columns are kept) or copies
+(conv2d_forward: tests/test_reliability.py holds every engine and layout to it).
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -126,5 +129,14 @@ def tap_to_flat(tap, g: PoolGeometry):
     return base + xp.take(offset, tap)  # (N, C, OH, OW)
 
 
-__all__ = ["Conv2dCache", "MaxPool2dCache", "AvgPool2dCache", "LinearCache", "DropoutCache", "BatchNormCache",
-           "AdaptivePool2dCache", "GeluCache", "tap_to_flat"]
+__all__ = [
+    "Conv2dCache",
+    "MaxPool2dCache",
+    "AvgPool2dCache",
+    "LinearCache",
+    "DropoutCache",
+    "BatchNormCache",
+    "AdaptivePool2dCache",
+    "GeluCache",
+    "tap_to_flat",
+]

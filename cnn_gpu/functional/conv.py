@@ -3,6 +3,7 @@
 The math is in functional/reference.py (im2col, one GEMM per group, col2im); the CPU and CUDA
 engines compute the same numbers their own way (see functional/_dispatch.py).
 """
+
 from __future__ import annotations
 
 from . import _dispatch
@@ -17,7 +18,9 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, acti
     ``activation="relu"`` returns relu(conv(x) + b), and backward then takes the gradient of that
     output (the fast engines fuse it). ``workspace``: a cnn_gpu.Workspace whose buffers are
     reused from call to call (the cache may refer to them: one backward per forward).
-    The cache refers to x: x must not change before the backward.
+    The cache does not depend on x's memory: the caller may reuse x before the backward (each
+    engine keeps the columns it made, or, where its backward reads x -- columns rebuilt per chunk,
+    the CPU engine's stride-1 path, depthwise -- a copy of a caller's x). It refers to w.
     """
     check_float("x", x, ndim=4)
     check_float("w", w, ndim=4)
@@ -36,10 +39,8 @@ def conv2d_backward(dy, cache: Conv2dCache, input_grad=True, *, accumulate_into=
     if not isinstance(cache, Conv2dCache):
         raise TypeError(f"cache: expected the Conv2dCache of conv2d_forward, got {type(cache).__name__}")
     check_dy(dy, cache.g.y_shape, cache.w.dtype)
-    check_accumulate_into(accumulate_into, [("dw", cache.w.shape), ("db", (cache.g.F,) if cache.has_bias else None)],
-                          dy)
-    return _dispatch.backward_into(_dispatch.impl_for("conv2d_backward", cache), (dy, cache, input_grad),
-                                   accumulate_into)
+    check_accumulate_into(accumulate_into, [("dw", cache.w.shape), ("db", (cache.g.F,) if cache.has_bias else None)], dy)
+    return _dispatch.backward_into(_dispatch.impl_for("conv2d_backward", cache), (dy, cache, input_grad), accumulate_into)
 
 
 def im2col(x, kernel_size, stride=1, padding=0, dilation=1):

@@ -10,6 +10,7 @@ are this module, line for line).
     uniform             the top 24 (float32) or 53 (float64) bits of bits() as a float in [0, 1)
     key(*words)         folds integers (a seed, a call number, an epoch, ...) into one key
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -10,10 +10,11 @@ Notation (shared by the reference, the engines and the CUDA kernels):
     K = (C/G)*KH*KW (the length of one receptive field of one group), T = KH*KW (taps).
 A tap (kh, kw) of output (oh, ow) reads input row oh*SH - PH + kh*DH, column ow*SW - PW + kw*DW.
 """
+
 from __future__ import annotations
 
 from collections import namedtuple
-from typing import Iterator
+from collections.abc import Iterator
 
 from ._checks import pair
 
@@ -27,6 +28,19 @@ class _Window:
     """What convolution and pooling geometries share (the fields come from the namedtuple)."""
 
     __slots__ = ()
+    # the namedtuple fields these properties read (annotations only, for the type checker)
+    N: int
+    C: int
+    H: int
+    W: int
+    KH: int
+    KW: int
+    SH: int
+    SW: int
+    PH: int
+    PW: int
+    OH: int
+    OW: int
 
     @property
     def P(self) -> int:
@@ -86,7 +100,8 @@ def conv_geometry(x_shape, F, kernel_size, stride=1, padding=0, dilation=1, grou
     if eff_h > H + 2 * PH or eff_w > W + 2 * PW:
         raise ValueError(
             f"kernel_size: the (dilated) kernel {eff_h}x{eff_w} must fit the padded input "
-            f"{H + 2 * PH}x{W + 2 * PW} ({what} {H}x{W}, padding {PH},{PW}), got kernel {KH}x{KW}, dilation {DH},{DW}")
+            f"{H + 2 * PH}x{W + 2 * PW} ({what} {H}x{W}, padding {PH},{PW}), got kernel {KH}x{KW}, dilation {DH},{DW}"
+        )
     OH, OW = out_size(H, KH, SH, PH, DH), out_size(W, KW, SW, PW, DW)
     return ConvGeometry(N, C, H, W, F, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW, groups)
 
@@ -108,8 +123,10 @@ def pool_geometry(x_shape, kernel_size, stride=None, padding=0) -> PoolGeometry:
     if 2 * PH > KH or 2 * PW > KW:
         raise ValueError(f"padding: expected at most half the kernel size ({KH // 2}, {KW // 2}), got ({PH}, {PW})")
     if KH > H + 2 * PH or KW > W + 2 * PW:
-        raise ValueError(f"kernel_size: the {KH}x{KW} window must fit the padded input {H + 2 * PH}x{W + 2 * PW} "
-                         f"(x {H}x{W}, padding {PH},{PW})")
+        raise ValueError(
+            f"kernel_size: the {KH}x{KW} window must fit the padded input {H + 2 * PH}x{W + 2 * PW} "
+            f"(x {H}x{W}, padding {PH},{PW})"
+        )
     return PoolGeometry(N, C, H, W, KH, KW, SH, SW, PH, PW, out_size(H, KH, SH, PH), out_size(W, KW, SW, PW))
 
 
@@ -164,5 +181,14 @@ class CropFlip(namedtuple("CropFlip", "N C H W OH OW PH PW reflect crop_key flip
         return (self.N, self.C, self.OH, self.OW)
 
 
-__all__ = ["CropFlip", "ConvGeometry", "PoolGeometry", "conv_geometry", "pool_geometry", "out_size", "tap_slices",
-           "clipped_range", "clipped_taps"]
+__all__ = [
+    "CropFlip",
+    "ConvGeometry",
+    "PoolGeometry",
+    "conv_geometry",
+    "pool_geometry",
+    "out_size",
+    "tap_slices",
+    "clipped_range",
+    "clipped_taps",
+]

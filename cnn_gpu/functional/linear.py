@@ -1,7 +1,8 @@
 """Fully connected layer, the public API. The math (functional/reference.py):
-    forward   y = x @ w^T + b                    x (N, in), w (out, in), b (out,)
-    backward  dx = delta @ w,  dw = delta^T @ x,  db = sum_n delta[n]      delta = dL/dy
+forward   y = x @ w^T + b                    x (N, in), w (out, in), b (out,)
+backward  dx = delta @ w,  dw = delta^T @ x,  db = sum_n delta[n]      delta = dL/dy
 """
+
 from __future__ import annotations
 
 from . import _dispatch
@@ -24,10 +25,8 @@ def linear_backward(dy, cache: LinearCache, input_grad=True, *, accumulate_into=
     if not isinstance(cache, LinearCache):
         raise TypeError(f"cache: expected the LinearCache of linear_forward, got {type(cache).__name__}")
     check_dy(dy, (cache.x.shape[0], cache.w.shape[0]), cache.x.dtype, "the forward output")
-    check_accumulate_into(accumulate_into, [("dw", cache.w.shape), ("db", cache.w.shape[:1] if cache.has_bias else None)],
-                          dy)
-    return _dispatch.backward_into(_dispatch.impl_for("linear_backward", cache), (dy, cache, input_grad),
-                                   accumulate_into)
+    check_accumulate_into(accumulate_into, [("dw", cache.w.shape), ("db", cache.w.shape[:1] if cache.has_bias else None)], dy)
+    return _dispatch.backward_into(_dispatch.impl_for("linear_backward", cache), (dy, cache, input_grad), accumulate_into)
 
 
 __all__ = ["linear_forward", "linear_backward", "LinearCache"]

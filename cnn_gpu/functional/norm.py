@@ -15,6 +15,7 @@ normalises each channel c of x (N, C) or (N, C, H, W) over its M = N*H*W values:
 leaves the running statistics alone (as torch). The cache refers to x and to the
 statistics used: they must not change between forward and backward.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ def _check_channel_vector(name, v, x):
     same_xp(name, v, "x", x)
     check_same_dtype(name, v, "x", x)
     if v.shape[0] != x.shape[1]:
-        raise ValueError(f"{name}: expected shape ({x.shape[1]},), one value per channel of x of shape "
-                         f"{tuple(x.shape)}, got {describe(v)}")
+        raise ValueError(
+            f"{name}: expected shape ({x.shape[1]},), one value per channel of x of shape {tuple(x.shape)}, got {describe(v)}"
+        )
 
 
 def _check_scalars(training, momentum, eps):
@@ -50,13 +52,15 @@ def _check_counter(num_batches_tracked, x):
     if num_batches_tracked is None:
         return
     if getattr(num_batches_tracked, "shape", None) != () or num_batches_tracked.dtype != np.int64:
-        raise TypeError(f"num_batches_tracked: expected a 0-d int64 array (incremented in place), got "
-                        f"{describe(num_batches_tracked)}")
+        raise TypeError(
+            f"num_batches_tracked: expected a 0-d int64 array (incremented in place), got {describe(num_batches_tracked)}"
+        )
     same_xp("num_batches_tracked", num_batches_tracked, "x", x)
 
 
-def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5, *,
-                       activation=None, num_batches_tracked=None):
+def batch_norm_forward(
+    x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5, *, activation=None, num_batches_tracked=None
+):
     """x (N, C) or (N, C, H, W) -> (y of x's shape, cache); ``activation="relu"``: relu(y), one op."""
     check_float("x", x)
     if x.ndim not in (2, 4):
@@ -64,15 +68,19 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     for name, v in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
         _check_channel_vector(name, v, x)
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean, running_var: expected both arrays or both None, got "
-                         f"{'None' if running_mean is None else 'an array'} and {'None' if running_var is None else 'an array'}")
+        raise ValueError(
+            "running_mean, running_var: expected both arrays or both None, got "
+            f"{'None' if running_mean is None else 'an array'} and {'None' if running_var is None else 'an array'}"
+        )
     _check_scalars(training, momentum, eps)
     check_activation(activation)
     _check_counter(num_batches_tracked, x)
     per_channel = math.prod(x.shape) // x.shape[1] if x.shape[1] else 0
     if (training or running_mean is None) and per_channel == 1:
-        raise ValueError(f"x: expected more than 1 value per channel to compute batch statistics (training), got "
-                         f"{describe(x)}; a batch of one sample cannot be normalised by its own statistics")
+        raise ValueError(
+            f"x: expected more than 1 value per channel to compute batch statistics (training), got "
+            f"{describe(x)}; a batch of one sample cannot be normalised by its own statistics"
+        )
     fn = _dispatch.impl("batch_norm_forward", x)
     args = (x, gamma, beta, running_mean, running_var, training, float(momentum), float(eps), activation)
     if not (training and running_mean is not None and num_batches_tracked is not None):
@@ -91,8 +99,9 @@ def batch_norm_backward(dy, cache: BatchNormCache, *, accumulate_into=None):
         raise TypeError(f"cache: expected the BatchNormCache of batch_norm_forward, got {type(cache).__name__}")
     check_dy(dy, tuple(cache.x.shape), cache.x.dtype)
     C = cache.x.shape[1]
-    check_accumulate_into(accumulate_into, [("dgamma", (C,) if cache.gamma is not None else None),
-                                            ("dbeta", (C,) if cache.has_beta else None)], dy)
+    check_accumulate_into(
+        accumulate_into, [("dgamma", (C,) if cache.gamma is not None else None), ("dbeta", (C,) if cache.has_beta else None)], dy
+    )
     return _dispatch.backward_into(_dispatch.impl_for("batch_norm_backward", cache), (dy, cache), accumulate_into)
 
 

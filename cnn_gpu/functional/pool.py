@@ -5,6 +5,7 @@ row-major order) wins, a NaN wins, padding never wins; ``cache.argmax`` is the i
 h*W + w of each window's winner in its input plane. Average pooling counts padding as zeros
 and divides by KH*KW (torch's count_include_pad=True).
 """
+
 from __future__ import annotations
 
 from . import _dispatch
@@ -54,11 +55,19 @@ def adaptive_avg_pool2d_forward(x, output_size):
 def adaptive_avg_pool2d_backward(dy, cache: AdaptivePool2dCache):
     """dy (N, C, OH, OW) -> dx (N, C, H, W)."""
     if not isinstance(cache, AdaptivePool2dCache):
-        raise TypeError(f"cache: expected the AdaptivePool2dCache of adaptive_avg_pool2d_forward, got "
-                        f"{type(cache).__name__}")
+        raise TypeError(f"cache: expected the AdaptivePool2dCache of adaptive_avg_pool2d_forward, got {type(cache).__name__}")
     check_dy(dy, tuple(cache.x_shape[:2]) + tuple(cache.output_size), cache.dtype)
     return _dispatch.impl_for("adaptive_avg_pool2d_backward", cache)(dy, cache)
 
 
-__all__ = ["adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward", "AdaptivePool2dCache","max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
-           "MaxPool2dCache", "AvgPool2dCache"]
+__all__ = [
+    "adaptive_avg_pool2d_forward",
+    "adaptive_avg_pool2d_backward",
+    "AdaptivePool2dCache",
+    "max_pool2d_forward",
+    "max_pool2d_backward",
+    "avg_pool2d_forward",
+    "avg_pool2d_backward",
+    "MaxPool2dCache",
+    "AvgPool2dCache",
+]

@@ -14,6 +14,7 @@ of the backprop formulas, flows backward; every backward returns dL/d(its inputs
 The im2col column layout: cols (N, C*KH*KW, P), row k = (c*KH + kh)*KW + kw, column
 p = oh*OW + ow, holds x_padded[n, c, oh*SH + kh*DH, ow*SW + kw*DW] (torch's ``unfold``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -87,10 +88,10 @@ def conv2d_forward(x, w, b, g, activation=None, workspace=None):
 
 def conv2d_backward(dy, cache, input_grad=True):
     """dy (N, F, OH, OW) -> (dx or None, dw, db or None):
-        delta = dy * relu'(y) (with the activation), else dy
-        db = sum of delta over n, oh, ow
-        dW2 = sum_n delta[n] @ cols[n]^T        (F/G, P) @ (P, K) per group
-        dx = col2im(W2^T @ delta)               (K, F/G) @ (F/G, P) per group, then the adjoint of im2col
+    delta = dy * relu'(y) (with the activation), else dy
+    db = sum of delta over n, oh, ow
+    dW2 = sum_n delta[n] @ cols[n]^T        (F/G, P) @ (P, K) per group
+    dx = col2im(W2^T @ delta)               (K, F/G) @ (F/G, P) per group, then the adjoint of im2col
     """
     g, w, cols = cache.g, cache.w, cache.aux
     xp = get_array_module(dy)
@@ -255,8 +256,9 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
         y += _per_channel(beta, x)
     if activation == "relu":
         y = xp.maximum(y, 0)
-    return y, BatchNormCache(NAME, x, gamma, mean, invstd, batch_stats, beta is not None, None, activation,
-                             y if activation else None)
+    return y, BatchNormCache(
+        NAME, x, gamma, mean, invstd, batch_stats, beta is not None, None, activation, y if activation else None
+    )
 
 
 def batch_norm_backward(dy, cache):
@@ -557,3 +559,34 @@ def adam_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bc1
     denom = xp.sqrt(v / t(bc2))
     denom += t(eps)
     p -= t(lr / bc1) * m / denom
+
+
+# ================================================================== float16 storage
+def float16_storage(fn, *args, keep_float32=(), **kwargs):
+    """Op ``fn`` (a function of this module) in the float16 storage mode of the CUDA engine's
+    float16 kernels (kernels/common.cuh: CNN_ENTRY_POINTS_FP16): the float16 arrays among ``args``
+    (and in the caches among them) are read exactly into float32, ``fn`` computes in float32, and
+    every float array it returns
+    (alone or in a tuple) is rounded to float16 -- to nearest even, beyond +-65504 to +-inf -- as a
+    kernel rounds where it stores. For an op that is one kernel (im2col, col2im, the bias and ReLU
+    epilogues, the residual sum) those are the kernels' rounding points, so the results are theirs
+    bit for bit. ``keep_float32``: positions in the returned tuple left float32 (the sums the kernels
+    keep in float32: a bias gradient)."""
+
+    def up(a):
+        if isinstance(a, tuple) and hasattr(a, "_replace"):  # a cache (NamedTuple): its float16 arrays and dtype
+            return a._replace(
+                **{k: np.dtype(np.float32) if k == "dtype" and v == np.float16 else up(v) for k, v in a._asdict().items()}
+            )
+        return a.astype(np.float32) if hasattr(a, "astype") and a.dtype == np.float16 else a
+
+    def down(a):
+        if not hasattr(a, "astype") or a.dtype != np.float32:  # (a cache, an int array: as it is)
+            return a
+        with np.errstate(over="ignore"):  # beyond float16's range: inf, as __float2half_rn
+            return a.astype(np.float16)
+
+    out = fn(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+    if isinstance(out, tuple):
+        return tuple(o if i in keep_float32 else down(o) for i, o in enumerate(out))
+    return down(out)

@@ -1,7 +1,9 @@
 """Layers: thin wrappers that keep the functional cache and accumulate Parameter.grad."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -11,9 +13,10 @@ from ..backend import current_xp, get_array_module, is_cupy_array
 from ..functional import counter_rng
 from ..functional._checks import FLOAT_DTYPES, describe, pair
 from ..functional.activation import GELU_APPROXIMATIONS
+from ..functional.loss import label_flag_message
 from ..random import resolve_generator
 from ..workspace import Workspace
-from .module import Module, Parameter
+from .module import LayerInputError, Module, Parameter
 
 
 def _check_dtype(dtype: Any) -> np.dtype:
@@ -37,8 +40,7 @@ def kaiming_normal(shape: tuple, fan_in: int, generator=None, dtype=np.float32) 
 
 
 def _not_run(layer: Module):
-    return RuntimeError(f"{type(layer).__name__}.backward called before forward (no cache; every backward needs "
-                        "its own forward)")
+    return RuntimeError(f"{type(layer).__name__}.backward called before forward (no cache; every backward needs its own forward)")
 
 
 def _grads(*params) -> tuple:
@@ -57,15 +59,28 @@ class Conv2d(Module):
 
     takes_activation = True
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
-                 dtype=np.float32, generator=None, groups=1):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias=True,
+        dtype=np.float32,
+        generator=None,
+        groups=1,
+    ):
         super().__init__()
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
         self.groups = _positive_int("groups", groups)
         if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise ValueError(f"groups: expected a divisor of in_channels ({self.in_channels}) and out_channels "
-                             f"({self.out_channels}), got {groups}")
+            raise ValueError(
+                f"groups: expected a divisor of in_channels ({self.in_channels}) and out_channels "
+                f"({self.out_channels}), got {groups}"
+            )
         self.kernel_size = pair("kernel_size", kernel_size, minimum=1)
         self.stride = pair("stride", stride, minimum=1)
         self.padding = pair("padding", padding, minimum=0)
@@ -81,8 +96,17 @@ class Conv2d(Module):
 
     def forward(self, x, activation=None):
         b = self.bias.data if self.bias is not None else None
-        y, self._cache = F.conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self.dilation,
-                                          self.groups, activation=activation, workspace=self._ws)
+        y, self._cache = F.conv2d_forward(
+            x,
+            self.weight.data,
+            b,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            activation=activation,
+            workspace=self._ws,
+        )
         return y
 
     def backward(self, dy, input_grad=True):
@@ -93,9 +117,16 @@ class Conv2d(Module):
         return dx
 
     def config(self) -> dict:
-        return dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=list(self.kernel_size),
-                    stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
-                    bias=self.bias is not None, **({"groups": self.groups} if self.groups != 1 else {}))
+        return dict(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            kernel_size=list(self.kernel_size),
+            stride=list(self.stride),
+            padding=list(self.padding),
+            dilation=list(self.dilation),
+            bias=self.bias is not None,
+            **({"groups": self.groups} if self.groups != 1 else {}),
+        )
 
 
 class Linear(Module):
@@ -128,8 +159,8 @@ class Linear(Module):
 
 
 class _Pool(Module):
-    _forward = None
-    _backward = None
+    _forward: Callable[..., Any] | None = None  # set by each subclass: F.<name>_forward / _backward
+    _backward: Callable[..., Any] | None = None
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
@@ -163,8 +194,8 @@ class AvgPool2d(_Pool):
 
 
 class _Activation(Module):
-    _forward = None
-    _backward = None
+    _forward: Callable[..., Any] | None = None  # set by each subclass: F.<name>_forward / _backward
+    _backward: Callable[..., Any] | None = None
 
     def __init__(self):
         super().__init__()
@@ -274,16 +305,25 @@ class _BatchNorm(Module):
     def forward(self, x, activation=None):
         if getattr(x, "ndim", None) != self._ndim:
             want = "(N, C)" if self._ndim == 2 else "(N, C, H, W)"
-            raise ValueError(f"x: {type(self).__name__} expected a {self._ndim}-D {want} array, got "
-                             f"{describe(x)}")
+            raise ValueError(f"x: {type(self).__name__} expected a {self._ndim}-D {want} array, got {describe(x)}")
         if x.shape[1] != self.num_features:
-            raise ValueError(f"x: {type(self).__name__}({self.num_features}) expected {self.num_features} channels "
-                             f"(axis 1), got {describe(x)}")
+            raise ValueError(
+                f"x: {type(self).__name__}({self.num_features}) expected {self.num_features} channels (axis 1), got {describe(x)}"
+            )
         gamma = self.weight.data if self.affine else None
         beta = self.bias.data if self.affine else None
-        y, self._cache = F.batch_norm_forward(x, gamma, beta, self.running_mean, self.running_var, self.training,
-                                              self.momentum, self.eps, activation=activation,
-                                              num_batches_tracked=self.num_batches_tracked)  # counted in place
+        y, self._cache = F.batch_norm_forward(
+            x,
+            gamma,
+            beta,
+            self.running_mean,
+            self.running_var,
+            self.training,
+            self.momentum,
+            self.eps,
+            activation=activation,
+            num_batches_tracked=self.num_batches_tracked,
+        )  # counted in place
         return y
 
     def backward(self, dy, input_grad=True):
@@ -293,8 +333,13 @@ class _BatchNorm(Module):
         return dx if input_grad else None
 
     def config(self) -> dict:
-        return dict(num_features=self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
-                    track_running_stats=self.track_running_stats)
+        return dict(
+            num_features=self.num_features,
+            eps=self.eps,
+            momentum=self.momentum,
+            affine=self.affine,
+            track_running_stats=self.track_running_stats,
+        )
 
 
 class BatchNorm2d(_BatchNorm):
@@ -331,11 +376,20 @@ class Residual(Module):
         self._cache = None
 
     def forward(self, x, activation=None):
-        y = self.body.forward(x)
-        s = self.shortcut.forward(x) if self.shortcut is not None else x
+        branch = "body"
+        try:
+            y = self.body.forward(x)
+            branch = "shortcut"
+            s = self.shortcut.forward(x) if self.shortcut is not None else x
+        except LayerInputError as exc:  # the path inside the block: body.0, shortcut.0, ...
+            exc.path = f"{branch}.{exc.path}"
+            exc.args = (exc.render(),)
+            raise
         if tuple(y.shape) != tuple(s.shape):
-            raise ValueError(f"Residual: the body's output {tuple(y.shape)} and the shortcut's "
-                             f"{tuple(s.shape)} differ; give a shortcut that maps x to the body's output shape")
+            raise ValueError(
+                f"Residual: the body's output {tuple(y.shape)} and the shortcut's "
+                f"{tuple(s.shape)} differ; give a shortcut that maps x to the body's output shape"
+            )
         out, self._cache = F.add_forward(y, s, activation)
         return out
 
@@ -385,7 +439,7 @@ class Dropout(Module):
         self.device_scalars = self.staged = False
         self._key_scalars = None  # the key's device array (cuda/scalars.py), made at its first use
 
-    def use_device_scalars(self, enabled: bool = True, *, staged: bool = False) -> "Dropout":
+    def use_device_scalars(self, enabled: bool = True, *, staged: bool = False) -> Dropout:
         """From now on a training call on the CUDA engine uploads its key (one asynchronous 8-byte
         copy) to a device array the kernel reads, instead of passing it as a launch argument: a CUDA
         graph replaying the forward then draws each call's mask. NumPy arrays and the reference and
@@ -454,7 +508,9 @@ class CrossEntropyLoss(Module):
     The labels' range check (``validate_range``): on NumPy arrays at once (a ValueError from
     forward); on CuPy arrays on the device, with no host sync: a label outside [0, K) makes its
     sample's loss NaN and sets a flag that :meth:`check_labels` reads (one host read, where your
-    loop reads the loss anyway) and raises on. ``validate_range=False``: no check at all."""
+    loop reads the loss anyway) and raises on. Probability (soft) targets (N, K) are checked the
+    same way: entries >= 0, rows summing to 1 within F.loss.PROBABILITY_SUM_TOLERANCE (1e-3).
+    ``validate_range=False``: no check at all."""
 
     def __init__(self, validate_range: bool = True, label_smoothing: float = 0.0):
         super().__init__()
@@ -462,18 +518,26 @@ class CrossEntropyLoss(Module):
         self.label_smoothing = F.check_label_smoothing(label_smoothing)
         self._dlogits = None
         self._flag, self._classes = None, None  # the device-side range flag (0-d int64), and K
+        self.grad_scale = None  # float16 training's loss scale (a float32 device array (1,)): multiplies dlogits
 
     def forward(self, logits, labels):
         flag = self._device_flag(logits, labels) if self.validate_range else None
-        loss, self._dlogits = F.softmax_cross_entropy(logits, labels, validate_range=self.validate_range,
-                                                      label_smoothing=self.label_smoothing, label_check=flag)
+        scale = {} if self.grad_scale is None else {"grad_scale": self.grad_scale}
+        loss, self._dlogits = F.softmax_cross_entropy(
+            logits, labels, validate_range=self.validate_range, label_smoothing=self.label_smoothing, label_check=flag, **scale
+        )
         return loss
 
     def _device_flag(self, logits, labels):
-        """The range flag for CuPy logits (N, K) with integer labels, made at the first such batch;
-        None where the check runs on the host (NumPy, or arguments the public API will refuse)."""
+        """The labels' flag for CuPy logits (N, K) with integer labels or probability rows, made at
+        the first such batch; None where the check runs on the host (NumPy, or arguments the public
+        API will refuse)."""
         kind = getattr(getattr(labels, "dtype", None), "kind", "")
-        if not (is_cupy_array(logits) and getattr(logits, "ndim", 0) == 2 and kind in ("i", "u")):
+        if not (
+            is_cupy_array(logits)
+            and getattr(logits, "ndim", 0) == 2
+            and (kind in ("i", "u") or (kind == "f" and getattr(labels, "ndim", 0) == 2))
+        ):
             return None
         if self._flag is None:
             self._flag = get_array_module(logits).zeros((), dtype=np.int64)
@@ -481,15 +545,15 @@ class CrossEntropyLoss(Module):
         return self._flag
 
     def check_labels(self) -> None:
-        """Raise ValueError if a batch since the last call had a label outside [0, K) (the check on
-        the device, for CuPy arrays; one host read). Nothing to do for NumPy arrays (checked at once)."""
+        """Raise ValueError if a batch since the last call had a label outside [0, K), or a
+        probability row with a negative entry or a sum off 1 (the check on the device, for CuPy
+        arrays; one host read). Nothing to do for NumPy arrays (checked at once)."""
         if self._flag is None:
             return
-        if int(self._flag):
+        value = int(self._flag)
+        if value:
             self._flag.fill(0)
-            raise ValueError(f"labels: expected class indices in [0, {self._classes - 1}]; a batch since the last "
-                             "check_labels() held one outside that range (checked on the device: those samples' "
-                             "loss is NaN)")
+            raise ValueError(label_flag_message(value, self._classes))
 
     def backward(self, dy=None, input_grad=True):
         if self._dlogits is None:

@@ -7,10 +7,12 @@ cnn_gpu.save / load, checkpoints and ``.to()``, and optimizers never see them. L
 wrappers around the functional pairs: ``forward`` keeps the cache, ``backward`` uses it and
 *adds* into each ``Parameter.grad`` (gradients accumulate until ``zero_grad()``).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -26,8 +28,10 @@ def _state_array(name: str, src: Any, like: Any) -> Any:
     if is_dlpack_producer(src):
         src = from_dlpack(src, get_array_module(like))
     if not hasattr(src, "shape") or not hasattr(src, "dtype"):
-        raise TypeError(f"state[{name!r}]: expected an array (NumPy, CuPy or a DLPack producer such as a torch "
-                        f"tensor), got {type(src).__name__}")
+        raise TypeError(
+            f"state[{name!r}]: expected an array (NumPy, CuPy or a DLPack producer such as a torch "
+            f"tensor), got {type(src).__name__}"
+        )
     return src
 
 
@@ -90,6 +94,11 @@ class Module:
     activation_name: str | None = None
     commutes_with_max = False
     is_max_pool = False
+    # set in __init__ with object.__setattr__ (not through __setattr__'s registration)
+    _parameters: OrderedDict[str, Parameter]
+    _modules: OrderedDict[str, Module]
+    _buffers: OrderedDict[str, Any]
+    training: bool
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -119,10 +128,10 @@ class Module:
         return self.forward(*args, **kwargs)
 
     # --- the tree ----------------------------------------------------------------
-    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+    def named_children(self) -> Iterator[tuple[str, Module]]:
         yield from self._modules.items()
 
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
         yield prefix, self
         for name, child in self._modules.items():
             yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
@@ -172,19 +181,19 @@ class Module:
         for p in self.parameters():
             p.zero_grad()
 
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         for _, m in self.named_modules():
             object.__setattr__(m, "training", bool(mode))
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         return self.train(False)
 
     def num_parameters(self) -> int:
         return int(sum(int(np.prod(p.shape)) for p in self.parameters()))
 
     # --- state -------------------------------------------------------------------
-    def state_dict(self) -> "OrderedDict[str, Any]":
+    def state_dict(self) -> OrderedDict[str, Any]:
         """Parameter and buffer name -> array (references, like PyTorch; copy before mutating)."""
         return OrderedDict((name, a) for name, a, _ in self._named_state())
 
@@ -196,8 +205,9 @@ class Module:
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if strict and (missing or unexpected):
-            raise KeyError(f"state: parameter and buffer names do not match the model: missing {missing}, "
-                           f"unexpected {unexpected}")
+            raise KeyError(
+                f"state: parameter and buffer names do not match the model: missing {missing}, unexpected {unexpected}"
+            )
         present = [(name, p) for name, p in own.items() if name in state]
         arrays = {}  # NumPy/CuPy arrays, DLPack producers (torch tensors, ...) read through DLPack: _state_array
         for name, p in present:  # check everything first: a failed load changes nothing
@@ -209,7 +219,7 @@ class Module:
         for name, p in present:
             p.data[...] = on_same_backend(arrays[name], p.data)
 
-    def to(self, backend: str | None = None, dtype: Any = None) -> "Module":
+    def to(self, backend: str | None = None, dtype: Any = None) -> Module:
         """Move parameters to ``backend`` ("numpy"/"cupy"/"auto") and/or cast them to ``dtype``.
 
         Replaces the parameter arrays: create optimizers after calling this.
@@ -252,6 +262,104 @@ class Module:
         return "\n".join(lines)
 
 
+class InputSpec(NamedTuple):
+    """What a model takes: ``name`` (e.g. "lenet5"), one input's ``shape`` (C, H, W) and, for models
+    that take any image size from a minimum (global average pooling), ``min_size``."""
+
+    name: str
+    shape: tuple
+    min_size: int | None = None
+
+    def describe(self) -> str:
+        if self.min_size is None:
+            return f"{self.name} takes {self.shape} inputs"
+        return f"{self.name} takes ({self.shape[0]}, H, W) inputs with H, W >= {self.min_size}"
+
+
+def _channels_last_hint(shape: tuple, channels: int | None) -> str:
+    """A note for an NHWC batch given where NCHW is expected (its last axis looks like channels)."""
+    if len(shape) != 4 or shape[-1] not in (1, 3, 4) or shape[1] == shape[-1]:
+        return ""
+    if channels is not None and (shape[-1] != channels or shape[1] == channels):
+        return ""
+    return "; the last axis looks like channels: this is NHWC, the model takes NCHW (x.transpose(0, 3, 1, 2))"
+
+
+class LayerInputError(ValueError):
+    """A model's forward failed on its input: the message names the layer (``path``, e.g.
+    "features.0", and its type), what the model takes and what it was given, e.g.
+    ``features.3 Conv2d: lenet5 takes (1, 28, 28) inputs, got (1, 8, 8)``. Each enclosing
+    container prefixes its child's name (:meth:`within`)."""
+
+    def __init__(
+        self,
+        path: str,
+        layer: str,
+        detail: str,
+        x: Any,
+        spec: InputSpec | None = None,
+        last: tuple | None = None,
+        dtype: Any = None,
+    ):
+        super().__init__(detail)
+        self.path, self.layer, self.detail, self.dtype = path, layer, detail, dtype
+        self.shape, self.x_dtype, self.spec, self.last = tuple(x.shape), np.dtype(x.dtype), spec, last
+        self.args = (self.render(),)
+
+    @classmethod
+    def wrap(cls, exc: Exception, container: Module, step: Any, y: Any, x: Any) -> LayerInputError:
+        """The error of ``step`` (run on ``y``) inside ``container`` (whose input was ``x``)."""
+        module = getattr(step, "layer", step)  # a fused step: its layer
+        name = next((n for n, m in container._modules.items() if m is module), "?")
+        spec, last = getattr(container, "input_spec", None), getattr(container, "_last_input", None)
+        if isinstance(exc, LayerInputError):
+            return exc.within(name, x, spec, last)
+        params = module.parameters()
+        dtype = params[0].dtype if params and getattr(y, "dtype", None) is not None else None
+        kind: type[LayerInputError]
+        if dtype is not None and np.dtype(y.dtype) != dtype and np.dtype(y.dtype).kind == "f":
+            kind = LayerDtypeError
+        else:
+            kind, dtype = cls, None
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise exc
+        return kind(name, type(module).__name__, str(exc), x, spec, last, dtype)
+
+    def within(self, name: str, x: Any, spec: InputSpec | None, last: tuple | None) -> LayerInputError:
+        """The same error seen from the container that holds this layer as its child ``name``."""
+        self.path = f"{name}.{self.path}"
+        self.shape = tuple(x.shape)
+        self.spec, self.last = spec or self.spec, last or self.last
+        self.args = (self.render(),)
+        return self
+
+    def render(self) -> str:
+        where = f"{self.path} {self.layer}"
+        if self.dtype is not None:
+            return (
+                f"x: expected {self.dtype} (the model's dtype), got {self.x_dtype} (at {where}); nothing is cast "
+                f"silently: convert with x.astype(np.{self.dtype})"
+            )
+        one = self.shape[1:]
+        if self.spec is not None:
+            got = (
+                str(one)
+                if len(self.shape) == len(self.spec.shape) + 1
+                else f"an array of shape {self.shape} (expected a batch (N, {', '.join(map(str, self.spec.shape))}))"
+            )
+            text = f"{where}: {self.spec.describe()}, got {got}"
+            if len(self.shape) == len(self.spec.shape) + 1 and one == tuple(self.spec.shape):
+                text += f" ({self.detail})"  # the shape is right: the layer's own message says what is wrong
+        else:
+            text = f"{where}: {self.detail}; the model was given an array of shape {self.shape}"
+            if self.last is not None and self.last != one:
+                text += f" (its last input was {self.last})"
+        channels = self.spec.shape[0] if self.spec is not None else (self.last[0] if self.last else None)
+        return text + _channels_last_hint(self.shape, channels)
+
+
+class LayerDtypeError(LayerInputError, TypeError):
+    """A LayerInputError about the dtype of the input (also a TypeError, as the layers raise)."""
 
 
 class _Fused:
@@ -317,6 +425,11 @@ class Sequential(Module):
     the steps before it do not run.
     """
 
+    # set with object.__setattr__: the last forward's plan, its input shape, a zoo model's InputSpec
+    _steps: list | None
+    _last_input: tuple | None
+    input_spec: InputSpec | None
+
     def __init__(self, *layers: Any):
         super().__init__()
         if len(layers) == 1 and isinstance(layers[0], (dict, OrderedDict)):
@@ -330,6 +443,8 @@ class Sequential(Module):
                 raise ValueError(f"layers: expected names that are identifiers or digits, got {name!r}")
             setattr(self, name, layer)
         object.__setattr__(self, "_steps", None)
+        object.__setattr__(self, "_last_input", None)
+        object.__setattr__(self, "input_spec", None)  # a zoo model's InputSpec (models.py), for error messages
 
     def __len__(self) -> int:
         return len(self._modules)
@@ -345,9 +460,20 @@ class Sequential(Module):
     def forward(self, x):
         steps = plan(list(self), _dispatch.engine(x))
         object.__setattr__(self, "_steps", steps)
-        for step in steps:
-            x = step.forward(x)
-        return x
+        y = x
+        try:
+            for step in steps:
+                y = step.forward(y)
+        except (ValueError, TypeError) as exc:  # say which layer, and what the model takes (no cost otherwise)
+            raise LayerInputError.wrap(exc, self, step, y, x) from None
+        object.__setattr__(self, "_last_input", tuple(x.shape[1:]))  # what cnn_gpu.save records; no sync
+        return y
+
+    @property
+    def last_input_shape(self) -> tuple | None:
+        """The shape of one input (without the batch) of the last successful forward, else of the
+        model it was loaded from (cnn_gpu.load), else None."""
+        return self._last_input
 
     def backward(self, dy, input_grad: bool = True):
         steps = self._steps if self._steps is not None else list(self)  # no forward yet: the layers raise

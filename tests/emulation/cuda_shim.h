@@ -57,4 +57,19 @@ inline long long __double_as_longlong(double d) {
     return i;
 }
 
+// ---- float16 (cuda_fp16.h's __half as kernels/common.cuh uses it: storage only) --------------
+// g++'s _Float16 (IEEE binary16). No arithmetic operators on purpose: a kernel must compute in
+// float (cnn_ld) and round when it stores (cnn_st), so half arithmetic fails to compile here.
+// float -> _Float16 rounds to nearest even and gives +-inf beyond the range, as __float2half_rn.
+struct __half {
+    _Float16 x;
+};
+inline float __half2float(__half h) { return (float)h.x; }
+inline __half __float2half_rn(float f) {
+    __half h;
+    h.x = (_Float16)f;
+    return h;
+}
+inline __half __float2half(float f) { return __float2half_rn(f); }
+
 #endif  // CNN_GPU_CUDA_SHIM_H

@@ -29,6 +29,7 @@ AddressSanitizer run (every out-of-bounds read or write, exactly)::
     CNN_GPU_EMUL_GUARD=0 CNN_GPU_EMUL_CXXFLAGS=-fsanitize=address CNN_GPU_EMUL_CACHE=/tmp/emul-asan \
     LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 pytest -k emul
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -47,7 +48,18 @@ from cnn_gpu import cuda
 HERE = Path(__file__).resolve().parent
 SHIM = HERE / "cuda_shim.h"
 LAUNCHER = HERE / "launcher.h"
-CXXFLAGS = ("-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror")
+CXXFLAGS = (
+    "-std=c++17",
+    "-O1",
+    "-shared",
+    "-fPIC",
+    "-pthread",
+    "-ffp-contract=off",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-DCNN_FP16",
+)  # the float16 entry points too (cuda_shim.h's __half)
 # guard elements on each side of every array argument; CNN_GPU_EMUL_GUARD=0 turns the bands
 # off (then every argument is its own malloc block, for an AddressSanitizer run)
 GUARD = int(os.environ.get("CNN_GPU_EMUL_GUARD", "64"))
@@ -56,8 +68,14 @@ INT_POISON = -0x2BADBAD  # what EmulationLauncher.empty puts in int arrays
 
 _SCALARS = {"i": np.int32, "u": np.uint32, "q": np.int64, "f": np.float32, "d": np.float64}
 _CTYPES = {"i": ctypes.c_int32, "u": ctypes.c_uint32, "q": ctypes.c_int64, "f": ctypes.c_float, "d": ctypes.c_double}
-_POINTEES = {"i": np.dtype(np.int32), "u": np.dtype(np.uint32), "q": np.dtype(np.int64),
-             "f": np.dtype(np.float32), "d": np.dtype(np.float64)}
+_POINTEES = {
+    "i": np.dtype(np.int32),
+    "u": np.dtype(np.uint32),
+    "q": np.dtype(np.int64),
+    "f": np.dtype(np.float32),
+    "d": np.dtype(np.float64),
+    "h": np.dtype(np.float16),
+}
 
 
 class EmulationError(RuntimeError):
@@ -154,8 +172,16 @@ def build(name: str, directory: str | os.PathLike | None = None) -> KernelLibrar
         wrapper = wrapper_source(name, kernels)
         cxx = compiler()
         h = hashlib.sha256()
-        for part in (key, source, (kdir / "common.cuh").read_text(), SHIM.read_text(), LAUNCHER.read_text(),
-                     wrapper, cxx, " ".join(cxxflags())):
+        for part in (
+            key,
+            source,
+            (kdir / "common.cuh").read_text(),
+            SHIM.read_text(),
+            LAUNCHER.read_text(),
+            wrapper,
+            cxx,
+            " ".join(cxxflags()),
+        ):
             h.update(part.encode())
             h.update(b"\0")
         digest = h.hexdigest()[:20]
@@ -247,8 +273,14 @@ class EmulationLauncher:
         """The launcher's GEMM, out = op(a) @ op(b) + beta * out, with NumPy (beta = 0: out is not read)."""
         for name, m in (("a", a), ("b", b), ("out", out)):
             if m.ndim != 2 or not m.flags.c_contiguous:
-                raise EmulationError(f"gemm: {name} must be a 2-D C-contiguous array, got shape {m.shape}, "
-                                     f"strides {m.strides}")
+                raise EmulationError(f"gemm: {name} must be a 2-D C-contiguous array, got shape {m.shape}, strides {m.strides}")
+        if a.dtype == np.float16:  # cublasGemmEx with CUBLAS_COMPUTE_32F: float32 sums, out rounded to its dtype
+            a, b = a.astype(np.float32), b.astype(np.float32)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf inputs (an overflowed float16 step): NaN, as cuBLAS
+                r = (a.T if transa else a) @ (b.T if transb else b)
+            with np.errstate(over="ignore"):
+                out[...] = r if beta == 0 else r + np.float32(beta) * out.astype(np.float32)
+            return
         r = (a.T if transa else a) @ (b.T if transb else b)
         if beta == 0:
             out[...] = r

@@ -194,6 +194,7 @@ template <> struct code<unsigned> { static const char* get() { return "u"; } };
 template <> struct code<long long> { static const char* get() { return "q"; } };
 template <> struct code<float> { static const char* get() { return "f"; } };
 template <> struct code<double> { static const char* get() { return "d"; } };
+template <> struct code<__half> { static const char* get() { return "h"; } };
 template <typename T> struct code<T*> {
     static std::string get() { return std::string(code<std::remove_cv_t<T>>::get()) + "*"; }
 };

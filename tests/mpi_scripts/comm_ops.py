@@ -1,4 +1,5 @@
 """Run under mpiexec -n 2: the communicator's operations; prints 'rank R ok' when every check passes."""
+
 import sys
 
 import numpy as np
@@ -23,11 +24,13 @@ assert comm.sum_host([r, 1.5]) == [1.0, 3.0]
 assert comm.any(r == 1) and not comm.any(False)
 assert comm.broadcast_object({"from": r}, root=0) == {"from": 0}
 comm.barrier()
-for bad, err in ((lambda: comm.allreduce_(np.zeros((3, 4))[:, 1]), ValueError),
-                 (lambda: comm.allreduce_(np.zeros(3, np.int32), op="mean"), TypeError),
-                 (lambda: comm.allreduce_(np.zeros(3), op="max"), ValueError),
-                 (lambda: comm.broadcast_(np.zeros(3), root=2), ValueError),
-                 (lambda: comm.allreduce_([1.0, 2.0]), TypeError)):
+for bad, err in (
+    (lambda: comm.allreduce_(np.zeros((3, 4))[:, 1]), ValueError),
+    (lambda: comm.allreduce_(np.zeros(3, np.int32), op="mean"), TypeError),
+    (lambda: comm.allreduce_(np.zeros(3), op="max"), ValueError),
+    (lambda: comm.broadcast_(np.zeros(3), root=2), ValueError),
+    (lambda: comm.allreduce_([1.0, 2.0]), TypeError),
+):
     try:
         bad()
     except err:

@@ -1,5 +1,6 @@
 """Run under mpiexec -n 2: training steps on 2 ranks (each its shard of every global batch) equal
 one process on the whole batches, in float64. Prints 'rank R max diff D' and 'rank R ok'."""
+
 import numpy as np
 
 import cnn_gpu
@@ -10,8 +11,9 @@ from cnn_gpu.train import train_step
 
 def model_and_opt(seed, comm=None, loader=None):
     cnn_gpu.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(4 * 4 * 4, 5)).to(dtype=np.float64)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)).to(
+        dtype=np.float64
+    )
     opt = optim.SGD(model, 0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
     if comm is not None:
         opt = distributed.DistributedOptimizer(opt, comm, loader)
@@ -45,6 +47,7 @@ moved = max(float(np.abs(a.data - b.data).max()) for a, b in zip(model.parameter
 print(f"rank {comm.rank} max diff {diff:.3g} (weights moved {moved:.3g})", flush=True)
 assert diff < 1e-12 and moved > 1e-3, (diff, moved)
 sd, sd1 = opt.state_dict(), s_opt.state_dict()
-assert sd["type"] == "SGD" and all(np.allclose(sd["state"][k]["momentum_buffer"], sd1["state"][k]["momentum_buffer"],
-                                               rtol=0, atol=1e-12) for k in sd1["state"])
+assert sd["type"] == "SGD" and all(
+    np.allclose(sd["state"][k]["momentum_buffer"], sd1["state"][k]["momentum_buffer"], rtol=0, atol=1e-12) for k in sd1["state"]
+)
 print(f"rank {comm.rank} ok", flush=True)

@@ -1,5 +1,6 @@
 """Run under mpiexec -n 2 with an argument: rank 1 fails during `cnn-gpu train` at step 3:
 'raise' (an exception), 'kill' (SIGKILL) or 'hang' (stops answering; CNN_GPU_TIMEOUT_S ends it)."""
+
 import os
 import signal
 import sys

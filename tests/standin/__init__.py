@@ -27,12 +27,13 @@ drives CuPy runs in CI without a GPU. Test support, not part of cnn_gpu.
             ...
         print(c.summary())
 """
+
 from __future__ import annotations
 
 import contextlib
 import sys
 import types
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -99,26 +100,39 @@ def make() -> types.ModuleType:
     cp.ufunc = type(surface.real_cupy().exp)
     for name, fn in module.namespace_functions().items():
         setattr(cp, name, fn)
-    cp.random = _submodule("cupy.random", "cupy.random", {"default_rng": module.default_rng,
-                                                          "Generator": module.Generator})
-    cuda = _submodule("cupy.cuda", "cupy.cuda", {"Device": module.Device, "nvrtc": kernels.nvrtc,
-                                                 "Stream": graph.Stream, "Event": module.Event,
-                                                 "get_elapsed_time": module.get_elapsed_time,
-                                                 "alloc_pinned_memory": module.alloc_pinned_memory,
-                                                 "get_current_stream": graph.get_current_stream,
-                                                 "MemoryPool": memory.MemoryPool, "MemoryPointer": memory.MemoryPointer,
-                                                 "using_allocator": memory.using_allocator,
-                                                 "set_allocator": memory.set_allocator,
-                                                 "get_allocator": memory.get_allocator})
+    cp.random = _submodule("cupy.random", "cupy.random", {"default_rng": module.default_rng, "Generator": module.Generator})
+    cuda = _submodule(
+        "cupy.cuda",
+        "cupy.cuda",
+        {
+            "Device": module.Device,
+            "nvrtc": kernels.nvrtc,
+            "Stream": graph.Stream,
+            "Event": module.Event,
+            "get_elapsed_time": module.get_elapsed_time,
+            "alloc_pinned_memory": module.alloc_pinned_memory,
+            "get_current_stream": graph.get_current_stream,
+            "MemoryPool": memory.MemoryPool,
+            "MemoryPointer": memory.MemoryPointer,
+            "using_allocator": memory.using_allocator,
+            "set_allocator": memory.set_allocator,
+            "get_allocator": memory.get_allocator,
+        },
+    )
     cuda.graph = _submodule("cupy.cuda.graph", "cupy.cuda.graph", {"Graph": graph.Graph})
+    cuda.memory = _submodule(
+        "cupy.cuda.memory",
+        "cupy.cuda.memory",
+        {"OutOfMemoryError": memory.OutOfMemoryError, "MemoryPool": memory.MemoryPool, "MemoryPointer": memory.MemoryPointer},
+    )
     cuda.runtime = module._runtime()
     cuda.function = _submodule("cupy.cuda.function", "cupy.cuda.function", vars(kernels.function_namespace()))
     cuda.compiler = _submodule("cupy.cuda.compiler", "cupy.cuda.compiler", {"CompileException": _CompileException})
     cuda.nccl = types.ModuleType("cupy.cuda.nccl")  # its surface: CuPy's compiled NCCL module (standin/nccl.py)
     vars(cuda.nccl).update(nccl.members())
     cp.cuda = cuda
-    cp.cublas = _submodule("cupy.cublas", "cupy.cublas", {"gemm": module._checked("cupy.cublas", "gemm",
-                                                                                module.cublas_gemm)})
+    cp.cublas = _submodule("cupy.cublas", "cupy.cublas", {"gemm": module._checked("cupy.cublas", "gemm", module.cublas_gemm)})
+    cp.get_default_memory_pool = memory.get_default_memory_pool
     cp._standin_cupyx = _cupyx()
     _MODULE = cp
     return cp
@@ -128,8 +142,9 @@ def _cupyx() -> dict[str, types.ModuleType]:
     """The stand-in's cupyx: only cupyx.scipy.special.erf (GELU), an elementwise launch."""
     from scipy import special  # noqa: PLC0415  (scipy comes with scikit-learn)
 
-    special_mod = _submodule("cupyx.scipy.special", "cupyx.scipy.special",
-                             {"erf": module.elementwise_from("cupyx.scipy.special.erf", special.erf)})
+    special_mod = _submodule(
+        "cupyx.scipy.special", "cupyx.scipy.special", {"erf": module.elementwise_from("cupyx.scipy.special.erf", special.erf)}
+    )
     scipy_mod = _submodule("cupyx.scipy", "cupyx.scipy", {"special": special_mod})
     root = _submodule("cupyx", "cupyx", {"scipy": scipy_mod})
     return {"cupyx": root, "cupyx.scipy": scipy_mod, "cupyx.scipy.special": special_mod}
@@ -151,8 +166,13 @@ def activated() -> Iterator[types.ModuleType]:
     hidden = {k: v for k, v in sys.modules.items() if k == "cupyx" or k.startswith("cupyx.")}
     for k in hidden:
         del sys.modules[k]
-    replaced = {"cupy": cp, "cupy.cublas": cp.cublas, "cupy.cuda": cp.cuda, "cupy.cuda.nccl": cp.cuda.nccl,
-                "cupy.cuda.graph": cp.cuda.graph}
+    replaced = {
+        "cupy": cp,
+        "cupy.cublas": cp.cublas,
+        "cupy.cuda": cp.cuda,
+        "cupy.cuda.nccl": cp.cuda.nccl,
+        "cupy.cuda.graph": cp.cuda.graph,
+    }
     saved = {k: sys.modules.get(k) for k in replaced}
     sys.modules.update(replaced)
     sys.modules.update(cp._standin_cupyx)
@@ -181,5 +201,20 @@ def activated() -> Iterator[types.ModuleType]:
         build.clear_caches()
 
 
-__all__ = ["activated", "make", "counting", "current", "Counters", "StandinGap", "ndarray", "kernels", "surface",
-           "devices", "nccl", "graph", "memory", "null", "null_compute"]
+__all__ = [
+    "activated",
+    "make",
+    "counting",
+    "current",
+    "Counters",
+    "StandinGap",
+    "ndarray",
+    "kernels",
+    "surface",
+    "devices",
+    "nccl",
+    "graph",
+    "memory",
+    "null",
+    "null_compute",
+]

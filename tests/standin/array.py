@@ -13,9 +13,8 @@
   into the CUDA graph instead of run, and transfers refuse as CuPy's do; each new buffer goes
   through tests/standin/memory.py (counted, charged to the current allocator).
 """
-from __future__ import annotations
 
-from typing import Any
+from __future__ import annotations
 
 import numpy as np
 
@@ -36,8 +35,10 @@ def unwrap(x, what: str = "argument"):
     if isinstance(x, ndarray):
         return x._a
     if isinstance(x, np.ndarray):
-        raise TypeError(f"Unsupported type {type(x)} ({what}): CuPy does not mix host NumPy arrays into device "
-                        "operations; move it with cupy.asarray first")
+        raise TypeError(
+            f"Unsupported type {type(x)} ({what}): CuPy does not mix host NumPy arrays into device "
+            "operations; move it with cupy.asarray first"
+        )
     if isinstance(x, (list, tuple)):
         return type(x)(unwrap(v, what) for v in x)
     return x
@@ -87,7 +88,7 @@ class ndarray:
         self._a = memory.allocated(graph.fresh(np.empty(shape, dtype=dtype, order=order)))
 
     @classmethod
-    def _of(cls, a: np.ndarray) -> "ndarray":
+    def _of(cls, a: np.ndarray) -> ndarray:
         obj = object.__new__(cls)
         obj._a = a
         return obj
@@ -128,10 +129,19 @@ class ndarray:
         if np_kwargs.get("out") is not None:
             graph.launch(kind, lambda: getattr(src, name)(*np_args, **np_kwargs), inplace=True)
             return kwargs["out"]
-        meta = null_mode.reduction_meta(name, lambda z: getattr(z, name)(*np_args, **np_kwargs), src, np_args,
-                                        np_kwargs) if kind == "reduction" and name != "sort" else None
-        return wrap(graph.launch(kind, lambda: getattr(src, name)(*np_args, **np_kwargs),
-                                 inputs=graph._arrays([src], np_args, np_kwargs), meta=meta))
+        meta = (
+            null_mode.reduction_meta(name, lambda z: getattr(z, name)(*np_args, **np_kwargs), src, np_args, np_kwargs)
+            if kind == "reduction" and name != "sort"
+            else None
+        )
+        return wrap(
+            graph.launch(
+                kind,
+                lambda: getattr(src, name)(*np_args, **np_kwargs),
+                inputs=graph._arrays([src], np_args, np_kwargs),
+                meta=meta,
+            )
+        )
 
     # ------------------------------------------------------------- host syncs
     def _sync(self, why, stream=None):
@@ -182,8 +192,9 @@ class ndarray:
         return str(self._a)
 
     def __array__(self, dtype=None, copy=None):
-        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct a "
-                        "NumPy array explicitly.")
+        raise TypeError(
+            "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct a NumPy array explicitly."
+        )
 
     def set(self, arr, stream=None):
         arr = np.asarray(arr)
@@ -222,10 +233,10 @@ class ndarray:
             return self
         src = self._a
         order = "C" if order in ("K", "A") and src.flags.c_contiguous else order
-        out = graph.launch("elementwise", lambda: src.astype(dtype, order=order),
-                           meta=lambda: np.empty_like(src, dtype=dtype, order=order))
-        current().copy(out.nbytes, layout=np.dtype(dtype) == self.dtype and not src.flags.c_contiguous,
-                       site="astype")
+        out = graph.launch(
+            "elementwise", lambda: src.astype(dtype, order=order), meta=lambda: np.empty_like(src, dtype=dtype, order=order)
+        )
+        current().copy(out.nbytes, layout=np.dtype(dtype) == self.dtype and not src.flags.c_contiguous, site="astype")
         return wrap(out)
 
     def fill(self, value):
@@ -255,8 +266,13 @@ class ndarray:
             return
         if isinstance(value, ndarray):
             src, dst = value._a, whole[key] if _basic(key) else None
-            layout = dst is not None and src.dtype == dst.dtype and src.size == dst.size and (
-                not src.flags.c_contiguous or not dst.flags.c_contiguous) and src.size > 1
+            layout = (
+                dst is not None
+                and src.dtype == dst.dtype
+                and src.size == dst.size
+                and (not src.flags.c_contiguous or not dst.flags.c_contiguous)
+                and src.size > 1
+            )
             current().copy(src.nbytes, layout=layout, site="setitem")
             graph.launch("copy" if _basic(key) else "scatter", lambda: whole.__setitem__(key, src), inplace=True)
             return
@@ -272,12 +288,16 @@ class ndarray:
             kwargs["out"] = tuple(unwrap(o, "out") for o in (out if isinstance(out, tuple) else (out,)))
             graph.launch("elementwise", lambda: ufunc(*args, **kwargs), inplace=True)
             return out[0] if isinstance(out, tuple) and len(out) == 1 else out
-        return wrap(graph.launch("elementwise", lambda: ufunc(*args, **kwargs), inputs=args,
-                                 meta=null_mode.ufunc_meta(ufunc, args, kwargs)))
+        return wrap(
+            graph.launch(
+                "elementwise", lambda: ufunc(*args, **kwargs), inputs=args, meta=null_mode.ufunc_meta(ufunc, args, kwargs)
+            )
+        )
 
     def __array_function__(self, func, types, args, kwargs):
-        raise TypeError(f"numpy.{func.__name__} on a cupy array: call cupy.{func.__name__} (the stand-in does not "
-                        "dispatch NumPy functions)")
+        raise TypeError(
+            f"numpy.{func.__name__} on a cupy array: call cupy.{func.__name__} (the stand-in does not dispatch NumPy functions)"
+        )
 
 
 def _mask_sync(key) -> None:
@@ -330,18 +350,35 @@ def _binary(ufunc, reflected=False, inplace=False):
         if inplace:
             return self.__array_ufunc__(ufunc, "__call__", self, other, out=(self,))
         return self.__array_ufunc__(ufunc, "__call__", *((other, self) if reflected else (self, other)))
+
     return op
 
 
-for _name, _uf in [("add", np.add), ("sub", np.subtract), ("mul", np.multiply), ("truediv", np.true_divide),
-                   ("floordiv", np.floor_divide), ("mod", np.remainder), ("pow", np.power), ("and", np.bitwise_and),
-                   ("or", np.bitwise_or), ("xor", np.bitwise_xor), ("lshift", np.left_shift),
-                   ("rshift", np.right_shift)]:
+for _name, _uf in [
+    ("add", np.add),
+    ("sub", np.subtract),
+    ("mul", np.multiply),
+    ("truediv", np.true_divide),
+    ("floordiv", np.floor_divide),
+    ("mod", np.remainder),
+    ("pow", np.power),
+    ("and", np.bitwise_and),
+    ("or", np.bitwise_or),
+    ("xor", np.bitwise_xor),
+    ("lshift", np.left_shift),
+    ("rshift", np.right_shift),
+]:
     setattr(ndarray, f"__{_name}__", _binary(_uf))
     setattr(ndarray, f"__r{_name}__", _binary(_uf, reflected=True))
     setattr(ndarray, f"__i{_name}__", _binary(_uf, inplace=True))
-for _name, _uf in [("lt", np.less), ("le", np.less_equal), ("gt", np.greater), ("ge", np.greater_equal),
-                   ("eq", np.equal), ("ne", np.not_equal)]:
+for _name, _uf in [
+    ("lt", np.less),
+    ("le", np.less_equal),
+    ("gt", np.greater),
+    ("ge", np.greater_equal),
+    ("eq", np.equal),
+    ("ne", np.not_equal),
+]:
     setattr(ndarray, f"__{_name}__", _binary(_uf))
 ndarray.__neg__ = lambda self: self.__array_ufunc__(np.negative, "__call__", self)
 ndarray.__abs__ = lambda self: self.__array_ufunc__(np.absolute, "__call__", self)

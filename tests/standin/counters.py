@@ -5,12 +5,13 @@ CUDA graphs (tests/standin/graph.py): work issued on a capturing stream is recor
 it counts in ``captured`` (kind -> count), not as a launch. ``Graph.launch`` is one host launch,
 ``launches["graph"]``; the work it replays counts apart, in ``graph_kernels`` (kind -> count), so a
 budget reads "1 graph launch (K kernels inside)" with K = ``total_graph_kernels``."""
+
 from __future__ import annotations
 
 import collections
 import contextlib
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 from . import devices
 
@@ -78,13 +79,24 @@ class Counters:
             self.layout_copy_sites[site] += 1
 
     def summary(self) -> dict:
-        return {"launches": dict(self.launches), "total_launches": self.total_launches,
-                "syncs": dict(self.syncs), "total_syncs": self.total_syncs, "uploads": self.uploads,
-                "upload_bytes": self.upload_bytes, "download_bytes": self.download_bytes,
-                "alloc_bytes": self.alloc_bytes, "allocations": self.allocations, "copy_bytes": self.copy_bytes,
-                "layout_copies": self.layout_copies, "layout_copy_bytes": self.layout_copy_bytes,
-                "kernels": dict(self.kernels), "captured": dict(self.captured),
-                "graph_kernels": dict(self.graph_kernels), "total_graph_kernels": self.total_graph_kernels}
+        return {
+            "launches": dict(self.launches),
+            "total_launches": self.total_launches,
+            "syncs": dict(self.syncs),
+            "total_syncs": self.total_syncs,
+            "uploads": self.uploads,
+            "upload_bytes": self.upload_bytes,
+            "download_bytes": self.download_bytes,
+            "alloc_bytes": self.alloc_bytes,
+            "allocations": self.allocations,
+            "copy_bytes": self.copy_bytes,
+            "layout_copies": self.layout_copies,
+            "layout_copy_bytes": self.layout_copy_bytes,
+            "kernels": dict(self.kernels),
+            "captured": dict(self.captured),
+            "graph_kernels": dict(self.graph_kernels),
+            "total_graph_kernels": self.total_graph_kernels,
+        }
 
 
 _current = [Counters()]

@@ -46,13 +46,15 @@ What refuses during capture, as CuPy 14 and CUDA do:
 Allocations are allowed during capture (relaxed mode; cupy/cuda/memory.py pools:
 tests/standin/memory.py) and are listed per graph (:func:`allocations`).
 """
+
 from __future__ import annotations
 
 import collections
 import itertools
 import threading
 import weakref
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -76,8 +78,7 @@ _CUDA_ERRORS = {  # cudaGetErrorName -> (status, cudaGetErrorString)
     "cudaErrorIllegalState": (401, "the operation cannot be performed in the present state"),
     "cudaErrorStreamCaptureUnsupported": (900, "operation not permitted when stream is capturing"),
     "cudaErrorStreamCaptureInvalidated": (901, "operation failed due to a previous error during capture"),
-    "cudaErrorStreamCaptureImplicit": (906, "operation would make the legacy stream depend on a capturing "
-                                            "blocking stream"),
+    "cudaErrorStreamCaptureImplicit": (906, "operation would make the legacy stream depend on a capturing blocking stream"),
 }
 
 
@@ -106,7 +107,7 @@ class _Node(NamedTuple):
 class _Capture:
     """One capture sequence: its stream, the nodes recorded so far, why it was invalidated."""
 
-    def __init__(self, stream: "Stream", mode: int):
+    def __init__(self, stream: Stream, mode: int):
         self.stream, self.mode, self.device = stream, mode, devices.machine().current
         self.nodes: list[_Node] = []
         self.allocations: list[tuple[int, Any]] = []  # (bytes, the MemoryPool or None)
@@ -137,7 +138,7 @@ class _Local(threading.local):
 
 _tls = _Local()
 _handles = itertools.count(1)
-_by_ptr: "weakref.WeakValueDictionary[int, Stream]" = weakref.WeakValueDictionary()
+_by_ptr: weakref.WeakValueDictionary[int, Stream] = weakref.WeakValueDictionary()
 
 
 def reset() -> None:
@@ -149,12 +150,13 @@ def reset() -> None:
 
 
 # ------------------------------------------------------------------ streams
-def _device_of(stream: "Stream") -> int:
+def _device_of(stream: Stream) -> int:
     """CuPy's check_stream_device_match: the stream's device must be the current one."""
     cur = devices.machine().current
     if stream.device_id not in (-1, cur):
-        raise RuntimeError(f"The device that the stream is created on ({stream.device_id}) does not match with the "
-                           f"current device ({cur})")
+        raise RuntimeError(
+            f"The device that the stream is created on ({stream.device_id}) does not match with the current device ({cur})"
+        )
     return cur
 
 
@@ -166,8 +168,8 @@ class Stream:
     """cupy.cuda.Stream (the methods of CuPy 14's _BaseStream and Stream; see the module docstring)."""
 
     __module__ = "cupy.cuda.stream"
-    null: "Stream"
-    ptds: "Stream"
+    null: Stream
+    ptds: Stream
 
     def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
         if null:
@@ -248,8 +250,9 @@ class Stream:
         stream's live capture would join that capture (a fork/join capture: not modelled)."""
         cap = getattr(event, "_capture", None)
         if cap is not None and not cap.ended and cap is not _captures.get(self.ptr):
-            raise _gap("a stream waiting on an event recorded in another stream's capture (a multi-stream "
-                       "capture) is not modelled")
+            raise _gap(
+                "a stream waiting on an event recorded in another stream's capture (a multi-stream capture) is not modelled"
+            )
 
     def launch_host_func(self, callback, arg):
         """cudaLaunchHostFunc: ``callback(arg)`` once the stream's work is done (at once here); during
@@ -457,7 +460,7 @@ def _arrays(*trees) -> list[np.ndarray]:
     """The NumPy arrays among arguments (one level of lists, tuples and dict values)."""
     out = []
     for t in trees:
-        for v in (t.values() if isinstance(t, dict) else t):
+        for v in t.values() if isinstance(t, dict) else t:
             if isinstance(v, np.ndarray):
                 out.append(v)
             elif isinstance(v, (list, tuple)):
@@ -468,8 +471,7 @@ def _arrays(*trees) -> list[np.ndarray]:
 def _is_view(result, inputs) -> bool:
     if isinstance(result, (tuple, list)):
         return bool(result) and all(_is_view(r, inputs) for r in result)
-    return isinstance(result, np.ndarray) and result.base is not None and any(
-        np.may_share_memory(result, x) for x in inputs)
+    return isinstance(result, np.ndarray) and result.base is not None and any(np.may_share_memory(result, x) for x in inputs)
 
 
 def _blank(result):
@@ -487,9 +489,18 @@ def _store(out, value) -> None:
         out[...] = value
 
 
-def launch(kind: str, fn: Callable[[], Any], *, inplace: bool = False, kernel: str | None = None, stream=None,
-           inputs=(), probe: Callable[[], Any] | None = None, check: Callable[[], None] | None = None,
-           meta: Callable[[], Any] | None = None):
+def launch(
+    kind: str,
+    fn: Callable[[], Any],
+    *,
+    inplace: bool = False,
+    kernel: str | None = None,
+    stream=None,
+    inputs=(),
+    probe: Callable[[], Any] | None = None,
+    check: Callable[[], None] | None = None,
+    meta: Callable[[], Any] | None = None,
+):
     """Issue work of ``kind`` on ``stream`` (default: the current stream). Outside capture: count
     the launch and return ``fn()`` (under tests/standin/null.py's null compute: nothing for
     ``inplace`` work, ``meta()``, an unwritten result of ``fn``'s shape and dtype, for new arrays).
@@ -544,7 +555,7 @@ class Graph:
         raise NotImplementedError(NO_GRAPH)  # cupy/cuda/graph.pyx
 
     @classmethod
-    def _of(cls, cap: _Capture, host_funcargs) -> "Graph":
+    def _of(cls, cap: _Capture, host_funcargs) -> Graph:
         g = object.__new__(cls)
         g.graph, g.graphExec = 0, 0x6A0000000000 + 0x100 * next(_handles)  # the instantiated exec's handle
         g.host_funcargs = host_funcargs
@@ -596,7 +607,31 @@ def kernels_inside(g: Graph) -> collections.Counter:
     return collections.Counter(g._inside)
 
 
-__all__ = ["Stream", "Graph", "get_current_stream", "launch", "query", "target", "refuse_transfer",
-           "refuse_cublas", "refuse_stream_sync", "refuse_device_sync", "refuse_event_query", "fresh", "poison",
-           "note_allocation", "nodes", "allocations", "kernels_inside", "stream_is_capturing", "cuda_error",
-           "reset", "INT_POISON", "D2H", "H2D", "INVALIDATED", "CUBLAS", "LEGACY"]
+__all__ = [
+    "Stream",
+    "Graph",
+    "get_current_stream",
+    "launch",
+    "query",
+    "target",
+    "refuse_transfer",
+    "refuse_cublas",
+    "refuse_stream_sync",
+    "refuse_device_sync",
+    "refuse_event_query",
+    "fresh",
+    "poison",
+    "note_allocation",
+    "nodes",
+    "allocations",
+    "kernels_inside",
+    "stream_is_capturing",
+    "cuda_error",
+    "reset",
+    "INT_POISON",
+    "D2H",
+    "H2D",
+    "INVALIDATED",
+    "CUBLAS",
+    "LEGACY",
+]

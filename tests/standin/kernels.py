@@ -17,10 +17,10 @@ kernels compiled by g++ and run on the CPU by the emulator (tests/emulation).
   into the CUDA graph with the converted arguments (tests/standin/graph.py): the arguments are
   checked now, the kernel runs at each replay, on the same buffers.
 """
+
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import types
 
@@ -58,13 +58,19 @@ def _nvrtc():
         return token
 
     return types.SimpleNamespace(
-        NVRTCError=NVRTCError, createProgram=createProgram, compileProgram=compileProgram,
-        getProgramLog=lambda prog: "", getCUBIN=lambda prog: _token(prog, "CUBIN"),
-        getPTX=lambda prog: _token(prog, "PTX"), destroyProgram=lambda prog: _programs.pop(prog, None),
-        getVersion=lambda: (12, 9), getSupportedArchs=lambda: [50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90])
+        NVRTCError=NVRTCError,
+        createProgram=createProgram,
+        compileProgram=compileProgram,
+        getProgramLog=lambda prog: "",
+        getCUBIN=lambda prog: _token(prog, "CUBIN"),
+        getPTX=lambda prog: _token(prog, "PTX"),
+        destroyProgram=lambda prog: _programs.pop(prog, None),
+        getVersion=lambda: (12, 9),
+        getSupportedArchs=lambda: [50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90],
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _harness():
     import sys  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
@@ -80,8 +86,10 @@ def _harness():
 def _kernel_arg(x):
     if isinstance(x, ndarray):
         if not x._a.flags.c_contiguous:
-            raise AssertionError("a non-contiguous array was passed to a raw kernel: CuPy passes its data pointer, "
-                                 "so the kernel would read the wrong elements")
+            raise AssertionError(
+                "a non-contiguous array was passed to a raw kernel: CuPy passes its data pointer, "
+                "so the kernel would read the wrong elements"
+            )
         return x._a
     if isinstance(x, np.ndarray):
         raise TypeError(f"Unsupported type {type(x)}: a host NumPy array cannot be a kernel argument")
@@ -121,8 +129,14 @@ class Function:
             raise StandinGap("2-D and 3-D launch configurations are not emulated")
         launcher = _harness().EmulationLauncher(check_order=False, grid_cap=132 * 32)
         lib, name, g, b, kargs = self.lib, self.name, int(grid[0]), int(block[0]), tuple(_kernel_arg(a) for a in args)
-        graph.launch("kernel", lambda: launcher.launch_with(lib, name, g, b, kargs), inplace=True, kernel=name,
-                     stream=stream, check=lambda: launcher._check_args(name, lib.signature(name), kargs))
+        graph.launch(
+            "kernel",
+            lambda: launcher.launch_with(lib, name, g, b, kargs),
+            inplace=True,
+            kernel=name,
+            stream=stream,
+            check=lambda: launcher._check_args(name, lib.signature(name), kargs),
+        )
 
 
 class Module:

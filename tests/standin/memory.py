@@ -18,6 +18,7 @@ the graph lives (the stand-in's graph holds it); in CuPy it returns to its pool 
 is freed, though the graph still writes it, which is why capture should allocate from a pool of
 its own.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,7 @@ from . import devices, graph
 from .counters import current
 
 ALLOCATION_UNIT_SIZE = 512  # memory.pyx: cudaMalloc() is aligned to at least 512 bytes
-_DEVICE_BYTES = 80 * 2**30  # the stand-in GPU's totalGlobalMem (module._runtime)
+_DEVICE_BYTES = devices.DEFAULT_MEMORY  # the stand-in GPU's totalGlobalMem (module._runtime)
 _addresses = itertools.count(1)
 
 
@@ -50,7 +51,7 @@ class OutOfMemoryError(MemoryError):
 class _Memory:
     """A block of device memory (CuPy's PooledMemory, or Memory for the raw allocator)."""
 
-    def __init__(self, size: int, pool: "MemoryPool | None"):
+    def __init__(self, size: int, pool: MemoryPool | None):
         self.size, self.device_id = size, devices.machine().current
         self.ptr = 0x7D0000000000 + (next(_addresses) << 32) if size else 0  # a fake device address
         self.pool = weakref.ref(pool) if pool is not None else None
@@ -207,6 +208,18 @@ def using_allocator(allocator=None):
 def reset() -> None:
     _global[0] = None
     _tls.allocator = None
+    _default_pool[0] = None
+
+
+_default_pool: list = [None]
+
+
+def get_default_memory_pool():
+    """cupy.get_default_memory_pool: the process's pool (the stand-in's default allocator does not
+    draw from it: its buffers are plain device memory; ``free_all_blocks`` is a no-op for them)."""
+    if _default_pool[0] is None:
+        _default_pool[0] = MemoryPool()
+    return _default_pool[0]
 
 
 def _pool(memptr):
@@ -219,9 +232,29 @@ def _forget(key: int, ref) -> None:
         del _owners[key]
 
 
+def _charge_device(buf: np.ndarray) -> None:
+    """Charge ``buf`` to the GPU's memory while devices.device_memory sets one: OutOfMemoryError
+    (CuPy's, its message) past it; given back when ``buf`` is freed."""
+    m = devices.machine()
+    if m.memory is None:
+        return
+    size = _round(buf.nbytes)
+    if m.in_use + size > m.memory:
+        raise OutOfMemoryError(size, m.in_use)
+    m.in_use += size
+    m.peak = max(m.peak, m.in_use)
+    weakref.finalize(buf, _uncharge, m, size)
+
+
+def _uncharge(m, size: int) -> None:
+    if m.memory is not None:
+        m.in_use = max(0, m.in_use - size)
+
+
 def allocated(buf: np.ndarray) -> np.ndarray:
     """A new device buffer: counted, charged to the current allocator (unless the default) for as
     long as it lives, and noted against the current stream's capture. Returns ``buf``."""
+    _charge_device(buf)
     current().alloc(buf.nbytes)
     allocator = get_allocator()
     pool = None
@@ -247,5 +280,16 @@ def pool_of(array):
     return None
 
 
-__all__ = ["MemoryPool", "MemoryPointer", "OutOfMemoryError", "using_allocator", "set_allocator", "get_allocator",
-           "allocated", "pool_of", "reset", "ALLOCATION_UNIT_SIZE"]
+__all__ = [
+    "MemoryPool",
+    "MemoryPointer",
+    "OutOfMemoryError",
+    "using_allocator",
+    "set_allocator",
+    "get_allocator",
+    "get_default_memory_pool",
+    "allocated",
+    "pool_of",
+    "reset",
+    "ALLOCATION_UNIT_SIZE",
+]

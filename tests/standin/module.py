@@ -6,6 +6,7 @@ NumPy function on the device buffers, one launch of the right kind); the rest ar
 Work is issued through tests/standin/graph.py (recorded, not run, on a capturing stream); new
 buffers go through tests/standin/memory.py.
 """
+
 from __future__ import annotations
 
 import time
@@ -20,8 +21,28 @@ from .array import StandinGap, ndarray, unwrap, wrap
 from .counters import current
 from .graph import Stream, get_current_stream  # noqa: F401  (cupy.cuda's, defined with capture)
 
-_REDUCTIONS = {"sum", "prod", "max", "min", "amax", "amin", "argmax", "argmin", "mean", "var", "std", "all", "any",
-               "count_nonzero", "nansum", "nanmax", "nanmin", "argsort", "sort", "cumsum"}
+_REDUCTIONS = {
+    "sum",
+    "prod",
+    "max",
+    "min",
+    "amax",
+    "amin",
+    "argmax",
+    "argmin",
+    "mean",
+    "var",
+    "std",
+    "all",
+    "any",
+    "count_nonzero",
+    "nansum",
+    "nanmax",
+    "nanmin",
+    "argsort",
+    "sort",
+    "cumsum",
+}
 _CREATION = {"empty": np.empty, "zeros": np.zeros, "ones": np.ones, "full": np.full}
 # CuPy reads how many values there are (a device-to-host copy) to size these results
 _VALUE_SIZED = {"nonzero", "flatnonzero", "argwhere", "unique"}
@@ -45,8 +66,10 @@ def _create(name):
     def create(shape, *args, **kwargs):
         def make():
             return _CREATION[name](shape, *args, **kwargs)
+
         a = graph.fresh(make()) if name == "empty" else graph.launch("fill", make)
         return ndarray._of(memory.allocated(a))
+
     return create
 
 
@@ -59,8 +82,10 @@ def _like(name):
 
         def make():
             return getattr(np, name)(src, *args, **kwargs)
+
         out = graph.fresh(make()) if base == "empty" else graph.launch("fill", make)
         return ndarray._of(memory.allocated(out))
+
     return like
 
 
@@ -93,8 +118,11 @@ def ascontiguousarray(a, dtype=None):
     if a._a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
         return a
     src = a._a
-    out = graph.launch("copy", lambda: np.ascontiguousarray(src, dtype=dtype),
-                       meta=lambda: np.empty(src.shape, src.dtype if dtype is None else dtype))
+    out = graph.launch(
+        "copy",
+        lambda: np.ascontiguousarray(src, dtype=dtype),
+        meta=lambda: np.empty(src.shape, src.dtype if dtype is None else dtype),
+    )
     current().copy(out.nbytes, layout=dtype is None or np.dtype(dtype) == a.dtype, site="ascontiguousarray")
     return wrap(out)
 
@@ -102,6 +130,7 @@ def ascontiguousarray(a, dtype=None):
 def arange(start, stop=None, step=1, dtype=None):
     def make():
         return np.arange(start, stop, step, dtype=dtype) if stop is not None else np.arange(start, dtype=dtype)
+
     return wrap(graph.launch("elementwise", make))
 
 
@@ -235,23 +264,26 @@ def _generic(name):
         if isinstance(fn, np.ufunc):
             meta = null_mode.ufunc_meta(fn, np_args, np_kwargs)
         elif kind == "reduction" and np_args:
-            meta = null_mode.reduction_meta(name, lambda z: fn(z, *np_args[1:], **np_kwargs), np_args[0],
-                                            tuple(np_args[1:]), np_kwargs)
+            meta = null_mode.reduction_meta(
+                name, lambda z: fn(z, *np_args[1:], **np_kwargs), np_args[0], tuple(np_args[1:]), np_kwargs
+            )
         else:
             meta = None
-        return wrap(graph.launch(kind, lambda: fn(*np_args, **np_kwargs), inputs=graph._arrays(np_args, np_kwargs),
-                                 meta=meta))
+        return wrap(graph.launch(kind, lambda: fn(*np_args, **np_kwargs), inputs=graph._arrays(np_args, np_kwargs), meta=meta))
+
     return call
 
 
 def elementwise_from(site: str, fn):
     """A CuPy elementwise function computed by the NumPy-compatible ``fn`` (one launch)."""
+
     def call(x, *args, **kwargs):
         if args or kwargs:
             raise StandinGap(f"{site}: the stand-in simulates one array argument, got more")
         src = unwrap(x, site)
         meta = null_mode.ufunc_meta(fn, (src,), {}) if isinstance(fn, np.ufunc) else None
         return wrap(graph.launch("elementwise", lambda: fn(src), meta=meta))
+
     return call
 
 
@@ -275,6 +307,7 @@ class Generator:
             """A draw; captured, each replay draws anew (the generator's state lives on the device)."""
             surface.check_call("cupy.random.Generator", name, args, kwargs, method=True)
             return wrap(graph.launch("curand", lambda: np.asarray(getattr(self._g, name)(*args, **kwargs))))
+
         return draw
 
 
@@ -301,6 +334,11 @@ class Device:
     @property
     def pci_bus_id(self):
         return devices.pci_bus_id(devices.machine().physical(self.id))
+
+    @property
+    def mem_info(self):
+        """(free, total) bytes of this GPU, as cudaMemGetInfo (devices.device_memory sets them)."""
+        return _mem_get_info()
 
     def synchronize(self):
         _device_synchronize()
@@ -381,8 +419,9 @@ def get_elapsed_time(start_event, end_event):
         if e._t is None:
             raise devices.CUDARuntimeError("cudaErrorInvalidResourceHandle: invalid resource handle")
         if not e._timing:
-            raise devices.CUDARuntimeError("cudaErrorInvalidResourceHandle: invalid resource handle "
-                                           "(an event made with disable_timing=True)")
+            raise devices.CUDARuntimeError(
+                "cudaErrorInvalidResourceHandle: invalid resource handle (an event made with disable_timing=True)"
+            )
     return (end_event._t - start_event._t) * 1e3
 
 
@@ -394,16 +433,35 @@ def _device_count():
     return count
 
 
+device_free: list = [None]  # what memGetInfo reports free (None: all of it); tests set it
+
+
+def _mem_get_info():
+    """cudaMemGetInfo -> (free, total) bytes of the current device: the stand-in keeps no device of
+    its own, so all of it is free unless a test sets ``device_free[0]``."""
+    m, total = devices.machine(), devices.total_memory()
+    if m.memory is not None:  # devices.device_memory: what the live buffers leave
+        return max(0, total - m.in_use), total
+    return (total if device_free[0] is None else int(device_free[0])), total
+
+
 def _runtime():
-    props = {"name": b"cnn_gpu CuPy stand-in (emulated sm_90)", "totalGlobalMem": 80 * 2**30, "major": 9, "minor": 0,
-             "multiProcessorCount": 132}
+    props = {"name": b"cnn_gpu CuPy stand-in (emulated sm_90)", "major": 9, "minor": 0, "multiProcessorCount": 132}
     ns = types.SimpleNamespace(
-        getDeviceCount=_device_count, getDeviceProperties=lambda i: dict(props), runtimeGetVersion=lambda: 12090,
-        driverGetVersion=lambda: 12090, deviceSynchronize=_device_synchronize,
-        streamIsCapturing=graph.stream_is_capturing, streamCaptureModeGlobal=graph.CAPTURE_MODE_GLOBAL,
+        getDeviceCount=_device_count,
+        getDeviceProperties=lambda i: dict(props, totalGlobalMem=devices.total_memory()),
+        runtimeGetVersion=lambda: 12090,
+        driverGetVersion=lambda: 12090,
+        deviceSynchronize=_device_synchronize,
+        memGetInfo=_mem_get_info,
+        streamIsCapturing=graph.stream_is_capturing,
+        streamCaptureModeGlobal=graph.CAPTURE_MODE_GLOBAL,
         streamCaptureModeThreadLocal=graph.CAPTURE_MODE_THREAD_LOCAL,
-        streamCaptureModeRelaxed=graph.CAPTURE_MODE_RELAXED, streamLegacy=graph.STREAM_LEGACY,
-        streamPerThread=graph.STREAM_PER_THREAD, CUDARuntimeError=devices.CUDARuntimeError)
+        streamCaptureModeRelaxed=graph.CAPTURE_MODE_RELAXED,
+        streamLegacy=graph.STREAM_LEGACY,
+        streamPerThread=graph.STREAM_PER_THREAD,
+        CUDARuntimeError=devices.CUDARuntimeError,
+    )
     for n in vars(ns):
         assert surface.has("cupy.cuda.runtime", n), n
     return ns
@@ -413,8 +471,17 @@ def namespace_functions() -> dict[str, Any]:
     """The stand-in's cupy-level callables, by name (each checked against the real surface)."""
     funcs: dict[str, Any] = {n: _create(n) for n in _CREATION}
     funcs.update({n: _like(n) for n in ("empty_like", "zeros_like", "ones_like", "full_like")})
-    funcs.update(asarray=asarray, array=array, asnumpy=asnumpy, ascontiguousarray=ascontiguousarray, arange=arange,
-                 matmul=matmul, dot=dot, concatenate=concatenate, get_array_module=get_array_module)
+    funcs.update(
+        asarray=asarray,
+        array=array,
+        asnumpy=asnumpy,
+        ascontiguousarray=ascontiguousarray,
+        arange=arange,
+        matmul=matmul,
+        dot=dot,
+        concatenate=concatenate,
+        get_array_module=get_array_module,
+    )
     return {n: _checked("cupy", n, f) for n, f in funcs.items()}
 
 
@@ -428,5 +495,14 @@ def generic_function(name: str):
     return None
 
 
-__all__ = ["namespace_functions", "generic_function", "Generator", "default_rng", "Device", "matmul", "cublas_gemm",
-           "asarray", "StandinGap"]
+__all__ = [
+    "namespace_functions",
+    "generic_function",
+    "Generator",
+    "default_rng",
+    "Device",
+    "matmul",
+    "cublas_gemm",
+    "asarray",
+    "StandinGap",
+]

@@ -12,6 +12,7 @@ values are nccl.h's.
 NCCL collectives can be captured: on a capturing stream (the ``stream`` handle) a collective is
 logged when called and recorded into the CUDA graph, which runs it at each replay
 (tests/standin/graph.py)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -26,8 +27,13 @@ NCCL_UNIQUE_ID_BYTES = 128  # nccl.h
 NCCL_INT8, NCCL_UINT8, NCCL_INT32, NCCL_UINT32, NCCL_INT64, NCCL_UINT64 = 0, 1, 2, 3, 4, 5
 NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64 = 6, 7, 8
 NCCL_SUM, NCCL_PROD, NCCL_MAX, NCCL_MIN, NCCL_AVG = 0, 1, 2, 3, 4
-_CTYPES = {NCCL_FLOAT16: np.float16, NCCL_FLOAT32: np.float32, NCCL_FLOAT64: np.float64, NCCL_INT32: np.int32,
-           NCCL_INT64: np.int64}
+_CTYPES = {
+    NCCL_FLOAT16: np.float16,
+    NCCL_FLOAT32: np.float32,
+    NCCL_FLOAT64: np.float64,
+    NCCL_INT32: np.int32,
+    NCCL_INT64: np.int64,
+}
 available = True
 log: list = []  # every call: (name, args...)
 
@@ -87,6 +93,7 @@ class NcclCommunicator:
 
         def run():
             dst[...] = src * scale if op == NCCL_SUM else src
+
         graph.launch("nccl", run, inplace=True, stream=stream)
 
     def bcast(self, buff, count, datatype, root, stream):
@@ -100,5 +107,11 @@ class NcclCommunicator:
 
 
 def members() -> dict:
-    return {"available": available, "log": log, "get_unique_id": get_unique_id, "NcclCommunicator": NcclCommunicator,
-            "NcclError": NcclError, **{k: v for k, v in globals().items() if k.startswith("NCCL_") and k != "NCCL_UNIQUE_ID_BYTES"}}
+    return {
+        "available": available,
+        "log": log,
+        "get_unique_id": get_unique_id,
+        "NcclCommunicator": NcclCommunicator,
+        "NcclError": NcclError,
+        **{k: v for k, v in globals().items() if k.startswith("NCCL_") and k != "NCCL_UNIQUE_ID_BYTES"},
+    }

@@ -24,11 +24,12 @@ not counted.
 Not CuPy's API: test and benchmark support (benchmarks/gpu_budget.py --host-time). The stand-in's
 own per-call overhead (its API-surface checks, ctypes checks, Python wrappers) is not CuPy's, so
 host times measured this way are our Python's cost plus the stand-in's, not a real GPU's."""
+
 from __future__ import annotations
 
 import collections
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -84,11 +85,13 @@ def _empty_as(shape, r):
 def ufunc_meta(ufunc, args, kwargs):
     """The unwritten result of ``ufunc(*args, **kwargs)`` (no ``out``): the broadcast shape, the
     dtype the ufunc gives for these dtypes (found on 0-d zeros)."""
+
     def meta():
         shape = np.broadcast_shapes(*(np.shape(a) for a in args))
         with np.errstate(all="ignore"):
             r = ufunc(*(_zero(a) for a in args), **kwargs)
         return _empty_as(shape, r)
+
     return meta
 
 
@@ -114,20 +117,26 @@ def reduction_meta(name: str, fn, a: np.ndarray, args: tuple, kwargs: dict):
             axes = {int(ax) % nd if nd else 0 for ax in axes}
         except TypeError:
             return None
-        shape = tuple(1 if i in axes else s for i, s in enumerate(a.shape)) if keep else tuple(
-            s for i, s in enumerate(a.shape) if i not in axes)
+        shape = (
+            tuple(1 if i in axes else s for i, s in enumerate(a.shape))
+            if keep
+            else tuple(s for i, s in enumerate(a.shape) if i not in axes)
+        )
 
     def meta():
         with np.errstate(all="ignore"):
             r = fn(np.zeros((1,) * nd, a.dtype))  # the dtype this reduction gives
         return np.empty(shape, np.asarray(r).dtype)
+
     return meta
 
 
 def matmul_shape(a_shape: tuple, b_shape: tuple) -> tuple:
     """The shape of ``numpy.matmul`` of operands shaped ``a_shape`` and ``b_shape``."""
-    a2, b2 = (1,) + tuple(a_shape) if len(a_shape) == 1 else tuple(a_shape), \
-        tuple(b_shape) + (1,) if len(b_shape) == 1 else tuple(b_shape)
+    a2, b2 = (
+        (1,) + tuple(a_shape) if len(a_shape) == 1 else tuple(a_shape),
+        tuple(b_shape) + (1,) if len(b_shape) == 1 else tuple(b_shape),
+    )
     shape = np.broadcast_shapes(a2[:-2], b2[:-2]) + (a2[-2], b2[-1])
     if len(a_shape) == 1:
         shape = shape[:-2] + shape[-1:]

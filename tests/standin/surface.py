@@ -10,6 +10,7 @@ A CuPy module that loads a CUDA library when imported (``cupy.cublas`` needs lib
 machine without CUDA lacks) is read from its source file instead: its top-level functions and
 classes, and each function's parameter list (defaults as None).
 """
+
 from __future__ import annotations
 
 import ast
@@ -23,7 +24,8 @@ from typing import Any
 
 _UFUNC_SIG = inspect.Signature(
     [inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)]
-    + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in ("out", "casting", "dtype")])
+    + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in ("out", "casting", "dtype")]
+)
 
 
 _REAL = importlib.import_module("cupy")  # captured before any stand-in takes its place in sys.modules
@@ -38,7 +40,7 @@ def real_cupy():
     return _REAL
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source_defs(path: str) -> dict:
     """{name: ast node} of the top-level functions and classes of CuPy module ``path`` (a SOURCE_ONLY one)."""
     file = Path(_REAL.__file__).parent.joinpath(*path.split(".")[1:]).with_suffix(".py")
@@ -70,7 +72,7 @@ def _source_signature(fn: ast.FunctionDef) -> inspect.Signature | None:
     return _signature_of(ast.unparse(args))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def namespace(path: str):
     """The real object at ``path`` ("cupy", "cupy.random", "cupy.ndarray", ...)."""
     parts = path.split(".")
@@ -82,14 +84,14 @@ def namespace(path: str):
     return obj
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def names(path: str) -> frozenset:
     if path in SOURCE_ONLY:
         return frozenset(_source_defs(path))
     return frozenset(dir(namespace(path)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has(path: str, name: str) -> bool:
     """Whether the real ``path`` has ``name`` (listed by dir(), or loaded lazily on access)."""
     if path in SOURCE_ONLY:
@@ -129,7 +131,7 @@ def _from_docstring(obj: Any) -> inspect.Signature | None:
     return _signature_of(", ".join(cleaned))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def signature(path: str, name: str) -> inspect.Signature | None:
     """The signature of ``path.name`` (methods include ``self``), or None when CuPy gives none."""
     if path in SOURCE_ONLY:
@@ -144,7 +146,7 @@ def signature(path: str, name: str) -> inspect.Signature | None:
         return _from_docstring(obj)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_signature(module: str, qualname: str) -> list[tuple[str, str, bool]] | None:
     """The typed parameters [(C type or "", name, has a default)] of ``qualname`` in the compiled
     CuPy module ``module`` (e.g. "cupy_backends.cuda.libs.nccl", "NcclCommunicator.allReduce"),
