@@ -357,7 +357,7 @@ def ImageFolder(
     path: str | os.PathLike,
     image_size: Any = None,
     channels: int | None = None,
-    *,  # noqa: N802
+    *,
     test_fraction: float = 0.1,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
