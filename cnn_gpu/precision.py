@@ -153,22 +153,38 @@ class LossScaler:
         self.found.fill(0)
 
 
-#: the layers with float16 kernels (docs/PRECISION.md); containers hold others
-FLOAT16_LAYERS = ("Conv2d", "Linear", "MaxPool2d", "AvgPool2d", "ReLU", "Flatten", "Dropout", "Residual", "Sequential")
+#: the layers with float16 kernels (all of cnn_gpu.nn's; docs/PRECISION.md): a model of these trains in fp16
+FLOAT16_LAYERS = (
+    "Conv2d",
+    "Linear",
+    "MaxPool2d",
+    "AvgPool2d",
+    "AdaptiveAvgPool2d",
+    "BatchNorm2d",
+    "BatchNorm1d",
+    "ReLU",
+    "LeakyReLU",
+    "Sigmoid",
+    "Tanh",
+    "GELU",
+    "Flatten",
+    "Dropout",
+    "Residual",
+    "Sequential",
+)
 
 
 def _check_layers(model) -> None:
-    """ValueError naming the first layer float16 training cannot run (its kernels are float32 /
-    float64 only, or it is not a cuda-engine op): BatchNorm, depthwise convolution, adaptive pooling,
-    the other activations."""
+    """ValueError naming the first layer that is not one of cnn_gpu's (:data:`FLOAT16_LAYERS`): a
+    layer of the user's own may call ops whose kernels are float32 / float64 only (they would refuse
+    float16 arrays mid-step), so fp16 refuses it before the first step. The model itself may be any
+    container of them."""
     for name, m in model.named_modules():
         kind = type(m).__name__
-        depthwise = kind == "Conv2d" and getattr(m, "groups", 1) > 1 and m.groups == getattr(m, "in_channels", 0)
-        if (kind not in FLOAT16_LAYERS and m is not model) or depthwise:
-            what = "a depthwise Conv2d" if depthwise else kind
+        if m is not model and (kind not in FLOAT16_LAYERS or not type(m).__module__.startswith("cnn_gpu.")):
             raise ValueError(
-                f"model: precision='fp16' has no float16 kernels for {what} (layer {name!r}) yet; "
-                f"it runs {', '.join(FLOAT16_LAYERS[:-2])} (use precision='fp32' or 'tf32')"
+                f"model: precision='fp16' runs cnn_gpu's layers ({', '.join(FLOAT16_LAYERS)}), whose float16 "
+                f"kernels it knows; layer {name!r} is a {kind} (use precision='fp32' or 'tf32')"
             )
 
 

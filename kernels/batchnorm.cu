@@ -26,6 +26,10 @@
 //                               g = delta (* gamma), dx = (g - (sum(g) + xhat * sum(g xhat)) / M) * invstd
 //                               (batch statistics), or dx = g * invstd (fixed statistics)
 // The operation order is the reference's (cnn_gpu/functional/reference.py).
+// Float16 storage (the _f16 entry points, kernels/common.cuh): x, y, dy, dx, gamma and beta are T,
+// everything statistical is CNN_ACC(T) (float for __half): the partial sums, mean / invstd, the
+// running statistics, dgamma / dbeta (float32 Parameter.grad) and the scalars; the arithmetic is
+// CNN_ACC(T), each value read with cnn_ld and rounded once where y or dx is stored (cnn_st).
 #include "common.cuh"
 
 // f(o) for this thread's values of segment s (of S) of channel c: o = (n*C + c)*P + p, the offset of
@@ -64,49 +68,54 @@ __device__ __forceinline__ T cnn_bn_channel_total(const T* part, int c, int S, T
     return cnn_block_sum(v, sh);
 }
 
-#define BN_SUM_PARAMS(T) const T* __restrict__ x, T* __restrict__ part_sum, int N, int C, int P, int S
+#define BN_SUM_PARAMS(T) const T* __restrict__ x, CNN_ACC(T)* __restrict__ part_sum, int N, int C, int P, int S
 #define BN_SUM_ARGS x, part_sum, N, C, P, S
 
 template <typename T>
 __device__ __forceinline__ void batch_norm_sum_body(BN_SUM_PARAMS(T)) {
-    __shared__ T sh[CNN_MAX_BLOCK];
+    typedef CNN_ACC(T) A;
+    __shared__ A sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
     cnn_bn_blocks(C, S, [&](int c, int s) {  // segment s of channel c
-        T part = T(0);
-        cnn_bn_segment(c, s, S, C, P, M, [&](long long o) { part += x[o]; });
+        A part = A(0);
+        cnn_bn_segment(c, s, S, C, P, M, [&](long long o) { part += cnn_ld(x[o]); });
         part = cnn_block_sum(part, sh);
         if (threadIdx.x == 0) part_sum[(long long)c * S + s] = part;
     });
 }
-CNN_ENTRY_POINTS(batch_norm_sum, BN_SUM_PARAMS, BN_SUM_ARGS)
+CNN_ENTRY_POINTS_FP16(batch_norm_sum, BN_SUM_PARAMS, BN_SUM_ARGS)
 
-#define BN_SQ_PARAMS(T) \
-    const T* __restrict__ x, const T* __restrict__ part_sum, T* __restrict__ part_sq, int N, int C, int P, int S
+#define BN_SQ_PARAMS(T)                                                                                 \
+    const T* __restrict__ x, const CNN_ACC(T)* __restrict__ part_sum, CNN_ACC(T)* __restrict__ part_sq, int N, \
+    int C, int P, int S
 #define BN_SQ_ARGS x, part_sum, part_sq, N, C, P, S
 
 template <typename T>
 __device__ __forceinline__ void batch_norm_sq_body(BN_SQ_PARAMS(T)) {
-    __shared__ T sh[CNN_MAX_BLOCK];
+    typedef CNN_ACC(T) A;
+    __shared__ A sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
     cnn_bn_blocks(C, S, [&](int c, int s) {  // segment s of channel c
-        const T mean = cnn_bn_channel_total(part_sum, c, S, sh) / T(M);
-        T part = T(0);
+        const A mean = cnn_bn_channel_total(part_sum, c, S, sh) / A(M);
+        A part = A(0);
         cnn_bn_segment(c, s, S, C, P, M, [&](long long o) {
-            const T d = x[o] - mean;
+            const A d = cnn_ld(x[o]) - mean;
             part += d * d;
         });
         part = cnn_block_sum(part, sh);
         if (threadIdx.x == 0) part_sq[(long long)c * S + s] = part;
     });
 }
-CNN_ENTRY_POINTS(batch_norm_sq, BN_SQ_PARAMS, BN_SQ_ARGS)
+CNN_ENTRY_POINTS_FP16(batch_norm_sq, BN_SQ_PARAMS, BN_SQ_ARGS)
 
+// (x, y, gamma, beta: T; the statistics, running statistics, partial sums and scalars: CNN_ACC(T))
 #define BN_FWD_PARAMS(T)                                                                                  \
     const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ gamma, const T* __restrict__ beta,  \
-    const T* __restrict__ part_sum, const T* __restrict__ part_sq, T* running_mean, T* running_var,       \
-    T* __restrict__ mean_out, T* __restrict__ invstd_out, long long* num_batches_tracked, int N, int C,   \
-    int P, int S, int has_gamma, int has_beta, int batch_stats, int update_running, int count_batch,       \
-    int relu, T keep, T m, T m_unbiased, T eps
+    const CNN_ACC(T)* __restrict__ part_sum, const CNN_ACC(T)* __restrict__ part_sq,                      \
+    CNN_ACC(T)* running_mean, CNN_ACC(T)* running_var, CNN_ACC(T)* __restrict__ mean_out,                 \
+    CNN_ACC(T)* __restrict__ invstd_out, long long* num_batches_tracked, int N, int C, int P, int S,       \
+    int has_gamma, int has_beta, int batch_stats, int update_running, int count_batch, int relu,          \
+    CNN_ACC(T) keep, CNN_ACC(T) m, CNN_ACC(T) m_unbiased, CNN_ACC(T) eps
 #define BN_FWD_ARGS                                                                                       \
     x, y, gamma, beta, part_sum, part_sq, running_mean, running_var, mean_out, invstd_out,                \
     num_batches_tracked, N, C, P, S, has_gamma, has_beta, batch_stats, update_running, count_batch, relu, \
@@ -114,18 +123,19 @@ CNN_ENTRY_POINTS(batch_norm_sq, BN_SQ_PARAMS, BN_SQ_ARGS)
 
 template <typename T>
 __device__ __forceinline__ void batch_norm_forward_body(BN_FWD_PARAMS(T)) {
-    __shared__ T sh[CNN_MAX_BLOCK];
+    typedef CNN_ACC(T) A;
+    __shared__ A sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
     cnn_bn_blocks(C, S, [&](int c, int s) {  // segment s of channel c
-        T mean, var;
+        A mean, var;
         if (batch_stats) {
-            mean = cnn_bn_channel_total(part_sum, c, S, sh) / T(M);
-            var = cnn_bn_channel_total(part_sq, c, S, sh) / T(M);
+            mean = cnn_bn_channel_total(part_sum, c, S, sh) / A(M);
+            var = cnn_bn_channel_total(part_sq, c, S, sh) / A(M);
         } else {
             mean = running_mean[c];
             var = running_var[c];
         }
-        const T invstd = T(1) / cnn_sqrt(var + eps);
+        const A invstd = A(1) / cnn_sqrt(var + eps);
         if (s == 0 && threadIdx.x == 0) {
             mean_out[c] = mean;
             invstd_out[c] = invstd;
@@ -135,41 +145,42 @@ __device__ __forceinline__ void batch_norm_forward_body(BN_FWD_PARAMS(T)) {
             }
             if (count_batch && c == 0) num_batches_tracked[0] += 1;  // one block has (c, s) = (0, 0)
         }
-        const T g = has_gamma ? gamma[c] : T(1);
-        const T bt = has_beta ? beta[c] : T(0);
+        const A g = has_gamma ? cnn_ld(gamma[c]) : A(1);
+        const A bt = has_beta ? cnn_ld(beta[c]) : A(0);
         cnn_bn_segment(c, s, S, C, P, M, [&](long long o) {
-            T v = (x[o] - mean) * invstd;
+            A v = (cnn_ld(x[o]) - mean) * invstd;
             if (has_gamma) v = v * g;
             if (has_beta) v = v + bt;
-            y[o] = relu ? cnn_relu(v) : v;
+            y[o] = cnn_st<T>(relu ? cnn_relu(v) : v);
         });
     });
 }
-CNN_ENTRY_POINTS(batch_norm_forward, BN_FWD_PARAMS, BN_FWD_ARGS)
+CNN_ENTRY_POINTS_FP16(batch_norm_forward, BN_FWD_PARAMS, BN_FWD_ARGS)
 
 // dy, or dy * relu'(y) with the fused ReLU (a product: a NaN in dy stays NaN, as in the reference)
 template <typename T>
-__device__ __forceinline__ T cnn_bn_delta(const T* dy, const T* y, long long o, int relu) {
-    return relu ? cnn_relu_grad(dy[o], y[o]) : dy[o];
+__device__ __forceinline__ CNN_ACC(T) cnn_bn_delta(const T* dy, const T* y, long long o, int relu) {
+    return relu ? cnn_relu_grad(cnn_ld(dy[o]), cnn_ld(y[o])) : cnn_ld(dy[o]);
 }
 
 #define BN_BSUM_PARAMS(T)                                                                                 \
-    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ mean, \
-    const T* __restrict__ invstd, T* __restrict__ part_dy, T* __restrict__ part_dyx, int N, int C, int P, \
-    int S, int relu
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y,                           \
+    const CNN_ACC(T)* __restrict__ mean, const CNN_ACC(T)* __restrict__ invstd,                           \
+    CNN_ACC(T)* __restrict__ part_dy, CNN_ACC(T)* __restrict__ part_dyx, int N, int C, int P, int S, int relu
 #define BN_BSUM_ARGS dy, x, y, mean, invstd, part_dy, part_dyx, N, C, P, S, relu
 
 template <typename T>
 __device__ __forceinline__ void batch_norm_backward_sums_body(BN_BSUM_PARAMS(T)) {
-    __shared__ T sh[CNN_MAX_BLOCK];
+    typedef CNN_ACC(T) A;
+    __shared__ A sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
     cnn_bn_blocks(C, S, [&](int c, int s) {  // segment s of channel c
-        const T mu = mean[c], is = invstd[c];
-        T sum_dy = T(0), sum_dyx = T(0);
+        const A mu = mean[c], is = invstd[c];
+        A sum_dy = A(0), sum_dyx = A(0);
         cnn_bn_segment(c, s, S, C, P, M, [&](long long o) {
-            const T d = cnn_bn_delta(dy, y, o, relu);
+            const A d = cnn_bn_delta(dy, y, o, relu);
             sum_dy += d;
-            sum_dyx += d * ((x[o] - mu) * is);
+            sum_dyx += d * ((cnn_ld(x[o]) - mu) * is);
         });
         sum_dy = cnn_block_sum(sum_dy, sh);
         sum_dyx = cnn_block_sum(sum_dyx, sh);
@@ -179,43 +190,47 @@ __device__ __forceinline__ void batch_norm_backward_sums_body(BN_BSUM_PARAMS(T))
         }
     });
 }
-CNN_ENTRY_POINTS(batch_norm_backward_sums, BN_BSUM_PARAMS, BN_BSUM_ARGS)
+CNN_ENTRY_POINTS_FP16(batch_norm_backward_sums, BN_BSUM_PARAMS, BN_BSUM_ARGS)
 
+// (dy, x, y, gamma, dx: T; the statistics, partial sums and dgamma, dbeta: CNN_ACC(T), float32
+// Parameter.grad arrays in float16 training)
 #define BN_BWD_PARAMS(T)                                                                                  \
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ gamma, \
-    const T* __restrict__ mean, const T* __restrict__ invstd, const T* __restrict__ part_dy,              \
-    const T* __restrict__ part_dyx, T* __restrict__ dx, T* __restrict__ dgamma, T* __restrict__ dbeta,    \
-    int N, int C, int P, int S, int has_gamma, int has_beta, int batch_stats, int relu, int accumulate
+    const CNN_ACC(T)* __restrict__ mean, const CNN_ACC(T)* __restrict__ invstd,                           \
+    const CNN_ACC(T)* __restrict__ part_dy, const CNN_ACC(T)* __restrict__ part_dyx, T* __restrict__ dx,  \
+    CNN_ACC(T)* __restrict__ dgamma, CNN_ACC(T)* __restrict__ dbeta, int N, int C, int P, int S,          \
+    int has_gamma, int has_beta, int batch_stats, int relu, int accumulate
 #define BN_BWD_ARGS                                                                                       \
     dy, x, y, gamma, mean, invstd, part_dy, part_dyx, dx, dgamma, dbeta, N, C, P, S, has_gamma, has_beta, \
     batch_stats, relu, accumulate
 
 template <typename T>
 __device__ __forceinline__ void batch_norm_backward_body(BN_BWD_PARAMS(T)) {
-    __shared__ T sh[CNN_MAX_BLOCK];
+    typedef CNN_ACC(T) A;
+    __shared__ A sh[CNN_MAX_BLOCK];
     const long long M = (long long)N * P;
     cnn_bn_blocks(C, S, [&](int c, int s) {  // segment s of channel c
-        const T mu = mean[c], is = invstd[c];
-        const T g = has_gamma ? gamma[c] : T(1);
-        const T sum_dy = cnn_bn_channel_total(part_dy, c, S, sh);
-        const T sum_dyx = cnn_bn_channel_total(part_dyx, c, S, sh);
+        const A mu = mean[c], is = invstd[c];
+        const A g = has_gamma ? cnn_ld(gamma[c]) : A(1);
+        const A sum_dy = cnn_bn_channel_total(part_dy, c, S, sh);
+        const A sum_dyx = cnn_bn_channel_total(part_dyx, c, S, sh);
         if (s == 0 && threadIdx.x == 0) {
             if (has_beta) dbeta[c] = accumulate ? dbeta[c] + sum_dy : sum_dy;
             if (has_gamma) dgamma[c] = accumulate ? dgamma[c] + sum_dyx : sum_dyx;
         }
-        const T sum_g = has_gamma ? sum_dy * g : sum_dy;
-        const T sum_gx = has_gamma ? sum_dyx * g : sum_dyx;
-        const T inv_m = T(1) / T(M);
+        const A sum_g = has_gamma ? sum_dy * g : sum_dy;
+        const A sum_gx = has_gamma ? sum_dyx * g : sum_dyx;
+        const A inv_m = A(1) / A(M);
         cnn_bn_segment(c, s, S, C, P, M, [&](long long o) {
-            const T d = cnn_bn_delta(dy, y, o, relu);
-            const T gj = has_gamma ? d * g : d;
+            const A d = cnn_bn_delta(dy, y, o, relu);
+            const A gj = has_gamma ? d * g : d;
             if (batch_stats) {
-                const T xhat = (x[o] - mu) * is;
-                dx[o] = (gj - (sum_g + xhat * sum_gx) * inv_m) * is;
+                const A xhat = (cnn_ld(x[o]) - mu) * is;
+                dx[o] = cnn_st<T>((gj - (sum_g + xhat * sum_gx) * inv_m) * is);
             } else {
-                dx[o] = gj * is;
+                dx[o] = cnn_st<T>(gj * is);
             }
         });
     });
 }
-CNN_ENTRY_POINTS(batch_norm_backward, BN_BWD_PARAMS, BN_BWD_ARGS)
+CNN_ENTRY_POINTS_FP16(batch_norm_backward, BN_BWD_PARAMS, BN_BWD_ARGS)

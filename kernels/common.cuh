@@ -84,6 +84,10 @@ __device__ __forceinline__ float cnn_log(float x) { return logf(x); }
 __device__ __forceinline__ double cnn_log(double x) { return log(x); }
 __device__ __forceinline__ float cnn_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double cnn_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float cnn_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double cnn_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ float cnn_erf(float x) { return erff(x); }
+__device__ __forceinline__ double cnn_erf(double x) { return erf(x); }
 
 template <typename T> struct cnn_limits;
 template <> struct cnn_limits<float> {

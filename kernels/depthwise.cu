@@ -18,6 +18,12 @@
 //                               `accumulate`: added into it (a Parameter.grad) instead
 // delta = dy (* (y > 0) with a fused ReLU, and db, from act_backward_bias_grad in epilogue.cu).
 // The taps are summed kh then kw, as the reference's GEMM rows (c*KH + kh)*KW + kw.
+//
+// float16 (CNN_ENTRY_POINTS_FP16): x, w, b, y, delta, dx are stored as T, read into CNN_ACC(T)
+// (float) with cnn_ld, summed in float and rounded once where stored (cnn_st); the weight
+// gradient's sums `part` (and so dw) are CNN_ACC(T), float32 for float16 storage (they go into a
+// float32 Parameter.grad; float16 sums would lose the small terms), and its second pass is
+// epilogue.cu's sum_segments_f32, as for the bias gradient.
 #include "common.cuh"
 
 #define DW_GEOM_PARAMS \
@@ -43,21 +49,21 @@ __device__ __forceinline__ void depthwise_conv_forward_body(DW_FWD_PARAMS(T)) {
         const long long n = nf / F;
         const T* xc = x + (n * C + f / M) * (long long)H * W;
         const T* wf = w + (long long)f * KH * KW;
-        T acc = T(0);
+        CNN_ACC(T) acc = 0;
         for (int kh = 0; kh < KH; ++kh) {
             const int ih = oh * SH - PH + kh * DH;
             if (ih < 0 || ih >= H) continue;
             for (int kw = 0; kw < KW; ++kw) {
                 const int iw = ow * SW - PW + kw * DW;
-                if (iw >= 0 && iw < W) acc += xc[(long long)ih * W + iw] * wf[kh * KW + kw];
+                if (iw >= 0 && iw < W) acc += cnn_ld(xc[(long long)ih * W + iw]) * cnn_ld(wf[kh * KW + kw]);
             }
         }
-        if (has_bias) acc += b[f];
+        if (has_bias) acc += cnn_ld(b[f]);
         if (relu) acc = cnn_relu(acc);
-        y[i] = acc;
+        y[i] = cnn_st<T>(acc);
     }
 }
-CNN_ENTRY_POINTS(depthwise_conv_forward, DW_FWD_PARAMS, DW_FWD_ARGS)
+CNN_ENTRY_POINTS_FP16(depthwise_conv_forward, DW_FWD_PARAMS, DW_FWD_ARGS)
 
 // ---- input gradient: a gather, one thread per element of dx ----------------------------------
 #define DW_DX_PARAMS(T) const T* __restrict__ delta, const T* __restrict__ w, T* __restrict__ dx, DW_GEOM_PARAMS
@@ -73,7 +79,7 @@ __device__ __forceinline__ void depthwise_conv_input_grad_body(DW_DX_PARAMS(T)) 
         const long long nc = i / ((long long)H * W);  // n*C + c
         const int c = (int)(nc % C);
         const long long n = nc / C;
-        T acc = T(0);
+        CNN_ACC(T) acc = 0;
         for (int m = 0; m < M; ++m) {
             const int f = c * M + m;
             const T* d = delta + (n * F + f) * (long long)OH * OW;
@@ -87,23 +93,26 @@ __device__ __forceinline__ void depthwise_conv_input_grad_body(DW_DX_PARAMS(T)) 
                     const int tw = iw + PW - kw * DW;
                     if (tw < 0 || tw % SW) continue;
                     const int ow = tw / SW;
-                    if (ow < OW) acc += d[(long long)oh * OW + ow] * wf[kh * KW + kw];
+                    if (ow < OW) acc += cnn_ld(d[(long long)oh * OW + ow]) * cnn_ld(wf[kh * KW + kw]);
                 }
             }
         }
-        dx[i] = acc;
+        dx[i] = cnn_st<T>(acc);
     }
 }
-CNN_ENTRY_POINTS(depthwise_conv_input_grad, DW_DX_PARAMS, DW_DX_ARGS)
+CNN_ENTRY_POINTS_FP16(depthwise_conv_input_grad, DW_DX_PARAMS, DW_DX_ARGS)
 
 // ---- weight gradient: a block per (weight, segment), a deterministic block reduction ----------
-#define DW_DW_PARAMS(T) \
-    const T* __restrict__ delta, const T* __restrict__ x, T* __restrict__ part, DW_GEOM_PARAMS, int S, int accumulate
+// part (R*S sums, or dw itself with S = 1) is CNN_ACC(T): float32 for float16 delta and x.
+#define DW_DW_PARAMS(T)                                                                          \
+    const T* __restrict__ delta, const T* __restrict__ x, CNN_ACC(T)* __restrict__ part, DW_GEOM_PARAMS, int S, \
+    int accumulate
 #define DW_DW_ARGS delta, x, part, DW_GEOM_ARGS, S, accumulate
 
 template <typename T>
 __device__ __forceinline__ void depthwise_conv_weight_grad_body(DW_DW_PARAMS(T)) {
-    __shared__ T sh[CNN_MAX_BLOCK];
+    typedef CNN_ACC(T) A;  // the sums' type: float for float16 storage (part is float too)
+    __shared__ A sh[CNN_MAX_BLOCK];
     const int M = F / C;
     const long long P = (long long)OH * OW;
     cnn_segment_blocks((long long)F * KH * KW, S, [&](long long r, int s) {  // segment s of weight r
@@ -111,12 +120,12 @@ __device__ __forceinline__ void depthwise_conv_weight_grad_body(DW_DW_PARAMS(T))
         const int kh = (int)((r / KW) % KH);
         const int f = (int)(r / ((long long)KW * KH));
         const long long c = f / M;
-        T sum = T(0);
+        A sum = 0;
         cnn_segment_values(s, S, N * P, P, [&](long long n, long long p) {  // p = oh*OW + ow
             const int ih = (int)(p / OW) * SH - PH + kh * DH;
             const int iw = (int)(p % OW) * SW - PW + kw * DW;
             if (ih >= 0 && ih < H && iw >= 0 && iw < W)
-                sum += delta[(n * F + f) * P + p] * x[((n * C + c) * H + ih) * (long long)W + iw];
+                sum += cnn_ld(delta[(n * F + f) * P + p]) * cnn_ld(x[((n * C + c) * H + ih) * (long long)W + iw]);
         });
         sum = cnn_block_sum(sum, sh);
         if (threadIdx.x == 0) {
@@ -125,4 +134,4 @@ __device__ __forceinline__ void depthwise_conv_weight_grad_body(DW_DW_PARAMS(T))
         }
     });
 }
-CNN_ENTRY_POINTS(depthwise_conv_weight_grad, DW_DW_PARAMS, DW_DW_ARGS)
+CNN_ENTRY_POINTS_FP16(depthwise_conv_weight_grad, DW_DW_PARAMS, DW_DW_ARGS)

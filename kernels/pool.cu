@@ -5,8 +5,8 @@
 // (computed on the host). Window of output (oh, ow): rows oh*SH - PH + kh, columns
 // ow*SW - PW + kw, taps scanned row-major (kh, then kw).
 // Backward kernels are gathers (one thread per input element): no atomics.
-// Max and average pooling have float16 entry points (CNN_ENTRY_POINTS_FP16): float sums, one
-// rounding at the store; the adaptive kernels are float32 / float64 only.
+// Every kernel here has a float16 entry point too (CNN_ENTRY_POINTS_FP16): float sums, one
+// rounding at the store.
 // Adaptive average pooling (torch's AdaptiveAvgPool2d windows): at the end of the file.
 #include "common.cuh"
 
@@ -170,8 +170,10 @@ __device__ __forceinline__ int cnn_adaptive_end(int o, int In, int O) {
 #define ADAPTIVE_ARGS src, dst, N, C, H, W, OH, OW
 
 // y = the mean of the window (its sum, row-major, divided by its size): one thread per y element.
+// float16: the sum and the quotient in float, rounded once at the store.
 template <typename T>
 __device__ __forceinline__ void adaptive_avg_pool2d_forward_body(ADAPTIVE_PARAMS(T)) {
+    typedef CNN_ACC(T) A;
     const long long total = (long long)N * C * OH * OW;
     CNN_GRID_STRIDE_LOOP(i, total) {  // src = x (N, C, H, W), dst = y (N, C, OH, OW)
         const int ow = (int)(i % OW);
@@ -179,20 +181,22 @@ __device__ __forceinline__ void adaptive_avg_pool2d_forward_body(ADAPTIVE_PARAMS
         const T* xp = src + (i / ((long long)OH * OW)) * H * W;
         const int h0 = cnn_adaptive_start(oh, H, OH), h1 = cnn_adaptive_end(oh, H, OH);
         const int w0 = cnn_adaptive_start(ow, W, OW), w1 = cnn_adaptive_end(ow, W, OW);
-        T sum = T(0);
+        A sum = 0;
         for (int h = h0; h < h1; ++h)
-            for (int w = w0; w < w1; ++w) sum += xp[(long long)h * W + w];
-        dst[i] = sum / T((h1 - h0) * (w1 - w0));
+            for (int w = w0; w < w1; ++w) sum += cnn_ld(xp[(long long)h * W + w]);
+        dst[i] = cnn_st<T>(sum / A((h1 - h0) * (w1 - w0)));
     }
 }
-CNN_ENTRY_POINTS(adaptive_avg_pool2d_forward, ADAPTIVE_PARAMS, ADAPTIVE_ARGS)
+CNN_ENTRY_POINTS_FP16(adaptive_avg_pool2d_forward, ADAPTIVE_PARAMS, ADAPTIVE_ARGS)
 
 // dx = the sum over the windows (oh, ow) that contain (h, w), in the reference's order (oh, then
 // ow), of dy * (1 / |window|) (the reciprocal rounded from double, as the reference's): a gather,
 // one thread per dx element. The windows containing h: oh in [floor(h*OH/H), ceil((h+1)*OH/H)),
 // the adaptive window of h in the inverse mapping (each candidate is checked all the same).
+// float16: the products and their sum in float (the reciprocal rounded to float), one rounding.
 template <typename T>
 __device__ __forceinline__ void adaptive_avg_pool2d_backward_body(ADAPTIVE_PARAMS(T)) {
+    typedef CNN_ACC(T) A;
     const long long total = (long long)N * C * H * W;
     CNN_GRID_STRIDE_LOOP(i, total) {  // src = dy (N, C, OH, OW), dst = dx (N, C, H, W)
         const int w = (int)(i % W);
@@ -200,17 +204,17 @@ __device__ __forceinline__ void adaptive_avg_pool2d_backward_body(ADAPTIVE_PARAM
         const T* g = src + (i / ((long long)H * W)) * OH * OW;
         const int oh_lo = cnn_adaptive_start(h, OH, H), oh_hi = cnn_adaptive_end(h, OH, H);
         const int ow_lo = cnn_adaptive_start(w, OW, W), ow_hi = cnn_adaptive_end(w, OW, W);
-        T acc = T(0);
+        A acc = 0;
         for (int oh = oh_lo; oh < oh_hi && oh < OH; ++oh) {
             const int h0 = cnn_adaptive_start(oh, H, OH), h1 = cnn_adaptive_end(oh, H, OH);
             if (h < h0 || h >= h1) continue;
             for (int ow = ow_lo; ow < ow_hi && ow < OW; ++ow) {
                 const int w0 = cnn_adaptive_start(ow, W, OW), w1 = cnn_adaptive_end(ow, W, OW);
                 if (w < w0 || w >= w1) continue;
-                acc += g[(long long)oh * OW + ow] * T(1.0 / (double)((h1 - h0) * (w1 - w0)));
+                acc += cnn_ld(g[(long long)oh * OW + ow]) * A(1.0 / (double)((h1 - h0) * (w1 - w0)));
             }
         }
-        dst[i] = acc;
+        dst[i] = cnn_st<T>(acc);
     }
 }
-CNN_ENTRY_POINTS(adaptive_avg_pool2d_backward, ADAPTIVE_PARAMS, ADAPTIVE_ARGS)
+CNN_ENTRY_POINTS_FP16(adaptive_avg_pool2d_backward, ADAPTIVE_PARAMS, ADAPTIVE_ARGS)

@@ -148,7 +148,7 @@ section 25 env.log all "cnn-gpu info (compiles every kernel for this GPU)" "$PY"
 FIRST_TESTS=(tests/test_gpu_training.py tests/test_standin.py tests/test_benchmarks.py)
 section 60 pytest-gpu.log tail "GPU tests, first: training, the stand-in tests and --real timing on real CuPy (pytest -m gpu)" \
     "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfEs "${FIRST_TESTS[@]}"
-section 110 pytest-gpu.log tail "GPU tests, the rest of the suite with xp = cupy (pytest -m gpu)" \
+section 80 pytest-gpu.log tail "GPU tests, the rest of the suite with xp = cupy (pytest -m gpu)" \
     "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfE --durations=5 tests \
     "${FIRST_TESTS[@]/#/--ignore=}"
 
@@ -163,6 +163,9 @@ train_run 25 95 "Training: lenet5 on MNIST-shaped data, 1 epoch, eagerly (--cuda
     --dataset mnist --epochs 1 --cuda-graph off
 train_run 45 90 "Training: resnet20 on CIFAR-10-shaped data, crop-flip augmentation, 1 epoch (--cuda-graph auto)" \
     --dataset cifar10 --epochs 1 --cuda-graph auto
+# fp16 against fp32 on the bundled digits, their whole recipe, 3 seeds (the stand-in's numbers: docs/PRECISION.md)
+section 30 train.log md "Accuracy: fp16 against fp32, lenet_digits on the digits, 20 epochs, 3 seeds (precision_accuracy.py)" \
+    "$PY" benchmarks/precision_accuracy.py --dataset digits --seeds 0 1 2
 
 # 3. speed against torch (eager, cuDNN) on the same GPU, cnn_gpu's step as one CUDA graph and eagerly;
 #    one table row printed per configuration

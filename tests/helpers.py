@@ -477,3 +477,37 @@ def force_engine(request):
     else:
         with cnn_gpu.config.override(engine=request.param):
             yield request.param
+
+
+# ---- the float16 kernels' tests (test_fp16_*.py, test_activation_kernels.py) ---------------------
+F16_LAUNCHES = [None, (2, 32)]  # the default grid, and a tiny one (the grid-stride loops loop)
+F16_LAUNCH_IDS = ["default", "g2b32"]
+
+
+def emulated_kernels():
+    """A context: cnn_gpu's launches run in the g++ emulation (tests/emulation), each launch in
+    both block orders (a race shows), the default grid capped at 8 blocks."""
+    from cnn_gpu import cuda
+
+    return cuda.use_launcher(load_harness().EmulationLauncher(check_order=True, grid_cap=8))
+
+
+def launch_kw(launch) -> dict:
+    """``grid=`` / ``block=`` for one of F16_LAUNCHES (None: the launcher's defaults)."""
+    return {} if launch is None else {"grid": launch[0], "block": launch[1]}
+
+
+def same_f16(got, want, what) -> None:
+    """Equal float16 arrays, bit for bit (NaN where NaN; +0 and -0 told apart)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype == np.float16 and got.shape == want.shape, (what, got.dtype, got.shape, want.shape)
+    assert got.view(np.uint16).tobytes() == want.view(np.uint16).tobytes() or (
+        np.array_equal(got, want, equal_nan=True) and (np.signbit(got) == np.signbit(want)).all()
+    ), what
+
+
+def f16_data(rng, shape, big=False):
+    """float16 values: standard normal, or (``big``) uniform in +-60000, finite but so large that
+    their sums overflow float16."""
+    v = rng.uniform(-60000.0, 60000.0, shape) if big else rng.standard_normal(shape)
+    return v.astype(np.float16)

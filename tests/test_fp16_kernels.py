@@ -17,43 +17,25 @@ import pytest
 from cnn_gpu import cuda
 from cnn_gpu.cuda import ops
 from cnn_gpu.functional import reference as R
-from cnn_gpu.functional.geometry import conv_geometry, pool_geometry
+from cnn_gpu.functional.geometry import CropFlip, conv_geometry, pool_geometry
 
 if os.name != "posix":
     pytest.skip("the CUDA emulation needs a POSIX system with g++", allow_module_level=True)
 
+from helpers import F16_LAUNCH_IDS as LAUNCH_IDS
+from helpers import F16_LAUNCHES as LAUNCHES
+from helpers import emulated_kernels  # noqa: E402
+from helpers import f16_data as data
+from helpers import launch_kw as kw
+from helpers import same_f16 as same
+
 F16 = np.float16
-LAUNCHES = [None, (2, 32)]  # the default grid, and a tiny one (the grid-stride loops loop)
-LAUNCH_IDS = ["default", "g2b32"]
 
 
 @pytest.fixture(scope="module")
 def emul():
-    from helpers import load_harness  # noqa: PLC0415
-
-    launcher = load_harness().EmulationLauncher(check_order=True, grid_cap=8)
-    with cuda.use_launcher(launcher):
+    with emulated_kernels() as launcher:
         yield launcher
-
-
-def kw(launch):
-    return {} if launch is None else {"grid": launch[0], "block": launch[1]}
-
-
-def same(got, want, what):
-    """Equal float16 arrays, bit for bit (NaN where NaN; +0 and -0 told apart)."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.dtype == want.dtype == F16 and got.shape == want.shape, (what, got.dtype, got.shape, want.shape)
-    assert got.view(np.uint16).tobytes() == want.view(np.uint16).tobytes() or (
-        np.array_equal(got, want, equal_nan=True) and (np.signbit(got) == np.signbit(want)).all()
-    ), what
-
-
-def data(rng, shape, big=False):
-    """float16 values: standard normal, or (``big``) uniform in +-60000, finite but so large that
-    their sums overflow float16."""
-    v = rng.uniform(-60000.0, 60000.0, shape) if big else rng.standard_normal(shape)
-    return v.astype(F16)
 
 
 CONV = [(2, 3, 7, 6, (3, 2), (2, 1), (1, 0), (1, 2)), (2, 2, 9, 11, 3, 1, 1, 1), (1, 1, 5, 5, 3, 2, 2, 1)]
@@ -214,7 +196,7 @@ def test_emul_fp16_kernels_without_a_float16_entry_point_refuse_it(emul):
     argument), rather than running them as something else."""
     x = np.zeros((1, 1, 4, 4), F16)
     with pytest.raises(TypeError, match=r"^x: expected a float32 or float64 array, got float16$"):
-        ops.adaptive_avg_pool2d_forward(x, (2, 2))
+        ops.crop_flip(x, CropFlip(1, 1, 4, 4, 4, 4, 1, 1, 0, 1, 2, 0))  # (augmentation runs on the float32 batch)
     with pytest.raises(TypeError, match=r"^p: expected a float32 or float64 array, got float16$"):
         ops.sgd_update_(x.reshape(-1), x.reshape(-1), None, 0.1, 0.0, 0.0, False, True)  # (fp16: sgd_update_master_)
     with pytest.raises(TypeError, match=r"^x: expected a float32, float64 or float16 array, got int32$"):

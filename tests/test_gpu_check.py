@@ -115,6 +115,8 @@ def test_every_command_parses(sections):
                 assert args.real and args.steps >= 5 and args.cuda_graph == "on"
             if kind == "benchmarks/precision_time.py":  # fp32, tf32, fp16 against torch's (docs/PRECISION.md)
                 assert args.models and args.batch and args.repeat >= 5
+            if kind == "benchmarks/precision_accuracy.py":  # fp16's accuracy against fp32's, on the GPU
+                assert not args.standin and args.dataset == "digits" and len(args.seeds) >= 3
         elif kind == "cnn_gpu train":
             args = cli.build_parser().parse_args(argv[3:])
             assert args.backend == "cupy" and args.epochs == 1 and args.dataset in ("mnist", "cifar10")
@@ -125,6 +127,7 @@ def test_every_command_parses(sections):
     assert checked == {
         "benchmarks/step_time.py",
         "benchmarks/precision_time.py",
+        "benchmarks/precision_accuracy.py",
         "benchmarks/gpu_budget.py",
         "benchmarks/bn_gpu.py",
         "cnn_gpu train",

@@ -1102,7 +1102,8 @@ def test_emul_every_wrapper_kernel_exists():
     used = set(re.findall(r'_launch\(\s*"(\w+)",\s*"(\w+)"', src))
     used |= {("im2col", k) for k in ("im2col", "im2col_cm", "col2im", "col2im_cm")}  # chosen by a flag
     used |= {("batchnorm", k) for k in re.findall(r'_bn_launch\(\s*"(\w+)"', src)}  # kernels/batchnorm.cu's launcher
-    f16_only = {("scaler", "sgd_update_master"), ("scaler", "adam_update_master")}  # float16 training's master-
+    used |= {("activation", k) for k in re.findall(r'_from_[xy]\(\s*"(\w+)"', src)}  # activation.cu's y = f(x) ones
+    f16_only = {("optim", "sgd_update_master"), ("optim", "adam_update_master")}  # float16 training's master-
     # weight steps: float32 masters only
     for fname, stem in used:
         if (fname, stem) in f16_only:

@@ -1,4 +1,4 @@
-"""Dynamic loss scaling and the float16 path's optimizer step on the device (kernels/scaler.cu,
+"""Dynamic loss scaling and the float16 path's optimizer step on the device (kernels/scaler.cu and optim.cu,
 through cnn_gpu.cuda.ops on the g++ emulation): the found-inf flag over the gradient buffer, the
 scale's update held to torch's own (torch._amp_update_scale_, GradScaler's rule, when torch is
 installed; a plain rule written here otherwise), and SGD on float32 master weights that unscales the

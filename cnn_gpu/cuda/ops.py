@@ -16,9 +16,11 @@ accumulating the gradients costs no launch of its own. The im2col
 columns live in the layer's Workspace (reused every step) and are kept for backward; a batch
 whose columns exceed the workspace limit runs in chunks of samples.
 
-Entry points: every kernel is ``<name>_f32`` / ``<name>_f64``, picked from the dtype; im2col.cu's,
-the epilogue's (but sum_segments), max and average pooling's also ``<name>_f16``: float16 storage, float arithmetic, float32
-bias gradients (``_launch(..., fp16=True)``; the float16 training path is being built, docs/PRECISION.md).
+Entry points: every kernel is ``<name>_f32`` / ``<name>_f64``, picked from the dtype; the kernels of
+the layers (im2col, the epilogues but sum_segments, pooling, adaptive pooling, BatchNorm, depthwise
+convolution, the activations, dropout, softmax cross-entropy) also ``<name>_f16``: float16 storage,
+float arithmetic, float32 sums, statistics and parameter gradients (``_launch(..., fp16=True)``;
+float16 training, docs/PRECISION.md); the optimizers' master-weight steps are float16 only.
 Scalars go to the kernels as ``np.int32`` / ``np.int64`` / the array's float type, as their C
 parameters say (CuPy would pass a plain Python int as 64 bits). Every launching function takes
 ``grid=`` / ``block=`` overrides (the tests use tiny grids so the grid-stride loops loop);
@@ -43,6 +45,7 @@ from ..functional.caches import (
     BatchNormCache,
     Conv2dCache,
     DropoutCache,
+    GeluCache,
     LinearCache,
     MaxPool2dCache,
 )
@@ -460,9 +463,19 @@ def _dw_args(g: ConvGeometry) -> tuple:
     return _i32(g.N, g.C, g.H, g.W, g.F, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.OH, g.OW)
 
 
+def _check_dtypes(dtype, why: str, arrays: dict) -> None:
+    """TypeError naming the first of ``arrays`` ({name: array or None}) whose dtype is not ``dtype``."""
+    for name, a in arrays.items():
+        if a is not None and getattr(a, "dtype", None) != dtype:
+            raise TypeError(f"{name}: expected {np.dtype(dtype)} ({why}), got {getattr(a, 'dtype', type(a).__name__)}")
+
+
 def depthwise_conv2d_forward(x, w, b, g, activation=None, *, grid=None, block=None):
     """Depthwise convolution (groups = C, F = C*M) -> y (N, F, OH, OW): one direct kernel with the
-    bias and the ReLU fused (no columns, no GEMM, no loop over channels)."""
+    bias and the ReLU fused (no columns, no GEMM, no loop over channels). float16 x, w, b (float16
+    training's weight copies): float sums, y rounded once to float16."""
+    _suffix("x", x, fp16=True)
+    _check_dtypes(x.dtype, "the dtype of x", {"w": w, "b": b})
     x = _contiguous("x", x)
     y = _empty(g.y_shape, x.dtype)
     if y.size:
@@ -481,6 +494,7 @@ def depthwise_conv2d_forward(x, w, b, g, activation=None, *, grid=None, block=No
             ),
             grid,
             block,
+            fp16=True,
         )
     return y
 
@@ -489,10 +503,17 @@ def depthwise_conv2d_backward(dy, cache, input_grad=True, *, accumulate_into=Non
     """-> (dx or None, dw, db or None): delta and db from the epilogue kernel (when there is a ReLU
     or a bias; else delta = dy), dw by a block per (weight, segment of its N*OH*OW terms) and, with
     more than one segment (``segments``, else from the shape), a second launch summing them in
-    order; dx by a gather. With ``accumulate_into`` dw and db are added into those arrays."""
+    order; dx by a gather. With ``accumulate_into`` dw and db are added into those arrays. float16
+    dy (x, w, y float16 too): dx float16, dw and db float32 (sums in float32; accumulate_into: the
+    float32 Parameter.grad arrays)."""
     g, relu = cache.g, cache.activation == "relu"
+    _suffix("dy", dy, fp16=True)
+    _check_dtypes(dy.dtype, "the dtype of dy", {"x": cache.x, "w": cache.w, "y": cache.y if relu else None})
+    acc = _acc(dy.dtype)  # float16 dy: float32 dw, db
+    names = ("accumulate_into[dw]", "accumulate_into[db]")
+    _check_dtypes(acc, f"the gradients of {dy.dtype} dy", dict(zip(names, accumulate_into or ())))
     dy = _contiguous("dy", dy)
-    dw, db = _grad_arrays(accumulate_into, (cache.w.shape, (g.F,) if cache.has_bias else None), dy.dtype)
+    dw, db = _grad_arrays(accumulate_into, (cache.w.shape, (g.F,) if cache.has_bias else None), acc)
     add = accumulate_into is not None
     delta = dy
     if relu or cache.has_bias:
@@ -517,20 +538,20 @@ def depthwise_conv2d_backward(dy, cache, input_grad=True, *, accumulate_into=Non
     dx = None
     if input_grad:
         dx = _empty(g.x_shape, dy.dtype)
-        _launch("depthwise", "depthwise_conv_input_grad", dy, dx.size, (delta, cache.w, dx, *_dw_args(g)), grid, block, "dy")
+        args = (delta, cache.w, dx, *_dw_args(g))
+        _launch("depthwise", "depthwise_conv_input_grad", dy, dx.size, args, grid, block, "dy", fp16=True)
     return dx, dw, db
 
 
 def _depthwise_weight_grad(delta, x, dw, g: ConvGeometry, add: bool, grid, block, segments) -> None:
     """dw (F, 1, KH, KW) = (+=, with ``add``) the sums over n, oh, ow of delta * x's tap: R = F*KH*KW
-    sums of N*OH*OW terms, cut into S segments (a block each), then the segments' sums in order."""
-    R = dw.size
-    if delta.dtype != dw.dtype or not dw.flags.c_contiguous or R != g.F * g.KH * g.KW:
-        raise ValueError(
-            f"dw: expected a C-contiguous {delta.dtype} array of F*KH*KW = {g.F * g.KH * g.KW} values, got {R} {dw.dtype}"
-        )
+    sums of N*OH*OW terms, cut into S segments (a block each), then the segments' sums in order
+    (epilogue.cu's sum_segments). The sums (part, dw) are _acc(delta.dtype): float32 for float16."""
+    R, acc = dw.size, _acc(delta.dtype)
+    if acc != dw.dtype or not dw.flags.c_contiguous or R != g.F * g.KH * g.KW:
+        raise ValueError(f"dw: expected a C-contiguous {acc} array of F*KH*KW = {g.F * g.KH * g.KW} values, got {R} {dw.dtype}")
     S = _segments(R, g.N * g.P, segments)
-    part = dw if S == 1 else _empty((R * S,), delta.dtype)  # (R, S): each weight's segments' sums
+    part = dw if S == 1 else _empty((R * S,), acc)  # (R, S): each weight's segments' sums
     _blocks_launch(
         "depthwise",
         "depthwise_conv_weight_grad",
@@ -540,9 +561,10 @@ def _depthwise_weight_grad(delta, x, dw, g: ConvGeometry, add: bool, grid, block
         grid,
         block,
         "dy",
+        fp16=True,
     )
     if S > 1:
-        _sum_segments(part, dw, R, S, add, grid, block)
+        _sum_segments(part, dw, R, S, add, grid, block)  # (sum_segments_f32 for float16 delta)
 
 
 # ------------------------------------------------------------------- pooling
@@ -596,18 +618,23 @@ def avg_pool2d_backward(dy, cache, *, grid=None, block=None):
 
 def adaptive_avg_pool2d_forward(x, output_size, *, grid=None, block=None):
     """torch's adaptive windows, one thread per output element averaging its window: one launch
-    whatever the output size (the reference loops over the output cells)."""
+    whatever the output size (the reference loops over the output cells). float16 x: float sums,
+    y rounded once to float16."""
+    _suffix("x", x, fp16=True)
     x = _contiguous("x", x)
     N, C, H, W = (int(s) for s in x.shape)
     OH, OW = output_size
     y = _empty((N, C, OH, OW), x.dtype)
     if y.size:
-        _launch("pool", "adaptive_avg_pool2d_forward", x, y.size, (x, y, *_i32(N, C, H, W, OH, OW)), grid, block)
+        _launch("pool", "adaptive_avg_pool2d_forward", x, y.size, (x, y, *_i32(N, C, H, W, OH, OW)), grid, block, fp16=True)
     return y, AdaptivePool2dCache(NAME, (N, C, H, W), x.dtype, (OH, OW))
 
 
 def adaptive_avg_pool2d_backward(dy, cache, *, grid=None, block=None):
-    """A gather: one thread per input element sums dy / |window| over the windows containing it."""
+    """A gather: one thread per input element sums dy / |window| over the windows containing it
+    (float16 dy: in float, dx rounded once to float16)."""
+    _suffix("dy", dy, fp16=True)
+    _check_dtypes(cache.dtype, "the dtype of the forward's x", {"dy": dy})
     N, C, H, W = cache.x_shape
     OH, OW = cache.output_size
     dx = _empty(cache.x_shape, dy.dtype)
@@ -621,6 +648,7 @@ def adaptive_avg_pool2d_backward(dy, cache, *, grid=None, block=None):
             grid,
             block,
             "dy",
+            fp16=True,
         )
     return dx
 
@@ -638,7 +666,16 @@ def _ncp(x) -> tuple:
 
 
 def _bn_launch(kernel, a, C, S, args, grid, block, name="x"):
-    _blocks_launch("batchnorm", kernel, a, C * S, args, grid, block, name, _BN_BLOCK)  # a block per (channel, segment)
+    _blocks_launch("batchnorm", kernel, a, C * S, args, grid, block, name, _BN_BLOCK, fp16=True)  # a block per (channel, segment)
+
+
+def _bn_dtypes(dtype, named) -> None:
+    """Each (name, array or None, wanted dtype) of ``named`` has the wanted dtype: x's ``dtype``
+    (gamma, beta, dy), or the statistics' (_acc(dtype): float32 for float16 x; kernels/batchnorm.cu)."""
+    for name, a, want in named:
+        if a is not None and a.dtype != want:
+            whose = "x's dtype" if want == dtype else f"the statistics' dtype for {np.dtype(dtype)} x"
+            raise TypeError(f"{name}: expected a {np.dtype(want)} array ({whose}), got {a.dtype}")
 
 
 @native("num_batches_tracked")
@@ -661,16 +698,21 @@ def batch_norm_forward(
     """With batch statistics three launches (the segments' sums, their squared deviations, then the
     statistics, the running statistics updated in place and y: relu(y) with ``activation="relu"``),
     with the running statistics one; see kernels/batchnorm.cu. ``num_batches_tracked`` (int64,
-    0-d): incremented by the last launch when the running statistics are updated."""
+    0-d): incremented by the last launch when the running statistics are updated. float16 x (and
+    gamma, beta): y float16, the statistics (mean, invstd, ``running_mean`` / ``running_var``) float32."""
+    _suffix("x", x, fp16=True)
     x = _contiguous("x", x)  # (the cache keeps it: backward's kernels read it too)
+    acc = _acc(x.dtype)
+    _bn_dtypes(x.dtype, (("gamma", gamma, x.dtype), ("beta", beta, x.dtype)))
+    _bn_dtypes(x.dtype, (("running_mean", running_mean, acc), ("running_var", running_var, acc)))
     N, C, P = _ncp(x)
-    t, M = x.dtype.type, N * P
+    t, M = acc.type, N * P
     S = _bn_segments(C, M, segments)
     batch_stats = training or running_mean is None
     update = training and running_mean is not None
     count = update and num_batches_tracked is not None
-    y, mean, invstd = _empty(x.shape, x.dtype), _empty((C,), x.dtype), _empty((C,), x.dtype)
-    part_sum, part_sq = (_empty((C * S,), x.dtype), _empty((C * S,), x.dtype)) if batch_stats else (mean, invstd)
+    y, mean, invstd = _empty(x.shape, x.dtype), _empty((C,), acc), _empty((C,), acc)
+    part_sum, part_sq = (_empty((C * S,), acc), _empty((C * S,), acc)) if batch_stats else (mean, invstd)
     args = (
         x,
         y,
@@ -702,15 +744,20 @@ def batch_norm_forward(
 @native("accumulate_into")
 def batch_norm_backward(dy, cache, *, accumulate_into=None, grid=None, block=None, segments=None):
     """Two launches: the segments' sums of delta and delta*xhat (delta = dy, masked by y > 0 with the
-    fused ReLU), then dbeta, dgamma (added into ``accumulate_into`` when given) and dx."""
+    fused ReLU), then dbeta, dgamma (added into ``accumulate_into`` when given) and dx. float16 dy
+    (x's dtype): dx float16, dgamma and dbeta float32 (float32 ``accumulate_into``: Parameter.grad)."""
     x = cache.x
+    acc = _acc(x.dtype)
+    _bn_dtypes(x.dtype, (("dy", dy, x.dtype),))
+    if accumulate_into is not None:
+        _bn_dtypes(x.dtype, tuple((f"accumulate_into[{n}]", a, acc) for n, a in zip(("dgamma", "dbeta"), accumulate_into)))
     N, C, P = _ncp(x)
     S = _bn_segments(C, N * P, segments)
     dx = _empty(x.shape, x.dtype)
     dgamma, dbeta = _grad_arrays(
-        accumulate_into, ((C,) if cache.gamma is not None else None, (C,) if cache.has_beta else None), x.dtype
+        accumulate_into, ((C,) if cache.gamma is not None else None, (C,) if cache.has_beta else None), acc
     )
-    part_dy, part_dyx = _empty((C * S,), x.dtype), _empty((C * S,), x.dtype)
+    part_dy, part_dyx = _empty((C * S,), acc), _empty((C * S,), acc)
     relu = cache.activation == "relu"
     dy, y = _contiguous("dy", dy), cache.y if relu else x
     sums = (dy, x, y, cache.mean, cache.invstd, part_dy, part_dyx, *_i32(N, C, P, S, relu))
@@ -724,8 +771,8 @@ def batch_norm_backward(dy, cache, *, accumulate_into=None, grid=None, block=Non
         part_dy,
         part_dyx,
         dx,
-        dx if dgamma is None else dgamma,
-        dx if dbeta is None else dbeta,
+        part_dy if dgamma is None else dgamma,
+        part_dy if dbeta is None else dbeta,
         *_i32(N, C, P, S, cache.gamma is not None, cache.has_beta, cache.batch_stats, relu, accumulate_into is not None),
     )
     if x.size:
@@ -793,7 +840,7 @@ def adam_update_master_(
 ) -> None:
     """Adam / AdamW on float32 master weights ``p`` from the scaled float32 gradient ``g`` (divided
     by scale[0]), writing their float16 copy ``p16``; nothing when found[0]; the bias corrections of
-    step t = taken[0] + 1 formed on the device in double precision (kernels/scaler.cu).
+    step t = taken[0] + 1 formed on the device in double precision (kernels/optim.cu).
     ``device_scalars``: float64 (3,) whose first value is lr (the rest unread)."""
     for name, a, dt in (
         ("p", p, np.float32),
@@ -807,7 +854,7 @@ def adam_update_master_(
     scalars = kernel_args("adam_update_", p, device_scalars)
     if p.size:
         _launch(
-            "scaler",
+            "optim",
             "adam_update_master",
             p16,
             p.size,
@@ -1115,7 +1162,7 @@ def sgd_update_master_(
 ) -> None:
     """SGD on float32 master weights ``p`` from the scaled float32 gradient ``g`` (divided by
     scale[0]), writing their float16 copy ``p16``; nothing at all when found[0] (one launch,
-    kernels/scaler.cu). ``buf``: the momentum buffer (zeros at first), None without momentum.
+    kernels/optim.cu). ``buf``: the momentum buffer (zeros at first), None without momentum.
     ``device_scalars``: float64 (1,) = (lr,), as sgd_update_'s."""
     for name, a, dt in (("p", p, np.float32), ("g", g, np.float32), ("p16", p16, np.float16)) + (
         (("buf", buf, np.float32),) if buf is not None else ()
@@ -1126,7 +1173,7 @@ def sgd_update_master_(
     scalars = kernel_args("sgd_update_", p, device_scalars)
     if p.size:
         _launch(
-            "scaler",
+            "optim",
             "sgd_update_master",
             p16,
             p.size,
@@ -1183,4 +1230,122 @@ __all__ = [
     "crop_flip",
     "sgd_update_",
     "adam_update_",
+]
+
+
+# ------------------------------------------------------------- activations but ReLU (activation.cu)
+# One launch per op (the reference on CuPy is several elementwise launches, and in float16 rounds
+# every intermediate); float16 storage computes in float and rounds once (kernels/activation.cu).
+# The caches are the reference's: (x, slope), y, y and GeluCache(x, approximate), so either engine's
+# backward takes either's cache. Inputs are made contiguous (_contiguous: the engine's own arrays
+# are; a user's strided view is copied); a backward's cached array must match dy's shape and dtype.
+def _paired(name: str, a, dy):
+    """The forward's ``a`` (x or y) for dy's backward: dy's shape and dtype, C-contiguous."""
+    if tuple(a.shape) != tuple(dy.shape):
+        raise ValueError(f"{name}: expected dy's shape {tuple(dy.shape)}, got {tuple(a.shape)}")
+    if a.dtype != dy.dtype:
+        raise TypeError(f"{name}: expected dy's dtype {dy.dtype}, got {a.dtype}")
+    return _contiguous(name, a)
+
+
+def leaky_relu_forward(x, negative_slope, *, grid=None, block=None):
+    """y = x > 0 ? x : x * negative_slope (the slope in x's arithmetic type, as the reference's)."""
+    x = _contiguous("x", x)
+    y = _empty(x.shape, x.dtype)
+    if y.size:
+        args = (x, y, np.int64(y.size), _acc(x.dtype).type(negative_slope))
+        _launch("activation", "leaky_relu_forward", x, y.size, args, grid, block, fp16=True)
+    return y, (x, float(negative_slope))
+
+
+def leaky_relu_backward(dy, cache, *, grid=None, block=None):
+    """dx = x > 0 ? dy : dy * slope (``cache``: (x, slope), leaky_relu_forward's)."""
+    x, slope = cache
+    dy = _contiguous("dy", dy)
+    x = _paired("x", x, dy)
+    dx = _empty(dy.shape, dy.dtype)
+    if dx.size:
+        args = (dy, x, dx, np.int64(dx.size), _acc(dy.dtype).type(slope))
+        _launch("activation", "leaky_relu_backward", dy, dx.size, args, grid, block, "dy", fp16=True)
+    return dx
+
+
+def _from_x(kernel: str, x, grid, block):
+    """y = f(x), one launch of activation.cu's ``kernel`` (x, y, n); the cache is y."""
+    x = _contiguous("x", x)
+    y = _empty(x.shape, x.dtype)
+    if y.size:
+        _launch("activation", kernel, x, y.size, (x, y, np.int64(y.size)), grid, block, fp16=True)
+    return y, y
+
+
+def _from_y(kernel: str, dy, y, grid, block):
+    """dx = dy * f'(x) written from y = f(x), one launch of activation.cu's ``kernel`` (dy, y, dx, n)."""
+    dy = _contiguous("dy", dy)
+    y = _paired("y", y, dy)
+    dx = _empty(dy.shape, dy.dtype)
+    if dx.size:
+        _launch("activation", kernel, dy, dx.size, (dy, y, dx, np.int64(dx.size)), grid, block, "dy", fp16=True)
+    return dx
+
+
+def sigmoid_forward(x, *, grid=None, block=None):
+    """y = 1 / (1 + exp(-x)) from exp(-|x|) (never overflows); the cache is y."""
+    return _from_x("sigmoid_forward", x, grid, block)
+
+
+def sigmoid_backward(dy, y, *, grid=None, block=None):
+    """dx = dy * y * (1 - y) (``y``: sigmoid_forward's cache)."""
+    return _from_y("sigmoid_backward", dy, y, grid, block)
+
+
+def tanh_forward(x, *, grid=None, block=None):
+    """y = tanh(x); the cache is y."""
+    return _from_x("tanh_forward", x, grid, block)
+
+
+def tanh_backward(dy, y, *, grid=None, block=None):
+    """dx = dy * (1 - y * y) (``y``: tanh_forward's cache)."""
+    return _from_y("tanh_backward", dy, y, grid, block)
+
+
+def _approx_tanh(approximate: str) -> np.int32:
+    """activation.cu's ``approx_tanh`` flag: 1 for the tanh form, 0 for the erf form ("none")."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+    return np.int32(approximate == "tanh")
+
+
+def gelu_forward(x, approximate, *, grid=None, block=None):
+    """y = 0.5 x (1 + erf(x / sqrt 2)), or with ``approximate="tanh"`` 0.5 x (1 + tanh(sqrt(2/pi)
+    (x + 0.044715 x^3))); the cache is GeluCache(x, approximate)."""
+    x = _contiguous("x", x)
+    y = _empty(x.shape, x.dtype)
+    flag = _approx_tanh(approximate)
+    if y.size:
+        _launch("activation", "gelu_forward", x, y.size, (x, y, np.int64(y.size), flag), grid, block, fp16=True)
+    return y, GeluCache(x, approximate)
+
+
+def gelu_backward(dy, cache: GeluCache, *, grid=None, block=None):
+    """dx = dy * GELU'(x), the form (erf or tanh) of the forward (``cache``: its GeluCache)."""
+    dy = _contiguous("dy", dy)
+    x = _paired("x", cache.x, dy)
+    dx = _empty(dy.shape, dy.dtype)
+    flag = _approx_tanh(cache.approximate)
+    if dx.size:
+        args = (dy, x, dx, np.int64(dx.size), flag)
+        _launch("activation", "gelu_backward", dy, dx.size, args, grid, block, "dy", fp16=True)
+    return dx
+
+
+__all__ += [
+    "leaky_relu_forward",
+    "leaky_relu_backward",
+    "sigmoid_forward",
+    "sigmoid_backward",
+    "tanh_forward",
+    "tanh_backward",
+    "gelu_forward",
+    "gelu_backward",
 ]

@@ -28,11 +28,17 @@ from .caches import BatchNormCache
 
 
 def _check_channel_vector(name, v, x):
+    """``v``: one value per channel of x, of x's dtype; the running statistics of float16 x are
+    float32 (the float16 kernels keep every statistic in float32: kernels/batchnorm.cu)."""
     if v is None:
         return
     check_float(name, v, ndim=1)
     same_xp(name, v, "x", x)
-    check_same_dtype(name, v, "x", x)
+    if name.startswith("running_") and x.dtype == np.float16:
+        if v.dtype != np.float32:
+            raise TypeError(f"{name}: expected a float32 array (the statistics of float16 x), got {v.dtype}")
+    else:
+        check_same_dtype(name, v, "x", x)
     if v.shape[0] != x.shape[1]:
         raise ValueError(
             f"{name}: expected shape ({x.shape[1]},), one value per channel of x of shape {tuple(x.shape)}, got {describe(v)}"

@@ -59,6 +59,7 @@ CXXFLAGS = (
     "-Wextra",
     "-Werror",
     "-DCNN_FP16",
+    "-U_FORTIFY_SOURCE",  # launcher.h's _longjmp between fiber stacks (a fortified one aborts on it)
 )  # the float16 entry points too (cuda_shim.h's __half)
 # guard elements on each side of every array argument; CNN_GPU_EMUL_GUARD=0 turns the bands
 # off (then every argument is its own malloc block, for an AddressSanitizer run)

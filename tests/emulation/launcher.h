@@ -1,7 +1,10 @@
 // launcher.h: runs a whole CUDA grid on the CPU (used with cuda_shim.h).
 //
 // Blocks run one after another. Inside a block, the first thread is run as a fiber
-// (ucontext). If it finishes without reaching __syncthreads, the block has no barrier
+// (ucontext: makecontext once per fiber stack and launch, setcontext to start a thread; a switch
+// at a barrier or at a thread's end is _setjmp / _longjmp, which, unlike swapcontext, makes no
+// system call to save the signal mask: the emulation's reductions switch hundreds of thousands of
+// times a launch). If it finishes without reaching __syncthreads, the block has no barrier
 // (a valid kernel reaches a barrier in all threads of a block or in none), and the
 // remaining threads run as plain calls; a __syncthreads reached by one of them is a
 // reported error. Otherwise every thread runs as a fiber and the scheduler resumes the
@@ -22,6 +25,7 @@
 #ifndef CNN_GPU_EMU_LAUNCHER_H
 #define CNN_GPU_EMU_LAUNCHER_H
 
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cstddef>
@@ -41,9 +45,11 @@ constexpr unsigned kMaxBlock = 1024;
 enum class State { Ready, AtBarrier, Done };
 
 struct Fiber {
-    ucontext_t ctx;
+    ucontext_t start;    // the thread's entry on its stack (trampoline), reused for every block
+    jmp_buf at_barrier;  // where it waits at a __syncthreads
     unsigned tid = 0;
     State state = State::Ready;
+    bool made = false, started = false;
 };
 
 // Fiber stacks, reused across blocks and launches (guarded by launch_mutex).
@@ -52,7 +58,7 @@ inline std::mutex launch_mutex;
 inline std::string last_error;
 
 struct Scheduler {
-    ucontext_t main_ctx;
+    jmp_buf main_jb;  // the scheduler, where a fiber returns at a barrier or at its end
     std::vector<Fiber> fibers;
     Fiber* current = nullptr;
     bool fiber_mode = false;
@@ -71,7 +77,7 @@ inline void fail(const std::string& msg) {
 inline void trampoline() {
     sched.body(sched.body_arg);
     sched.current->state = State::Done;
-    // returning switches to uc_link = the scheduler's context
+    _longjmp(sched.main_jb, 1);  // never returns (the context has no uc_link)
 }
 
 inline void prepare_fiber(unsigned t) {
@@ -79,11 +85,15 @@ inline void prepare_fiber(unsigned t) {
     Fiber& f = sched.fibers[t];
     f.tid = t;
     f.state = State::Ready;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = stacks[t].get();
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = &sched.main_ctx;
-    makecontext(&f.ctx, trampoline, 0);
+    f.started = false;
+    if (!f.made) {  // (a fresh OS thread per launch, so a fresh Scheduler: made once per launch)
+        getcontext(&f.start);
+        f.start.uc_stack.ss_sp = stacks[t].get();
+        f.start.uc_stack.ss_size = kStackBytes;
+        f.start.uc_link = nullptr;
+        makecontext(&f.start, trampoline, 0);
+        f.made = true;
+    }
 }
 
 inline void resume(unsigned t) {
@@ -92,7 +102,14 @@ inline void resume(unsigned t) {
     threadIdx.x = t;
     threadIdx.y = threadIdx.z = 0;
     sched.current = &f;
-    swapcontext(&sched.main_ctx, &f.ctx);
+    if (_setjmp(sched.main_jb) == 0) {
+        if (!f.started) {
+            f.started = true;
+            setcontext(&f.start);  // runs the thread from its start on its own stack
+        }
+        _longjmp(f.at_barrier, 1);
+    }
+    // back from the fiber: at a barrier, or done
 }
 
 inline void run_block(unsigned n, bool reverse) {
@@ -218,7 +235,7 @@ void __syncthreads() {
     }
     Fiber* f = sched.current;
     f->state = State::AtBarrier;
-    swapcontext(&f->ctx, &sched.main_ctx);
+    if (_setjmp(f->at_barrier) == 0) _longjmp(sched.main_jb, 1);
 }
 
 extern "C" const char* emu_last_error() { return cnn_emu::last_error.c_str(); }
