@@ -19,6 +19,7 @@ one-cycle, batch 64: it learns in 2 epochs, where Fashion-MNIST's 30-epoch SGD r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -32,18 +33,17 @@ FASHION_RECIPE = ["--model", "lenet5"]  # and --data's recipe: Adam 2e-3, one-cy
 
 
 def _child(argv: list[str], standin: bool) -> int:
-    """One training run in this process: `cnn-gpu train` with ``argv``, through the stand-in."""
+    """One training run in this process: `cnn-gpu train` with ``argv`` (``standin``: through the stand-in)."""
+    context = contextlib.nullcontext()
     if standin:
         sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
         from standin import activated  # noqa: PLC0415
 
-        with activated():
-            from cnn_gpu import cli  # noqa: PLC0415
+        context = activated()
+    with context:
+        from cnn_gpu import cli  # noqa: PLC0415
 
-            return cli.main(["train", "--backend", "cupy", *argv])
-    from cnn_gpu import cli  # noqa: PLC0415
-
-    return cli.main(["train", "--backend", "cupy", *argv])
+        return cli.main(["train", "--backend", "cupy", *argv])
 
 
 def fashion_subset(data_dir: str, train: int, test: int, out: Path) -> Path:
